@@ -1,0 +1,39 @@
+"""sepify: rewrite a trained model's Conv2d layers into depthwise + pointwise pairs.
+
+>>> import torch, sepify
+>>> from torchvision.models import resnet18  # doctest: +SKIP
+>>> result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
+>>> print(result.report)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from sepify.convert import ConversionResult, convert
+from sepify.errors import ConfigError, InputShapeError, SepifyError, SepifyWarning, TraceError
+from sepify.modules import SeparableConv2d
+from sepify.report import ConversionReport, LayerReport, SkipReason, format_count
+from sepify.tracing import register_leaf_module
+
+try:
+    __version__ = version("sepify")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    "convert",
+    "ConversionResult",
+    "ConversionReport",
+    "LayerReport",
+    "SkipReason",
+    "SeparableConv2d",
+    "register_leaf_module",
+    "format_count",
+    "SepifyError",
+    "ConfigError",
+    "InputShapeError",
+    "TraceError",
+    "SepifyWarning",
+]

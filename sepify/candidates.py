@@ -1,0 +1,97 @@
+"""Which convs of a model can be separated, and why the others cannot.
+
+Pure decisions over modules and probe records: nothing here mutates a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sepify.probe import ConvCall
+from sepify.report import SkipReason
+
+__all__ = ["ConvSite", "skip_reason_for", "find_conv_sites", "matches_any"]
+
+
+@dataclass
+class ConvSite:
+    """One ``nn.Conv2d`` (or subclass) of the model, with the shapes it ran at."""
+
+    qualname: str
+    module: nn.Conv2d
+    call: ConvCall = field(default_factory=ConvCall)
+    skip_reason: SkipReason | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.skip_reason is None
+
+
+def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -> SkipReason | None:
+    """Why ``conv`` (called ``calls`` times) cannot be separated; None if it can.
+
+    A conv called from several places (an FPN head run on every pyramid
+    level, a recurrent update block) is converted like any other: the one
+    replacement runs at every call site. ``skip_shared=True`` leaves such
+    convs alone instead.
+
+    >>> skip_reason_for(nn.Conv2d(8, 8, 1), calls=1)
+    <SkipReason.POINTWISE: 'pointwise'>
+    >>> skip_reason_for(nn.Conv2d(8, 16, 3), calls=1) is None
+    True
+    """
+    # Exact type test (as torch.fx's fuse does): a subclass such as timm's
+    # Conv2dSame has its own forward that a swap would silently drop.
+    if type(conv) is not nn.Conv2d:
+        return SkipReason.SUBCLASS
+    if calls == 0:
+        return SkipReason.NOT_CALLED
+    if calls > 1 and skip_shared:
+        return SkipReason.SHARED
+    if math.prod(conv.kernel_size) == 1:
+        return SkipReason.POINTWISE
+    if conv.in_channels == 1:
+        return SkipReason.SINGLE_INPUT_CHANNEL
+    if conv.groups == conv.in_channels:
+        return SkipReason.DEPTHWISE
+    return None
+
+
+def matches_any(qualname: str, patterns: Sequence[str]) -> bool:
+    """fnmatch ``qualname`` against glob patterns (``layer1.*``, ``*.conv2``)."""
+    return any(fnmatch.fnmatchcase(qualname, p) for p in patterns)
+
+
+def find_conv_sites(
+    model: nn.Module,
+    calls: dict[str, ConvCall],
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip_shared: bool = False,
+) -> list[ConvSite]:
+    """Every ``nn.Conv2d`` instance of ``model`` in definition order, classified.
+
+    Args:
+        model: the model (its first path to each module is the qualname).
+        calls: probe records keyed by qualname.
+        include: if given, only convs matching one of these globs are eligible.
+        exclude: convs matching any of these globs are skipped as excluded.
+        skip_shared: skip convs called more than once (see :func:`skip_reason_for`).
+    """
+    sites = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        call = calls.get(name, ConvCall())
+        reason = skip_reason_for(m, call.calls, skip_shared=skip_shared)
+        if reason is None:
+            if (include is not None and not matches_any(name, include)) or (exclude and matches_any(name, exclude)):
+                reason = SkipReason.EXCLUDED
+        sites.append(ConvSite(name, m, call, reason))
+    return sites

@@ -1,0 +1,121 @@
+"""Pure integer cost arithmetic for convolutions and their separable pairs.
+
+One MAC is one multiply-add; bias additions are not counted (the fvcore and
+ptflops convention). Parameter counts include the bias. Callers pass the
+spatial sizes, so nothing here needs a tensor or a module.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+__all__ = [
+    "conv_params",
+    "conv_macs",
+    "separable_params",
+    "separable_macs",
+    "exact_rank",
+]
+
+
+def conv_params(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, bias: bool
+) -> int:
+    """Parameters of a dense (possibly grouped) convolution, bias included.
+
+    >>> conv_params(64, 128, (3, 3), groups=1, bias=False)
+    73728
+    """
+    return out_channels * (in_channels // groups) * prod(kernel_size) + (out_channels if bias else 0)
+
+
+def conv_macs(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, ...],
+    groups: int,
+    output_size: tuple[int, ...],
+    batch: int = 1,
+) -> int:
+    """MACs of a convolution producing ``output_size`` (spatial dims) for ``batch`` inputs.
+
+    >>> conv_macs(64, 128, (3, 3), groups=1, output_size=(56, 56))
+    231211008
+    """
+    return batch * prod(output_size) * out_channels * (in_channels // groups) * prod(kernel_size)
+
+
+def exact_rank(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, order: str
+) -> int:
+    """Depth multiplier at which the separable pair reproduces the conv exactly.
+
+    dw-pw factorises one ``(Cout/g, K)`` matrix per input channel, pw-dw one
+    ``(Cin/g, K)`` matrix per output channel, with ``K`` the kernel area.
+
+    >>> exact_rank(64, 128, (3, 3), groups=1, order="dw-pw")
+    9
+    >>> exact_rank(3, 64, (7, 7), groups=1, order="pw-dw")
+    3
+    """
+    area = prod(kernel_size)
+    if order == "dw-pw":
+        return min(out_channels // groups, area)
+    if order == "pw-dw":
+        return min(in_channels // groups, area)
+    raise ValueError(f"unknown order {order!r}")
+
+
+def separable_params(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, ...],
+    groups: int,
+    rank: int,
+    order: str,
+    bias: bool,
+) -> int:
+    """Parameters of the depthwise + pointwise pair that replaces a conv at ``rank``.
+
+    >>> separable_params(64, 128, (3, 3), groups=1, rank=1, order="dw-pw", bias=False)
+    8768
+    """
+    area = prod(kernel_size)
+    if order == "dw-pw":
+        # depthwise: Cin*r filters of K taps; pointwise: Cout x (Cin*r/g)
+        dense = in_channels * rank * area + out_channels * (in_channels * rank // groups)
+    elif order == "pw-dw":
+        # pointwise: Cout*r x (Cin/g); depthwise: Cout filters over r channels of K taps
+        dense = out_channels * rank * (in_channels // groups) + out_channels * rank * area
+    else:
+        raise ValueError(f"unknown order {order!r}")
+    return dense + (out_channels if bias else 0)
+
+
+def separable_macs(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, ...],
+    groups: int,
+    rank: int,
+    order: str,
+    input_size: tuple[int, ...],
+    output_size: tuple[int, ...],
+    batch: int = 1,
+) -> int:
+    """MACs of the separable pair; ``input_size``/``output_size`` are spatial dims.
+
+    The strided spatial step always sits in the depthwise conv, so in pw-dw
+    order the pointwise conv runs at the *input* resolution.
+
+    >>> separable_macs(64, 128, (3, 3), 1, 1, "dw-pw", (56, 56), (56, 56))
+    27496448
+    """
+    area = prod(kernel_size)
+    out_pixels = batch * prod(output_size)
+    if order == "dw-pw":
+        return out_pixels * (in_channels * rank * area + out_channels * (in_channels * rank // groups))
+    if order == "pw-dw":
+        in_pixels = batch * prod(input_size)
+        return in_pixels * out_channels * rank * (in_channels // groups) + out_pixels * out_channels * rank * area
+    raise ValueError(f"unknown order {order!r}")

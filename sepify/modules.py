@@ -1,0 +1,176 @@
+"""``SeparableConv2d``: the depthwise + pointwise pair that replaces a ``Conv2d``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sepify.cost import exact_rank
+from sepify.decompose import ORDERS, Factorization, merge_separable_weight
+
+__all__ = ["SeparableConv2d"]
+
+
+class SeparableConv2d(nn.Module):
+    """A depthwise conv and a pointwise (1x1) conv standing in for one ``nn.Conv2d``.
+
+    The children are always named ``conv_dw`` and ``conv_pw`` so that
+    state_dict keys read like ``layer1.0.conv1.conv_dw.weight``; ``order``
+    says which runs first:
+
+    * ``"dw-pw"`` (MobileNet): ``conv_dw`` has ``Cin*rank`` outputs and
+      ``groups=Cin`` and carries the original stride, padding, dilation and
+      padding mode; ``conv_pw`` maps to ``Cout`` with the original ``groups``
+      and bias.
+    * ``"pw-dw"`` (blueprint): ``conv_pw`` expands to ``Cout*rank`` channels
+      with the original ``groups``; ``conv_dw`` reduces each run of ``rank``
+      channels to one output (``groups=Cout``), carries the spatial settings
+      and the bias.
+
+    Build one from a trained conv with :meth:`from_conv`.
+
+    Example:
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> sep = SeparableConv2d.from_conv(conv, rank="full")
+        >>> x = torch.randn(2, 16, 8, 8)
+        >>> torch.allclose(sep(x), conv(x), atol=1e-5)
+        True
+        >>> sep.rank, sep.conv_dw.weight.shape
+        (9, torch.Size([144, 1, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        rank: int = 1,
+        order: str = "dw-pw",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        spatial: dict[str, Any] = {
+            "kernel_size": kernel_size,
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "padding_mode": padding_mode,
+        }
+        self.order = order
+        self.rank = rank
+        self.groups = groups
+        if order == "dw-pw":
+            self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
+            self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
+        else:
+            self.conv_pw = nn.Conv2d(in_channels, out_channels * rank, 1, groups=groups, bias=False, **dd)
+            self.conv_dw = nn.Conv2d(out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial, **dd)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rank: int | str = 1,
+        order: str = "dw-pw",
+        *,
+        factorization: Factorization | None = None,
+    ) -> SeparableConv2d:
+        """Build the pair that best approximates ``conv`` at depth multiplier ``rank``.
+
+        Args:
+            conv: a ``nn.Conv2d`` (any stride, padding incl. ``"same"``,
+                padding mode, dilation, groups, bias, floating dtype).
+            rank: an int ``>= 1`` (capped at the exact rank for ``order``) or
+                ``"full"`` for the exact rank, where the pair reproduces the
+                conv's output to float tolerance.
+            order: ``"dw-pw"`` or ``"pw-dw"``.
+            factorization: the weight's :class:`Factorization` in ``order`` if
+                the caller already computed it (saves a second SVD).
+
+        Returns:
+            A pair on ``conv``'s device and dtype, in its train/eval mode, with
+            ``requires_grad`` copied from ``conv.weight``.
+        """
+        kernel = tuple(conv.kernel_size)
+        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
+        if rank == "full":
+            r = limit
+        elif isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
+            r = min(rank, limit)
+        else:
+            raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
+        weight = conv.weight
+        sep = cls(
+            conv.in_channels,
+            conv.out_channels,
+            kernel,  # type: ignore[arg-type]
+            stride=conv.stride,  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=conv.dilation,  # type: ignore[arg-type]
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            rank=r,
+            order=order,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        if factorization is None:
+            factorization = Factorization.of(weight, conv.groups, order)
+        depthwise, pointwise = factorization.factors(r)
+        with torch.no_grad():
+            sep.conv_dw.weight.copy_(depthwise)
+            sep.conv_pw.weight.copy_(pointwise)
+            last = sep.conv_pw if order == "dw-pw" else sep.conv_dw
+            if conv.bias is not None:
+                assert last.bias is not None  # built with bias above
+                last.bias.copy_(conv.bias)
+        for p in sep.parameters():
+            p.requires_grad_(weight.requires_grad)
+        sep.train(conv.training)
+        return sep
+
+    @property
+    def in_channels(self) -> int:
+        first = self.conv_dw if self.order == "dw-pw" else self.conv_pw
+        return first.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        last = self.conv_pw if self.order == "dw-pw" else self.conv_dw
+        return last.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.conv_dw.kernel_size)
+
+    def effective_weight(self) -> Tensor:
+        """The dense ``(Cout, Cin/g, kh, kw)`` weight this pair computes."""
+        return merge_separable_weight(
+            self.conv_dw.weight, self.conv_pw.weight, groups=self.groups, rank=self.rank, order=self.order
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.order == "dw-pw":
+            return self.conv_pw(self.conv_dw(x))
+        return self.conv_dw(self.conv_pw(x))
+
+    def extra_repr(self) -> str:
+        return f"order={self.order!r}, rank={self.rank}"

@@ -1,0 +1,119 @@
+"""Run a model once on the example inputs and record what sepify needs to know.
+
+One forward pass gives: the output (for verification), total MACs (from
+``torch.utils.flop_counter.FlopCounterMode``), and, via forward hooks on every
+``nn.Conv2d``, how often each conv ran and its input/output shapes. Hooks see
+convs inside fx leaf modules and in untraceable models alike, so one
+mechanism serves every tracing mode. The pass never leaves a trace: buffers
+(e.g. BatchNorm running stats in train mode) are restored and the RNG is
+forked with a fixed seed, so two probes see the same dropout masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sepify.errors import InputShapeError
+
+__all__ = ["ConvCall", "ProbeResult", "probe", "preserved_state", "describe_inputs"]
+
+
+@dataclass
+class ConvCall:
+    """``(input_shape, output_shape)`` of every call of one conv, in call order."""
+
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shapes[0][0]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.shapes[0][1]
+
+
+@dataclass
+class ProbeResult:
+    output: Any
+    macs: int
+    convs: dict[str, ConvCall] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def preserved_state(module: nn.Module, seed: int = 0) -> Iterator[None]:
+    """Restore every buffer after the block and fork the RNG with ``seed`` inside it."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    if buffer.shape == value.shape:
+                        buffer.copy_(value)
+
+
+def describe_inputs(args: tuple[Any, ...]) -> str:
+    """Short text for the example inputs, e.g. ``(1, 3, 224, 224) float32``."""
+
+    def one(a: Any) -> str:
+        if isinstance(a, Tensor):
+            return f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}"
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(one(x) for x in a) + "]"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {one(v)}" for k, v in a.items()) + "}"
+        return type(a).__name__
+
+    return ", ".join(one(a) for a in args)
+
+
+def probe(module: nn.Module, args: tuple[Any, ...], *, what: str = "model") -> ProbeResult:
+    """Run ``module(*args)`` once without side effects; see the module docstring.
+
+    Raises:
+        InputShapeError: the forward raised; the message names the inputs.
+    """
+    names: dict[int, str] = {}
+    for name, m in module.named_modules():  # first path of each module object
+        if isinstance(m, nn.Conv2d):
+            names.setdefault(id(m), name)
+    convs: dict[str, ConvCall] = {}
+    handles = []
+
+    def hook(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        record = convs.setdefault(names[id(m)], ConvCall())
+        record.shapes.append((tuple(inputs[0].shape), tuple(output.shape)))
+
+    for name, m in module.named_modules():
+        if names.get(id(m)) == name:
+            handles.append(m.register_forward_hook(hook))
+    counter = FlopCounterMode(display=False)
+    try:
+        with preserved_state(module), torch.no_grad(), counter:
+            output = module(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of user code is an input problem
+        raise InputShapeError(
+            f"the {what} ({type(module).__name__}) failed on example inputs {describe_inputs(args)}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+            "pass inputs of the shape and dtype its forward expects"
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    # FlopCounterMode counts 2 FLOPs per multiply-add.
+    return ProbeResult(output=output, macs=counter.get_total_flops() // 2, convs=convs)

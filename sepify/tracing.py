@@ -1,0 +1,168 @@
+"""torch.fx tracing that reaches every conv it can, and says what it could not.
+
+``trace_model`` first traces the whole model. When a submodule's forward
+cannot be traced (data-dependent control flow, iteration over a Proxy, ...),
+that submodule becomes a leaf and the trace is retried, so the rest of the
+model stays a graph; convs inside such leaves are later converted by swapping
+modules. When the root's own forward is untraceable there is no graph at all
+and the caller falls back to swapping modules in the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch.fx as fx
+from torch import nn
+
+from sepify.errors import ConfigError
+
+__all__ = [
+    "register_leaf_module",
+    "is_registered_leaf",
+    "SepifyTracer",
+    "TraceOutcome",
+    "trace_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_LEAF_TYPES: list[type[nn.Module]] = []  # the only module-level state in sepify
+
+M = TypeVar("M", bound=type[nn.Module])
+
+# Retries add one leaf each; a model needing more than this many leaves is
+# better handled by swapping modules in the whole model.
+_MAX_LEAVES = 64
+
+
+def register_leaf_module(cls: M) -> M:
+    """Class decorator: never trace into modules of this type (and its subclasses).
+
+    Use it for modules whose forward torch.fx cannot trace; convs inside them
+    are still converted, by swapping modules.
+
+    Example:
+        >>> @register_leaf_module
+        ... class Dynamic(nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
+    if cls not in _LEAF_TYPES:
+        _LEAF_TYPES.append(cls)
+    return cls
+
+
+def is_registered_leaf(module: nn.Module) -> bool:
+    """Whether ``module``'s type was registered with :func:`register_leaf_module`."""
+    return isinstance(module, tuple(_LEAF_TYPES))
+
+
+class SepifyTracer(fx.Tracer):
+    """An fx tracer whose leaves are convs, registered types and named qualnames.
+
+    Every ``nn.Conv2d`` instance (subclasses included) is a leaf, so each conv
+    call is one ``call_module`` node: standard convs can be swapped, and
+    subclasses are visible and reported instead of being traced through.
+    The tracer also records the innermost submodule whose forward raised, so
+    the caller can retry with that submodule as a leaf.
+    """
+
+    def __init__(self, leaf_qualnames: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaf_qualnames = leaf_qualnames
+        self.failed_qualname: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.Conv2d) or is_registered_leaf(m):
+            return True
+        if module_qualified_name in self.leaf_qualnames:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The first frame to see the exception is the innermost module
+            # whose forward failed; outer frames must not overwrite it.
+            if self.failed_qualname is None:
+                self.failed_qualname = self.path_of_module(m)
+            raise
+
+
+@dataclass
+class TraceOutcome:
+    """What tracing produced.
+
+    ``graph_module`` is None when the root itself is untraceable (then
+    ``error`` holds the reason); ``leaves`` lists the submodules that had to be
+    kept as leaves, with the shortened fx error for each.
+    """
+
+    graph_module: fx.GraphModule | None
+    leaves: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"fx"``, ``"fx+leaves"`` or ``"swap"``."""
+        if self.graph_module is None:
+            return "swap"
+        return "fx+leaves" if self.leaves else "fx"
+
+
+def shorten_error(error: BaseException, limit: int = 160) -> str:
+    """First line of an exception's message, cut to ``limit`` characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = f"{type(error).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parent_qualname(qualname: str) -> str:
+    return qualname.rpartition(".")[0]
+
+
+def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) -> TraceOutcome:
+    """Trace ``model`` with :class:`SepifyTracer`, turning failing submodules into leaves.
+
+    The model is traced in its current train/eval mode. ``model`` itself is not
+    modified, but the returned GraphModule shares its submodules.
+    """
+    leaves: dict[str, str] = {}
+    leaf_set = set(extra_leaves)
+    while True:
+        tracer = SepifyTracer(frozenset(leaf_set))
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:  # noqa: BLE001 - any fx failure means "not traceable"
+            failed = tracer.failed_qualname
+            reason = shorten_error(e)
+            # A failure reported at an existing leaf really happened in the
+            # caller's forward (e.g. control flow on the leaf's output).
+            while failed and failed in leaf_set:
+                failed = _parent_qualname(failed)
+            if not failed or len(leaves) >= _MAX_LEAVES:
+                logger.info("fx cannot trace %s: %s", type(model).__name__, reason)
+                return TraceOutcome(graph_module=None, leaves={}, error=reason)
+            logger.info("fx cannot trace %r (%s); keeping it as a leaf", failed, reason)
+            leaves[failed] = reason
+            leaf_set.add(failed)
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        # GraphModule starts in training mode; copy the root's flag only (not
+        # recursively: children may deliberately be in another mode).
+        gm.training = model.training
+        gm.graph.lint()
+        return TraceOutcome(graph_module=gm, leaves=leaves)

@@ -1,0 +1,44 @@
+"""Compare a converted model's outputs with the original's."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["output_error", "top1_agreement"]
+
+
+def _float_leaves(output: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def output_error(reference: Any, converted: Any) -> float | None:
+    """``||y_converted - y|| / ||y||`` over all floating tensors of the outputs.
+
+    Outputs may be nested (tuples, lists, dicts). Returns None when the two
+    outputs do not line up (different structure or shapes, as when a detector
+    finds a different number of boxes) or the reference is all zeros.
+    """
+    ref, out = _float_leaves(reference), _float_leaves(converted)
+    if not ref or len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        return None
+    num = sum(float((b.double() - a.double()).square().sum()) for a, b in zip(ref, out))
+    den = sum(float(a.double().square().sum()) for a in ref)
+    if den == 0.0 or not math.isfinite(num):
+        return None if den == 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+def top1_agreement(reference: Any, converted: Any) -> float | None:
+    """Share of rows whose argmax agrees, when both outputs are 2-D logits ``(N, C>1)``."""
+    if not (isinstance(reference, Tensor) and isinstance(converted, Tensor)):
+        return None
+    if reference.dim() != 2 or reference.shape[1] < 2 or reference.shape != converted.shape:
+        return None
+    if not reference.is_floating_point():
+        return None
+    return float((reference.argmax(1) == converted.argmax(1)).to(torch.float64).mean())

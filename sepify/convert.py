@@ -217,7 +217,7 @@ def convert(
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3))
         >>> result = sepify.convert(net, torch.randn(1, 3, 16, 16), rank="full")
         >>> [(r.name, r.converted, r.rank) for r in result.report.layers]
-        [('0', True, 3), ('2', True, 9)]
+        [('0', True, 9), ('2', True, 9)]
         >>> result.report.output_error < 1e-5
         True
     """
@@ -272,6 +272,10 @@ def convert(
                 "in this mode), so the converted GraphModule leaves them out"
             )
     swap_modules(target, replacements, meta)
+    if target is not work:
+        # A GraphModule has its own containers; swap in `work` too so that
+        # inplace=True really converts the caller's modules.
+        swap_modules(work, replacements, {})
     after = probe(target, args, what="converted model")
 
     report = ConversionReport(

@@ -108,6 +108,8 @@ class SeparableConv2d(nn.Module):
             A pair on ``conv``'s device and dtype, in its train/eval mode, with
             ``requires_grad`` copied from ``conv.weight``.
         """
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         kernel = tuple(conv.kernel_size)
         limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
         if rank == "full":

@@ -161,8 +161,13 @@ def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) ->
             leaf_set.add(failed)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        # GraphModule starts in training mode; copy the root's flag only (not
-        # recursively: children may deliberately be in another mode).
-        gm.training = model.training
+        # GraphModule builds fresh containers (training=True) along the paths
+        # to the modules it uses; copy each flag from the module at the same
+        # path (not recursively: children may deliberately be in another mode).
+        for name, m in gm.named_modules():
+            try:
+                m.training = model.get_submodule(name).training
+            except AttributeError:
+                continue
         gm.graph.lint()
         return TraceOutcome(graph_module=gm, leaves=leaves)

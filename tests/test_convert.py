@@ -1,0 +1,184 @@
+"""sepify.convert end to end on small models: exactness, totals, safety, arguments."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sepify
+from sepify.cost import conv_macs, separable_macs
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw", "auto"])
+def test_full_rank_model_reproduces_original(plain_net: nn.Module, example_input: torch.Tensor, order: str) -> None:
+    result = sepify.convert(plain_net, example_input, rank="full", order=order)
+    assert [r.name for r in result.report.converted] == ["stem", "body.0", "body.4"]
+    torch.testing.assert_close(result.model(example_input), plain_net(example_input), rtol=1e-4, atol=1e-5)
+    assert result.report.output_error is not None and result.report.output_error < 1e-5
+    assert result.report.top1_agreement == 1.0
+
+
+def test_state_dict_keys_name_the_pair(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    keys = list(sepify.convert(plain_net, example_input).model.state_dict())
+    assert "body.0.conv_dw.weight" in keys and "body.0.conv_pw.weight" in keys
+    assert "body.0.weight" not in keys and "stem.conv_pw.bias" in keys
+
+
+def test_graph_nodes_keep_targets_and_carry_meta(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    gm = sepify.convert(plain_net, example_input, rank=2).model
+    assert isinstance(gm, torch.fx.GraphModule)
+    node = next(n for n in gm.graph.nodes if n.target == "body.0")
+    assert node.meta["sepify"]["rank"] == 2 and node.meta["sepify"]["order"] == "dw-pw"
+    assert "self.body" in gm.code or "body_0" in gm.code
+
+
+def test_caller_model_is_untouched(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    plain_net.train()  # train mode: BN stats and dropout would change on a forward
+    before = _state(plain_net)
+    modules_before = [type(m) for m in plain_net.modules()]
+    sepify.convert(plain_net, example_input, rank=1)
+    after = _state(plain_net)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in plain_net.modules()] == modules_before
+    assert plain_net.training
+
+
+def test_train_mode_is_kept_and_running_stats_untouched(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    plain_net.train()
+    result = sepify.convert(plain_net, example_input, rank="full")
+    assert result.model.training and result.model.get_submodule("stem").training
+    torch.testing.assert_close(result.model.get_submodule("bn").running_mean, plain_net.bn.running_mean)
+    assert int(result.model.get_submodule("bn").num_batches_tracked) == 0
+    # same dropout mask in both probes, so even train-mode outputs agree
+    assert result.report.output_error is not None and result.report.output_error < 1e-5
+
+
+def test_eval_mode_is_kept(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    model = sepify.convert(plain_net, example_input).model
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+
+
+def test_inplace_converts_the_callers_modules(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    result = sepify.convert(plain_net, example_input, inplace=True)
+    assert isinstance(plain_net.body[0], sepify.SeparableConv2d)
+    assert result.model.get_submodule("body.0") is plain_net.body[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_is_kept(plain_net: nn.Module, example_input: torch.Tensor, dtype: torch.dtype) -> None:
+    model = copy.deepcopy(plain_net).to(dtype)
+    result = sepify.convert(model, example_input.to(dtype), rank="full")
+    assert {p.dtype for p in result.model.parameters()} == {dtype}
+    bound = 1e-10 if dtype == torch.float64 else 5e-2
+    assert result.report.output_error is not None and result.report.output_error < bound
+
+
+def test_totals_equal_rows_and_measured_counts(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    report = sepify.convert(plain_net, example_input, rank=1).report
+    rows = report.layers
+    assert report.conv_macs_before == sum(r.macs_before for r in rows)
+    # whole-model MACs = conv MACs + the linear head (batch 2 x 12 x 5), measured independently
+    assert report.macs_before == report.conv_macs_before + 2 * 12 * 5
+    assert report.macs_after == report.conv_macs_after + 2 * 12 * 5
+    assert report.params_before == sum(p.numel() for p in plain_net.parameters())
+    saved = sum(r.params_before - r.params_after for r in rows)
+    assert report.params_after == report.params_before - saved
+
+
+def test_row_counts_match_hand_formulas(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    report = sepify.convert(plain_net, example_input, rank=2, order="pw-dw").report
+    row = report.layer("body.0")  # 8 -> 16, 3x5, stride 2 on a 16x16 input: 8x8 output
+    assert (row.input_size, row.output_size) == ((16, 16), (8, 8))
+    assert row.macs_before == conv_macs(8, 16, (3, 5), 1, (8, 8), batch=2) == 2 * 64 * 16 * 8 * 15
+    # pw: 8 -> 32 on 16x16 input; dw: 16 outputs x 2 channels x 15 taps on 8x8 output
+    assert row.macs_after == 2 * (256 * 32 * 8 + 64 * 16 * 2 * 15)
+    assert row.macs_after == separable_macs(8, 16, (3, 5), 1, 2, "pw-dw", (16, 16), (8, 8), batch=2)
+    assert row.params_before == 16 * 8 * 15 and row.params_after == 32 * 8 + 16 * 2 * 15
+
+
+def test_rank_is_capped_and_flagged() -> None:
+    net = nn.Sequential(nn.Conv2d(16, 4, 3)).eval()  # dw-pw exact rank min(4, 9) = 4
+    row = sepify.convert(net, torch.randn(1, 16, 8, 8), rank=6).report.layer("0")
+    assert (row.rank, row.requested_rank, row.rank_capped) == (4, 6, True)
+    assert row.weight_error is not None and row.weight_error < 1e-6
+
+
+def test_larger_pair_is_honoured_and_flagged() -> None:
+    net = nn.Sequential(nn.Conv2d(4, 4, 3)).eval()  # rank 4: 4*4*9 + 4*16 > 4*4*9
+    report = sepify.convert(net, torch.randn(1, 4, 8, 8), rank=4).report
+    row = report.layer("0")
+    assert row.converted and row.rank == 4 and row.larger_than_original
+    assert "(larger)" in str(report)
+
+
+def test_auto_picks_lower_error_then_fewer_macs() -> None:
+    # Cin=3 (pw-dw exact at rank 3) vs Cout=64 (dw-pw needs rank 9): at rank 3 pw-dw wins on error.
+    net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3)).eval()
+    report = sepify.convert(net, torch.randn(1, 3, 12, 12), rank=3, order="auto").report
+    first = report.layer("0")
+    assert first.order == "pw-dw" and first.weight_error is not None and first.weight_error < 1e-6
+    # at full rank both orders are exact: the tie goes to fewer MACs
+    full = sepify.convert(net, torch.randn(1, 3, 12, 12), rank="full", order="auto").report.layer("1")
+    dw_pw = separable_macs(64, 64, (3, 3), 1, 9, "dw-pw", (10, 10), (8, 8))
+    pw_dw = separable_macs(64, 64, (3, 3), 1, 9, "pw-dw", (10, 10), (8, 8))
+    assert full.order == ("dw-pw" if dw_pw <= pw_dw else "pw-dw")
+
+
+def test_detection_style_list_input(plain_net: nn.Module) -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = plain_net
+
+        def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {"logits": torch.cat([self.inner(i[None]) for i in images])}
+
+    images = [torch.randn(3, 16, 16), torch.randn(3, 12, 20)]
+    report = sepify.convert(Wrapper().eval(), (images,), rank="full").report
+    assert report.mode == "swap"
+    assert report.output_error is not None and report.output_error < 1e-5
+    assert report.inputs == "[(3, 16, 16) float32, (3, 12, 20) float32]"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank must be a positive integer or 'full', got 0"),
+        ({"rank": "max"}, "rank must be a positive integer or 'full', got 'max'"),
+        ({"order": "dw"}, "order must be 'dw-pw', 'pw-dw' or 'auto', got 'dw'"),
+        ({"include": [3]}, "include must be a list of glob strings, got [3]"),
+    ],
+)
+def test_bad_arguments_raise_config_error(plain_net: nn.Module, kwargs: dict, message: str) -> None:
+    with pytest.raises(sepify.ConfigError) as info:
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), **kwargs)
+    assert str(info.value) == message
+
+
+def test_wrong_input_shape_is_one_sentence(plain_net: nn.Module) -> None:
+    with pytest.raises(sepify.InputShapeError) as info:
+        sepify.convert(plain_net, torch.randn(1, 5, 8, 8))
+    message = str(info.value)
+    assert message.startswith("the model (PlainNet) failed on example inputs (1, 5, 8, 8) float32: RuntimeError: ")
+    assert message.endswith("; pass inputs of the shape and dtype its forward expects")
+    assert isinstance(info.value, sepify.SepifyError)
+
+
+def test_not_a_module_is_rejected() -> None:
+    with pytest.raises(sepify.ConfigError, match="model must be a torch.nn.Module, got dict"):
+        sepify.convert({}, torch.randn(1))  # type: ignore[arg-type]
+
+
+def test_conversion_is_deterministic(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    a = sepify.convert(plain_net, example_input, rank=2).model.state_dict()
+    b = sepify.convert(plain_net, example_input, rank=2).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

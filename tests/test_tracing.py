@@ -1,0 +1,108 @@
+"""Tracing modes: whole graph, graph with untraceable leaves, and module swap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sepify
+from sepify.tracing import SepifyTracer, trace_model
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor value: torch.fx cannot trace this forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if y.sum() > -1e9 else -y
+
+
+class HalfTraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = DataDependent()
+        self.tail = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.block(self.stem(x)))
+
+
+class RootDynamic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)])
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for img in images:  # iterating a Proxy fails in fx
+            x = img[None]
+            for conv in self.convs:
+                x = conv(x)
+            out.append(x[0])
+        return out
+
+
+def test_untraceable_submodule_becomes_leaf_and_still_converts() -> None:
+    model = HalfTraceable().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = sepify.convert(model, x, rank="full")
+    report = result.report
+    assert report.mode == "fx+leaves"
+    assert list(report.leaves) == ["block"]
+    assert "TraceError" in report.leaves["block"]
+    assert [row.name for row in report.converted] == ["stem", "block.conv", "tail"]
+    assert isinstance(result.model, torch.fx.GraphModule)
+    assert isinstance(result.model.get_submodule("block.conv"), sepify.SeparableConv2d)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_root_falls_back_to_module_swap() -> None:
+    model = RootDynamic().eval()
+    images = [torch.randn(3, 8, 8), torch.randn(3, 6, 10)]
+    result = sepify.convert(model, (images,), rank="full")
+    report = result.report
+    assert report.mode == "swap"
+    assert report.trace_error is not None and "Proxy object cannot be iterated" in report.trace_error
+    assert type(result.model) is RootDynamic  # the original class, with swapped convs
+    # each conv runs once per image: called twice, converted once, MACs summed
+    row = report.layer("convs.1")
+    assert row.converted and row.calls == 2
+    assert row.macs_before == (8 * 8 + 6 * 10) * 6 * 6 * 9
+    for got, want in zip(result.model(images), model(images)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert report.output_error is not None and report.output_error < 1e-5
+
+
+def test_registered_leaf_is_not_traced_into() -> None:
+    @sepify.register_leaf_module
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    net = nn.Sequential(Opaque(), nn.Conv2d(4, 4, 3))
+    outcome = trace_model(net)
+    assert outcome.mode == "fx" and outcome.graph_module is not None
+    targets = [n.target for n in outcome.graph_module.graph.nodes if n.op == "call_module"]
+    assert targets == ["0", "1"]
+    # its conv is still found and converted, by swapping
+    result = sepify.convert(net, torch.randn(1, 3, 9, 9))
+    assert [r.name for r in result.report.converted] == ["0.conv", "1"]
+
+
+def test_every_conv_is_a_leaf_node() -> None:
+    class Sub(nn.Conv2d):
+        pass
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), Sub(4, 4, 3))
+    tracer = SepifyTracer()
+    graph = tracer.trace(net)
+    assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]

@@ -263,14 +263,6 @@ def convert(
         rows.append(row)
         meta[site.qualname] = {"rank": r, "order": chosen_order, "weight_error": row.weight_error}
 
-    notes: list[str] = []
-    if outcome.graph_module is not None:
-        dropped = _count_params(work) - _count_params(outcome.graph_module)
-        if dropped:
-            notes.append(
-                f"the traced graph does not use {dropped:,} params of the original (submodules never called "
-                "in this mode), so the converted GraphModule leaves them out"
-            )
     swap_modules(target, replacements, meta)
     if target is not work:
         # A GraphModule has its own containers; swap in `work` too so that
@@ -290,7 +282,6 @@ def convert(
         leaves=dict(outcome.leaves),
         output_error=output_error(before.output, after.output),
         top1_agreement=top1_agreement(before.output, after.output),
-        notes=tuple(notes),
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)

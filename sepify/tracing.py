@@ -134,6 +134,27 @@ def _parent_qualname(qualname: str) -> str:
     return qualname.rpartition(".")[0]
 
 
+def _attach_unused_modules(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` the submodules its graph never calls.
+
+    GraphModule copies only the modules its graph uses, so a model's unused
+    parts (aux heads in eval mode, modules called only in training) would
+    vanish from the converted model's state_dict. Re-attaching them keeps the
+    converted model's state_dict keys and params those of the original, apart
+    from the converted convs; the graph, and so forward, is unchanged.
+    """
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = gm.get_submodule(parent_name)
+        except AttributeError:
+            continue  # its parent was attached whole, or is not a module path in gm
+        if child not in parent._modules:
+            parent.add_module(child, module)
+
+
 def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) -> TraceOutcome:
     """Trace ``model`` with :class:`SepifyTracer`, turning failing submodules into leaves.
 
@@ -161,6 +182,7 @@ def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) ->
             leaf_set.add(failed)
             continue
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        _attach_unused_modules(gm, model)
         # GraphModule builds fresh containers (training=True) along the paths
         # to the modules it uses; copy each flag from the module at the same
         # path (not recursively: children may deliberately be in another mode).

@@ -1,0 +1,101 @@
+"""Real architectures: torchvision's zoo with random weights.
+
+The full sweep over every classification model is marked ``slow`` (CI runs
+it; ``-m "not slow"`` skips it locally).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import sepify
+
+torchvision = pytest.importorskip("torchvision")
+
+CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
+REPRESENTATIVE = [
+    "resnet18", "vgg11", "densenet121", "googlenet", "inception_v3", "efficientnet_b0",
+    "regnet_x_400mf", "convnext_tiny", "mobilenet_v3_small", "shufflenet_v2_x1_0",
+]  # fmt: skip
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A random-weight model in eval mode and the smallest input it accepts comfortably."""
+    kwargs: dict[str, Any] = {}
+    size = 64
+    if name.startswith("vit_"):
+        size = 28 if "_14" in name else 32
+        kwargs["image_size"] = size
+    elif name in ("inception_v3", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=False)
+        size = 80 if name == "inception_v3" else 64
+    elif name.startswith("maxvit"):
+        size = 224  # its attention partitions are sized for 224x224
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    return model, torch.randn(1, 3, size, size)
+
+
+def assert_every_eligible_conv_reached(model: nn.Module, report: sepify.ConversionReport) -> None:
+    """No standard, called, separable conv is left in the converted model."""
+    inside_pairs = {id(c) for m in model.modules() if isinstance(m, sepify.SeparableConv2d) for c in m.children()}
+    left = {row.name for row in report.skipped if row.skip_reason in (sepify.SkipReason.NOT_CALLED,)}
+    for name, m in model.named_modules():
+        if type(m) is not nn.Conv2d or id(m) in inside_pairs or name in left:
+            continue
+        separable = m.kernel_size != (1, 1) and m.in_channels > 1 and m.groups != m.in_channels
+        assert not separable, f"{name} was not converted"
+    pairs = sum(isinstance(m, sepify.SeparableConv2d) for m in model.modules())
+    assert pairs == len(report.converted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_every_classifier_converts_at_rank_1(name: str) -> None:
+    model, x = build(name)
+    result = sepify.convert(model, x, rank=1)
+    with torch.no_grad():
+        y, y_conv = model(x), result.model(x)
+    assert y_conv.shape == y.shape
+    assert torch.isfinite(y_conv).all()
+    assert result.report.macs_after < result.report.macs_before
+    assert_every_eligible_conv_reached(result.model, result.report)
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_full_rank_reproduces_representative_models(name: str) -> None:
+    model, x = build(name)
+    model = model.double()
+    x = x.double()
+    result = sepify.convert(model, x, rank="full", order="auto")
+    assert result.report.mode == "fx"
+    assert len(result.report.converted) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-8, atol=1e-9)
+    assert result.report.output_error is not None and result.report.output_error < 1e-9
+    assert result.report.top1_agreement == 1.0
+
+
+def test_detection_model_converts_through_the_fallback() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, min_size=128, max_size=128
+    ).eval()
+    images = [torch.rand(3, 128, 128)]
+    result = sepify.convert(model, (images,), rank="full")
+    report = result.report
+    assert report.mode == "swap" and "Proxy object cannot be iterated" in (report.trace_error or "")
+    # the RPN head conv runs once per pyramid level (two backbone levels and
+    # the extra max-pool level) and is converted once
+    assert report.layer("rpn.head.conv.0.0").converted and report.layer("rpn.head.conv.0.0").calls == 3
+    assert_every_eligible_conv_reached(result.model, report)
+    with torch.no_grad():
+        (got,), (want,) = result.model(images), model(images)
+    assert set(got) == {"boxes", "labels", "scores"}
+    assert got["boxes"].shape[1] == 4 and got["scores"].shape == got["labels"].shape
+    # exact at full rank: the backbone features agree, so do the detections
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-4)

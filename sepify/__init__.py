@@ -12,7 +12,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sepify.convert import ConversionResult, convert
 from sepify.errors import ConfigError, InputShapeError, SepifyError, SepifyWarning, TraceError
+from sepify.model_io import ModelLoadError, ModelSaveError, load
 from sepify.modules import SeparableConv2d
+from sepify.plan import LayerPlan, Plan
 from sepify.report import ConversionReport, LayerReport, SkipReason, format_count
 from sepify.tracing import register_leaf_module
 
@@ -24,16 +26,21 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "__version__",
     "convert",
+    "load",
     "ConversionResult",
     "ConversionReport",
     "LayerReport",
     "SkipReason",
     "SeparableConv2d",
+    "Plan",
+    "LayerPlan",
     "register_leaf_module",
     "format_count",
     "SepifyError",
     "ConfigError",
     "InputShapeError",
     "TraceError",
+    "ModelLoadError",
+    "ModelSaveError",
     "SepifyWarning",
 ]

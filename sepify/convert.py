@@ -16,8 +16,9 @@ from sepify.cost import conv_macs, conv_params, exact_rank, separable_macs, sepa
 from sepify.decompose import ORDERS, Factorization
 from sepify.errors import ConfigError, InputShapeError
 from sepify.modules import SeparableConv2d
+from sepify.plan import Plan
 from sepify.probe import ProbeResult, describe_inputs, probe
-from sepify.report import ConversionReport, LayerReport
+from sepify.report import ConversionReport, LayerReport, SkipReason
 from sepify.rewrite import swap_modules
 from sepify.tracing import TraceOutcome, shorten_error, trace_model
 from sepify.verify import output_error, top1_agreement
@@ -152,6 +153,22 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
     return LayerReport(**fields)
 
 
+def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
+    """Skip convs the plan does not list; fail loudly on names it lists wrongly."""
+    by_name = {site.qualname: site for site in sites}
+    for name in plan:
+        if name not in by_name:
+            raise ConfigError(f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model")
+        reason = by_name[name].skip_reason
+        if reason is not None and reason is not SkipReason.EXCLUDED:
+            raise ConfigError(f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan")
+    for site in sites:
+        if site.qualname not in plan and site.skip_reason is None:
+            site.skip_reason = SkipReason.NOT_PLANNED
+        elif site.qualname in plan:
+            site.skip_reason = None  # the plan is explicit; it overrides include/exclude
+
+
 def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult]:
     outcome = trace_model(work)
     if outcome.graph_module is None:
@@ -176,6 +193,7 @@ def convert(
     exclude: Sequence[str] | None = None,
     inplace: bool = False,
     skip_shared: bool = False,
+    plan: Plan | None = None,
 ) -> ConversionResult:
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
 
@@ -201,6 +219,10 @@ def convert(
         skip_shared: leave convs that run more than once per forward (shared
             heads, recurrent blocks) unconverted; by default the one pair
             replaces them at every call site.
+        plan: a :class:`~sepify.Plan` (from ``sepify.audit(...).plan(...)``
+            or ``Plan.from_json``): convert exactly the convs it lists at its
+            rank and order; ``rank``/``order`` are then ignored and unlisted
+            convs are skipped as ``not-planned``.
         inplace: convert ``model`` itself instead of a deep copy. Even then
             the returned model may be a new GraphModule; use ``result.model``.
 
@@ -209,7 +231,8 @@ def convert(
         and dtype, in its train/eval mode) and ``.report``.
 
     Raises:
-        ConfigError: an argument is invalid.
+        ConfigError: an argument is invalid, or the plan names a conv the
+            model does not have or cannot convert.
         InputShapeError: the model's forward fails on ``example_inputs``.
 
     Example:
@@ -236,6 +259,8 @@ def convert(
     outcome, target, before = _trace_and_probe(work, args)
 
     sites = find_conv_sites(work, before.convs, include=include, exclude=exclude, skip_shared=skip_shared)
+    if plan is not None:
+        _apply_plan_selection(sites, plan)
     rows: list[LayerReport] = []
     replacements: dict[str, nn.Module] = {}
     meta: dict[str, dict[str, Any]] = {}
@@ -244,7 +269,8 @@ def convert(
             rows.append(_row(site))
             continue
         conv = site.module
-        chosen_order, r, factorization = _choose(site, rank, order)
+        wanted_rank, wanted_order = (plan[site.qualname].rank, plan[site.qualname].order) if plan else (rank, order)
+        chosen_order, r, factorization = _choose(site, wanted_rank, wanted_order)
         pair = SeparableConv2d.from_conv(conv, r, chosen_order, factorization=factorization)
         replacements[site.qualname] = pair
         kernel = tuple(conv.kernel_size)
@@ -252,8 +278,8 @@ def convert(
             site,
             converted=True,
             rank=r,
-            requested_rank=rank,
-            rank_capped=rank != "full" and r < int(rank),
+            requested_rank=wanted_rank,
+            rank_capped=wanted_rank != "full" and r < int(wanted_rank),
             order=chosen_order,
             params_after=separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r,
                                           chosen_order, conv.bias is not None),

@@ -13,17 +13,17 @@ import enum
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from sepify.atomic import write_text_atomic
+from sepify.plan import LayerPlan, Plan
 
 __all__ = [
     "SkipReason",
     "LayerReport",
     "ConversionReport",
     "format_count",
-    "write_text_atomic",
 ]
 
 
@@ -37,6 +37,7 @@ class SkipReason(str, enum.Enum):
     SHARED = "shared"  # called from several places, and skip_shared was asked for
     NOT_CALLED = "not-called"  # never ran on the example inputs
     EXCLUDED = "excluded"  # by include/exclude patterns
+    NOT_PLANNED = "not-planned"  # a plan was given and does not list it
 
     def __str__(self) -> str:
         return self.value
@@ -177,6 +178,10 @@ class ConversionReport:
     def skipped(self) -> tuple[LayerReport, ...]:
         return tuple(layer for layer in self.layers if not layer.converted)
 
+    def to_plan(self) -> Plan:
+        """The plan that reproduces this conversion (converted layers only)."""
+        return Plan({r.name: LayerPlan(int(r.rank), str(r.order)) for r in self.converted if r.rank and r.order})
+
     def layer(self, name: str) -> LayerReport:
         """The row for the conv at qualname ``name``."""
         for row in self.layers:
@@ -300,20 +305,3 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, list):
         return "x".join(map(str, value))
     return "" if value is None else value
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600 files; give the result the usual umask permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,343 @@
+"""The ``sepify`` command line (typer + rich). The only module that imports either.
+
+Exit codes: 0 success, 1 a sepify error (one sentence on stderr; traceback
+with ``--debug`` or ``SEPIFY_DEBUG=1``), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import sepify
+from sepify.errors import SepifyError
+from sepify.model_io import FORMATS, LoadedModel, load_model, save_model
+from sepify.plan import Plan
+from sepify.report import ConversionReport, format_count
+
+app = typer.Typer(
+    name="sepify",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    help="Rewrite a trained model's Conv2d layers into depthwise + pointwise pairs, and report what it saves.",
+)
+out = Console()
+err = Console(stderr=True)
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "float64": torch.float64, "double": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool,
+}  # fmt: skip
+_INT_HIGH = 10  # integer example inputs are drawn from [0, 10): valid ids/indices for most models
+
+
+# -- shared option types -------------------------------------------------------
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A model file saved with torch.save(model) or torch.export (.pt2), or an import spec such as "
+        "[bold]torchvision.models:resnet18[/] or [bold]path/to/file.py:build[/] (safest: no pickle).",
+        show_default=False,
+    ),
+]
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Shape of one example input, e.g. 1,3,224,224; add :int64 (or another dtype) for integer inputs, "
+        "which are drawn from [0, 10). Repeat for models with several inputs. Default 1,3,224,224.",
+        show_default=False,
+    ),
+]
+TrustPickleOpt = Annotated[
+    bool, typer.Option("--trust-pickle", help="Allow loading a pickled model or .pt2 archive (runs code from the file).")
+]
+KwargsOpt = Annotated[
+    str | None, typer.Option("--kwargs", help='JSON keyword arguments for an import spec, e.g. \'{"num_classes": 10}\'.')
+]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", help="A state_dict (.pt/.pth, read with weights_only=True) or .safetensors.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device to load and convert on: cpu or cuda.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of sepify errors.")]
+TrainOpt = Annotated[
+    bool,
+    typer.Option("--train", help="Trace and convert in training mode (default: eval mode, as the model is deployed)."),
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"sepify {sepify.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """sepify: depthwise-separable conversion of trained PyTorch models."""
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """``"1,3,224,224"`` -> ``((1, 3, 224, 224), float32)``; ``"1,10:int64"`` -> int64."""
+    shape_part, _, dtype_part = text.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_part.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224") from None
+    if not shape or any(d < 0 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224")
+    dtype_name = dtype_part.strip().lower() or "float32"
+    if dtype_name not in _DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype_part!r} in {text!r}; use one of {', '.join(sorted(_DTYPES))}")
+    return shape, _DTYPES[dtype_name]
+
+
+def make_inputs(shapes: list[str] | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Seeded example inputs: Gaussian floats, integers in [0, 10)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = []
+    for text in shapes or ["1,3,224,224"]:
+        shape, dtype = parse_input_shape(text)
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            t = torch.randint(0, _INT_HIGH, shape, generator=gen).to(dtype)
+        tensors.append(t.to(device))
+    return tuple(tensors)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"unknown device {name!r}; use cpu or cuda", param_hint="--device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SepifyError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not valid JSON ({e.msg}): {text}", param_hint="--kwargs") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object like '{\"num_classes\": 10}'", param_hint="--kwargs")
+    return value
+
+
+def _rank(text: str) -> int | str:
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer or 'full'", param_hint="--rank") from None
+    if value < 1:
+        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer or 'full'", param_hint="--rank")
+    return value
+
+
+@contextlib.contextmanager
+def _step(message: str, quiet: bool) -> Iterator[None]:
+    """A spinner on stderr while a step runs (nothing when quiet or not a terminal)."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
+@contextlib.contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Turn sepify errors into one line on stderr and exit code 1.
+
+    Only SepifyError is caught: anything else is a bug and keeps its traceback
+    (and typer.Exit, a RuntimeError subclass, must pass through untouched).
+    """
+    try:
+        yield
+    except SepifyError as e:
+        if debug or os.environ.get("SEPIFY_DEBUG") == "1":
+            raise
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def _load(model: str, trust_pickle: bool, kwargs: str | None, weights: Path | None, device: torch.device,
+          quiet: bool, train: bool) -> LoadedModel:  # fmt: skip
+    with _step(f"loading {model}", quiet):
+        loaded = load_model(model, trust_pickle=trust_pickle, kwargs=_parse_kwargs(kwargs), weights=weights)
+    # fx freezes `self.training` branches into the graph, so the mode is chosen
+    # before tracing; deployment (eval) is what a converted model is for.
+    loaded.model.to(device).train(train)
+    return loaded
+
+
+def _report_table(report: ConversionReport) -> Table:
+    table = Table(title=None, show_lines=False, header_style="bold")
+    for name, justify in [("layer", "left"), ("status", "left"), ("Cin", "right"), ("Cout", "right"),
+                          ("kernel", "right"), ("stride", "right"), ("out", "right"), ("rank", "right"),
+                          ("order", "left"), ("params", "right"), ("→", "right"), ("MACs", "right"), ("→ ", "right"),
+                          ("weight err", "right")]:  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in report.layers:
+        status = "[green]converted[/]" if r.converted else f"[dim]{r.skip_reason}[/]"
+        if r.larger_than_original:
+            status += " [yellow](larger)[/]"
+        rank = "-" if r.rank is None else f"{r.rank}" + ("*" if r.rank_capped else "")
+        table.add_row(
+            r.name, status, str(r.in_channels), str(r.out_channels), "x".join(map(str, r.kernel_size)),
+            "x".join(map(str, r.stride)), "x".join(map(str, r.output_size)) if r.output_size else "-", rank,
+            r.order or "-", format_count(r.params_before), format_count(r.params_after),
+            format_count(r.macs_before), format_count(r.macs_after),
+            "-" if r.weight_error is None else f"{r.weight_error:.4f}",
+        )  # fmt: skip
+    return table
+
+
+def _print_report(report: ConversionReport) -> None:
+    if not out.is_terminal:
+        # Piped or captured: the plain aligned table, never squeezed to 80 columns.
+        out.print(str(report), highlight=False, soft_wrap=True, markup=False)
+        return
+    out.print(_report_table(report))
+    for line in str(report).split("\n\n", 1)[-1].splitlines():
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def _check_writable(path: Path, force: bool, protected: Path | None) -> None:
+    if protected is not None and protected.exists() and path.resolve() == protected.resolve():
+        raise SepifyError(f"{path}: is the input model; sepify never overwrites its input, so choose another -o path")
+    if path.exists() and not force:
+        raise SepifyError(f"{path}: already exists; pass --force to overwrite it, or -o to choose another path")
+    if not path.parent.is_dir():
+        raise SepifyError(f"{path}: its folder {path.parent} does not exist; create it or choose another -o path")
+
+
+def _write_report(report: ConversionReport | Any, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        report.to_json(path)
+    elif suffix == ".csv":
+        report.to_csv(path)
+    elif suffix in (".md", ".markdown"):
+        from sepify.atomic import write_text_atomic
+
+        write_text_atomic(path, report.to_markdown())
+    else:
+        raise SepifyError(f"{path}: unknown report format {suffix or '(no extension)'!r}; use .json, .csv or .md")
+
+
+# -- commands ------------------------------------------------------------------
+
+
+@app.command()
+def convert(
+    model: ModelArg,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Where to write the converted model. Default: <stem>.sep<ext> beside "
+                     "the input (for an import spec: <callable>.sep.pt here).", show_default=False),
+    ] = None,
+    input_shape: InputShapeOpt = None,
+    rank: Annotated[str, typer.Option("--rank", help="Depth multiplier: a positive integer or 'full' (exact).")] = "1",
+    order: Annotated[str, typer.Option("--order", help="dw-pw, pw-dw or auto (per layer, the lower error).")] = "dw-pw",
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only convert convs matching this glob "
+                                                     "(repeatable).", show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Leave convs matching this glob alone "
+                                                     "(repeatable).", show_default=False)] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan file (from `sepify audit --plan-out`).",
+                                              show_default=False)] = None,
+    skip_shared: Annotated[bool, typer.Option("--skip-shared", help="Leave convs called more than once alone.")] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Also write the report: .json, .csv or .md.",
+                                                show_default=False)] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="pt, pt2, onnx or safetensors (+ .plan.json). "
+                                            "Default: pt2 for a .pt2 input, else pt.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    trust_pickle: TrustPickleOpt = False,
+    kwargs: KwargsOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "cpu",
+    train: TrainOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a model's Conv2d layers into depthwise + pointwise pairs and save it.
+
+    Prints the per-layer report (params, MACs, savings, weight and output
+    error) and writes the converted model; the input is never modified.
+    """
+    with _errors(debug):
+        rank_value = _rank(rank)
+        if order not in ("dw-pw", "pw-dw", "auto"):
+            raise typer.BadParameter(f"{order!r}; use dw-pw, pw-dw or auto", param_hint="--order")
+        if fmt is not None and fmt not in FORMATS:
+            raise typer.BadParameter(f"{fmt!r}; use one of {', '.join(FORMATS)}", param_hint="--format")
+        dev = _device(device)
+        args = make_inputs(input_shape, dev)
+        the_plan = Plan.from_json(plan) if plan is not None else None
+
+        input_path = None if ":" in model and not Path(model).exists() else Path(model)
+        # Fail before the slow work: decide every output path first.
+        loaded_default = _default_output(model, input_path)
+        chosen_fmt = fmt or ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
+        target = output or loaded_default.with_suffix(f".{chosen_fmt}")
+        if output is None and loaded_default.suffix != f".{chosen_fmt}":
+            target = loaded_default.with_name(loaded_default.name.rsplit(".", 1)[0] + f".{chosen_fmt}")
+        _check_writable(target, force, input_path)
+        if chosen_fmt == "safetensors":
+            _check_writable(target.with_name(target.name.removesuffix(".safetensors") + ".plan.json"), force, input_path)
+        if report is not None:
+            _check_writable(report, force, input_path)
+
+        loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
+        with _step("converting", quiet):
+            result = sepify.convert(loaded.model, args, rank=rank_value, order=order, include=include,
+                                    exclude=exclude, skip_shared=skip_shared, plan=the_plan)  # fmt: skip
+        if not quiet:
+            _print_report(result.report)
+        with _step(f"writing {target}", quiet):
+            written = save_model(result.model, target, chosen_fmt, example_args=args, plan=result.report.to_plan())
+        if report is not None:
+            _write_report(result.report, report)
+            written.append(report)
+        if not quiet:
+            for path in written:
+                out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _default_output(model: str, input_path: Path | None) -> Path:
+    if input_path is None:
+        name = model.rpartition(":")[2].split(".")[-1] or "model"
+        return Path.cwd() / f"{name}.sep.pt"
+    suffix = input_path.suffix or ".pt"
+    return input_path.with_name(f"{input_path.stem}.sep{suffix}")
+
+
+def main() -> None:
+    """Entry point of the ``sepify`` script."""
+    app()
+
+

@@ -1,0 +1,461 @@
+"""Reading models and writing converted ones, without surprises.
+
+Loading never unpickles code unless the caller passes ``trust_pickle=True``:
+file kinds are told apart from zip member names and headers alone, and a
+``torch.save`` archive is first read with ``torch.load(weights_only=True)``.
+Every problem is a :class:`ModelLoadError` / :class:`ModelSaveError` whose
+message names the file, what was found, and what to do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sepify.atomic import atomic_path, write_text_atomic
+from sepify.errors import SepifyError
+from sepify.modules import SeparableConv2d
+from sepify.plan import Plan
+from sepify.rewrite import replace_submodule
+
+__all__ = [
+    "ModelLoadError",
+    "ModelSaveError",
+    "LoadedModel",
+    "detect_kind",
+    "load_model",
+    "load_state_dict_file",
+    "save_model",
+    "load",
+    "FORMATS",
+]
+
+FORMATS = ("pt", "pt2", "onnx", "safetensors")
+_SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
+
+
+class ModelLoadError(SepifyError):
+    """A model, weights or plan file cannot be read."""
+
+
+class ModelSaveError(SepifyError):
+    """A converted model cannot be written."""
+
+
+@dataclass
+class LoadedModel:
+    """A model and where it came from (``kind``: pickle, pt2 or import-spec)."""
+
+    model: nn.Module
+    kind: str
+    source: str
+    default_output: Path
+
+
+# -- telling files apart without running them -----------------------------------
+
+
+def detect_kind(path: Path) -> str:
+    """Classify a file by its bytes: ``torch-save``, ``torchscript``, ``pt2``,
+    ``legacy-pickle``, ``safetensors``, ``onnx``, ``empty``, ``corrupt-zip``
+    or ``unknown``. Reads headers and zip member names only.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "empty"
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "corrupt-zip"
+        members = {n.split("/", 1)[1] if "/" in n else n for n in names}
+        if "archive_format" in members:
+            return "pt2"
+        if "constants.pkl" in members or any(m.startswith("code/") for m in members):
+            return "torchscript"
+        if "data.pkl" in members:
+            return "torch-save"
+        return "unknown"
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return "legacy-pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len <= size - 8:
+            return "safetensors"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    return "unknown"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - only used to word a message
+        return []
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _unwrap_checkpoint(obj: Any) -> Any:
+    """Training checkpoints often nest the weights: ``{"state_dict": {...}, "epoch": 3}``."""
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return obj
+
+
+# -- loading -----------------------------------------------------------------
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file; check the path of the {what}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not a {what} file; pass the file itself")
+
+
+def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as refused:
+        if not trust_pickle:
+            found = _unsafe_globals(path) if kind == "torch-save" else []
+            classes = [g for g in found if not g.startswith(("torch.", "collections.", "builtins."))]
+            what = f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})" if classes else (
+                "a pickled nn.Module"
+            )
+            raise ModelLoadError(
+                f"{path}: holds {what}, and loading it runs code from the file; re-run with --trust-pickle "
+                f"if you trust its source, or {_SAFE_ROUTE}"
+            ) from refused
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - arbitrary unpickling code may raise anything
+            raise ModelLoadError(
+                f"{path}: unpickling failed ({type(e).__name__}: {e}); the classes it needs must be importable "
+                f"here, or {_SAFE_ROUTE}"
+            ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ModelLoadError(f"{path}: is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); re-save it") from e
+    obj = _unwrap_checkpoint(obj)
+    if _is_state_dict(obj):
+        raise ModelLoadError(
+            f"{path}: holds a state_dict ({len(obj)} tensors) but no architecture; pass an import spec that builds "
+            f"the model and this file as weights, e.g. sepify convert torchvision.models:resnet18 --weights {path}"
+        )
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ModelLoadError(_torchscript_message(path))
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module; pass a saved model or {_SAFE_ROUTE}")
+    return obj
+
+
+def _torchscript_message(path: Path) -> str:
+    return (
+        f"{path}: is a TorchScript archive; torch.fx cannot trace TorchScript graphs (and torch silently ignores "
+        f"submodules swapped into a ScriptModule), so convert the Python model instead: {_SAFE_ROUTE}"
+    )
+
+
+def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise ModelLoadError(
+            f"{path}: is a torch.export archive, and torch.export.load unpickles it fully, which can run code from "
+            f"the file (pytorch#153410); re-run with --trust-pickle if you trust its source, or {_SAFE_ROUTE}"
+        )
+    try:
+        program = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
+        raise ModelLoadError(f"{path}: torch.export.load failed ({type(e).__name__}: {str(e)[:120]}); re-export it") from e
+    return program.module()
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read weights from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``)."""
+    path = Path(path)
+    _check_file(path, "weights")
+    kind = detect_kind(path)
+    if kind == "safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ModelLoadError(f"{path}: reading .safetensors needs the safetensors package; pip install 'sepify[io]'") from e
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - the parser's own errors
+            raise ModelLoadError(f"{path}: is not a readable safetensors file ({e}); re-save it") from e
+    if kind not in ("torch-save", "legacy-pickle"):
+        raise ModelLoadError(f"{path}: is not a weights file (found: {kind}); pass a .safetensors or a torch.save'd state_dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{path}: holds pickled objects besides tensors, so it is not a plain state_dict; save "
+            "model.state_dict() instead"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ModelLoadError(f"{path}: is truncated or corrupt ({type(e).__name__}); re-save it") from e
+    obj = _unwrap_checkpoint(obj)
+    if not _is_state_dict(obj):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a state_dict of tensors")
+    return dict(obj)
+
+
+def _import_callable(spec: str) -> Any:
+    module_part, _, attr = spec.rpartition(":")
+    if not module_part or not attr:
+        raise ModelLoadError(f"{spec!r}: an import spec looks like package.module:callable or path/to/file.py:callable")
+    try:
+        if module_part.endswith(".py"):
+            file = Path(module_part)
+            if not file.is_file():
+                raise ModelLoadError(f"{spec!r}: {file} does not exist; check the path")
+            mod_spec = importlib.util.spec_from_file_location(file.stem, file)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules.setdefault(file.stem, module)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_part)
+    except ModelLoadError:
+        raise
+    except ImportError as e:
+        raise ModelLoadError(f"{spec!r}: cannot import {module_part} ({e}); install it or fix the name") from e
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ModelLoadError(f"{spec!r}: {module_part} has no attribute {part!r}; check the name after the colon")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ModelLoadError(f"{spec!r}: {attr} is a {type(fn).__name__}, not a callable that builds a model")
+    return fn
+
+
+def is_import_spec(text: str) -> bool:
+    """``package.module:callable`` or ``file.py:callable``; an existing path is a file."""
+    return ":" in text and not Path(text).exists()
+
+
+def load_model(
+    source: str,
+    *,
+    trust_pickle: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load a model from a file or an import spec; see the module docstring."""
+    if is_import_spec(source):
+        fn = _import_callable(source)
+        try:
+            model = fn(**dict(kwargs or {}))
+        except TypeError as e:
+            raise ModelLoadError(f"{source!r}: calling it failed ({e}); check --kwargs") from e
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"{source!r}: returned a {type(model).__name__}, not an nn.Module")
+        if weights is not None:
+            _load_weights_into(model, Path(weights))
+        name = source.rpartition(":")[2].split(".")[-1]
+        return LoadedModel(model, "import-spec", source, Path.cwd() / f"{name}.sep.pt")
+    if kwargs:
+        raise ModelLoadError(f"{source}: --kwargs applies only to an import spec (package.module:callable)")
+    path = Path(source)
+    _check_file(path, "model")
+    kind = detect_kind(path)
+    if kind in ("torch-save", "legacy-pickle"):
+        model = _load_pickle_file(path, kind, trust_pickle)
+        loaded_kind = "pickle"
+    elif kind == "pt2":
+        model = _load_pt2(path, trust_pickle)
+        loaded_kind = "pt2"
+    else:
+        raise ModelLoadError(_describe_unusable(path, kind))
+    if weights is not None:
+        _load_weights_into(model, Path(weights))
+    suffix = path.suffix or ".pt"
+    return LoadedModel(model, loaded_kind, str(path), path.with_name(f"{path.stem}.sep{suffix}"))
+
+
+def _describe_unusable(path: Path, kind: str) -> str:
+    if kind == "empty":
+        return f"{path}: the file is empty; re-save the model"
+    if kind == "corrupt-zip":
+        return f"{path}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+    if kind == "torchscript":
+        return _torchscript_message(path)
+    if kind == "safetensors":
+        return (
+            f"{path}: holds weights only (safetensors) and no architecture; pass an import spec that builds the "
+            f"model and this file as --weights"
+        )
+    if kind == "onnx":
+        return f"{path}: is an ONNX model; sepify converts PyTorch models, so pass the model it was exported from"
+    return (
+        f"{path}: is not a PyTorch model file (no torch.save, torch.export or TorchScript archive inside); "
+        f"pass a model saved with torch.save(model), or {_SAFE_ROUTE}"
+    )
+
+
+def _load_weights_into(model: nn.Module, path: Path) -> None:
+    state = load_state_dict_file(path)
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise ModelLoadError(
+            f"{path}: its keys do not match the model ({'; '.join(problems)}); pass weights saved from this "
+            "architecture, or the --kwargs it was built with"
+        )
+
+
+# -- saving ------------------------------------------------------------------
+
+
+def _plan_path(weights_path: Path) -> Path:
+    return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + ".plan.json")
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    fmt: str,
+    *,
+    example_args: tuple[Any, ...],
+    plan: Plan,
+) -> list[Path]:
+    """Write ``model`` to ``path`` in ``fmt`` atomically; returns the files written.
+
+    ``safetensors`` also writes ``<name>.plan.json`` beside the weights so that
+    :func:`load` can rebuild the model without pickle.
+    """
+    path = Path(path)
+    if fmt == "pt":
+        with atomic_path(path) as tmp:
+            torch.save(model, tmp)
+        return [path]
+    if fmt == "pt2":
+        try:
+            program = torch.export.export(model, example_args)
+        except Exception as e:  # noqa: BLE001 - export failures are many and specific
+            raise ModelSaveError(
+                f"{path}: torch.export could not export the converted model ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:160]}); save as --format pt or safetensors instead"
+            ) from e
+        with atomic_path(path) as tmp:
+            torch.export.save(program, tmp)
+        return [path]
+    if fmt == "onnx":
+        return [_save_onnx(model, path, example_args)]
+    if fmt == "safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError as e:
+            raise ModelSaveError("--format safetensors needs the safetensors package; pip install 'sepify[io]'") from e
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            save_file(_dedupe_shared(state), str(tmp), metadata={"format": "sepify", "plan": _plan_path(path).name})
+        plan_path = _plan_path(path)
+        write_text_atomic(plan_path, plan.to_json())
+        return [path, plan_path]
+    raise ModelSaveError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses tensors that share storage (tied weights); keep copies.
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone() if ptr in seen and ptr != -1 else v
+        seen.add(ptr)
+    return out
+
+
+def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...]) -> Path:
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ModelSaveError("--format onnx needs the onnx and onnxscript packages; pip install 'sepify[onnx]'") from e
+    try:
+        with atomic_path(path) as tmp:
+            onnx_path = tmp.with_suffix(".onnx")
+            try:
+                program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
+                assert program is not None
+                program.save(str(onnx_path))
+                os.replace(onnx_path, tmp)
+            finally:
+                onnx_path.unlink(missing_ok=True)
+    except SepifyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - exporter failures are many and specific
+        raise ModelSaveError(
+            f"{path}: ONNX export failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+            "save as --format pt2 or pt instead"
+        ) from e
+    return path
+
+
+def load(model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None) -> nn.Module:
+    """Rebuild a converted model from safetensors weights and its plan, without pickle.
+
+    Args:
+        model: a fresh instance of the *original* architecture (it is modified
+            in place and returned).
+        weights_path: the ``.safetensors`` file ``sepify convert --format
+            safetensors`` wrote.
+        plan: the plan, or its path; defaults to ``<name>.plan.json`` beside
+            the weights.
+
+    Example:
+        >>> import sepify, torchvision  # doctest: +SKIP
+        >>> model = sepify.load(torchvision.models.resnet18(), "resnet18.sep.safetensors")  # doctest: +SKIP
+    """
+    weights_path = Path(weights_path)
+    if plan is None:
+        plan = _plan_path(weights_path)
+    if not isinstance(plan, Plan):
+        plan_file = Path(plan)
+        if not plan_file.is_file():
+            raise ModelLoadError(f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors")
+        plan = Plan.from_json(plan_file)
+    for name, layer in plan.layers.items():
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError as e:
+            raise ModelLoadError(f"the plan names {name!r}, which this model does not have; pass the original architecture") from e
+        if type(conv) is not nn.Conv2d:
+            raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
+        pair = SeparableConv2d(
+            conv.in_channels, conv.out_channels, tuple(conv.kernel_size),  # type: ignore[arg-type]
+            stride=tuple(conv.stride), padding=conv.padding, dilation=tuple(conv.dilation),  # type: ignore[arg-type]
+            groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            rank=layer.rank, order=layer.order, device=conv.weight.device, dtype=conv.weight.dtype,
+        )  # fmt: skip
+        pair.train(conv.training)
+        replace_submodule(model, name, pair)
+    _load_weights_into(model, weights_path)
+    return model
+
+

@@ -1,0 +1,131 @@
+"""``Plan``: a versioned, human-readable recipe of which conv becomes which pair.
+
+A plan maps conv qualnames to ``(rank, order)``. ``convert(..., plan=plan)``
+applies one; ``sepify.load`` re-applies the plan saved next to a
+``.safetensors`` file to a fresh instance of the original architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sepify.errors import ConfigError
+from sepify.atomic import write_text_atomic
+
+__all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
+
+PLAN_FORMAT = "sepify.plan"
+PLAN_VERSION = 1
+_ORDERS = ("dw-pw", "pw-dw")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What to do with one conv: its depth multiplier and order."""
+
+    rank: int
+    order: str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"a plan's rank must be a positive integer, got {self.rank!r}")
+        if self.order not in _ORDERS:
+            raise ConfigError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Layer qualname -> :class:`LayerPlan`; convs not listed are left alone.
+
+    Example:
+        >>> plan = Plan({"layer1.0.conv1": LayerPlan(2, "dw-pw")})
+        >>> Plan.from_json(plan.to_json()) == plan
+        True
+        >>> print(plan.to_json(), end="")
+        {
+          "format": "sepify.plan",
+          "version": 1,
+          "layers": {
+            "layer1.0.conv1": {
+              "rank": 2,
+              "order": "dw-pw"
+            }
+          }
+        }
+    """
+
+    layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        return self.layers[name]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and dict(self.layers) == dict(other.layers)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, v.rank, v.order) for k, v in self.layers.items())))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": PLAN_FORMAT, "version": PLAN_VERSION}
+        if self.meta:
+            d["meta"] = dict(self.meta)
+        d["layers"] = {k: {"rank": v.rank, "order": v.order} for k, v in self.layers.items()}
+        return d
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> Plan:
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            raise ConfigError(f"{source} is not a sepify plan (no \"format\": \"{PLAN_FORMAT}\" field)")
+        if data.get("version") != PLAN_VERSION:
+            raise ConfigError(
+                f"{source} is a version {data.get('version')!r} plan; this sepify reads version {PLAN_VERSION}"
+            )
+        layers = data.get("layers")
+        if not isinstance(layers, Mapping):
+            raise ConfigError(f"{source} has no \"layers\" mapping")
+        parsed = {}
+        for name, spec in layers.items():
+            if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
+                raise ConfigError(f"{source}: layer {name!r} needs a \"rank\" and an \"order\"")
+            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"])
+        return cls(parsed, dict(data.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> Plan:
+        """Read a plan from JSON text or from a file path."""
+        text = str(text_or_path)
+        source = "plan"
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            source = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
+        return cls.from_dict(data, source)

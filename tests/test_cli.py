@@ -1,0 +1,337 @@
+"""The sepify command line: every MODEL form, output format, error sentence and safety rule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import sepify
+from sepify.cli import app
+
+runner = CliRunner()
+SMALL = ["--input-shape", "1,3,32,32"]
+SPEC = "torchvision.models:resnet18"
+SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
+
+torchvision = pytest.importorskip("torchvision")
+
+
+def run(*args: str | Path) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class MakesMarker:
+    """Unpickling this creates a file: the stand-in for malicious code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture
+def pickled(tmp_path: Path, resnet: nn.Module) -> Path:
+    path = tmp_path / "resnet.pt"
+    torch.save(resnet, path)
+    return path
+
+
+@pytest.fixture
+def weights(tmp_path: Path, resnet: nn.Module) -> Path:
+    path = tmp_path / "resnet_weights.pt"
+    torch.save(resnet.state_dict(), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+# -- happy paths ---------------------------------------------------------------
+
+
+def test_import_spec_with_weights_writes_default_output(tmp_path: Path, weights: Path, resnet: nn.Module) -> None:
+    result = run("convert", SPEC, "--weights", weights, *SMALL, "--rank", "full")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "resnet18.sep.pt"
+    assert f"wrote {out}" in result.output
+    assert "converted 17 of 20 convs (mode: fx; inputs: (1, 3, 32, 32) float32)" in result.output
+    converted = torch.load(out, weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(converted(x), resnet(x), rtol=1e-4, atol=1e-4)
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_pickled_model_with_trust(pickled: Path) -> None:
+    before = digest(pickled)
+    result = run("convert", pickled, "--trust-pickle", *SMALL, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet
+    assert (pickled.parent / "resnet.sep.pt").is_file()
+    assert digest(pickled) == before  # the input is never modified
+
+
+def test_report_files_by_extension(tmp_path: Path) -> None:
+    result = run("convert", SPEC, *SMALL, "-q", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 20
+    assert run("convert", SPEC, *SMALL, "-q", "--force", "--report", "r.csv").exit_code == 0
+    assert (tmp_path / "r.csv").read_text().startswith("name,converted,skip_reason,")
+    assert run("convert", SPEC, *SMALL, "-q", "--force", "--report", "r.md").exit_code == 0
+    assert (tmp_path / "r.md").read_text().startswith("| layer | status |")
+
+
+def test_kwargs_and_several_outputs(tmp_path: Path) -> None:
+    result = run("convert", SPEC, "--kwargs", '{"num_classes": 10}', *SMALL, "-o", "small.pt", "-q")
+    assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "small.pt", weights_only=False)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_python_file_import_spec(tmp_path: Path) -> None:
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n"
+        "def build(width=8):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU(), torch.nn.Conv2d(width, 4, 3))\n"
+    )
+    result = run("convert", "mymodel.py:build", "--kwargs", '{"width": 16}', *SMALL, "--rank", "full")
+    assert result.exit_code == 0, result.output
+    assert "converted 2 of 2 convs" in result.output
+    assert (tmp_path / "build.sep.pt").is_file()
+
+
+def test_integer_and_several_inputs(tmp_path: Path) -> None:
+    (tmp_path / "two.py").write_text(
+        "import torch\n"
+        "class Two(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(10, 4)\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)\n"
+        "    def forward(self, x, ids):\n"
+        "        return self.conv(x).mean((2, 3)) + self.emb(ids).sum(1)\n"
+    )
+    result = run("convert", "two.py:Two", "--input-shape", "2,3,8,8", "--input-shape", "2,5:int64", "-q")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "safetensors"])
+def test_every_output_format_round_trips(tmp_path: Path, weights: Path, fmt: str) -> None:
+    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
+    pytest.importorskip("safetensors") if fmt == "safetensors" else None
+    out = tmp_path / f"model.{fmt}"
+    result = run("convert", SPEC, "--weights", weights, *SMALL, "--rank", "2", "--format", fmt, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    resnet = torchvision.models.resnet18().eval()
+    resnet.load_state_dict(torch.load(weights))
+    reference = sepify.convert(resnet, torch.randn(1, 3, 32, 32), rank=2).model
+    x = torch.randn(1, 3, 32, 32)
+    expected = reference(x).detach()
+    if fmt == "pt":
+        got = torch.load(out, weights_only=False)(x)
+    elif fmt == "pt2":
+        got = torch.export.load(out).module()(x)
+    elif fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out))
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    else:
+        assert (tmp_path / "model.plan.json").is_file()
+        got = sepify.load(torchvision.models.resnet18().eval(), out)(x)
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_version_and_help() -> None:
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.startswith(f"sepify {sepify.__version__} (torch ")
+    result = run("convert", "--help")
+    assert result.exit_code == 0
+    assert "--trust-pickle" in result.output and "--input-shape" in result.output
+
+
+def test_entry_point_and_module_run_in_a_subprocess(tmp_path: Path) -> None:
+    for argv in (["sepify", "--version"], [sys.executable, "-m", "sepify", "--version"]):
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("sepify ")
+    proc = subprocess.run(["sepify", "convert", "missing.pt"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: missing.pt: no such file; check the path of the model"
+    assert "Traceback" not in proc.stderr
+
+
+# -- refusals ------------------------------------------------------------------
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    (tmp_path / "resnet18.sep.pt").write_bytes(b"keep me")
+    result = run("convert", SPEC, *SMALL, "-q")
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'resnet18.sep.pt'}: already exists; pass --force to overwrite it" in result.output
+    assert (tmp_path / "resnet18.sep.pt").read_bytes() == b"keep me"
+    assert run("convert", SPEC, *SMALL, "-q", "--force").exit_code == 0
+    assert (tmp_path / "resnet18.sep.pt").read_bytes() != b"keep me"
+
+
+def test_input_is_never_the_output(pickled: Path) -> None:
+    before = digest(pickled)
+    result = run("convert", pickled, "--trust-pickle", *SMALL, "-o", pickled, "--force", "-q")
+    assert result.exit_code == 1
+    assert "is the input model; sepify never overwrites its input" in result.output
+    assert digest(pickled) == before
+
+
+def test_pickle_without_trust_is_refused(pickled: Path) -> None:
+    result = run("convert", pickled, *SMALL)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {pickled}: holds a pickled object (torchvision.models.resnet.ResNet, "
+        "torchvision.models.resnet.BasicBlock), and loading it runs code from the file; re-run with --trust-pickle "
+        f"if you trust its source, or {SAFE_ROUTE}"
+    )
+
+
+def test_malicious_pickle_never_runs_without_trust(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save(MakesMarker(marker), evil)
+    assert not marker.exists()
+    for argv in (
+        ["convert", evil, *SMALL],
+        ["audit", evil, *SMALL],
+        ["convert", SPEC, "--weights", evil, *SMALL],
+    ):
+        result = run(*argv)
+        assert result.exit_code == 1, result.output
+        assert not marker.exists(), f"{argv[0]} ran code from the pickle"
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: None, "{p}: no such file; check the path of the model"),
+        (lambda p: p.write_bytes(b""), "{p}: the file is empty; re-save the model"),
+        (lambda p: p.write_text("hello"), "{p}: is not a PyTorch model file (no torch.save, torch.export or "
+         "TorchScript archive inside); pass a model saved with torch.save(model), or " + SAFE_ROUTE),
+        (lambda p: p.mkdir(), "{p}: is a directory, not a model file; pass the file itself"),
+    ],
+    ids=["missing", "empty", "not-torch", "directory"],
+)
+def test_bad_model_files(tmp_path: Path, setup: object, message: str) -> None:
+    path = tmp_path / "model.pt"
+    setup(path)  # type: ignore[operator]
+    result = run("convert", path, *SMALL)
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: " + message.format(p=path)
+    assert "Traceback" not in result.output
+
+
+def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(pickled.read_bytes()[:10_000])
+    result = run("convert", cut, "--trust-pickle", *SMALL)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+
+
+def test_state_dict_without_architecture(weights: Path) -> None:
+    result = run("convert", weights, *SMALL)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"error: {weights}: holds a state_dict (122 tensors) but no architecture; pass an import spec that builds "
+        f"the model and this file as weights, e.g. sepify convert torchvision.models:resnet18 --weights {weights}"
+    )
+
+
+def test_torchscript_is_explained(tmp_path: Path) -> None:
+    path = tmp_path / "scripted.pt"
+    with pytest.warns(FutureWarning):
+        torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3))), path)
+    result = run("convert", path, *SMALL)
+    assert result.exit_code == 1
+    assert "is a TorchScript archive; torch.fx cannot trace TorchScript graphs" in result.output
+    assert SAFE_ROUTE in result.output
+
+
+def test_pt2_needs_trust(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt2"
+    net = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), path)
+    result = run("convert", path, "--input-shape", "1,3,8,8")
+    assert result.exit_code == 1
+    assert "is a torch.export archive, and torch.export.load unpickles it fully" in result.output
+    assert "--trust-pickle" in result.output
+
+
+def test_wrong_input_shape(tmp_path: Path) -> None:
+    result = run("convert", SPEC, "--input-shape", "1,5,32,32")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: the model (ResNet) failed on example inputs (1, 5, 32, 32) float32: ")
+    assert not (tmp_path / "resnet18.sep.pt").exists()
+
+
+def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
+    result = run("convert", "torchvision.models:resnet34", "--weights", weights, *SMALL)
+    assert result.exit_code == 1
+    assert f"{weights}: its keys do not match the model (" in result.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--rank", "zero"], "'zero' is not a rank; use a positive integer or 'full'"),
+        (["--input-shape", "1,3,a"], "'1,3,a' is not a shape; write it like 1,3,224,224"),
+        (["--input-shape", "1,3:complex"], "unknown dtype 'complex'"),
+        (["--order", "sideways"], "'sideways'; use dw-pw, pw-dw or auto"),
+        (["--kwargs", "{oops"], "not valid JSON"),
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], fragment: str) -> None:
+    result = run("convert", SPEC, *argv)
+    assert result.exit_code == 2
+    flat = " ".join(result.output.replace("│", " ").split())  # typer draws usage errors in a box
+    assert fragment in flat
+
+
+def test_import_spec_errors() -> None:
+    result = run("convert", "no_such_package_xyz:build", *SMALL)
+    assert result.exit_code == 1
+    assert "'no_such_package_xyz:build': cannot import no_such_package_xyz" in result.output
+    result = run("convert", "torchvision.models:no_such_model", *SMALL)
+    assert result.exit_code == 1
+    assert "torchvision.models has no attribute 'no_such_model'; check the name after the colon" in result.output
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = runner.invoke(app, ["convert", "missing.pt", "--debug"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, sepify.SepifyError)
+
+
+def test_environment_debug_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEPIFY_DEBUG", "1")
+    result = runner.invoke(app, ["convert", "missing.pt"])
+    assert isinstance(result.exception, sepify.SepifyError)
+    assert os.environ["SEPIFY_DEBUG"] == "1"

@@ -1,8 +1,7 @@
-"""``sepify.convert``: orchestration only (trace, probe, choose, rewrite, verify, report)."""
+"""``sepify.convert``: orchestration only (analyse, choose, rewrite, verify, report)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -11,16 +10,16 @@ from typing import Any
 
 from torch import nn
 
-from sepify.candidates import ConvSite, find_conv_sites
-from sepify.cost import conv_macs, conv_params, exact_rank, separable_macs, separable_params
+from sepify.analysis import analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
+from sepify.candidates import ConvSite
+from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
-from sepify.errors import ConfigError, InputShapeError
+from sepify.errors import ConfigError
 from sepify.modules import SeparableConv2d
 from sepify.plan import Plan
-from sepify.probe import ProbeResult, describe_inputs, probe
+from sepify.probe import describe_inputs, probe
 from sepify.report import ConversionReport, LayerReport, SkipReason
 from sepify.rewrite import swap_modules
-from sepify.tracing import TraceOutcome, shorten_error, trace_model
 from sepify.verify import output_error, top1_agreement
 
 __all__ = ["convert", "ConversionResult", "normalize_inputs"]
@@ -38,22 +37,17 @@ class ConversionResult:
     report: ConversionReport
 
 
-def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Positional arguments for ``model(*args)``.
-
-    A tensor is one argument; a tuple is the argument list; anything else (a
-    list of images, a dict) is one argument.
-    """
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    return (example_inputs,)
-
-
-def _check_rank(rank: Rank) -> None:
+def _check_rank(rank: Rank, tolerance: float | None) -> None:
+    if rank == "auto":
+        if tolerance is None or not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+            raise ConfigError(f"rank='auto' needs a tolerance in [0, 1) (the largest weight error to accept), got {tolerance!r}")
+        return
+    if tolerance is not None:
+        raise ConfigError("tolerance applies only to rank='auto'; drop it or pass rank='auto'")
     if rank == "full":
         return
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"rank must be a positive integer or 'full', got {rank!r}")
+        raise ConfigError(f"rank must be a positive integer, 'full' or 'auto', got {rank!r}")
 
 
 def _check_order(order: str) -> None:
@@ -61,72 +55,56 @@ def _check_order(order: str) -> None:
         raise ConfigError(f"order must be 'dw-pw', 'pw-dw' or 'auto', got {order!r}")
 
 
-def _check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return [patterns]  # a lone glob is a common slip; accept it
-    if not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{name} must be a list of glob strings, got {patterns!r}")
-    return list(patterns)
+@dataclass(frozen=True)
+class _Choice:
+    order: str
+    rank: int
+    factorization: Factorization
+    weight_error: float
+    macs: int
+    params: int
 
 
-def _count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _spatial(shape: tuple[int, ...]) -> tuple[int, int]:
-    return (int(shape[-2]), int(shape[-1]))
-
-
-def _batch(shape: tuple[int, ...]) -> int:
-    # An unbatched (C, H, W) input is one sample.
-    return int(shape[0]) if len(shape) == 4 else 1
-
-
-def _layer_macs_before(site: ConvSite) -> int:
+def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> _Choice:
+    """The pair for one order: fixed rank (capped), exact rank, or smallest rank within tolerance."""
     conv = site.module
-    return sum(
-        conv_macs(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, _spatial(out), _batch(out))
-        for _, out in site.call.shapes
-    )
+    kernel = tuple(conv.kernel_size)
+    limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
+    f = Factorization.of(conv.weight, conv.groups, order)
+    if rank == "full":
+        r = limit
+    elif rank == "auto":
+        assert tolerance is not None  # checked by _check_rank
+        r = next(k for k in range(1, limit + 1) if f.relative_error(k) <= tolerance or k == limit)
+    else:
+        r = min(int(rank), limit)
+    params = separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r, order, conv.bias is not None)
+    return _Choice(order, r, f, f.relative_error(r), pair_macs(site, r, order), params)
 
 
-def _pair_macs(site: ConvSite, rank: int, order: str) -> int:
-    conv = site.module
-    return sum(
-        separable_macs(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, rank, order,
-                       _spatial(inp), _spatial(out), _batch(out))
-        for inp, out in site.call.shapes
-    )  # fmt: skip
+def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> _Choice:
+    """Pick order and rank for one conv. For order='auto': lower weight error, ties to fewer MACs.
 
-
-def _choose(site: ConvSite, rank: Rank, order: str) -> tuple[str, int, Factorization]:
-    """Pick the order and effective rank for one conv; returns its factorization too."""
-    conv = site.module
+    With rank='auto' every order meets the tolerance, so the cheaper pair wins.
+    """
     orders = ORDERS if order == "auto" else (order,)
-    options = []
-    for o in orders:
-        limit = exact_rank(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, o)
-        r = limit if rank == "full" else min(int(rank), limit)
-        f = Factorization.of(conv.weight, conv.groups, o)
-        options.append((o, r, f, f.relative_error(r), _pair_macs(site, r, o)))
+    options = [_option(site, o, rank, tolerance) for o in orders]
     best = options[0]
     for cand in options[1:]:
-        err_best, err_cand = best[3], cand[3]
-        if math.isclose(err_cand, err_best, rel_tol=1e-6, abs_tol=1e-6):
-            if cand[4] < best[4]:  # a tie in error goes to fewer MACs
+        tie = math.isclose(cand.weight_error, best.weight_error, rel_tol=1e-6, abs_tol=1e-6)
+        if rank == "auto" or tie:
+            if (cand.macs, cand.params) < (best.macs, best.params):
                 best = cand
-        elif err_cand < err_best:
+        elif cand.weight_error < best.weight_error:
             best = cand
-    return best[0], best[1], best[2]
+    return best
 
 
 def _row(site: ConvSite, **after: Any) -> LayerReport:
     conv = site.module
     kernel = tuple(conv.kernel_size)
     params = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
-    macs = _layer_macs_before(site)
+    macs = site_macs(site)
     called = site.call.calls > 0
     fields: dict[str, Any] = {
         "name": site.qualname,
@@ -142,8 +120,8 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
         "padding_mode": conv.padding_mode,
         "bias": conv.bias is not None,
         "calls": site.call.calls,
-        "input_size": _spatial(site.call.input_shape) if called else None,
-        "output_size": _spatial(site.call.output_shape) if called else None,
+        "input_size": spatial(site.call.input_shape) if called else None,
+        "output_size": spatial(site.call.output_shape) if called else None,
         "params_before": params,
         "params_after": params,
         "macs_before": macs,
@@ -169,20 +147,6 @@ def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
             site.skip_reason = None  # the plan is explicit; it overrides include/exclude
 
 
-def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult]:
-    outcome = trace_model(work)
-    if outcome.graph_module is None:
-        return outcome, work, probe(work, args)
-    try:
-        return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model")
-    except InputShapeError as traced_failure:
-        # A traced graph can bake in shapes or branches that eager code would
-        # recompute; if the eager model runs, swap modules in it instead.
-        result = probe(work, args)
-        reason = f"the traced graph failed where the model runs ({shorten_error(traced_failure.__cause__ or traced_failure)})"
-        return TraceOutcome(graph_module=None, error=reason), work, result
-
-
 def convert(
     model: nn.Module,
     example_inputs: Any,
@@ -194,6 +158,7 @@ def convert(
     inplace: bool = False,
     skip_shared: bool = False,
     plan: Plan | None = None,
+    tolerance: float | None = None,
 ) -> ConversionResult:
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
 
@@ -211,11 +176,16 @@ def convert(
             or lists/dicts of tensors, e.g. ``([image],)`` for torchvision
             detectors). Used for shapes (hence MACs) and for verification.
         rank: depth multiplier ``r`` (capped per layer at its exact rank; the
-            report marks capped layers) or ``"full"`` for the exact rank.
+            report marks capped layers), ``"full"`` for the exact rank, or
+            ``"auto"``: per layer the smallest rank whose weight error is at
+            most ``tolerance`` (layers where that pair would not be smaller
+            than the conv are skipped as ``no-saving``).
         order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per layer, the order
             with the lower weight error at that rank; ties go to fewer MACs).
         include: glob patterns over conv qualnames; only matches convert.
         exclude: glob patterns over conv qualnames to leave alone.
+        inplace: convert ``model`` itself instead of a deep copy. Even then
+            the returned model may be a new GraphModule; use ``result.model``.
         skip_shared: leave convs that run more than once per forward (shared
             heads, recurrent blocks) unconverted; by default the one pair
             replaces them at every call site.
@@ -223,8 +193,8 @@ def convert(
             or ``Plan.from_json``): convert exactly the convs it lists at its
             rank and order; ``rank``/``order`` are then ignored and unlisted
             convs are skipped as ``not-planned``.
-        inplace: convert ``model`` itself instead of a deep copy. Even then
-            the returned model may be a new GraphModule; use ``result.model``.
+        tolerance: with ``rank="auto"``, the largest relative weight error
+            ``||W - W_hat|| / ||W||`` accepted per layer.
 
     Returns:
         :class:`ConversionResult` with ``.model`` (on the original's device
@@ -244,51 +214,52 @@ def convert(
         >>> result.report.output_error < 1e-5
         True
     """
-    _check_rank(rank)
+    _check_rank(rank, tolerance)
     _check_order(order)
-    include = _check_patterns("include", include)
-    exclude = _check_patterns("exclude", exclude)
+    if plan is not None and not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
+    args = normalize_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = normalize_inputs(example_inputs)
-
-    params_before = _count_params(model)
-    # Deep-copy before tracing: fuse() does, and some models (timm's levit)
-    # keep tracing state that breaks a second trace of the caller's object.
-    work = model if inplace else copy.deepcopy(model)
-    outcome, target, before = _trace_and_probe(work, args)
-
-    sites = find_conv_sites(work, before.convs, include=include, exclude=exclude, skip_shared=skip_shared)
+    params_before = count_params(model)
+    analysis = analyze(model, args, inplace=inplace, include=include, exclude=exclude, skip_shared=skip_shared)
     if plan is not None:
-        _apply_plan_selection(sites, plan)
+        _apply_plan_selection(analysis.sites, plan)
+
     rows: list[LayerReport] = []
     replacements: dict[str, nn.Module] = {}
     meta: dict[str, dict[str, Any]] = {}
-    for site in sites:
+    for site in analysis.sites:
         if not site.eligible:
             rows.append(_row(site))
             continue
         conv = site.module
         wanted_rank, wanted_order = (plan[site.qualname].rank, plan[site.qualname].order) if plan else (rank, order)
-        chosen_order, r, factorization = _choose(site, wanted_rank, wanted_order)
-        pair = SeparableConv2d.from_conv(conv, r, chosen_order, factorization=factorization)
-        replacements[site.qualname] = pair
+        choice = _choose(site, wanted_rank, wanted_order, tolerance)
         kernel = tuple(conv.kernel_size)
+        if rank == "auto" and plan is None:
+            before = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
+            if choice.params >= before or choice.macs >= site_macs(site):
+                site.skip_reason = SkipReason.NO_SAVING
+                rows.append(_row(site))
+                continue
+        pair = SeparableConv2d.from_conv(conv, choice.rank, choice.order, factorization=choice.factorization)
+        replacements[site.qualname] = pair
         row = _row(
             site,
             converted=True,
-            rank=r,
+            rank=choice.rank,
             requested_rank=wanted_rank,
-            rank_capped=wanted_rank != "full" and r < int(wanted_rank),
-            order=chosen_order,
-            params_after=separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r,
-                                          chosen_order, conv.bias is not None),
-            macs_after=_pair_macs(site, r, chosen_order),
-            weight_error=factorization.relative_error(r),
-        )  # fmt: skip
+            rank_capped=isinstance(wanted_rank, int) and choice.rank < wanted_rank,
+            order=choice.order,
+            params_after=choice.params,
+            macs_after=choice.macs,
+            weight_error=choice.weight_error,
+        )
         rows.append(row)
-        meta[site.qualname] = {"rank": r, "order": chosen_order, "weight_error": row.weight_error}
+        meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
 
+    target, work = analysis.target, analysis.work
     swap_modules(target, replacements, meta)
     if target is not work:
         # A GraphModule has its own containers; swap in `work` too so that
@@ -299,17 +270,15 @@ def convert(
     report = ConversionReport(
         layers=tuple(rows),
         params_before=params_before,
-        params_after=_count_params(target),
-        macs_before=before.macs,
+        params_after=count_params(target),
+        macs_before=analysis.before.macs,
         macs_after=after.macs,
         inputs=describe_inputs(args),
-        mode=outcome.mode,
-        trace_error=outcome.error,
-        leaves=dict(outcome.leaves),
-        output_error=output_error(before.output, after.output),
-        top1_agreement=top1_agreement(before.output, after.output),
+        mode=analysis.outcome.mode,
+        trace_error=analysis.outcome.error,
+        leaves=dict(analysis.outcome.leaves),
+        output_error=output_error(analysis.before.output, after.output),
+        top1_agreement=top1_agreement(analysis.before.output, after.output),
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)
-
-

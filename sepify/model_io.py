@@ -137,7 +137,7 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:
         if not trust_pickle:
-            found = _unsafe_globals(path) if kind == "torch-save" else []
+            found = sorted(_unsafe_globals(path)) if kind == "torch-save" else []
             classes = [g for g in found if not g.startswith(("torch.", "collections.", "builtins."))]
             what = f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})" if classes else (
                 "a pickled nn.Module"

@@ -38,6 +38,7 @@ class SkipReason(str, enum.Enum):
     NOT_CALLED = "not-called"  # never ran on the example inputs
     EXCLUDED = "excluded"  # by include/exclude patterns
     NOT_PLANNED = "not-planned"  # a plan was given and does not list it
+    NO_SAVING = "no-saving"  # rank="auto": the pair meeting the tolerance is not smaller
 
     def __str__(self) -> str:
         return self.value

@@ -207,8 +207,8 @@ def test_pickle_without_trust_is_refused(pickled: Path) -> None:
     result = run("convert", pickled, *SMALL)
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"error: {pickled}: holds a pickled object (torchvision.models.resnet.ResNet, "
-        "torchvision.models.resnet.BasicBlock), and loading it runs code from the file; re-run with --trust-pickle "
+        f"error: {pickled}: holds a pickled object (torchvision.models.resnet.BasicBlock, "
+        "torchvision.models.resnet.ResNet), and loading it runs code from the file; re-run with --trust-pickle "
         f"if you trust its source, or {SAFE_ROUTE}"
     )
 

@@ -152,8 +152,8 @@ def test_detection_style_list_input(plain_net: nn.Module) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rank": 0}, "rank must be a positive integer or 'full', got 0"),
-        ({"rank": "max"}, "rank must be a positive integer or 'full', got 'max'"),
+        ({"rank": 0}, "rank must be a positive integer, 'full' or 'auto', got 0"),
+        ({"rank": "max"}, "rank must be a positive integer, 'full' or 'auto', got 'max'"),
         ({"order": "dw"}, "order must be 'dw-pw', 'pw-dw' or 'auto', got 'dw'"),
         ({"include": [3]}, "include must be a list of glob strings, got [3]"),
     ],

@@ -1,0 +1,124 @@
+"""One pass over a model that convert and audit share.
+
+Deep-copy, trace (with leaf and swap fallbacks), probe once on the example
+inputs, and classify every conv. Nothing here changes the caller's model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from sepify.candidates import ConvSite, find_conv_sites
+from sepify.cost import conv_macs, separable_macs
+from sepify.errors import ConfigError, InputShapeError
+from sepify.probe import ProbeResult, probe
+from sepify.tracing import TraceOutcome, shorten_error, trace_model
+
+__all__ = ["Analysis", "analyze", "normalize_inputs", "check_patterns", "count_params", "site_macs", "pair_macs", "spatial"]
+
+
+@dataclass
+class Analysis:
+    """``work`` is the private copy (or the caller's model when inplace);
+    ``target`` is what gets converted and returned: the GraphModule, or
+    ``work`` itself in swap mode."""
+
+    work: nn.Module
+    outcome: TraceOutcome
+    target: nn.Module
+    before: ProbeResult
+    sites: list[ConvSite]
+    args: tuple[Any, ...]
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """Positional arguments for ``model(*args)``.
+
+    A tensor is one argument; a tuple is the argument list; anything else (a
+    list of images, a dict) is one argument.
+    """
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]  # a lone glob is a common slip; accept it
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{name} must be a list of glob strings, got {patterns!r}")
+    return list(patterns)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def spatial(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (int(shape[-2]), int(shape[-1]))
+
+
+def _batch(shape: tuple[int, ...]) -> int:
+    # An unbatched (C, H, W) input is one sample.
+    return int(shape[0]) if len(shape) == 4 else 1
+
+
+def site_macs(site: ConvSite) -> int:
+    conv = site.module
+    return sum(
+        conv_macs(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, spatial(out), _batch(out))
+        for _, out in site.call.shapes
+    )
+
+
+def pair_macs(site: ConvSite, rank: int, order: str) -> int:
+    conv = site.module
+    return sum(
+        separable_macs(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, rank, order,
+                       spatial(inp), spatial(out), _batch(out))
+        for inp, out in site.call.shapes
+    )  # fmt: skip
+
+
+def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult]:
+    outcome = trace_model(work)
+    if outcome.graph_module is None:
+        return outcome, work, probe(work, args)
+    try:
+        return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model")
+    except InputShapeError as traced_failure:
+        # A traced graph can bake in shapes or branches that eager code would
+        # recompute; if the eager model runs, swap modules in it instead.
+        result = probe(work, args)
+        reason = f"the traced graph failed where the model runs ({shorten_error(traced_failure.__cause__ or traced_failure)})"
+        return TraceOutcome(graph_module=None, error=reason), work, result
+
+
+def analyze(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    *,
+    inplace: bool = False,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip_shared: bool = False,
+) -> Analysis:
+    """Copy, trace and probe ``model`` and classify its convs; see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # Deep-copy before tracing: fuse() does, and some models (timm's levit)
+    # keep tracing state that breaks a second trace of the caller's object.
+    work = model if inplace else copy.deepcopy(model)
+    outcome, target, before = _trace_and_probe(work, args)
+    sites = find_conv_sites(
+        work, before.convs, include=check_patterns("include", include), exclude=check_patterns("exclude", exclude),
+        skip_shared=skip_shared,
+    )  # fmt: skip
+    return Analysis(work, outcome, target, before, sites, args)

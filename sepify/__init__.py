@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from sepify.audit import AuditLayer, AuditOption, AuditReport, BudgetError, audit
 from sepify.convert import ConversionResult, convert
 from sepify.errors import ConfigError, InputShapeError, SepifyError, SepifyWarning, TraceError
 from sepify.model_io import ModelLoadError, ModelSaveError, load
@@ -26,6 +27,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "__version__",
     "convert",
+    "audit",
+    "AuditReport",
+    "AuditLayer",
+    "AuditOption",
+    "BudgetError",
     "load",
     "ConversionResult",
     "ConversionReport",

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import sepify
@@ -148,14 +149,14 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def _rank(text: str) -> int | str:
-    if text == "full":
-        return "full"
+    if text in ("full", "auto"):
+        return text
     try:
         value = int(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer or 'full'", param_hint="--rank") from None
+        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank") from None
     if value < 1:
-        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer or 'full'", param_hint="--rank")
+        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank")
     return value
 
 
@@ -181,7 +182,7 @@ def _errors(debug: bool) -> Iterator[None]:
     except SepifyError as e:
         if debug or os.environ.get("SEPIFY_DEBUG") == "1":
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
 
 
@@ -262,7 +263,11 @@ def convert(
                      "the input (for an import spec: <callable>.sep.pt here).", show_default=False),
     ] = None,
     input_shape: InputShapeOpt = None,
-    rank: Annotated[str, typer.Option("--rank", help="Depth multiplier: a positive integer or 'full' (exact).")] = "1",
+    rank: Annotated[str, typer.Option("--rank", help="Depth multiplier: a positive integer, 'full' (exact), or "
+                                      "'auto' (per layer the smallest rank within --tolerance).")] = "1",
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="With --rank auto: the largest relative "
+                                                    "weight error to accept per layer, e.g. 0.1.",
+                                                    show_default=False)] = None,
     order: Annotated[str, typer.Option("--order", help="dw-pw, pw-dw or auto (per layer, the lower error).")] = "dw-pw",
     include: Annotated[list[str] | None, typer.Option("--include", help="Only convert convs matching this glob "
                                                      "(repeatable).", show_default=False)] = None,
@@ -291,6 +296,10 @@ def convert(
     """
     with _errors(debug):
         rank_value = _rank(rank)
+        if rank_value == "auto" and tolerance is None:
+            raise typer.BadParameter("--rank auto needs --tolerance (e.g. 0.1)", param_hint="--tolerance")
+        if tolerance is not None and rank_value != "auto":
+            raise typer.BadParameter("--tolerance applies only to --rank auto", param_hint="--tolerance")
         if order not in ("dw-pw", "pw-dw", "auto"):
             raise typer.BadParameter(f"{order!r}; use dw-pw, pw-dw or auto", param_hint="--order")
         if fmt is not None and fmt not in FORMATS:
@@ -315,7 +324,8 @@ def convert(
         loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
         with _step("converting", quiet):
             result = sepify.convert(loaded.model, args, rank=rank_value, order=order, include=include,
-                                    exclude=exclude, skip_shared=skip_shared, plan=the_plan)  # fmt: skip
+                                    exclude=exclude, skip_shared=skip_shared, plan=the_plan,
+                                    tolerance=tolerance)  # fmt: skip
         if not quiet:
             _print_report(result.report)
         with _step(f"writing {target}", quiet):
@@ -326,6 +336,121 @@ def convert(
         if not quiet:
             for path in written:
                 out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def audit(
+    model: ModelArg,
+    input_shape: InputShapeOpt = None,
+    latency: Annotated[bool, typer.Option("--latency", help="Time each conv against its pairs on this machine.")] = False,
+    max_mac_ratio: Annotated[float | None, typer.Option("--max-mac-ratio", help="Plan: whole-model MACs <= R x "
+                                                        "original, least predicted error.", show_default=False)] = None,
+    max_param_ratio: Annotated[float | None, typer.Option("--max-param-ratio", help="Plan: params <= R x original.",
+                                                          show_default=False)] = None,
+    max_latency_ratio: Annotated[float | None, typer.Option("--max-latency-ratio", help="Plan: latency <= R x "
+                                                            "original (needs --latency).", show_default=False)] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Plan: most MACs saved with predicted "
+                                                    "output error <= E.", show_default=False)] = None,
+    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan (JSON) for `sepify convert "
+                                                  "--plan`.", show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart of MACs saved vs error per layer "
+                                              "(needs matplotlib).", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, json, csv or md.")] = "table",
+    ranks: Annotated[str | None, typer.Option("--ranks", help="Only these ranks, e.g. 1,2,4 (default: every useful "
+                                              "rank).", show_default=False)] = None,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only audit convs matching this glob.",
+                                                     show_default=False)] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip convs matching this glob.",
+                                                     show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --plan-out/--plot files.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    trust_pickle: TrustPickleOpt = False,
+    kwargs: KwargsOpt = None,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "cpu",
+    train: TrainOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show which convs are worth slimming: cost, savings and error at every useful rank.
+
+    With a budget (--max-mac-ratio, --max-param-ratio, --max-latency-ratio
+    or --max-error) it also picks a rank and order per layer; --plan-out
+    saves that plan for `sepify convert --plan`.
+    """
+    with _errors(debug):
+        if fmt not in ("table", "json", "csv", "md"):
+            raise typer.BadParameter(f"{fmt!r}; use table, json, csv or md", param_hint="--format")
+        rank_list = None
+        if ranks is not None:
+            try:
+                rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+            except ValueError:
+                raise typer.BadParameter(f"{ranks!r}; write ranks like 1,2,4", param_hint="--ranks") from None
+        budgets = {"max_mac_ratio": max_mac_ratio, "max_param_ratio": max_param_ratio,
+                   "max_latency_ratio": max_latency_ratio, "max_error": max_error}  # fmt: skip
+        given = {k: v for k, v in budgets.items() if v is not None}
+        if len(given) > 1:
+            raise typer.BadParameter("give one budget: --max-mac-ratio, --max-param-ratio, --max-latency-ratio "
+                                     "or --max-error")  # fmt: skip
+        if plan_out is not None and not given:
+            raise typer.BadParameter("--plan-out needs a budget, e.g. --max-mac-ratio 0.5", param_hint="--plan-out")
+        if plot is not None:
+            try:
+                import matplotlib  # noqa: F401 - checked before any slow work or any output file
+            except ImportError:
+                raise SepifyError("--plot needs matplotlib; pip install 'sepify[plot]'") from None
+        input_path = None if ":" in model and not Path(model).exists() else Path(model)
+        for path in (plan_out, plot):
+            if path is not None:
+                _check_writable(path, force, input_path)
+        dev = _device(device)
+        args = make_inputs(input_shape, dev)
+        loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
+        report = _run_audit(loaded.model, args, rank_list, latency, include, exclude, quiet)
+        plan = report.plan(**given) if given else None
+        if fmt == "json":
+            data = report.to_dict()
+            if plan is not None:
+                data["plan"] = plan.to_dict()
+            out.print_json(json.dumps(data))
+        elif fmt == "csv":
+            out.print(report.to_csv(), end="", highlight=False, markup=False, soft_wrap=True)
+        elif fmt == "md":
+            out.print(report.to_markdown(), end="", highlight=False, markup=False, soft_wrap=True)
+        else:
+            out.print(str(report), highlight=False, markup=False, soft_wrap=True)
+            if plan is not None:
+                meta = plan.meta
+                out.print(
+                    f"plan: {len(plan)} convs; MACs {meta['mac_ratio']:.3f}x, params {meta['param_ratio']:.3f}x, "
+                    f"predicted output error {meta['predicted_error']:.3g}",
+                    highlight=False, soft_wrap=True,
+                )  # fmt: skip
+        if plan is not None and plan_out is not None:
+            plan.to_json(plan_out)
+            if fmt == "table":
+                out.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
+        if plot is not None:
+            report.to_png(plot, plan)
+            if fmt == "table":
+                out.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+
+
+def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], ranks: list[int] | None, latency: bool,
+               include: list[str] | None, exclude: list[str] | None, quiet: bool) -> sepify.AuditReport:  # fmt: skip
+    if quiet or not err.is_terminal:
+        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:  # fmt: skip
+        task = bar.add_task("tracing", total=None)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(task, description=step, completed=done, total=total)
+
+        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
+                            progress=progress)  # fmt: skip
 
 
 def _default_output(model: str, input_path: Path | None) -> Path:

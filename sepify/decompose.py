@@ -122,6 +122,23 @@ class Factorization:
         """``||W - W_r||_F / ||W||_F`` at ``rank``, from the singular values."""
         return relative_error_from_singular_values(self.s, rank)
 
+    def component_weights(self, count: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The first ``count`` rank-one terms as dense conv weights, ``(count, Cout, Cin/g, kh, kw)``.
+
+        Their sum over the first ``r`` is the rank-``r`` weight; audit uses
+        them to get the layer's output at every rank from one batched conv.
+        """
+        count = min(count, self.max_rank)
+        terms = torch.einsum("bmk,bk,bkn->kbmn", self.u[:, :, :count], self.s[:, :count], self.vh[:, :count, :])
+        out_channels, in_per_group = self.weight_shape[:2]
+        kernel = self.weight_shape[2:]
+        if self.order == "dw-pw":
+            groups = self.groups
+            out_per_group = out_channels // groups
+            terms = terms.reshape(count, groups, in_per_group, out_per_group, -1).permute(0, 1, 3, 2, 4)
+        weights = terms.reshape(count, out_channels, in_per_group, *kernel)
+        return weights.to(dtype=dtype or self.dtype, device=self.device)
+
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """``(depthwise_weight, pointwise_weight)`` at ``rank``; see :func:`split_conv_weight`."""
         if not 1 <= rank <= self.max_rank:

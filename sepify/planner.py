@@ -136,8 +136,11 @@ def max_saving_for_loss(layers: Sequence[Sequence[Choice]], allowed: float) -> l
     for opts in layers:
         ws = []
         for c in opts:
-            w = 0 if c.loss <= 0 else int(math.ceil(c.loss / unit - 1e-9)) if allowed > 0 else -1
-            ws.append(w if c.saving > 0 and 0 <= w <= size + slack else -1)
+            if c.saving <= 0 or c.loss > allowed:
+                ws.append(-1)  # never worth it, or over the bound on its own
+                continue
+            w = 0 if c.loss <= 0 else int(math.ceil(c.loss / unit - 1e-9))
+            ws.append(w if w <= size + slack else -1)
         weights.append(ws)
     cost, _, loss, back, prev = _solve(layers, weights, size + slack, minimise_loss=False)
     feasible = torch.isfinite(cost) & (loss <= allowed * (1 + 1e-12))

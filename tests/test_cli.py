@@ -301,7 +301,7 @@ def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--rank", "zero"], "'zero' is not a rank; use a positive integer or 'full'"),
+        (["--rank", "zero"], "'zero' is not a rank; use a positive integer, 'full' or 'auto'"),
         (["--input-shape", "1,3,a"], "'1,3,a' is not a shape; write it like 1,3,224,224"),
         (["--input-shape", "1,3:complex"], "unknown dtype 'complex'"),
         (["--order", "sideways"], "'sideways'; use dw-pw, pw-dw or auto"),
@@ -335,3 +335,49 @@ def test_environment_debug_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["convert", "missing.pt"])
     assert isinstance(result.exception, sepify.SepifyError)
     assert os.environ["SEPIFY_DEBUG"] == "1"
+
+
+# -- audit ---------------------------------------------------------------------
+
+
+def test_audit_plan_out_then_convert_with_plan(tmp_path: Path) -> None:
+    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.7", "--plan-out", "plan.json", "-q")
+    assert result.exit_code == 0, result.output
+    assert "17 of 20 convs are candidates" in result.output
+    assert "plan: " in result.output and "wrote plan.json" in result.output
+    plan = sepify.Plan.from_json(tmp_path / "plan.json")
+    assert plan.meta["mac_ratio"] <= 0.7
+    result = run("convert", SPEC, *SMALL, "--plan", "plan.json", "--report", "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["totals"]["macs_after"] <= 0.7 * data["totals"]["macs_before"]
+    assert {row["name"] for row in data["layers"] if row["converted"]} == set(plan.layers)
+
+
+def test_audit_json_format_parses() -> None:
+    result = run("audit", SPEC, *SMALL, "--format", "json", "--max-error", "0.2")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["format"] == "sepify.audit-report" and data["plan"]["format"] == "sepify.plan"
+    assert len(data["layers"]) == 20
+
+
+def test_audit_unreachable_budget_is_one_sentence() -> None:
+    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.05")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: no plan reaches MACs <= 0.05x the original: ")
+    assert "relax the budget to at least 0." in result.output
+
+
+def test_audit_budgets_are_exclusive() -> None:
+    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.5", "--max-error", "0.1")
+    assert result.exit_code == 2
+    assert "give one budget" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_convert_rank_auto_needs_tolerance() -> None:
+    result = run("convert", SPEC, *SMALL, "--rank", "auto")
+    assert result.exit_code == 2
+    assert "--rank auto needs --tolerance" in " ".join(result.output.replace("│", " ").split())
+    result = run("convert", SPEC, *SMALL, "--rank", "auto", "--tolerance", "0.5", "-q")
+    assert result.exit_code == 0, result.output

@@ -105,7 +105,7 @@ def min_loss_for_saving(layers: Sequence[Sequence[Choice]], required: float) -> 
     if required <= 0:
         return [None] * len(layers)
     size = _buckets(len(layers))
-    unit = required / size
+    unit = required / size if required / size > 0 else required
     # round down: a bucket never over-counts a saving; useless options get -1
     weights = [[int(math.floor(c.saving / unit + 1e-9)) if c.saving > 0 else -1 for c in opts] for opts in layers]
     cost, saving, _, back, prev = _solve(layers, weights, size, minimise_loss=True)
@@ -130,7 +130,8 @@ def max_saving_for_loss(layers: Sequence[Sequence[Choice]], allowed: float) -> l
     [None, None]
     """
     size = _buckets(len(layers))
-    unit = allowed / size if allowed > 0 else 1.0
+    # (subnormal bounds would make the unit 0: fall back to one bucket per bound)
+    unit = allowed / size if allowed / size > 0 else (allowed if allowed > 0 else 1.0)
     slack = len(layers) + 1  # rounding up adds at most one bucket per layer
     weights = []
     for opts in layers:

@@ -19,7 +19,16 @@ from sepify.errors import ConfigError, InputShapeError
 from sepify.probe import ProbeResult, probe
 from sepify.tracing import TraceOutcome, shorten_error, trace_model
 
-__all__ = ["Analysis", "analyze", "normalize_inputs", "check_patterns", "count_params", "site_macs", "pair_macs", "spatial"]
+__all__ = [
+    "Analysis",
+    "analyze",
+    "normalize_inputs",
+    "check_patterns",
+    "count_params",
+    "site_macs",
+    "pair_macs",
+    "spatial",
+]
 
 
 @dataclass

@@ -219,7 +219,7 @@ class AuditReport:
         given = {k: v for k, v in budgets.items() if v is not None}
         if len(given) != 1:
             raise ConfigError(f"plan() takes exactly one budget ({', '.join(budgets)}), got {len(given)}")
-        (kind, value), = given.items()
+        ((kind, value),) = given.items()
         if kind == "max_error":
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"max_error must be a number >= 0, got {value!r}")
@@ -269,7 +269,9 @@ class AuditReport:
         return Plan(chosen, meta)
 
     def _plan_meta(self, plan: Plan) -> dict[str, Any]:
-        macs = self.macs - sum(self.layer(n).macs - self.layer(n).option(p.rank, p.order).macs_after for n, p in plan.layers.items())
+        macs = self.macs - sum(
+            self.layer(n).macs - self.layer(n).option(p.rank, p.order).macs_after for n, p in plan.layers.items()
+        )
         params = self.params - sum(
             self.layer(n).params - self.layer(n).option(p.rank, p.order).params_after for n, p in plan.layers.items()
         )
@@ -382,7 +384,9 @@ class AuditReport:
 # -- measurement -----------------------------------------------------------------
 
 
-def _useful_options(site: ConvSite, orders: Sequence[str], ranks: Sequence[int] | None) -> list[tuple[str, int, int, int]]:
+def _useful_options(
+    site: ConvSite, orders: Sequence[str], ranks: Sequence[int] | None
+) -> list[tuple[str, int, int, int]]:
     """(order, rank, params_after, macs_after) for every rank where the pair is still smaller."""
     conv = site.module
     kernel = tuple(conv.kernel_size)
@@ -425,7 +429,11 @@ def _layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorizatio
             c = block.shape[0]
             # order output channels group-major so that F.conv2d's groups line up
             kernel_shape = block.shape[2:]
-            w = block.reshape(c, g, cout // g, *kernel_shape).transpose(0, 1).reshape(g * c * (cout // g), *kernel_shape)
+            w = (
+                block.reshape(c, g, cout // g, *kernel_shape)
+                .transpose(0, 1)
+                .reshape(g * c * (cout // g), *kernel_shape)
+            )
             out = conv._conv_forward(x, w, None)  # (N, g*c*Cout_g, H', W')
             batch, size = out.shape[0], out.shape[2:]
             out = out.reshape(batch, g, c, cout // g, *size).transpose(1, 2).reshape(batch, c, cout, *size)
@@ -581,7 +589,7 @@ def audit(
                     model_err = _model_error_rank1(analysis, site, sens_order, data_args, reference)
         rows.append(AuditLayer(
             name=site.qualname, skip_reason=site.skip_reason, in_channels=conv.in_channels,
-            out_channels=conv.out_channels, kernel_size=kernel, stride=tuple(conv.stride), groups=conv.groups,
+            out_channels=conv.out_channels, kernel_size=(kernel[0], kernel[1]), stride=(conv.stride[0], conv.stride[1]), groups=conv.groups,
             calls=site.call.calls, input_size=spatial(site.call.input_shape) if called else None,
             output_size=spatial(site.call.output_shape) if called else None, params=params, macs=macs,
             mac_share=macs / total_macs if total_macs else 0.0, param_share=params / total_params if total_params else 0.0,
@@ -650,7 +658,9 @@ def _measure_layer_errors(
     return errors
 
 
-def _model_error_rank1(analysis: Analysis, site: ConvSite, order: str, args: tuple[Any, ...], reference: Any) -> float | None:
+def _model_error_rank1(
+    analysis: Analysis, site: ConvSite, order: str, args: tuple[Any, ...], reference: Any
+) -> float | None:
     pair = SeparableConv2d.from_conv(site.module, 1, order)
     paths = [name for name, m in analysis.target.named_modules(remove_duplicate=False) if m is site.module]
     with _temporarily(analysis.target, paths, pair):
@@ -665,7 +675,9 @@ def _sync_for(module: nn.Module) -> Callable[[], None]:
     return lambda: None
 
 
-def _time_options(site: ConvSite, options: list[tuple[str, int, int, int]], reps: int) -> dict[tuple[str, int], tuple[float, float]]:
+def _time_options(
+    site: ConvSite, options: list[tuple[str, int, int, int]], reps: int
+) -> dict[tuple[str, int], tuple[float, float]]:
     """Median seconds of the conv and of each pair, interleaved, at the layer's real input shape."""
     conv = site.module
     w = conv.weight
@@ -685,5 +697,3 @@ def _time_model(module: nn.Module, args: tuple[Any, ...], reps: int) -> float:
     with preserved_state(module), torch.no_grad():
         (t,) = _median_times([lambda: module(*args)], reps, sync)
     return t
-
-

@@ -63,10 +63,12 @@ InputShapeOpt = Annotated[
     ),
 ]
 TrustPickleOpt = Annotated[
-    bool, typer.Option("--trust-pickle", help="Allow loading a pickled model or .pt2 archive (runs code from the file).")
+    bool,
+    typer.Option("--trust-pickle", help="Allow loading a pickled model or .pt2 archive (runs code from the file)."),
 ]
 KwargsOpt = Annotated[
-    str | None, typer.Option("--kwargs", help='JSON keyword arguments for an import spec, e.g. \'{"num_classes": 10}\'.')
+    str | None,
+    typer.Option("--kwargs", help="JSON keyword arguments for an import spec, e.g. '{\"num_classes\": 10}'."),
 ]
 WeightsOpt = Annotated[
     Path | None, typer.Option("--weights", help="A state_dict (.pt/.pth, read with weights_only=True) or .safetensors.")
@@ -154,9 +156,13 @@ def _rank(text: str) -> int | str:
     try:
         value = int(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank") from None
+        raise typer.BadParameter(
+            f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank"
+        ) from None
     if value < 1:
-        raise typer.BadParameter(f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank")
+        raise typer.BadParameter(
+            f"{text!r} is not a rank; use a positive integer, 'full' or 'auto'", param_hint="--rank"
+        )
     return value
 
 
@@ -259,27 +265,58 @@ def convert(
     model: ModelArg,
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Where to write the converted model. Default: <stem>.sep<ext> beside "
-                     "the input (for an import spec: <callable>.sep.pt here).", show_default=False),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Where to write the converted model. Default: <stem>.sep<ext> beside "
+            "the input (for an import spec: <callable>.sep.pt here).",
+            show_default=False,
+        ),
     ] = None,
     input_shape: InputShapeOpt = None,
-    rank: Annotated[str, typer.Option("--rank", help="Depth multiplier: a positive integer, 'full' (exact), or "
-                                      "'auto' (per layer the smallest rank within --tolerance).")] = "1",
-    tolerance: Annotated[float | None, typer.Option("--tolerance", help="With --rank auto: the largest relative "
-                                                    "weight error to accept per layer, e.g. 0.1.",
-                                                    show_default=False)] = None,
+    rank: Annotated[
+        str,
+        typer.Option(
+            "--rank",
+            help="Depth multiplier: a positive integer, 'full' (exact), or "
+            "'auto' (per layer the smallest rank within --tolerance).",
+        ),
+    ] = "1",
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance",
+            help="With --rank auto: the largest relative weight error to accept per layer, e.g. 0.1.",
+            show_default=False,
+        ),
+    ] = None,
     order: Annotated[str, typer.Option("--order", help="dw-pw, pw-dw or auto (per layer, the lower error).")] = "dw-pw",
-    include: Annotated[list[str] | None, typer.Option("--include", help="Only convert convs matching this glob "
-                                                     "(repeatable).", show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Leave convs matching this glob alone "
-                                                     "(repeatable).", show_default=False)] = None,
-    plan: Annotated[Path | None, typer.Option("--plan", help="Apply a plan file (from `sepify audit --plan-out`).",
-                                              show_default=False)] = None,
-    skip_shared: Annotated[bool, typer.Option("--skip-shared", help="Leave convs called more than once alone.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Also write the report: .json, .csv or .md.",
-                                                show_default=False)] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="pt, pt2, onnx or safetensors (+ .plan.json). "
-                                            "Default: pt2 for a .pt2 input, else pt.", show_default=False)] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Only convert convs matching this glob (repeatable).", show_default=False),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", help="Leave convs matching this glob alone (repeatable).", show_default=False),
+    ] = None,
+    plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="Apply a plan file (from `sepify audit --plan-out`).", show_default=False),
+    ] = None,
+    skip_shared: Annotated[
+        bool, typer.Option("--skip-shared", help="Leave convs called more than once alone.")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write the report: .json, .csv or .md.", show_default=False)
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="pt, pt2, onnx or safetensors (+ .plan.json). Default: pt2 for a .pt2 input, else pt.",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     trust_pickle: TrustPickleOpt = False,
@@ -317,7 +354,9 @@ def convert(
             target = loaded_default.with_name(loaded_default.name.rsplit(".", 1)[0] + f".{chosen_fmt}")
         _check_writable(target, force, input_path)
         if chosen_fmt == "safetensors":
-            _check_writable(target.with_name(target.name.removesuffix(".safetensors") + ".plan.json"), force, input_path)
+            _check_writable(
+                target.with_name(target.name.removesuffix(".safetensors") + ".plan.json"), force, input_path
+            )
         if report is not None:
             _check_writable(report, force, input_path)
 
@@ -342,26 +381,49 @@ def convert(
 def audit(
     model: ModelArg,
     input_shape: InputShapeOpt = None,
-    latency: Annotated[bool, typer.Option("--latency", help="Time each conv against its pairs on this machine.")] = False,
-    max_mac_ratio: Annotated[float | None, typer.Option("--max-mac-ratio", help="Plan: whole-model MACs <= R x "
-                                                        "original, least predicted error.", show_default=False)] = None,
-    max_param_ratio: Annotated[float | None, typer.Option("--max-param-ratio", help="Plan: params <= R x original.",
-                                                          show_default=False)] = None,
-    max_latency_ratio: Annotated[float | None, typer.Option("--max-latency-ratio", help="Plan: latency <= R x "
-                                                            "original (needs --latency).", show_default=False)] = None,
-    max_error: Annotated[float | None, typer.Option("--max-error", help="Plan: most MACs saved with predicted "
-                                                    "output error <= E.", show_default=False)] = None,
-    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan (JSON) for `sepify convert "
-                                                  "--plan`.", show_default=False)] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart of MACs saved vs error per layer "
-                                              "(needs matplotlib).", show_default=False)] = None,
+    latency: Annotated[
+        bool, typer.Option("--latency", help="Time each conv against its pairs on this machine.")
+    ] = False,
+    max_mac_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--max-mac-ratio", help="Plan: whole-model MACs <= R x original, least predicted error.", show_default=False
+        ),
+    ] = None,
+    max_param_ratio: Annotated[
+        float | None, typer.Option("--max-param-ratio", help="Plan: params <= R x original.", show_default=False)
+    ] = None,
+    max_latency_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--max-latency-ratio", help="Plan: latency <= R x original (needs --latency).", show_default=False
+        ),
+    ] = None,
+    max_error: Annotated[
+        float | None,
+        typer.Option("--max-error", help="Plan: most MACs saved with predicted output error <= E.", show_default=False),
+    ] = None,
+    plan_out: Annotated[
+        Path | None,
+        typer.Option("--plan-out", help="Write the plan (JSON) for `sepify convert --plan`.", show_default=False),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).", show_default=False
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json, csv or md.")] = "table",
-    ranks: Annotated[str | None, typer.Option("--ranks", help="Only these ranks, e.g. 1,2,4 (default: every useful "
-                                              "rank).", show_default=False)] = None,
-    include: Annotated[list[str] | None, typer.Option("--include", help="Only audit convs matching this glob.",
-                                                     show_default=False)] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip convs matching this glob.",
-                                                     show_default=False)] = None,
+    ranks: Annotated[
+        str | None,
+        typer.Option("--ranks", help="Only these ranks, e.g. 1,2,4 (default: every useful rank).", show_default=False),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only audit convs matching this glob.", show_default=False)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip convs matching this glob.", show_default=False)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing --plan-out/--plot files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     trust_pickle: TrustPickleOpt = False,
@@ -464,5 +526,3 @@ def _default_output(model: str, input_path: Path | None) -> Path:
 def main() -> None:
     """Entry point of the ``sepify`` script."""
     app()
-
-

@@ -40,7 +40,9 @@ class ConversionResult:
 def _check_rank(rank: Rank, tolerance: float | None) -> None:
     if rank == "auto":
         if tolerance is None or not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
-            raise ConfigError(f"rank='auto' needs a tolerance in [0, 1) (the largest weight error to accept), got {tolerance!r}")
+            raise ConfigError(
+                f"rank='auto' needs a tolerance in [0, 1) (the largest weight error to accept), got {tolerance!r}"
+            )
         return
     if tolerance is not None:
         raise ConfigError("tolerance applies only to rank='auto'; drop it or pass rank='auto'")
@@ -136,10 +138,14 @@ def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
     by_name = {site.qualname: site for site in sites}
     for name in plan:
         if name not in by_name:
-            raise ConfigError(f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model")
+            raise ConfigError(
+                f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model"
+            )
         reason = by_name[name].skip_reason
         if reason is not None and reason is not SkipReason.EXCLUDED:
-            raise ConfigError(f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan")
+            raise ConfigError(
+                f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan"
+            )
     for site in sites:
         if site.qualname not in plan and site.skip_reason is None:
             site.skip_reason = SkipReason.NOT_PLANNED

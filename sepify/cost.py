@@ -18,9 +18,7 @@ __all__ = [
 ]
 
 
-def conv_params(
-    in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, bias: bool
-) -> int:
+def conv_params(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, bias: bool) -> int:
     """Parameters of a dense (possibly grouped) convolution, bias included.
 
     >>> conv_params(64, 128, (3, 3), groups=1, bias=False)
@@ -45,9 +43,7 @@ def conv_macs(
     return batch * prod(output_size) * out_channels * (in_channels // groups) * prod(kernel_size)
 
 
-def exact_rank(
-    in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, order: str
-) -> int:
+def exact_rank(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, order: str) -> int:
     """Depth multiplier at which the separable pair reproduces the conv exactly.
 
     dw-pw factorises one ``(Cout/g, K)`` matrix per input channel, pw-dw one

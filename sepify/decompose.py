@@ -72,7 +72,8 @@ def _svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def singular_values(weight: Tensor, groups: int, order: str) -> Tensor:
     """Singular values (descending, float64) of every per-channel matrix: ``(B, q)``."""
-    return torch.linalg.svdvals(channel_matrices(weight, groups, order))
+    values: Tensor = torch.linalg.svdvals(channel_matrices(weight, groups, order))
+    return values
 
 
 def relative_error_from_singular_values(sv: Tensor, rank: int) -> float:
@@ -163,8 +164,10 @@ class Factorization:
         else:
             pointwise = left.permute(0, 2, 1).reshape(out_channels * rank, in_per_group, 1, 1)
             depthwise = right.reshape(out_channels, rank, *kernel)
-        cast = {"dtype": self.dtype, "device": self.device}
-        return depthwise.to(**cast).contiguous(), pointwise.to(**cast).contiguous()
+        return (
+            depthwise.to(device=self.device, dtype=self.dtype).contiguous(),
+            pointwise.to(device=self.device, dtype=self.dtype).contiguous(),
+        )
 
 
 def split_conv_weight(weight: Tensor, groups: int, rank: int, order: str) -> tuple[Tensor, Tensor]:
@@ -194,9 +197,7 @@ def split_conv_weight(weight: Tensor, groups: int, rank: int, order: str) -> tup
     return Factorization.of(weight, groups, order).factors(rank)
 
 
-def merge_separable_weight(
-    depthwise: Tensor, pointwise: Tensor, *, groups: int, rank: int, order: str
-) -> Tensor:
+def merge_separable_weight(depthwise: Tensor, pointwise: Tensor, *, groups: int, rank: int, order: str) -> Tensor:
     """The dense conv weight a separable pair computes (inverse of ``split_conv_weight``).
 
     Computed in float64 and returned in the factors' dtype.

@@ -139,8 +139,10 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
         if not trust_pickle:
             found = sorted(_unsafe_globals(path)) if kind == "torch-save" else []
             classes = [g for g in found if not g.startswith(("torch.", "collections.", "builtins."))]
-            what = f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})" if classes else (
-                "a pickled nn.Module"
+            what = (
+                f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})"
+                if classes
+                else ("a pickled nn.Module")
             )
             raise ModelLoadError(
                 f"{path}: holds {what}, and loading it runs code from the file; re-run with --trust-pickle "
@@ -164,7 +166,9 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
     if isinstance(obj, torch.jit.ScriptModule):
         raise ModelLoadError(_torchscript_message(path))
     if not isinstance(obj, nn.Module):
-        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not an nn.Module; pass a saved model or {_SAFE_ROUTE}")
+        raise ModelLoadError(
+            f"{path}: holds a {type(obj).__name__}, not an nn.Module; pass a saved model or {_SAFE_ROUTE}"
+        )
     return obj
 
 
@@ -184,7 +188,9 @@ def _load_pt2(path: Path, trust_pickle: bool) -> nn.Module:
     try:
         program = torch.export.load(path)
     except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise ModelLoadError(f"{path}: torch.export.load failed ({type(e).__name__}: {str(e)[:120]}); re-export it") from e
+        raise ModelLoadError(
+            f"{path}: torch.export.load failed ({type(e).__name__}: {str(e)[:120]}); re-export it"
+        ) from e
     return program.module()
 
 
@@ -197,13 +203,17 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError as e:
-            raise ModelLoadError(f"{path}: reading .safetensors needs the safetensors package; pip install 'sepify[io]'") from e
+            raise ModelLoadError(
+                f"{path}: reading .safetensors needs the safetensors package; pip install 'sepify[io]'"
+            ) from e
         try:
             return dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001 - the parser's own errors
             raise ModelLoadError(f"{path}: is not a readable safetensors file ({e}); re-save it") from e
     if kind not in ("torch-save", "legacy-pickle"):
-        raise ModelLoadError(f"{path}: is not a weights file (found: {kind}); pass a .safetensors or a torch.save'd state_dict")
+        raise ModelLoadError(
+            f"{path}: is not a weights file (found: {kind}); pass a .safetensors or a torch.save'd state_dict"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -417,7 +427,9 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...]) -> Path:
     return path
 
 
-def load(model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None) -> nn.Module:
+def load(
+    model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None
+) -> nn.Module:
     """Rebuild a converted model from safetensors weights and its plan, without pickle.
 
     Args:
@@ -438,13 +450,17 @@ def load(model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | st
     if not isinstance(plan, Plan):
         plan_file = Path(plan)
         if not plan_file.is_file():
-            raise ModelLoadError(f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors")
+            raise ModelLoadError(
+                f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors"
+            )
         plan = Plan.from_json(plan_file)
     for name, layer in plan.layers.items():
         try:
             conv = model.get_submodule(name)
         except AttributeError as e:
-            raise ModelLoadError(f"the plan names {name!r}, which this model does not have; pass the original architecture") from e
+            raise ModelLoadError(
+                f"the plan names {name!r}, which this model does not have; pass the original architecture"
+            ) from e
         if type(conv) is not nn.Conv2d:
             raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
         pair = SeparableConv2d(
@@ -457,5 +473,3 @@ def load(model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | st
         replace_submodule(model, name, pair)
     _load_weights_into(model, weights_path)
     return model
-
-

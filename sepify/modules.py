@@ -62,7 +62,9 @@ class SeparableConv2d(nn.Module):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -170,9 +172,9 @@ class SeparableConv2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.order == "dw-pw":
-            return self.conv_pw(self.conv_dw(x))
-        return self.conv_dw(self.conv_pw(x))
+        first, second = (self.conv_dw, self.conv_pw) if self.order == "dw-pw" else (self.conv_pw, self.conv_dw)
+        y: Tensor = second(first(x))
+        return y
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, rank={self.rank}"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sepify.errors import ConfigError
 from sepify.atomic import write_text_atomic
+from sepify.errors import ConfigError
 
 __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
@@ -97,18 +97,18 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> Plan:
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            raise ConfigError(f"{source} is not a sepify plan (no \"format\": \"{PLAN_FORMAT}\" field)")
+            raise ConfigError(f'{source} is not a sepify plan (no "format": "{PLAN_FORMAT}" field)')
         if data.get("version") != PLAN_VERSION:
             raise ConfigError(
                 f"{source} is a version {data.get('version')!r} plan; this sepify reads version {PLAN_VERSION}"
             )
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
-            raise ConfigError(f"{source} has no \"layers\" mapping")
+            raise ConfigError(f'{source} has no "layers" mapping')
         parsed = {}
         for name, spec in layers.items():
             if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
-                raise ConfigError(f"{source}: layer {name!r} needs a \"rank\" and an \"order\"")
+                raise ConfigError(f'{source}: layer {name!r} needs a "rank" and an "order"')
             parsed[str(name)] = LayerPlan(spec["rank"], spec["order"])
         return cls(parsed, dict(data.get("meta", {})))
 

@@ -55,7 +55,8 @@ class ProbeResult:
 def preserved_state(module: nn.Module, seed: int = 0) -> Iterator[None]:
     """Restore every buffer after the block and fork the RNG with ``seed`` inside it."""
     saved = [(b, b.detach().clone()) for b in module.buffers()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda_in_use = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    devices = [torch.cuda.current_device()] if cuda_in_use else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         try:

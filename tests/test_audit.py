@@ -58,8 +58,12 @@ def test_weight_and_output_errors_match_a_real_conversion(net: nn.Module, x: tor
         for o in layer.options[::2]:
             pair = sepify.SeparableConv2d.from_conv(net.get_submodule(name), o.rank, o.order)
             conv = net.get_submodule(name)
-            assert math.isclose(o.weight_error, float((pair.effective_weight() - conv.weight).detach().double().norm()
-                                                      / conv.weight.double().norm()), rel_tol=1e-4, abs_tol=1e-6)
+            assert math.isclose(
+                o.weight_error,
+                float((pair.effective_weight() - conv.weight).detach().double().norm() / conv.weight.double().norm()),
+                rel_tol=1e-4,
+                abs_tol=1e-6,
+            )
     # the output error of the first layer is measured on the example input itself
     conv0 = net[0]
     o = report.layer("0").option(1, "dw-pw")
@@ -156,11 +160,19 @@ def test_plan_json_round_trip(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     ("text", "message"),
     [
         ("{}", 'plan is not a sepify plan (no "format": "sepify.plan" field)'),
-        ('{"format": "sepify.plan", "version": 9, "layers": {}}', "plan is a version 9 plan; this sepify reads version 1"),
-        ('{"format": "sepify.plan", "version": 1, "layers": {"a": {"rank": 0, "order": "dw-pw"}}}',
-         "a plan's rank must be a positive integer, got 0"),
-        ("{oops", "plan is not valid JSON (Expecting property name enclosed in double quotes at line 1); fix or "
-         "regenerate it"),
+        (
+            '{"format": "sepify.plan", "version": 9, "layers": {}}',
+            "plan is a version 9 plan; this sepify reads version 1",
+        ),
+        (
+            '{"format": "sepify.plan", "version": 1, "layers": {"a": {"rank": 0, "order": "dw-pw"}}}',
+            "a plan's rank must be a positive integer, got 0",
+        ),
+        (
+            "{oops",
+            "plan is not valid JSON (Expecting property name enclosed in double quotes at line 1); fix or "
+            "regenerate it",
+        ),
     ],
 )
 def test_bad_plans_are_sentences(text: str, message: str) -> None:

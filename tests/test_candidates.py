@@ -28,7 +28,17 @@ class _Sub(nn.Conv2d):
         (nn.Conv2d(8, 16, 3), 0, SkipReason.NOT_CALLED),
         (nn.Conv2d(8, 16, 3), 3, None),
     ],
-    ids=["eligible", "grouped", "pointwise", "depthwise", "depthwise-x2", "single-in", "subclass", "uncalled", "shared"],
+    ids=[
+        "eligible",
+        "grouped",
+        "pointwise",
+        "depthwise",
+        "depthwise-x2",
+        "single-in",
+        "subclass",
+        "uncalled",
+        "shared",
+    ],
 )
 def test_skip_reason_for(conv: nn.Conv2d, calls: int, expected: SkipReason | None) -> None:
     assert skip_reason_for(conv, calls) == expected

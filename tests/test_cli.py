@@ -176,7 +176,9 @@ def test_entry_point_and_module_run_in_a_subprocess(tmp_path: Path) -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, check=False)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith("sepify ")
-    proc = subprocess.run(["sepify", "convert", "missing.pt"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    proc = subprocess.run(
+        ["sepify", "convert", "missing.pt"], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: missing.pt: no such file; check the path of the model"
     assert "Traceback" not in proc.stderr
@@ -233,8 +235,11 @@ def test_malicious_pickle_never_runs_without_trust(tmp_path: Path) -> None:
     [
         (lambda p: None, "{p}: no such file; check the path of the model"),
         (lambda p: p.write_bytes(b""), "{p}: the file is empty; re-save the model"),
-        (lambda p: p.write_text("hello"), "{p}: is not a PyTorch model file (no torch.save, torch.export or "
-         "TorchScript archive inside); pass a model saved with torch.save(model), or " + SAFE_ROUTE),
+        (
+            lambda p: p.write_text("hello"),
+            "{p}: is not a PyTorch model file (no torch.save, torch.export or "
+            "TorchScript archive inside); pass a model saved with torch.save(model), or " + SAFE_ROUTE,
+        ),
         (lambda p: p.mkdir(), "{p}: is a directory, not a model file; pass the file itself"),
     ],
     ids=["missing", "empty", "not-torch", "directory"],
@@ -253,7 +258,10 @@ def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
     cut.write_bytes(pickled.read_bytes()[:10_000])
     result = run("convert", cut, "--trust-pickle", *SMALL)
     assert result.exit_code == 1
-    assert result.output.strip() == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+    assert (
+        result.output.strip()
+        == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+    )
 
 
 def test_state_dict_without_architecture(weights: Path) -> None:

@@ -47,7 +47,9 @@ def test_rank_r_error_equals_svd_tail(wg: tuple[torch.Tensor, int], order: str, 
     f = Factorization.of(w.double(), groups, order)
     r = min(rank, f.max_rank)
     dw, pw = f.factors(r)
-    measured = float((merge_separable_weight(dw, pw, groups=groups, rank=r, order=order) - w.double()).norm() / w.double().norm())
+    measured = float(
+        (merge_separable_weight(dw, pw, groups=groups, rank=r, order=order) - w.double()).norm() / w.double().norm()
+    )
     sv = singular_values(w, groups, order)
     energy = sv.square()
     formula = math.sqrt(float(energy[:, r:].sum() / energy.sum()))

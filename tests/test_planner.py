@@ -34,9 +34,9 @@ def test_min_loss_never_misses_the_saving_and_is_near_optimal(table: list[list[C
         return
     saving, loss = _totals(table, picks)
     assert saving >= required * (1 - 1e-12)  # the budget is never exceeded
-    best = min(l for _, l in feasible)
+    best = min(cost for _, cost in feasible)
     # optimal among plans whose saving clears the requirement by the rounding margin
-    margin = [l for s, l in feasible if s >= required * 1.005]
+    margin = [cost for s, cost in feasible if s >= required * 1.005]
     if margin:
         assert loss <= min(margin) + 1e-9
     assert loss >= best - 1e-9
@@ -48,7 +48,7 @@ def test_max_saving_never_exceeds_the_loss_bound(table: list[list[Choice]], allo
     picks = max_saving_for_loss(table, allowed)
     saving, loss = _totals(table, picks)
     assert loss <= allowed * (1 + 1e-12) + 1e-12
-    margin = [s for p in _all_picks(table) for s, l in [_totals(table, p)] if l <= allowed * 0.995 or l == 0]
+    margin = [s for p in _all_picks(table) for s, cost in [_totals(table, p)] if cost <= allowed * 0.995 or cost == 0]
     assert saving >= max(margin) - 1e-9
 
 

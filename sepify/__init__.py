@@ -1,9 +1,12 @@
 """sepify: rewrite a trained model's Conv2d layers into depthwise + pointwise pairs.
 
->>> import torch, sepify
->>> from torchvision.models import resnet18  # doctest: +SKIP
->>> result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224))  # doctest: +SKIP
->>> print(result.report)  # doctest: +SKIP
+Typical use::
+
+    import torch, sepify
+    from torchvision.models import resnet18
+
+    result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224), rank=1)
+    print(result.report)
 """
 
 from __future__ import annotations

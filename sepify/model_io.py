@@ -440,9 +440,9 @@ def load(
         plan: the plan, or its path; defaults to ``<name>.plan.json`` beside
             the weights.
 
-    Example:
-        >>> import sepify, torchvision  # doctest: +SKIP
-        >>> model = sepify.load(torchvision.models.resnet18(), "resnet18.sep.safetensors")  # doctest: +SKIP
+    Example (after ``sepify convert torchvision.models:resnet18 --format safetensors``)::
+
+        model = sepify.load(torchvision.models.resnet18(), "resnet18.sep.safetensors")
     """
     weights_path = Path(weights_path)
     if plan is None:

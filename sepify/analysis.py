@@ -17,6 +17,7 @@ from sepify.candidates import ConvSite, find_conv_sites
 from sepify.cost import conv_macs, separable_macs
 from sepify.errors import ConfigError, InputShapeError
 from sepify.probe import ProbeResult, probe
+from sepify.rewrite import lift_functional_convs
 from sepify.tracing import TraceOutcome, shorten_error, trace_model
 
 __all__ = [
@@ -43,6 +44,7 @@ class Analysis:
     before: ProbeResult
     sites: list[ConvSite]
     args: tuple[Any, ...]
+    lifted: list[str]  # convs created from functional F.conv2d calls on parameters
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -96,18 +98,19 @@ def pair_macs(site: ConvSite, rank: int, order: str) -> int:
     )  # fmt: skip
 
 
-def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult]:
+def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str]]:
     outcome = trace_model(work)
     if outcome.graph_module is None:
-        return outcome, work, probe(work, args)
+        return outcome, work, probe(work, args), []
+    lifted = lift_functional_convs(outcome.graph_module)
     try:
-        return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model")
+        return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model"), lifted
     except InputShapeError as traced_failure:
         # A traced graph can bake in shapes or branches that eager code would
         # recompute; if the eager model runs, swap modules in it instead.
         result = probe(work, args)
         reason = f"the traced graph failed where the model runs ({shorten_error(traced_failure.__cause__ or traced_failure)})"
-        return TraceOutcome(graph_module=None, error=reason), work, result
+        return TraceOutcome(graph_module=None, error=reason), work, result, []
 
 
 def analyze(
@@ -125,9 +128,11 @@ def analyze(
     # Deep-copy before tracing: fuse() does, and some models (timm's levit)
     # keep tracing state that breaks a second trace of the caller's object.
     work = model if inplace else copy.deepcopy(model)
-    outcome, target, before = _trace_and_probe(work, args)
+    outcome, target, before, lifted = _trace_and_probe(work, args)
+    # Sites come from the module that is converted: a GraphModule carries every
+    # submodule of the original (see tracing) plus convs lifted from F.conv2d.
     sites = find_conv_sites(
-        work, before.convs, include=check_patterns("include", include), exclude=check_patterns("exclude", exclude),
+        target, before.convs, include=check_patterns("include", include), exclude=check_patterns("exclude", exclude),
         skip_shared=skip_shared,
     )  # fmt: skip
-    return Analysis(work, outcome, target, before, sites, args)
+    return Analysis(work, outcome, target, before, sites, args, lifted)

@@ -198,7 +198,14 @@ def _load(model: str, trust_pickle: bool, kwargs: str | None, weights: Path | No
         loaded = load_model(model, trust_pickle=trust_pickle, kwargs=_parse_kwargs(kwargs), weights=weights)
     # fx freezes `self.training` branches into the graph, so the mode is chosen
     # before tracing; deployment (eval) is what a converted model is for.
-    loaded.model.to(device).train(train)
+    loaded.model.to(device)
+    if loaded.kind == "pt2":
+        # an exported program's graph fixed its mode at export time (and its
+        # module refuses .train()); nothing to choose here
+        if train:
+            raise SepifyError(f"{model}: a torch.export program has its mode fixed at export; drop --train")
+        return loaded
+    loaded.model.train(train)
     return loaded
 
 

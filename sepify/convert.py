@@ -270,7 +270,8 @@ def convert(
     if target is not work:
         # A GraphModule has its own containers; swap in `work` too so that
         # inplace=True really converts the caller's modules.
-        swap_modules(work, replacements, {})
+        # (convs lifted from F.conv2d exist only in the GraphModule)
+        swap_modules(work, {k: v for k, v in replacements.items() if k not in analysis.lifted}, {})
     after = probe(target, args, what="converted model")
 
     report = ConversionReport(
@@ -285,6 +286,14 @@ def convert(
         leaves=dict(analysis.outcome.leaves),
         output_error=output_error(analysis.before.output, after.output),
         top1_agreement=top1_agreement(analysis.before.output, after.output),
+        notes=tuple(
+            [
+                f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: "
+                + ", ".join(analysis.lifted)
+            ]
+            if analysis.lifted
+            else []
+        ),  # fmt: skip
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)

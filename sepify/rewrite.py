@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["replace_submodule", "swap_modules"]
+__all__ = ["replace_submodule", "swap_modules", "lift_functional_convs"]
 
 
 def replace_submodule(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
@@ -54,3 +56,93 @@ def swap_modules(root: nn.Module, replacements: Mapping[str, nn.Module], meta: M
                 node.meta["sepify"] = dict(meta[node.target])
         root.graph.lint()
         root.recompile()
+
+
+# -- functional convolutions -------------------------------------------------------
+
+_CONV2D_FUNCTIONS: tuple[Any, ...] = (
+    torch.conv2d,
+    F.conv2d,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv2d.padding,
+)
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _param_of(gm: fx.GraphModule, node: Any) -> nn.Parameter | None:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    owner, _, attr = str(node.target).rpartition(".")
+    value = getattr(gm.get_submodule(owner), attr, None)
+    return value if isinstance(value, nn.Parameter) else None
+
+
+def _fresh_name(gm: fx.GraphModule, target: str) -> str:
+    owner, _, attr = target.rpartition(".")
+    base = f"{owner}.conv" if owner and attr == "weight" else f"{target}_conv"
+    name, i = base, 1
+    while True:
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            parent, _, child = name.rpartition(".")
+            if not hasattr(gm.get_submodule(parent), child):
+                return name
+        i += 1
+        name = f"{base}{i}"
+
+
+def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
+    """Turn ``F.conv2d(x, self.weight, self.bias, ...)`` calls into ``nn.Conv2d`` modules.
+
+    Applies where the weight (and bias) are parameters read with ``get_attr``
+    and every other argument is a constant, as in models that call
+    ``F.conv2d`` on their own parameters and in ``torch.export`` programs
+    (``aten.conv2d``). The new module holds the same Parameter objects; the
+    old attributes are removed when nothing else reads them, so no weight is
+    stored twice. Returns the qualnames of the new modules, in graph order.
+    """
+    lifted = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _CONV2D_FUNCTIONS:
+            continue
+        bound = dict(_CONV2D_DEFAULTS)
+        bound.update(zip(_CONV2D_ARGS, node.args))
+        bound.update(node.kwargs)
+        weight = _param_of(gm, bound["weight"])
+        bias = _param_of(gm, bound["bias"]) if bound["bias"] is not None else None
+        constants = [bound[k] for k in ("stride", "padding", "dilation", "groups")]
+        if weight is None or weight.dim() != 4 or (bound["bias"] is not None and bias is None):
+            continue  # computed or non-parameter weights stay functional
+        if any(isinstance(a, fx.Node) for c in constants for a in (c if isinstance(c, (list, tuple)) else [c])):
+            continue
+        stride, padding, dilation, groups = constants
+        conv = nn.Conv2d(
+            weight.shape[1] * int(groups), weight.shape[0], tuple(weight.shape[2:]),  # type: ignore[arg-type]
+            stride=stride, padding=padding, dilation=dilation, groups=int(groups), bias=bias is not None,
+            device="meta",
+        )  # fmt: skip
+        conv.weight = weight
+        conv.bias = bias
+        conv.train(gm.training)
+        name = _fresh_name(gm, str(bound["weight"].target))
+        gm.add_submodule(name, conv)
+        with gm.graph.inserting_after(node):
+            call = gm.graph.call_module(name, (bound["input"],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        lifted.append(name)
+    if lifted:
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                owner, _, attr = str(node.target).rpartition(".")
+                gm.graph.erase_node(node)
+                if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+                    module = gm.get_submodule(owner)
+                    if isinstance(getattr(module, attr, None), nn.Parameter):
+                        delattr(module, attr)
+        gm.graph.lint()
+        gm.recompile()
+    return lifted

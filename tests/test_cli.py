@@ -389,3 +389,17 @@ def test_convert_rank_auto_needs_tolerance() -> None:
     assert "--rank auto needs --tolerance" in " ".join(result.output.replace("│", " ").split())
     result = run("convert", SPEC, *SMALL, "--rank", "auto", "--tolerance", "0.5", "-q")
     assert result.exit_code == 0, result.output
+
+
+def test_pt2_with_trust_converts_and_reexports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    path = tmp_path / "m.pt2"
+    x = torch.randn(1, 3, 8, 8)
+    torch.export.save(torch.export.export(net, (x,)), path)
+    before = digest(path)
+    result = run("convert", path, "--trust-pickle", "--input-shape", "1,3,8,8", "--rank", "full", "-q")
+    assert result.exit_code == 0, result.output
+    assert digest(path) == before
+    reloaded = torch.export.load(tmp_path / "m.sep.pt2").module()
+    torch.testing.assert_close(reloaded(x), net(x), rtol=1e-4, atol=1e-5)

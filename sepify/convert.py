@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from sepify.analysis import analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
+from sepify.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
+from sepify.calibration import CalibrationData, calibration_batches
 from sepify.candidates import ConvSite
 from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
+from sepify.distill import LOSSES, distill
 from sepify.errors import ConfigError
 from sepify.modules import SeparableConv2d
 from sepify.plan import Plan
 from sepify.probe import describe_inputs, probe
-from sepify.report import ConversionReport, LayerReport, SkipReason
+from sepify.refine import refine_pairs, refresh_batchnorm
+from sepify.report import ConversionReport, FidelityStage, LayerReport, SkipReason
 from sepify.rewrite import swap_modules
-from sepify.verify import output_error, top1_agreement
+from sepify.verify import heldout_fidelity, output_error, top1_agreement
 
 __all__ = ["convert", "ConversionResult", "normalize_inputs"]
 
 logger = logging.getLogger(__name__)
 
 Rank = int | str
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,16 @@ def convert(
     skip_shared: bool = False,
     plan: Plan | None = None,
     tolerance: float | None = None,
+    calibration: Any = None,
+    calibration_samples: int | None = None,
+    refine: bool = True,
+    refresh_bn: bool = True,
+    distill_steps: int = 0,
+    distill_lr: float = 1e-3,
+    distill_loss: str = "mse",
+    train_all: bool = False,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
 ) -> ConversionResult:
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
 
@@ -201,6 +217,21 @@ def convert(
             convs are skipped as ``not-planned``.
         tolerance: with ``rank="auto"``, the largest relative weight error
             ``||W - W_hat|| / ||W||`` accepted per layer.
+        calibration: unlabelled inputs (a tensor ``(N, ...)``, a DataLoader or
+            iterable of batches, or a callable returning one). When given, a
+            held-out 20% judges every stage and, in order: each pair's last
+            factor is refit in closed form (``refine``), BatchNorm statistics
+            are recomputed (``refresh_bn``, kept only if that helps), and the
+            pairs are distilled against the original (``distill_steps``).
+        calibration_samples: use at most this many calibration samples.
+        refine: closed-form least-squares refit of the pairs (default on).
+        refresh_bn: recompute BatchNorm running statistics after refitting.
+        distill_steps: Adam steps of knowledge distillation (0: none).
+        distill_lr: Adam learning rate for distillation.
+        distill_loss: ``"mse"`` on outputs or ``"kl"`` on logits.
+        train_all: distill every parameter, not only the converted pairs'.
+        seed: seeds distillation (dropout, order) for reproducible results.
+        progress: called as ``progress(step, done, total)`` during calibration.
 
     Returns:
         :class:`ConversionResult` with ``.model`` (on the original's device
@@ -224,6 +255,14 @@ def convert(
     _check_order(order)
     if plan is not None and not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
+    if distill_loss not in LOSSES:
+        raise ConfigError(f"distill_loss must be one of {LOSSES}, got {distill_loss!r}")
+    if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
+        raise ConfigError(f"distill_steps must be an integer >= 0, got {distill_steps!r}")
+    if distill_steps and calibration is None:
+        raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
+    if calibration_samples is not None and calibration_samples < 1:
+        raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
     args = normalize_inputs(example_inputs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,14 +305,31 @@ def convert(
         meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
 
     target, work = analysis.target, analysis.work
+    # The teacher for calibration: the traced model before any swap.
+    teacher = copy.deepcopy(target) if calibration is not None and replacements else None
     swap_modules(target, replacements, meta)
     if target is not work:
         # A GraphModule has its own containers; swap in `work` too so that
         # inplace=True really converts the caller's modules.
         # (convs lifted from F.conv2d exist only in the GraphModule)
         swap_modules(work, {k: v for k, v in replacements.items() if k not in analysis.lifted}, {})
+    stages: tuple[FidelityStage, ...] = ()
+    notes: list[str] = []
+    if teacher is not None:
+        data = calibration_batches(calibration, n_args=len(args), limit=calibration_samples, device=_device_of(target))
+        stages, notes = _calibrate(
+            analysis, teacher, replacements, data, refine=refine, refresh_bn=refresh_bn, distill_steps=distill_steps,
+            distill_lr=distill_lr, distill_loss=distill_loss, train_all=train_all, seed=seed, progress=progress,
+        )  # fmt: skip
+    elif calibration is not None:
+        notes.append("calibration data was given but no conv was converted, so nothing was refined")
     after = probe(target, args, what="converted model")
 
+    lifted_note = (
+        [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: "
+         + ", ".join(analysis.lifted)]
+        if analysis.lifted else []
+    )  # fmt: skip
     report = ConversionReport(
         layers=tuple(rows),
         params_before=params_before,
@@ -286,14 +342,92 @@ def convert(
         leaves=dict(analysis.outcome.leaves),
         output_error=output_error(analysis.before.output, after.output),
         top1_agreement=top1_agreement(analysis.before.output, after.output),
-        notes=tuple(
-            [
-                f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: "
-                + ", ".join(analysis.lifted)
-            ]
-            if analysis.lifted
-            else []
-        ),  # fmt: skip
+        notes=tuple(lifted_note + notes),
+        fidelity=stages,
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)
+
+
+def _device_of(module: nn.Module) -> Any:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else None
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Calibration measures the deployed (eval) behaviour; every module's own flag is restored."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+    for root in modules:
+        root.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _calibrate(
+    analysis: Analysis,
+    teacher: nn.Module,
+    replacements: dict[str, nn.Module],
+    data: CalibrationData,
+    *,
+    refine: bool,
+    refresh_bn: bool,
+    distill_steps: int,
+    distill_lr: float,
+    distill_loss: str,
+    train_all: bool,
+    seed: int,
+    progress: ProgressFn | None,
+) -> tuple[tuple[FidelityStage, ...], list[str]]:
+    """Refine, refresh BN, distill; each stage measured on the held-out batches."""
+    student = analysis.target
+    held = sum(int(a[0].shape[0]) for a in data.heldout)
+    stages: list[FidelityStage] = []
+    notes: list[str] = []
+
+    def measure(stage: str) -> FidelityStage:
+        err, top1 = heldout_fidelity(teacher, student, data.heldout)
+        stages.append(FidelityStage(stage, err, top1, held))
+        return stages[-1]
+
+    with _eval_mode(teacher, student):
+        measure("init")
+        if refine:
+            # execution order (the probe saw first calls in this order); shared convs are skipped
+            order = [n for n in analysis.before.convs if n in replacements and analysis.before.convs[n].calls == 1]
+            pairs = [(n, replacements[n]) for n in order]
+            result = refine_pairs(teacher, student, pairs, data.fit, data.heldout, progress)  # type: ignore[arg-type]
+            for name, why in result.skipped.items():
+                notes.append(f"did not refine {name}: {why}")
+            refined = measure("refined")
+            if refresh_bn:
+                saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
+                if saved and refresh_batchnorm(student, data.fit):
+                    fresh = measure("bn-refreshed")
+                    if _worse(fresh, refined):
+                        student.load_state_dict(saved, strict=False)
+                        stages.pop()
+                        notes.append(
+                            "recomputed BatchNorm statistics were worse on held-out data; kept the original ones"
+                        )
+        if distill_steps:
+            params = (
+                list(student.parameters()) if train_all else [p for m in replacements.values() for p in m.parameters()]
+            )
+            outcome = distill(teacher, student, data.fit, data.heldout, steps=distill_steps, params=params,
+                              lr=distill_lr, loss=distill_loss, seed=seed, progress=progress)  # fmt: skip
+            if outcome.steps < distill_steps:
+                notes.append(
+                    f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
+                )
+            measure("distilled")
+    return tuple(stages), notes
+
+
+def _worse(a: FidelityStage, b: FidelityStage) -> bool:
+    if a.output_error is None or b.output_error is None:
+        return False
+    return a.output_error > b.output_error

@@ -20,6 +20,7 @@ from sepify.atomic import write_text_atomic
 from sepify.plan import LayerPlan, Plan
 
 __all__ = [
+    "FidelityStage",
     "SkipReason",
     "LayerReport",
     "ConversionReport",
@@ -125,6 +126,19 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class FidelityStage:
+    """Fidelity on held-out calibration data after one stage (init, refined, bn-refreshed, distilled)."""
+
+    stage: str
+    output_error: float | None
+    top1_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class ConversionReport:
     """What :func:`sepify.convert` did, per conv and for the whole model.
 
@@ -145,6 +159,7 @@ class ConversionReport:
     output_error: float | None = None
     top1_agreement: float | None = None
     notes: tuple[str, ...] = ()
+    fidelity: tuple[FidelityStage, ...] = ()
 
     # -- totals ---------------------------------------------------------
     @property
@@ -213,6 +228,7 @@ class ConversionReport:
                 "skipped": len(self.skipped),
             },
             "verification": {"output_error": self.output_error, "top1_agreement": self.top1_agreement},
+            "fidelity": [stage.to_dict() for stage in self.fidelity],
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -292,6 +308,12 @@ class ConversionReport:
         if self.top1_agreement is not None:
             verify += f"; top-1 agreement: {100 * self.top1_agreement:.1f}%"
         lines.append(verify)
+        for st in self.fidelity:
+            text = f"held-out calibration ({st.samples} samples), {st.stage}: output error "
+            text += "-" if st.output_error is None else f"{st.output_error:.3e}"
+            if st.top1_agreement is not None:
+                text += f"; top-1 agreement {100 * st.top1_agreement:.1f}%"
+            lines.append(text)
         if any(r.rank_capped for r in self.layers):
             lines.append("* rank capped at the layer's exact rank (the pair is exact there)")
         if self.trace_error:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["output_error", "top1_agreement"]
+__all__ = ["output_error", "top1_agreement", "heldout_fidelity"]
 
 
 def _float_leaves(output: Any) -> list[Tensor]:
@@ -42,3 +42,27 @@ def top1_agreement(reference: Any, converted: Any) -> float | None:
     if not reference.is_floating_point():
         return None
     return float((reference.argmax(1) == converted.argmax(1)).to(torch.float64).mean())
+
+
+def heldout_fidelity(
+    teacher: torch.nn.Module, student: torch.nn.Module, batches: Any
+) -> tuple[float | None, float | None]:
+    """Output error and top-1 agreement of ``student`` vs ``teacher`` over all ``batches`` (no grad)."""
+    num = den = 0.0
+    agree = rows = 0
+    comparable = True
+    with torch.no_grad():
+        for args in batches:
+            ref, out = teacher(*args), student(*args)
+            a, b = _float_leaves(ref), _float_leaves(out)
+            if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+                comparable = False
+                continue
+            num += sum(float((y.double() - x.double()).square().sum()) for x, y in zip(a, b))
+            den += sum(float(x.double().square().sum()) for x in a)
+            t1 = top1_agreement(ref, out)
+            if t1 is not None:
+                agree += round(t1 * ref.shape[0])
+                rows += ref.shape[0]
+    error = math.sqrt(num / den) if comparable and den > 0 else None
+    return error, (agree / rows if rows else None)

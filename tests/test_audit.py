@@ -60,7 +60,10 @@ def test_weight_and_output_errors_match_a_real_conversion(net: nn.Module, x: tor
             conv = net.get_submodule(name)
             assert math.isclose(
                 o.weight_error,
-                float((pair.effective_weight() - conv.weight).detach().double().norm() / conv.weight.detach().double().norm()),
+                float(
+                    (pair.effective_weight() - conv.weight).detach().double().norm()
+                    / conv.weight.detach().double().norm()
+                ),
                 rel_tol=1e-4,
                 abs_tol=1e-6,
             )

@@ -1,0 +1,161 @@
+"""Knowledge distillation of a converted model (student) against the original (teacher).
+
+Plain PyTorch: Adam on the chosen parameters, MSE on outputs (or KL with a
+temperature for logits), early stopping on held-out batches, deterministic
+under a seed. Knows nothing about fx or about how the student was built.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from sepify.errors import ConfigError
+
+__all__ = ["distill", "DistillResult", "LOSSES"]
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("mse", "kl")
+ProgressFn = Callable[[str, int, int], None]
+LossFn = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    steps: int  # steps run (fewer than asked when stopped early)
+    best_step: int  # the step whose weights were kept
+    heldout_before: float
+    heldout_after: float
+    history: tuple[tuple[int, float], ...]  # (step, held-out loss)
+
+
+def _leaves(out: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _loss(student_out: Any, teacher_out: Any, kind: str, temperature: float) -> Tensor:
+    s, t = _leaves(student_out), _leaves(teacher_out)
+    if len(s) != len(t) or not s:
+        raise ConfigError(
+            "the student's outputs do not line up with the teacher's; distillation needs equal structures"
+        )
+    if kind == "kl":
+        if len(s) != 1 or s[0].dim() != 2:
+            raise ConfigError("loss='kl' needs a single (N, classes) logits output; use loss='mse'")
+        log_p = F.log_softmax(s[0] / temperature, dim=1)
+        q = F.softmax(t[0] / temperature, dim=1)
+        return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+    # relative MSE per output tensor, so outputs of different scales weigh alike
+    total = s[0].new_zeros(())
+    for a, b in zip(s, t):
+        total = total + (a - b).square().mean() / b.square().mean().clamp_min(1e-12)
+    return total
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    fit: Sequence[tuple[Any, ...]],
+    heldout: Sequence[tuple[Any, ...]],
+    *,
+    steps: int,
+    params: Sequence[nn.Parameter] | None = None,
+    lr: float = 1e-4,
+    loss: str = "mse",
+    temperature: float = 4.0,
+    eval_every: int | None = None,
+    patience: int = 5,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    on_loss: LossFn | None = None,
+) -> DistillResult:
+    """Train ``params`` of ``student`` to match ``teacher``'s outputs; keeps the best held-out weights.
+
+    The student runs in its own train/eval mode (eval freezes BatchNorm
+    statistics, the usual choice when only some layers are retrained); the
+    teacher never changes. Teacher outputs are computed once per batch.
+
+    Args:
+        steps: optimiser steps (batches cycle).
+        params: parameters to train (default: all of the student's).
+        lr: Adam learning rate.
+        loss: ``"mse"`` (relative, on every floating output) or ``"kl"``
+            (logits, with ``temperature``).
+        eval_every: steps between held-out checks (default: steps / 20, >= 1).
+        patience: stop after this many checks without improvement.
+        seed: seeds torch's RNG (dropout, data order) for determinism.
+    """
+    if loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if steps < 0:
+        raise ConfigError(f"distill steps must be >= 0, got {steps}")
+    trainable = list(params) if params is not None else list(student.parameters())
+    if not trainable:
+        raise ConfigError("nothing to distill: no trainable parameters were selected")
+    frozen = [(p, p.requires_grad) for p in student.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    every = eval_every or max(1, steps // 20)
+    with torch.no_grad():
+        targets_fit = [teacher(*a) for a in fit]
+        targets_held = [teacher(*a) for a in heldout]
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            values = [float(_loss(student(*a), t, loss, temperature)) for a, t in zip(heldout, targets_held)]
+        return sum(values) / len(values)
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(trainable, lr=lr)
+    start = heldout_loss()
+    best, best_step, best_state = start, 0, copy.deepcopy([p.detach().clone() for p in trainable])
+    history = [(0, start)]
+    stale = 0
+    step = 0
+    try:
+        order = itertools.cycle(range(len(fit)))
+        for step in range(1, steps + 1):
+            i = next(order)
+            optimizer.zero_grad(set_to_none=True)
+            value = _loss(student(*fit[i]), targets_fit[i], loss, temperature)
+            if not math.isfinite(float(value.detach())):
+                logger.warning("distillation loss became %s at step %d; keeping the best weights", value, step)
+                break
+            value.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            if on_loss is not None:
+                on_loss(step, float(value))
+            if progress is not None:
+                progress("distilling", step, steps)
+            if step % every == 0 or step == steps:
+                current = heldout_loss()
+                history.append((step, current))
+                if current < best:
+                    best, best_step, stale = current, step, 0
+                    best_state = [p.detach().clone() for p in trainable]
+                else:
+                    stale += 1
+                    if stale >= patience:
+                        break
+    finally:
+        with torch.no_grad():
+            for p, value in zip(trainable, best_state):
+                p.copy_(value)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        torch.random.set_rng_state(gen_state)
+    return DistillResult(step, best_step, start, best, tuple(history))

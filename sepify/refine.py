@@ -1,0 +1,295 @@
+"""Closed-form, training-free refinement of separable pairs with calibration data.
+
+Layer by layer in execution order: the pair's *inputs* come from the
+partially refined student (so upstream error is corrected downstream), the
+*targets* are the original layer's outputs in the teacher. The pair's last
+factor is linear in its weights given its first factor, so it is refit by
+ridge regression:
+
+* dw-pw: the pointwise conv (and its bias) from the depthwise outputs, one
+  regression per group;
+* pw-dw: the depthwise conv (and its bias) from the unfolded pointwise
+  outputs, one small regression per output channel.
+
+Gram matrices are accumulated in float64 over all batches, so activations of
+one layer for one batch are all that is ever held. The ridge is chosen on
+held-out batches, and a refit that is worse there than the SVD initialisation
+is not kept. Nothing here knows about fx.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sepify.modules import SeparableConv2d
+
+__all__ = ["refine_pairs", "refresh_batchnorm", "RefineResult", "capture"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+_RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
+_GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early once the wanted tensor is captured."""
+
+
+def capture(model: nn.Module, module: nn.Module, args: tuple[Any, ...], *, output: bool) -> Tensor:
+    """The input (or output) of ``module``'s first call when running ``model(*args)``; stops there."""
+    found: list[Tensor] = []
+
+    def pre_hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
+        found.append(inputs[0].detach())
+        raise _Stop
+
+    def post_hook(_m: nn.Module, _inputs: tuple[Any, ...], out: Tensor) -> None:
+        found.append(out.detach())
+        raise _Stop
+
+    handle = module.register_forward_hook(post_hook) if output else module.register_forward_pre_hook(pre_hook)
+    try:
+        with torch.no_grad():
+            model(*args)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise RuntimeError(f"{type(module).__name__} was not called by the model on these inputs")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Per layer: held-out relative error of the layer output before and after the refit."""
+
+    layers: dict[str, tuple[float, float]]
+    skipped: dict[str, str]
+
+
+class _Normal:
+    """Accumulates X^T X, X^T Y and ||Y||^2 for batched regressions ``(B, f) -> (B, o)``."""
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+        self.cross: Tensor | None = None
+        self.yy: Tensor | None = None
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """``x``: (B, M, f) features, ``y``: (B, M, o) targets, M samples per regression."""
+        x, y = x.double(), y.double()
+        g, c, t = x.transpose(1, 2) @ x, x.transpose(1, 2) @ y, y.square().sum((1, 2))
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.yy = t if self.yy is None else self.yy + t
+
+    def error(self, w: Tensor) -> float:
+        """Total squared residual ||X W - Y||^2 of weights ``w`` (B, f, o)."""
+        assert self.gram is not None and self.cross is not None and self.yy is not None
+        quad = (w * (self.gram @ w)).sum()
+        return float(quad - 2 * (w * self.cross).sum() + self.yy.sum())
+
+
+def _solve(normal: _Normal, ridge: float, free_last: bool) -> Tensor:
+    assert normal.gram is not None and normal.cross is not None
+    g = normal.gram
+    n = g.shape[-1]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (B,)
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    if free_last:
+        eye[-1, -1] = 0.0  # never shrink the bias
+    a = (
+        g
+        + ridge * scale[:, None, None] * eye
+        + 1e-12 * scale[:, None, None] * torch.eye(n, dtype=g.dtype, device=g.device)
+    )
+    solution: Tensor = torch.linalg.solve(a, normal.cross)
+    return solution
+
+
+# -- features of each pair kind ------------------------------------------------------
+
+
+def _pw_features(pair: SeparableConv2d, x: Tensor) -> tuple[Tensor, int]:
+    """dw-pw: per group, pixels x (depthwise channels [+ 1]); returns (B=groups, M, f) and f."""
+    z = pair.conv_dw(x)  # (N, Cin*r, H', W')
+    g = pair.groups
+    n, ch = z.shape[:2]
+    feats = z.reshape(n, g, ch // g, -1).permute(1, 0, 3, 2).reshape(g, -1, ch // g)
+    if pair.conv_pw.bias is not None:
+        feats = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
+    return feats, ch // g
+
+
+def _pw_targets(pair: SeparableConv2d, y: Tensor) -> Tensor:
+    g = pair.groups
+    n, cout = y.shape[:2]
+    return y.reshape(n, g, cout // g, -1).permute(1, 0, 3, 2).reshape(g, -1, cout // g)
+
+
+def _dw_features(pair: SeparableConv2d, x: Tensor) -> Tensor:
+    """pw-dw: per output channel, output pixels x (r * kernel taps [+ 1]); (B=Cout, M, f)."""
+    conv = pair.conv_dw
+    u = pair.conv_pw(x)  # (N, Cout*r, H, W)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        u = F.pad(u, conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(u, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, Cout*r*K, L)
+    cout = conv.out_channels
+    n = cols.shape[0]
+    feats = cols.reshape(n, cout, -1, cols.shape[-1]).permute(1, 0, 3, 2).reshape(cout, -1, cols.shape[1] // cout)
+    if conv.bias is not None:
+        feats = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
+    return feats
+
+
+def _dw_targets(y: Tensor) -> Tensor:
+    n, cout = y.shape[:2]
+    return y.reshape(n, cout, -1).permute(1, 0, 2).reshape(cout, -1, 1)
+
+
+def _current_weights(pair: SeparableConv2d) -> Tensor:
+    """The refit factor's current weights in regression layout (B, f, o)."""
+    if pair.order == "dw-pw":
+        w = pair.conv_pw.weight.detach()  # (Cout, Cin*r/g, 1, 1)
+        g = pair.groups
+        cout, f = w.shape[:2]
+        w = w.reshape(g, cout // g, f).transpose(1, 2)
+        if pair.conv_pw.bias is not None:
+            b = pair.conv_pw.bias.detach().reshape(g, 1, cout // g)
+            w = torch.cat([w, b], dim=1)
+        return w.double()
+    w = pair.conv_dw.weight.detach()  # (Cout, r, kh, kw)
+    cout = w.shape[0]
+    w = w.reshape(cout, -1, 1)
+    if pair.conv_dw.bias is not None:
+        w = torch.cat([w, pair.conv_dw.bias.detach().reshape(cout, 1, 1)], dim=1)
+    return w.double()
+
+
+def _set_weights(pair: SeparableConv2d, w: Tensor) -> None:
+    with torch.no_grad():
+        if pair.order == "dw-pw":
+            conv = pair.conv_pw
+            if conv.bias is not None:
+                conv.bias.copy_(w[:, -1, :].reshape(-1))
+                w = w[:, :-1, :]
+            conv.weight.copy_(w.transpose(1, 2).reshape(conv.weight.shape))
+        else:
+            conv = pair.conv_dw
+            if conv.bias is not None:
+                conv.bias.copy_(w[:, -1, 0])
+                w = w[:, :-1, :]
+            conv.weight.copy_(w.reshape(conv.weight.shape))
+
+
+def _layer_normals(pair: SeparableConv2d, xs: Sequence[Tensor], ys: Sequence[Tensor]) -> _Normal:
+    normal = _Normal()
+    for x, y in zip(xs, ys):
+        if pair.order == "dw-pw":
+            feats, _ = _pw_features(pair, x)
+            normal.add(feats, _pw_targets(pair, y))
+        else:
+            normal.add(_dw_features(pair, x), _dw_targets(y))
+    return normal
+
+
+def _gram_bytes(pair: SeparableConv2d) -> int:
+    if pair.order == "dw-pw":
+        f = pair.conv_pw.in_channels // pair.groups + 1
+        return pair.groups * f * f * 8
+    f = (
+        pair.conv_dw.in_channels
+        // pair.conv_dw.out_channels
+        * pair.conv_dw.kernel_size[0]
+        * pair.conv_dw.kernel_size[1]
+        + 1
+    )
+    return pair.conv_dw.out_channels * f * f * 8
+
+
+def refine_pairs(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Sequence[tuple[str, SeparableConv2d]],
+    fit: Sequence[tuple[Any, ...]],
+    heldout: Sequence[tuple[Any, ...]],
+    progress: ProgressFn | None = None,
+) -> RefineResult:
+    """Refit each pair's last factor in ``pairs`` order (execution order); see the module docstring.
+
+    ``teacher`` must contain the original conv at each qualname; ``student``
+    contains the pair there. Both are run without gradients and restored.
+    """
+    results: dict[str, tuple[float, float]] = {}
+    skipped: dict[str, str] = {}
+    for i, (name, pair) in enumerate(pairs):
+        if progress is not None:
+            progress("refining layers", i, len(pairs))
+        if _gram_bytes(pair) > _GRAM_BYTES:
+            skipped[name] = "its regression would need more than 512 MB of Gram matrices"
+            continue
+        original = teacher.get_submodule(name)
+        with torch.no_grad():
+            xs_fit = [capture(student, pair, a, output=False) for a in fit]
+            ys_fit = [capture(teacher, original, a, output=True) for a in fit]
+            xs_held = [capture(student, pair, a, output=False) for a in heldout]
+            ys_held = [capture(teacher, original, a, output=True) for a in heldout]
+            train = _layer_normals(pair, xs_fit, ys_fit)
+            held = _layer_normals(pair, xs_held, ys_held)
+            del xs_fit, ys_fit, xs_held, ys_held
+        assert held.yy is not None
+        norm = float(held.yy.sum()) ** 0.5 or 1.0
+        current = _current_weights(pair).to(train.gram.device if train.gram is not None else "cpu")
+        before = max(held.error(current), 0.0) ** 0.5 / norm
+        best_w, best_err = current, before
+        free_last = (pair.conv_pw if pair.order == "dw-pw" else pair.conv_dw).bias is not None
+        for ridge in _RIDGES:
+            try:
+                w = _solve(train, ridge, free_last)
+            except RuntimeError:  # singular even with the jitter: try a larger ridge
+                continue
+            err = max(held.error(w), 0.0) ** 0.5 / norm
+            if err < best_err:
+                best_w, best_err = w, err
+        if best_w is not current:
+            _set_weights(pair, best_w.to(pair.conv_dw.weight.dtype))
+        results[name] = (before, best_err)
+        logger.info("refined %s: held-out layer error %.4f -> %.4f", name, before, best_err)
+    if progress is not None:
+        progress("refining layers", len(pairs), len(pairs))
+    return RefineResult(results, skipped)
+
+
+def refresh_batchnorm(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:
+    """Recompute every BatchNorm's running statistics on ``batches``; returns how many were refreshed.
+
+    Each BN becomes a cumulative average (momentum None) in train mode for
+    the pass; every other module keeps its mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for args in batches:
+                model(*args)
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+    return len(bns)

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import sepify
+from sepify.datasets import load_calibration
 from sepify.errors import SepifyError
 from sepify.model_io import FORMATS, LoadedModel, load_model, save_model
 from sepify.plan import Plan
@@ -324,6 +325,57 @@ def convert(
             show_default=False,
         ),
     ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration",
+            help="Unlabelled inputs to refine (and "
+            "distill) with: an image folder, a .pt/.npy tensor file, or 'random'.",
+            show_default=False,
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--calibration-samples",
+            help="Use at most N calibration samples (default: all; 256 for 'random').",
+            show_default=False,
+        ),
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size", help="Resize calibration images to H,W (default: the input's H,W).", show_default=False
+        ),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            "--mean",
+            help="Per-channel mean for images (default ImageNet's for RGB, 0.5 for grayscale).",
+            show_default=False,
+        ),
+    ] = None,
+    std: Annotated[
+        str | None,
+        typer.Option(
+            "--std",
+            help="Per-channel std for images (default ImageNet's for RGB, 0.5 for grayscale).",
+            show_default=False,
+        ),
+    ] = None,
+    distill_steps: Annotated[
+        int,
+        typer.Option(
+            "--distill-steps", help="Knowledge-distillation steps after the closed-form refit (needs --calibration)."
+        ),
+    ] = 0,
+    train_all: Annotated[
+        bool, typer.Option("--train-all", help="Distill every parameter, not only the converted layers.")
+    ] = False,
+    no_refine: Annotated[
+        bool, typer.Option("--no-refine", help="Skip the closed-form refit (init only, then distillation if asked).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     trust_pickle: TrustPickleOpt = False,
@@ -367,11 +419,21 @@ def convert(
         if report is not None:
             _check_writable(report, force, input_path)
 
+        if distill_steps and calibration is None:
+            raise typer.BadParameter("--distill-steps needs --calibration", param_hint="--distill-steps")
+        calib = None
+        if calibration is not None:
+            if calibration == "random" and not quiet:
+                err.print("warning: calibrating on random noise; fidelity on real inputs will be worse than with "
+                          "real samples", highlight=False, soft_wrap=True)  # fmt: skip
+            calib = load_calibration(calibration, tuple(args[0].shape[1:]), samples=calibration_samples,
+                                     image_size=_floats(image_size, "--image-size", int),
+                                     mean=_floats(mean, "--mean", float), std=_floats(std, "--std", float))  # fmt: skip
         loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
-        with _step("converting", quiet):
-            result = sepify.convert(loaded.model, args, rank=rank_value, order=order, include=include,
-                                    exclude=exclude, skip_shared=skip_shared, plan=the_plan,
-                                    tolerance=tolerance)  # fmt: skip
+        result = _run_convert(loaded.model, args, quiet, rank=rank_value, order=order, include=include,
+                              exclude=exclude, skip_shared=skip_shared, plan=the_plan, tolerance=tolerance,
+                              calibration=calib, refine=not no_refine, distill_steps=distill_steps,
+                              train_all=train_all)  # fmt: skip
         if not quiet:
             _print_report(result.report)
         with _step(f"writing {target}", quiet):
@@ -520,6 +582,34 @@ def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], ranks: li
 
         return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
                             progress=progress)  # fmt: skip
+
+
+def _floats(text: str | None, hint: str, kind: type) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}; write comma-separated numbers", param_hint=hint) from None
+
+
+def _run_convert(model: torch.nn.Module, args: tuple[torch.Tensor, ...], quiet: bool, **kwargs: Any) -> Any:
+    """sepify.convert with a spinner, or a progress bar while calibrating."""
+    if quiet or not err.is_terminal:
+        return sepify.convert(model, args, **kwargs)
+    if kwargs.get("calibration") is None:
+        with _step("converting", quiet):
+            return sepify.convert(model, args, **kwargs)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:  # fmt: skip
+        task = bar.add_task("converting", total=None)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(task, description=step, completed=done, total=total)
+
+        return sepify.convert(model, args, progress=progress, **kwargs)
 
 
 def _default_output(model: str, input_path: Path | None) -> Path:

@@ -140,7 +140,7 @@ def distill(
             if on_loss is not None:
                 on_loss(step, float(value))
             if progress is not None:
-                progress("distilling", step, steps)
+                progress(f"distilling (loss {float(value.detach()):.4g})", step, steps)
             if step % every == 0 or step == steps:
                 current = heldout_loss()
                 history.append((step, current))

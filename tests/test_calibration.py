@@ -1,0 +1,168 @@
+"""Calibration: data handling, the closed-form refit's exactness, BatchNorm refresh, distillation, real accuracy."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sepify
+from sepify.calibration import calibration_batches
+from sepify.datasets import CalibrationLoadError, load_calibration
+from sepify.distill import distill
+from sepify.refine import refine_pairs
+
+# -- data --------------------------------------------------------------------------
+
+
+def test_tensor_is_cut_into_batches_with_a_heldout_tail() -> None:
+    data = calibration_batches(torch.randn(100, 3, 4, 4), heldout_fraction=0.2)
+    assert [b[0].shape[0] for b in data.fit] == [32, 32, 16]
+    assert [b[0].shape[0] for b in data.heldout] == [16, 4]  # the rest of the third batch, then the last
+    assert data.samples == 100
+
+
+def test_labelled_loader_keeps_only_model_arguments_and_respects_limit() -> None:
+    loader = [(torch.randn(8, 3), torch.arange(8)) for _ in range(5)]
+    data = calibration_batches(loader, n_args=1, limit=20, heldout_fraction=0.25)
+    assert all(len(b) == 1 for b in data.fit + data.heldout)
+    assert data.samples == 20 and sum(b[0].shape[0] for b in data.heldout) == 5
+
+
+def test_callable_and_bad_inputs() -> None:
+    data = calibration_batches(lambda: [torch.randn(4, 2)])
+    assert data.samples == 4
+    with pytest.raises(sepify.ConfigError, match="calibration data is empty"):
+        calibration_batches([])
+    with pytest.raises(sepify.ConfigError, match="calibration batches must be tensors or tuples of tensors, got str"):
+        calibration_batches(["x"])
+
+
+def test_load_calibration_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "c.npy", np.ones((5, 3, 8, 8), dtype=np.float32))
+    assert load_calibration(tmp_path / "c.npy", (3, 8, 8), samples=3).shape == (3, 3, 8, 8)
+    torch.save(torch.zeros(4, 1, 6, 6), tmp_path / "c.pt")
+    assert load_calibration(tmp_path / "c.pt", (1, 6, 6)).shape == (4, 1, 6, 6)
+    with pytest.raises(CalibrationLoadError) as info:
+        load_calibration(tmp_path / "c.pt", (3, 6, 6))
+    assert str(info.value) == (
+        f"{tmp_path / 'c.pt'}: samples are 1x6x6 but the model's input is 3x6x6 (from --input-shape); "
+        "pass samples with that layout and channel count"
+    )
+    random = load_calibration("random", (3, 4, 4))
+    assert random.shape == (256, 3, 4, 4) and torch.equal(random, load_calibration("random", (3, 4, 4)))
+
+
+def test_image_folder_is_normalised(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    Image.new("RGB", (10, 7), (255, 0, 128)).save(tmp_path / "a.png")
+    Image.new("RGB", (5, 5), (0, 0, 0)).save(tmp_path / "b.jpg")
+    batch = load_calibration(tmp_path, (3, 4, 6), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert batch.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(batch[0, :, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]))
+    (tmp_path / "broken.png").write_text("not an image")
+    with pytest.raises(CalibrationLoadError, match="broken.png: cannot be read as an image"):
+        load_calibration(tmp_path, (3, 4, 6))
+
+
+# -- the refit ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_refit_recovers_a_reachable_target_exactly(order: str, groups: int) -> None:
+    # The teacher is itself a rank-2 pair, so the refit factor has an exact solution;
+    # the student starts from the right first factor but a scrambled last one.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, stride=2 if order == "pw-dw" else 1, groups=groups, padding_mode="reflect")
+    exact_pair = sepify.SeparableConv2d.from_conv(conv, 2, order).double()
+    teacher_conv = nn.Conv2d(8, 12, 3, padding=1, stride=conv.stride, groups=groups, padding_mode="reflect").double()
+    with torch.no_grad():
+        teacher_conv.weight.copy_(exact_pair.effective_weight())
+        teacher_conv.bias.copy_(conv.bias.double())
+    teacher = nn.Sequential(teacher_conv)
+    student = nn.Sequential(copy.deepcopy(exact_pair))
+    last = student[0].conv_pw if order == "dw-pw" else student[0].conv_dw
+    with torch.no_grad():
+        last.weight.normal_()
+        last.bias.normal_()
+    x = torch.randn(12, 8, 9, 9, dtype=torch.float64)
+    batches = [(x[:4],), (x[4:8],)]
+    result = refine_pairs(teacher, student, [("0", student[0])], batches, [(x[8:],)])
+    before, after = result.layers["0"]
+    assert before > 0.5 and after < 1e-7
+    torch.testing.assert_close(student(x), teacher(x), rtol=1e-6, atol=1e-6)
+
+
+def test_refit_is_never_worse_on_heldout_data() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(40, 4, 8, 8)
+    report = sepify.convert(net, x[:2], rank=1, calibration=x).report
+    stages = {s.stage: s.output_error for s in report.fidelity}
+    assert list(stages) == ["init", "refined"]
+    assert stages["refined"] is not None and stages["init"] is not None
+    assert stages["refined"] <= stages["init"]
+
+
+# -- a real trained model ------------------------------------------------------------
+
+zoo = pytest.importorskip("sepify.zoo")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    x_train, _, x_test, y_test = zoo.digits_data()
+    model = zoo.digits_cnn()
+    return model, x_train, x_test, y_test, zoo.accuracy(model, x_test, y_test)
+
+
+def test_trained_digits_cnn_survives_rank_1_with_refinement(digits) -> None:  # type: ignore[no-untyped-def]
+    model, x_train, x_test, y_test, original = digits
+    assert original > 0.97
+    init = sepify.convert(model, x_test[:4], rank=1)
+    refined = sepify.convert(model, x_test[:4], rank=1, calibration=x_train[:256])
+    assert refined.report.mac_ratio is not None and refined.report.mac_ratio < 0.15
+    assert zoo.accuracy(init.model, x_test, y_test) < 0.5  # the closed form alone collapses
+    assert zoo.accuracy(refined.model, x_test, y_test) >= original - 0.02
+    stages = [s.stage for s in refined.report.fidelity]
+    assert stages[:2] == ["init", "refined"]
+
+
+def test_distillation_improves_heldout_loss_and_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
+    model, x_train, x_test, y_test, original = digits
+    runs = [
+        sepify.convert(model, x_test[:4], rank=1, order="pw-dw", calibration=x_train[:256], distill_steps=60)
+        for _ in range(2)
+    ]
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fidelity = {s.stage: s.output_error for s in runs[0].report.fidelity}
+    assert fidelity["distilled"] <= min(v for k, v in fidelity.items() if k != "distilled")
+    assert zoo.accuracy(runs[0].model, x_test, y_test) >= original - 0.03
+
+
+def test_distill_trains_only_the_given_parameters() -> None:
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[2].weight.add_(0.5)
+    frozen = student[0].weight.clone()
+    x = torch.randn(64, 4)
+    result = distill(
+        teacher, student, [(x[:48],)], [(x[48:],)], steps=50, params=list(student[2].parameters()), lr=1e-2
+    )
+    assert torch.equal(student[0].weight, frozen)
+    assert result.heldout_after < result.heldout_before
+    assert student[0].weight.requires_grad  # flags restored
+
+
+def test_distillation_needs_calibration(plain_net: nn.Module) -> None:
+    with pytest.raises(sepify.ConfigError, match="distillation needs calibration data"):
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill_steps=10)

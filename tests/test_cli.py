@@ -403,3 +403,41 @@ def test_pt2_with_trust_converts_and_reexports(tmp_path: Path) -> None:
     assert digest(path) == before
     reloaded = torch.export.load(tmp_path / "m.sep.pt2").module()
     torch.testing.assert_close(reloaded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+# -- calibration -----------------------------------------------------------------
+
+
+def test_convert_with_calibration_file_reports_fidelity(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "cal.npy", np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype("float32"))
+    result = run("convert", SPEC, *SMALL, "--calibration", "cal.npy", "--distill-steps", "3", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    assert "held-out calibration (2 samples), init: output error" in result.output
+    assert "held-out calibration (2 samples), refined: output error" in result.output
+    stages = [s["stage"] for s in json.loads((tmp_path / "r.json").read_text())["fidelity"]]
+    assert stages[0] == "init" and stages[1] == "refined" and stages[-1] == "distilled"
+
+
+def test_random_calibration_warns() -> None:
+    result = run("convert", SPEC, *SMALL, "--calibration", "random", "--calibration-samples", "6", "-o", "r.pt")
+    assert result.exit_code == 0, result.output
+    assert "warning: calibrating on random noise; fidelity on real inputs will be worse" in result.output
+
+
+def test_bad_calibration_is_one_sentence_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run("convert", SPEC, *SMALL, "--calibration", "empty")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: empty: contains no images (.jpg, .jpeg, .png, .bmp, ...); add some"
+    assert not (tmp_path / "resnet18.sep.pt").exists()
+    result = run("convert", SPEC, *SMALL, "--distill-steps", "5")
+    assert result.exit_code == 2
+
+
+def test_builtin_digits_example_converts_with_refinement(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    result = run("convert", "sepify.zoo:digits_cnn", "--input-shape", "1,1,16,16", "--calibration", "random",
+                 "--calibration-samples", "64", "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "digits_cnn.sep.pt").is_file()

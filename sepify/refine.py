@@ -99,20 +99,20 @@ class _Normal:
         return float(quad - 2 * (w * self.cross).sum() + self.yy.sum())
 
 
-def _solve(normal: _Normal, ridge: float, free_last: bool) -> Tensor:
+def _solve(normal: _Normal, ridge: float, free_last: bool) -> Tensor | None:
+    """Ridge solution by Cholesky (the regularised Gram is symmetric positive definite); None if it is not."""
     assert normal.gram is not None and normal.cross is not None
     g = normal.gram
     n = g.shape[-1]
     scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (B,)
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    shrink = torch.full((n,), ridge + 1e-12, dtype=g.dtype, device=g.device)
     if free_last:
-        eye[-1, -1] = 0.0  # never shrink the bias
-    a = (
-        g
-        + ridge * scale[:, None, None] * eye
-        + 1e-12 * scale[:, None, None] * torch.eye(n, dtype=g.dtype, device=g.device)
-    )
-    solution: Tensor = torch.linalg.solve(a, normal.cross)
+        shrink[-1] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
+    a = g + torch.diag_embed(scale[:, None] * shrink)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return None
+    solution: Tensor = torch.cholesky_solve(normal.cross, factor)
     return solution
 
 
@@ -254,9 +254,8 @@ def refine_pairs(
         best_w, best_err = current, before
         free_last = (pair.conv_pw if pair.order == "dw-pw" else pair.conv_dw).bias is not None
         for ridge in _RIDGES:
-            try:
-                w = _solve(train, ridge, free_last)
-            except RuntimeError:  # singular even with the jitter: try a larger ridge
+            w = _solve(train, ridge, free_last)
+            if w is None:  # not positive definite at this ridge: try a larger one
                 continue
             err = max(held.error(w), 0.0) ** 0.5 / norm
             if err < best_err:

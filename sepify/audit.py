@@ -38,6 +38,7 @@ from sepify.modules import SeparableConv2d
 from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state
+from sepify.refine import refit_errors
 from sepify.report import SkipReason, format_count
 from sepify.rewrite import replace_submodule
 from sepify.verify import output_error
@@ -63,6 +64,7 @@ class AuditOption:
     macs_after: int
     weight_error: float
     output_error: float | None = None  # the layer's own ||y_r - y|| / ||y|| on the example inputs
+    refit_error: float | None = None  # the same after a least-squares refit of the last factor (calibration)
     latency_before: float | None = None  # seconds, median, original conv
     latency_after: float | None = None  # seconds, median, the pair
 
@@ -131,6 +133,9 @@ class AuditLayer:
 
 
 def _option_error(o: AuditOption) -> float:
+    """The best available predictor of the layer's error: after refit, else measured, else weight error."""
+    if o.refit_error is not None:
+        return o.refit_error
     return o.output_error if o.output_error is not None else o.weight_error
 
 
@@ -161,16 +166,21 @@ class AuditReport:
     def _loss(self, layer: AuditLayer, option: AuditOption) -> float:
         """Predicted contribution to the squared whole-model output error.
 
-        The layer's own output error is scaled by how much of it reached the
-        model output when this layer alone was converted at rank 1 (measured);
-        independent errors then add in energy: e_model^2 ~ sum of the terms.
+        The layer's own output error (after the refit that calibration will
+        apply, when the audit had calibration data) is scaled by how much of
+        the rank-1 error reached the model output when this layer alone was
+        converted (measured); independent errors then add in energy:
+        e_model^2 ~ sum of the terms.
         """
         own = _option_error(option)
         amplification = 1.0
         if layer.model_error_rank1 is not None and layer.sensitivity_order is not None:
             reference = next((o for o in layer.options if o.rank == 1 and o.order == layer.sensitivity_order), None)
-            if reference is not None and _option_error(reference) > 1e-12:
-                amplification = layer.model_error_rank1 / _option_error(reference)
+            base = reference.output_error if reference is not None else None
+            if base is None and reference is not None:
+                base = reference.weight_error
+            if base is not None and base > 1e-12:
+                amplification = layer.model_error_rank1 / base
         return (own * amplification) ** 2
 
     def predicted_error(self, plan: Plan) -> float:
@@ -308,7 +318,7 @@ class AuditReport:
         """One row per (layer, option); skipped layers get one row with their reason."""
         fields = ["name", "skip_reason", "in_channels", "out_channels", "kernel_size", "stride", "groups", "params",
                   "macs", "mac_share", "model_error_rank1", "rank", "order", "params_after", "macs_after",
-                  "weight_error", "output_error", "latency_before", "latency_after", "latency_ratio"]  # fmt: skip
+                  "weight_error", "output_error", "refit_error", "latency_before", "latency_after", "latency_ratio"]  # fmt: skip
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
@@ -507,6 +517,7 @@ def audit(
     skip_shared: bool = False,
     sensitivity: bool = True,
     latency_reps: int = 7,
+    refit: bool | None = None,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Measure what separating each conv would save and cost; never mutates ``model``.
@@ -525,6 +536,9 @@ def audit(
         sensitivity: measure the whole-model output error with each layer
             alone at rank 1 (one forward per candidate).
         latency_reps: timed repetitions per measurement.
+        refit: also measure each option's layer error after the closed-form
+            refit that ``convert(..., calibration=...)`` applies, and plan
+            with it (default: when ``calibration`` is given).
         progress: called as ``progress(step, done, total)`` while working.
 
     Returns:
@@ -554,7 +568,11 @@ def audit(
     factorizations = {
         (s.qualname, o): Factorization.of(s.module.weight, s.module.groups, o) for s in candidates for o in orders
     }
-    out_errors = _measure_layer_errors(analysis, data_args, candidates, options, factorizations, report_progress)
+    refit = calibration is not None if refit is None else refit
+    refits: dict[tuple[str, str], dict[int, float]] = {}
+    out_errors = _measure_layer_errors(
+        analysis, data_args, candidates, options, factorizations, report_progress, refit, refits
+    )
 
     reference = None
     if sensitivity and candidates:
@@ -583,8 +601,8 @@ def audit(
                 f = factorizations[(site.qualname, order)]
                 layer_err = errs.get(order)
                 before_t, after_t = times.get((order, r), (None, None))
-                opts.append(AuditOption(r, order, p, m, f.relative_error(r),
-                                        layer_err[r - 1] if layer_err else None, before_t, after_t))  # fmt: skip
+                opts.append(AuditOption(r, order, p, m, f.relative_error(r), layer_err[r - 1] if layer_err else None,
+                                        refits.get((site.qualname, order), {}).get(r), before_t, after_t))  # fmt: skip
             if reference is not None:
                 rank1 = [o for o in opts if o.rank == 1]
                 if rank1:
@@ -618,8 +636,13 @@ def _measure_layer_errors(
     options: dict[str, list[tuple[str, int, int, int]]],
     factorizations: dict[tuple[str, str], Factorization],
     progress: ProgressFn,
+    refit: bool,
+    refits: dict[tuple[str, str], dict[int, float]],
 ) -> dict[str, dict[str, list[float]]]:
-    """One forward; each candidate's hook computes its output error at every rank from its first input."""
+    """One forward; each candidate's hook computes its output error at every rank from its first input.
+
+    With ``refit``, also the error after a local least-squares refit, into ``refits``.
+    """
     wanted = {s.qualname: s for s in candidates}
     by_id = {id(s.module): s.qualname for s in candidates}
     errors: dict[str, dict[str, list[float]]] = {}
@@ -638,9 +661,11 @@ def _measure_layer_errors(
     def measure(name: str, x: Tensor) -> None:
         conv = wanted[name].module
         per_order: dict[str, list[float]] = {}
-        for order in {o for o, *_ in options[name]}:
-            top = max(r for o, r, *_ in options[name] if o == order)
-            per_order[order] = _layer_output_errors(conv, x, factorizations[(name, order)], top)
+        for order in sorted({o for o, *_ in options[name]}):
+            ranks = [r for o, r, *_ in options[name] if o == order]
+            per_order[order] = _layer_output_errors(conv, x, factorizations[(name, order)], max(ranks))
+            if refit:
+                refits[(name, order)] = refit_errors(conv, x, order, ranks)
         errors[name] = per_order
         progress("measuring layer output errors", len(errors), len(wanted))
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sepify.modules import SeparableConv2d
 
-__all__ = ["refine_pairs", "refresh_batchnorm", "RefineResult", "capture"]
+__all__ = ["refine_pairs", "refresh_batchnorm", "refit_errors", "RefineResult", "capture"]
 
 logger = logging.getLogger(__name__)
 
@@ -292,3 +292,47 @@ def refresh_batchnorm(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> i
             m.momentum = momentum
             m.train(training)
     return len(bns)
+
+
+def refit_errors(conv: nn.Conv2d, x: Tensor, order: str, ranks: Sequence[int], ridge: float = 1e-6) -> dict[int, float]:
+    """Relative output error of the pair after a local refit of its last factor, for each rank.
+
+    Inputs ``x`` and targets ``conv(x)`` both come from the original model, so
+    this predicts what :func:`refine_pairs` can reach at each rank without
+    building each pair: the first factors are nested across ranks (the top-r
+    singular vectors), so one Gram matrix at the largest rank serves all of
+    them. Returns {} when that Gram matrix would be too large.
+    """
+    top = max(ranks)
+    pair = SeparableConv2d.from_conv(conv, top, order).to(dtype=x.dtype)
+    top = pair.rank
+    if _gram_bytes(pair) > _GRAM_BYTES:
+        return {}
+    with torch.no_grad():
+        y = conv._conv_forward(x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
+        normal = _layer_normals(pair, [x], [y])
+    assert normal.gram is not None and normal.cross is not None and normal.yy is not None
+    total = float(normal.yy.sum())
+    if total <= 0:
+        return dict.fromkeys(ranks, 0.0)
+    has_bias = conv.bias is not None
+    n_feat = normal.gram.shape[-1] - (1 if has_bias else 0)
+    per_channel = n_feat // top  # dw-pw: input channels per group; pw-dw: kernel taps
+    errors = {}
+    for r in sorted({min(k, top) for k in ranks}):
+        if order == "dw-pw":  # feature i*R + k for input channel i, rank component k
+            idx = [i * top + k for i in range(per_channel) for k in range(r)]
+        else:  # feature k*K + t for rank component k, kernel tap t
+            idx = list(range(r * per_channel))
+        if has_bias:
+            idx.append(n_feat)
+        index = torch.tensor(idx)
+        sub = _Normal()
+        sub.gram = normal.gram[:, index][:, :, index]
+        sub.cross = normal.cross[:, index]
+        sub.yy = normal.yy
+        w = _solve(sub, ridge, has_bias)
+        if w is None:
+            continue
+        errors[r] = max(sub.error(w), 0.0) ** 0.5 / total**0.5
+    return {k: errors[min(k, top)] for k in ranks if min(k, top) in errors}

@@ -166,3 +166,29 @@ def test_distill_trains_only_the_given_parameters() -> None:
 def test_distillation_needs_calibration(plain_net: nn.Module) -> None:
     with pytest.raises(sepify.ConfigError, match="distillation needs calibration data"):
         sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill_steps=10)
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_refit_errors_predict_what_refinement_reaches(order: str) -> None:
+    from sepify.refine import refit_errors
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=2).double()
+    x = torch.randn(16, 8, 10, 10, dtype=torch.float64)
+    predicted = refit_errors(conv, x, order, [1, 2, 3])
+    for rank in (1, 2, 3):
+        pair = sepify.SeparableConv2d.from_conv(conv, rank, order).double()
+        result = refine_pairs(nn.Sequential(conv), nn.Sequential(pair), [("0", pair)], [(x,)], [(x,)])
+        assert predicted[rank] == pytest.approx(result.layers["0"][1], rel=1e-3)
+    assert predicted[1] > predicted[2] > predicted[3]
+
+
+def test_audit_with_calibration_plans_for_the_refit(digits) -> None:  # type: ignore[no-untyped-def]
+    model, x_train, x_test, y_test, original = digits
+    audit = sepify.audit(model, x_test[:4], calibration=x_train[:128])
+    assert all(o.refit_error is not None for layer in audit.candidates for o in layer.options)
+    assert all(o.refit_error <= o.output_error + 1e-9 for layer in audit.candidates for o in layer.options)  # type: ignore[operator]
+    plan = audit.plan(max_mac_ratio=0.15)
+    result = sepify.convert(model, x_test[:4], plan=plan, calibration=x_train[:256])
+    assert result.report.mac_ratio is not None and result.report.mac_ratio <= 0.15
+    assert zoo.accuracy(result.model, x_test, y_test) >= original - 0.01

@@ -493,6 +493,19 @@ def audit(
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Skip convs matching this glob.", show_default=False)
     ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration",
+            help="Measure errors on these inputs (an "
+            "image folder, a .pt/.npy file or 'random') and plan for the refit `convert "
+            "--calibration` applies.",
+            show_default=False,
+        ),
+    ] = None,
+    calibration_samples: Annotated[
+        int | None, typer.Option("--calibration-samples", help="Use at most N calibration samples.", show_default=False)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing --plan-out/--plot files.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     trust_pickle: TrustPickleOpt = False,
@@ -536,8 +549,11 @@ def audit(
                 _check_writable(path, force, input_path)
         dev = _device(device)
         args = make_inputs(input_shape, dev)
+        calib = None
+        if calibration is not None:
+            calib = load_calibration(calibration, tuple(args[0].shape[1:]), samples=calibration_samples).to(dev)
         loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
-        report = _run_audit(loaded.model, args, rank_list, latency, include, exclude, quiet)
+        report = _run_audit(loaded.model, args, rank_list, latency, include, exclude, quiet, calib)
         plan = report.plan(**given) if given else None
         if fmt == "json":
             data = report.to_dict()
@@ -568,9 +584,11 @@ def audit(
 
 
 def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], ranks: list[int] | None, latency: bool,
-               include: list[str] | None, exclude: list[str] | None, quiet: bool) -> sepify.AuditReport:  # fmt: skip
+               include: list[str] | None, exclude: list[str] | None, quiet: bool,
+               calibration: torch.Tensor | None) -> sepify.AuditReport:  # fmt: skip
     if quiet or not err.is_terminal:
-        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude)
+        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
+                            calibration=calibration)  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -581,7 +599,7 @@ def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], ranks: li
             bar.update(task, description=step, completed=done, total=total)
 
         return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
-                            progress=progress)  # fmt: skip
+                            calibration=calibration, progress=progress)  # fmt: skip
 
 
 def _floats(text: str | None, hint: str, kind: type) -> list[Any] | None:

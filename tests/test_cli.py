@@ -441,3 +441,20 @@ def test_builtin_digits_example_converts_with_refinement(tmp_path: Path) -> None
                  "--calibration-samples", "64", "-q")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "digits_cnn.sep.pt").is_file()
+
+
+def test_audit_with_calibration_plans_for_the_refit(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from sepify.zoo import digits_data
+
+    x_train, _, _, _ = digits_data()
+    torch.save(x_train[:128].clone(), tmp_path / "digits.pt")
+    args = ("sepify.zoo:digits_cnn", "--input-shape", "1,1,16,16")
+    result = run("audit", *args, "--calibration", "digits.pt", "--max-mac-ratio", "0.2", "--plan-out", "p.json", "-q")
+    assert result.exit_code == 0, result.output
+    plan = sepify.Plan.from_json(tmp_path / "p.json")
+    assert plan.meta["mac_ratio"] <= 0.2
+    result = run("convert", *args, "--plan", "p.json", "--calibration", "digits.pt", "--report", "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    stages = {s["stage"]: s["output_error"] for s in json.loads((tmp_path / "r.json").read_text())["fidelity"]}
+    assert stages["refined"] < stages["init"]

@@ -423,22 +423,24 @@ def _layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorizatio
     """Relative output error of the rank-r pair for r = 1..max_rank, from one input batch.
 
     The rank-r output is the bias plus the sum of the first r rank-one terms'
-    outputs; all terms are computed by one conv with stacked weights
-    (chunked to bound memory).
+    outputs; the terms are computed by convs with stacked weights, a chunk of
+    terms at a time so that neither the weights nor the outputs outgrow
+    ~64 MB each.
     """
     with torch.no_grad():
         y = conv._conv_forward(x, conv.weight, conv.bias)
         norm = float(y.double().norm())
-        terms = factorization.component_weights(max_rank, dtype=x.dtype)
-        count, cout = terms.shape[:2]
+        count = min(max_rank, factorization.max_rank)
+        cout = y.shape[1]
         g = conv.groups
-        chunk = max(1, min(count, (1 << 24) // max(1, y.numel())))  # ~64 MB of float32 outputs per conv call
+        weight_numel = conv.weight.numel()
+        chunk = max(1, min(count, (1 << 24) // max(1, y.numel()), (1 << 24) // max(1, weight_numel)))
         partial = torch.zeros_like(y)
         if conv.bias is not None:
             partial += conv.bias.view(1, -1, 1, 1)
         errors = []
         for start in range(0, count, chunk):
-            block = terms[start : start + chunk]  # (c, Cout, Cin/g, kh, kw)
+            block = factorization.component_weights(start + chunk, dtype=x.dtype, start=start)
             c = block.shape[0]
             # order output channels group-major so that F.conv2d's groups line up
             kernel_shape = block.shape[2:]

@@ -123,14 +123,16 @@ class Factorization:
         """``||W - W_r||_F / ||W||_F`` at ``rank``, from the singular values."""
         return relative_error_from_singular_values(self.s, rank)
 
-    def component_weights(self, count: int, dtype: torch.dtype | None = None) -> Tensor:
-        """The first ``count`` rank-one terms as dense conv weights, ``(count, Cout, Cin/g, kh, kw)``.
+    def component_weights(self, stop: int, dtype: torch.dtype | None = None, start: int = 0) -> Tensor:
+        """Rank-one terms ``start..stop-1`` as dense conv weights, ``(count, Cout, Cin/g, kh, kw)``.
 
         Their sum over the first ``r`` is the rank-``r`` weight; audit uses
-        them to get the layer's output at every rank from one batched conv.
+        them to get the layer's output at every rank from batched convs.
         """
-        count = min(count, self.max_rank)
-        terms = torch.einsum("bmk,bk,bkn->kbmn", self.u[:, :, :count], self.s[:, :count], self.vh[:, :count, :])
+        stop = min(stop, self.max_rank)
+        count = stop - start
+        u, s, vh = self.u[:, :, start:stop], self.s[:, start:stop], self.vh[:, start:stop, :]
+        terms = torch.einsum("bmk,bk,bkn->kbmn", u, s, vh)
         out_channels, in_per_group = self.weight_shape[:2]
         kernel = self.weight_shape[2:]
         if self.order == "dw-pw":

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sepify.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
@@ -422,39 +423,37 @@ def _useful_options(
 def _layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization, max_rank: int) -> list[float]:
     """Relative output error of the rank-r pair for r = 1..max_rank, from one input batch.
 
-    The rank-r output is the bias plus the sum of the first r rank-one terms'
-    outputs; the terms are computed by convs with stacked weights, a chunk of
-    terms at a time so that neither the weights nor the outputs outgrow
-    ~64 MB each.
+    Runs the pair at the largest rank one rank component at a time and
+    accumulates: the rank-r output is the bias plus the first r components,
+    so every rank costs about as much as one pair at ``max_rank`` (not
+    ``max_rank`` dense convs), and only one component's activations are held.
     """
     with torch.no_grad():
         y = conv._conv_forward(x, conv.weight, conv.bias)
         norm = float(y.double().norm())
-        count = min(max_rank, factorization.max_rank)
-        cout = y.shape[1]
-        g = conv.groups
-        weight_numel = conv.weight.numel()
-        chunk = max(1, min(count, (1 << 24) // max(1, y.numel()), (1 << 24) // max(1, weight_numel)))
+        top = min(max_rank, factorization.max_rank)
+        pair = SeparableConv2d.from_conv(conv, top, factorization.order, factorization=factorization)
+        dw, pw = pair.conv_dw, pair.conv_pw
         partial = torch.zeros_like(y)
         if conv.bias is not None:
             partial += conv.bias.view(1, -1, 1, 1)
+        groups = conv.groups
+        top_order = factorization.order
+        if top_order == "dw-pw":
+            w_dw = dw.weight.reshape(conv.in_channels, top, *dw.weight.shape[2:])  # channel i*R + k
+            w_pw = pw.weight.reshape(conv.out_channels, conv.in_channels // groups, top, 1, 1)  # input j*R + k
+        else:
+            w_pw = pw.weight.reshape(conv.out_channels, top, *pw.weight.shape[1:])  # channel o*R + k
+            w_dw = dw.weight  # (Cout, R, kh, kw)
         errors = []
-        for start in range(0, count, chunk):
-            block = factorization.component_weights(start + chunk, dtype=x.dtype, start=start)
-            c = block.shape[0]
-            # order output channels group-major so that F.conv2d's groups line up
-            kernel_shape = block.shape[2:]
-            w = (
-                block.reshape(c, g, cout // g, *kernel_shape)
-                .transpose(0, 1)
-                .reshape(g * c * (cout // g), *kernel_shape)
-            )
-            out = conv._conv_forward(x, w, None)  # (N, g*c*Cout_g, H', W')
-            batch, size = out.shape[0], out.shape[2:]
-            out = out.reshape(batch, g, c, cout // g, *size).transpose(1, 2).reshape(batch, c, cout, *size)
-            for k in range(c):
-                partial += out[:, k]
-                errors.append(float((partial - y).double().norm()) / norm if norm > 0 else 0.0)
+        for k in range(top):  # one rank component at a time: small intermediates, exact sums
+            if top_order == "dw-pw":
+                z = dw._conv_forward(x, w_dw[:, k : k + 1], None)  # depthwise, groups=Cin
+                partial += F.conv2d(z, w_pw[:, :, k], None, 1, 0, 1, groups)
+            else:
+                u = F.conv2d(x, w_pw[:, k], None, 1, 0, 1, groups)
+                partial += dw._conv_forward(u, w_dw[:, k : k + 1], None)  # depthwise, groups=Cout
+            errors.append(float((partial - y).double().norm()) / norm if norm > 0 else 0.0)
         return errors
 
 

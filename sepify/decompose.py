@@ -123,25 +123,6 @@ class Factorization:
         """``||W - W_r||_F / ||W||_F`` at ``rank``, from the singular values."""
         return relative_error_from_singular_values(self.s, rank)
 
-    def component_weights(self, stop: int, dtype: torch.dtype | None = None, start: int = 0) -> Tensor:
-        """Rank-one terms ``start..stop-1`` as dense conv weights, ``(count, Cout, Cin/g, kh, kw)``.
-
-        Their sum over the first ``r`` is the rank-``r`` weight; audit uses
-        them to get the layer's output at every rank from batched convs.
-        """
-        stop = min(stop, self.max_rank)
-        count = stop - start
-        u, s, vh = self.u[:, :, start:stop], self.s[:, start:stop], self.vh[:, start:stop, :]
-        terms = torch.einsum("bmk,bk,bkn->kbmn", u, s, vh)
-        out_channels, in_per_group = self.weight_shape[:2]
-        kernel = self.weight_shape[2:]
-        if self.order == "dw-pw":
-            groups = self.groups
-            out_per_group = out_channels // groups
-            terms = terms.reshape(count, groups, in_per_group, out_per_group, -1).permute(0, 1, 3, 2, 4)
-        weights = terms.reshape(count, out_channels, in_per_group, *kernel)
-        return weights.to(dtype=dtype or self.dtype, device=self.device)
-
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """``(depthwise_weight, pointwise_weight)`` at ``rank``; see :func:`split_conv_weight`."""
         if not 1 <= rank <= self.max_rank:

@@ -77,7 +77,9 @@ def main() -> None:
     x = torch.randn(1, 3, args.size, args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), input 1x3x{args.size}x{args.size}\n")
 
-    print(f"{'model':<16} {'convs':>5} {'convert r=1':>12} {'closed-form r=1':>16} {'convert full':>13} {'closed-form full':>17}")
+    print(
+        f"{'model':<16} {'convs':>5} {'convert r=1':>12} {'closed-form r=1':>16} {'convert full':>13} {'closed-form full':>17}"
+    )
     for name in MODELS:
         model = build(name)
         result = sepify.convert(model, x, rank=1)
@@ -101,7 +103,9 @@ def main() -> None:
     print(f"{'model':<16} {'params MB':>10} {'RSS before':>11} {'peak RSS':>9} {'peak - before':>14} {'x model':>8}")
     for name in MODELS:
         size_mb, base, peak = peak_rss_mb(name, args.size)
-        print(f"{name:<16} {size_mb:>10.1f} {base:>11.1f} {peak:>9.1f} {peak - base:>14.1f} {(peak - base) / size_mb:>7.2f}x")
+        print(
+            f"{name:<16} {size_mb:>10.1f} {base:>11.1f} {peak:>9.1f} {peak - base:>14.1f} {(peak - base) / size_mb:>7.2f}x"
+        )
 
 
 if __name__ == "__main__":

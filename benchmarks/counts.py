@@ -18,7 +18,16 @@ from torch import nn
 
 import sepify
 
-MODELS = ["resnet18", "resnet50", "vgg16", "densenet121", "googlenet", "regnet_x_400mf", "mobilenet_v2", "efficientnet_b0"]
+MODELS = [
+    "resnet18",
+    "resnet50",
+    "vgg16",
+    "densenet121",
+    "googlenet",
+    "regnet_x_400mf",
+    "mobilenet_v2",
+    "efficientnet_b0",
+]
 
 
 def ptflops_per_conv(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -39,7 +48,9 @@ def main() -> None:
     torch.set_num_threads(1)
     size = 224
     print(f"input 1x3x{size}x{size}; conv MACs summed over every Conv2d\n")
-    print(f"{'model':<16} {'convs':>5} {'sepify':>15} {'fvcore':>15} {'fv diff':>7} {'ptflops':>15} {'pt - bias':>15} {'pt diff':>7}")
+    print(
+        f"{'model':<16} {'convs':>5} {'sepify':>15} {'fvcore':>15} {'fv diff':>7} {'ptflops':>15} {'pt - bias':>15} {'pt diff':>7}"
+    )
     for name in MODELS:
         kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
         model = torchvision.models.get_model(name, weights=None, **kwargs).eval()

@@ -48,7 +48,9 @@ def run_task(task: Task) -> None:
     t0 = time.perf_counter()
     audit = sepify.audit(model, task.example, calibration=task.calibration)
     print(f"audit: {time.perf_counter() - t0:.1f}s, {len(audit.candidates)} candidates")
-    print(f"{'MAC ratio':>9} {'plan':<6} {'MACs':>6} {'init':>7} {'refined':>8} {'distilled':>10} {'time (refine)':>14} {'time (distill)':>15}")
+    print(
+        f"{'MAC ratio':>9} {'plan':<6} {'MACs':>6} {'init':>7} {'refined':>8} {'distilled':>10} {'time (refine)':>14} {'time (distill)':>15}"
+    )
     for ratio in RATIOS[task.name]:
         plans = {}
         try:

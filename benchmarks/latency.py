@@ -75,7 +75,9 @@ def main() -> None:
         if plan is not None:
             variants[f"plan {budget}"] = sepify.convert(model, example, plan=plan)
         print(f"\n## {name}")
-        print(f"{'variant':<10} {'batch':>5} {'thr':>3} {'format':<13} {'orig ms':>8} {'conv ms':>8} {'lat ratio':>9} {'MAC ratio':>9} {'realisation':>11}")
+        print(
+            f"{'variant':<10} {'batch':>5} {'thr':>3} {'format':<13} {'orig ms':>8} {'conv ms':>8} {'lat ratio':>9} {'MAC ratio':>9} {'realisation':>11}"
+        )
         for batch in args.batches:
             for threads in args.threads:
                 torch.set_num_threads(threads)

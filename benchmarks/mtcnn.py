@@ -84,7 +84,9 @@ def main() -> None:
     lfw = data.lfw_subset()
     test_faces = [rgb(im) for im in lfw[:50]] + [rgb(data.astronaut()), rgb(data.camera())]
     test_nonfaces = [rgb(im) for im in lfw[100:150]]
-    calibration = [rgb(im) for im in lfw[50:100]] + [rgb(im) for im in lfw[150:200]] + [rgb(data.chelsea()), rgb(data.coffee())]
+    calibration = (
+        [rgb(im) for im in lfw[50:100]] + [rgb(im) for im in lfw[150:200]] + [rgb(data.chelsea()), rgb(data.coffee())]
+    )
     detector = MTCNN(keep_all=True, device="cpu")
     reference = detections(detector, test_faces)
     ref_fp = sum(len(b) for b, _ in detections(detector, test_nonfaces))

@@ -35,17 +35,20 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def bisect(build: Callable[[float], nn.Module], x: torch.Tensor, budget: float, lo: float, hi: float) -> tuple[nn.Module, float] | None:
+def bisect(
+    build: Callable[[float], nn.Module], x: torch.Tensor, budget: float, lo: float, hi: float
+) -> tuple[nn.Module, float] | None:
     """Largest knob in [lo, hi] whose model meets the MAC budget (MACs grow with the knob)."""
     best = None
     for _ in range(12):
         mid = (lo + hi) / 2
         try:
             model = build(mid)
-        except Exception:  # noqa: BLE001 - a peer refusing a setting is a point we cannot use
+            cost = macs(model, x)
+        except Exception:  # noqa: BLE001 - a peer that fails to build or run at a setting cannot use it
             hi = mid
             continue
-        if macs(model, x) <= budget:
+        if cost <= budget:
             best, lo = (model, mid), mid
         else:
             hi = mid
@@ -81,7 +84,7 @@ def pruning(model: nn.Module, x: torch.Tensor) -> Callable[[float], nn.Module]:
     return build
 
 
-def run(task: Task) -> None:
+def run(task: Task, ratios: list[float] | None = None) -> None:
     model = task.build()
     x = task.example
     base = macs(model, x)
@@ -89,7 +92,7 @@ def run(task: Task) -> None:
     audit = sepify.audit(model, x, calibration=task.calibration)
     names = [layer.name for layer in audit.candidates]
     print(f"{'MAC ratio':>9} {'method':<18} {'MACs':>6} {task.metric_name:>19} {'time':>7}")
-    for ratio in RATIOS[task.name]:
+    for ratio in ratios or RATIOS[task.name]:
         t0 = time.perf_counter()
         plan = audit.plan(max_mac_ratio=ratio)
         ours = sepify.convert(model, x, plan=plan, calibration=task.calibration)
@@ -101,7 +104,7 @@ def run(task: Task) -> None:
             t0 = time.perf_counter()
             found = bisect(build, x, ratio * base, 0.01, 1.0)
             if found is None:
-                print(f"{ratio:>9.2f} {label:<18} {'-':>6} {'unreachable':>19}")
+                print(f"{ratio:>9.2f} {label:<18} {'-':>6} {'failed':>19}  (no setting built a working model)")
                 continue
             peer, _ = found
             print(f"{ratio:>9.2f} {label:<18} {macs(peer, x) / base:>6.3f} {task.metric(peer):>19.4f} "
@@ -112,12 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["digits", "crepe-tiny"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ratios", nargs="+", type=float, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     builders = {"digits": digits_task, "crepe-tiny": lambda: crepe_task("tiny")}
     for name in args.tasks:
-        run(builders[name]())
+        run(builders[name](), args.ratios)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state
 from sepify.refine import refit_errors
-from sepify.report import SkipReason, format_count
+from sepify.report import JsonExportable, SkipReason, format_count
 from sepify.rewrite import replace_submodule
 from sepify.verify import output_error
 
@@ -141,7 +140,7 @@ def _option_error(o: AuditOption) -> float:
 
 
 @dataclass(frozen=True)
-class AuditReport:
+class AuditReport(JsonExportable):
     """What :func:`audit` found; call :meth:`plan` to choose under a budget."""
 
     layers: tuple[AuditLayer, ...]
@@ -308,12 +307,6 @@ class AuditReport:
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }
-
-    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """One row per (layer, option); skipped layers get one row with their reason."""

@@ -76,6 +76,13 @@ WeightsOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device to load and convert on: cpu or cuda.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of sepify errors.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only results and errors (no progress).")]
+CalibrationSamplesOpt = Annotated[
+    int | None,
+    typer.Option("--calibration-samples", help="Use at most N calibration samples (default: all; 256 for "
+                 "'random').", show_default=False),
+]  # fmt: skip
 TrainOpt = Annotated[
     bool,
     typer.Option("--train", help="Trace and convert in training mode (default: eval mode, as the model is deployed)."),
@@ -334,14 +341,7 @@ def convert(
             show_default=False,
         ),
     ] = None,
-    calibration_samples: Annotated[
-        int | None,
-        typer.Option(
-            "--calibration-samples",
-            help="Use at most N calibration samples (default: all; 256 for 'random').",
-            show_default=False,
-        ),
-    ] = None,
+    calibration_samples: CalibrationSamplesOpt = None,
     image_size: Annotated[
         str | None,
         typer.Option(
@@ -376,8 +376,8 @@ def convert(
     no_refine: Annotated[
         bool, typer.Option("--no-refine", help="Skip the closed-form refit (init only, then distillation if asked).")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
     trust_pickle: TrustPickleOpt = False,
     kwargs: KwargsOpt = None,
     weights: WeightsOpt = None,
@@ -503,11 +503,9 @@ def audit(
             show_default=False,
         ),
     ] = None,
-    calibration_samples: Annotated[
-        int | None, typer.Option("--calibration-samples", help="Use at most N calibration samples.", show_default=False)
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing --plan-out/--plot files.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    calibration_samples: CalibrationSamplesOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
     trust_pickle: TrustPickleOpt = False,
     kwargs: KwargsOpt = None,
     weights: WeightsOpt = None,

@@ -20,6 +20,7 @@ from sepify.atomic import write_text_atomic
 from sepify.plan import LayerPlan, Plan
 
 __all__ = [
+    "JsonExportable",
     "FidelityStage",
     "SkipReason",
     "LayerReport",
@@ -61,6 +62,20 @@ def format_count(n: float | int | None) -> str:
 
 def _ratio(after: int, before: int) -> float | None:
     return after / before if before else None
+
+
+class JsonExportable:
+    """``to_json`` for report types that define ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """JSON text with raw integers; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,7 @@ class FidelityStage:
 
 
 @dataclass(frozen=True)
-class ConversionReport:
+class ConversionReport(JsonExportable):
     """What :func:`sepify.convert` did, per conv and for the whole model.
 
     Whole-model counts are measured on the original and the converted model
@@ -232,13 +247,6 @@ class ConversionReport:
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }
-
-    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        """JSON text; also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """One CSV row per conv (tuples as ``3x3``); written to ``path`` when given."""

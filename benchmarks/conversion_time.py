@@ -52,17 +52,32 @@ def median_time(fn, reps: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 
 def peak_rss_mb(name: str, size: int) -> tuple[float, float, float]:
-    """(model MB, RSS after building, peak RSS during convert) in a fresh process."""
+    """(model MB, RSS before convert, peak RSS during convert) in a fresh process.
+
+    ru_maxrss is useless here (importing the CUDA build of torch peaks far
+    above any model), so a thread samples /proc/self/statm every millisecond.
+    """
     code = f"""
-import resource, torch, torchvision, json, sepify
+import os, threading, time, json, torch, torchvision, sepify
 torch.set_num_threads(1)
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page / 2**20
 m = torchvision.models.get_model({name!r}, weights=None).eval()
 x = torch.randn(1, 3, {size}, {size})
 size_mb = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = rss()
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+t = threading.Thread(target=sample); t.start()
 sepify.convert(m, x, rank=1)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps([size_mb, base, peak]))
+done.set(); t.join()
+print(json.dumps([size_mb, base, peak[0]]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return tuple(json.loads(out.strip().splitlines()[-1]))  # type: ignore[return-value]

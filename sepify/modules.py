@@ -172,8 +172,27 @@ class SeparableConv2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.order == "dw-pw" and self.rank > 1 and self.groups == 1:
+            return self._forward_split(x)
         first, second = (self.conv_dw, self.conv_pw) if self.order == "dw-pw" else (self.conv_pw, self.conv_dw)
         y: Tensor = second(first(x))
+        return y
+
+    def _forward_split(self, x: Tensor) -> Tensor:
+        """dw-pw at rank r > 1 as r true depthwise convs (depth multiplier 1) and one pointwise conv.
+
+        Same parameters and result as ``conv_pw(conv_dw(x))``, but a depthwise
+        conv with a depth multiplier misses the fast depthwise kernels: measured
+        here (1 CPU thread) 2-9x slower than r multiplier-1 convs concatenated
+        (benchmarks/latency.py, docs/benchmarks.md). The pointwise weight is
+        permuted to the concatenation's rank-major channel order.
+        """
+        dw, pw = self.conv_dw, self.conv_pw
+        cin, r = dw.groups, self.rank
+        taps = dw.weight.view(cin, r, 1, *dw.weight.shape[2:])
+        z = torch.cat([dw._conv_forward(x, taps[:, k], None) for k in range(r)], dim=1)
+        mix = pw.weight.view(pw.out_channels, cin, r).transpose(1, 2).reshape(pw.out_channels, cin * r, 1, 1)
+        y: Tensor = pw._conv_forward(z, mix, pw.bias)
         return y
 
     def extra_repr(self) -> str:

@@ -119,3 +119,13 @@ def test_bad_arguments_are_rejected() -> None:
         SeparableConv2d.from_conv(nn.Conv2d(4, 4, 3), rank=0)
     with pytest.raises(ValueError, match="order must be one of"):
         SeparableConv2d.from_conv(nn.Conv2d(4, 4, 3), order="dw-dw")
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_fast_split_path_equals_the_plain_composition(rank: int) -> None:
+    # dw-pw at rank > 1 runs as `rank` multiplier-1 depthwise convs; same parameters, same result
+    conv = nn.Conv2d(6, 10, (3, 5), stride=2, padding=(1, 2), padding_mode="reflect", dtype=torch.float64)
+    sep = SeparableConv2d.from_conv(conv, rank=rank, order="dw-pw")
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(sep(x), sep.conv_pw(sep.conv_dw(x)), rtol=1e-12, atol=1e-12)

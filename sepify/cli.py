@@ -376,6 +376,14 @@ def convert(
     no_refine: Annotated[
         bool, typer.Option("--no-refine", help="Skip the closed-form refit (init only, then distillation if asked).")
     ] = False,
+    memory_format: Annotated[
+        str,
+        typer.Option(
+            "--memory-format",
+            help="Store the converted model's conv weights as channels_last (often "
+            "faster on CPUs for depthwise convs; see docs/benchmarks.md) or keep them (preserve).",
+        ),
+    ] = "preserve",
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     trust_pickle: TrustPickleOpt = False,
@@ -398,6 +406,8 @@ def convert(
             raise typer.BadParameter("--tolerance applies only to --rank auto", param_hint="--tolerance")
         if order not in ("dw-pw", "pw-dw", "auto"):
             raise typer.BadParameter(f"{order!r}; use dw-pw, pw-dw or auto", param_hint="--order")
+        if memory_format not in ("preserve", "channels_last"):
+            raise typer.BadParameter(f"{memory_format!r}; use preserve or channels_last", param_hint="--memory-format")
         if fmt is not None and fmt not in FORMATS:
             raise typer.BadParameter(f"{fmt!r}; use one of {', '.join(FORMATS)}", param_hint="--format")
         dev = _device(device)
@@ -436,6 +446,8 @@ def convert(
                               train_all=train_all)  # fmt: skip
         if not quiet:
             _print_report(result.report)
+        if memory_format == "channels_last":
+            result.model.to(memory_format=torch.channels_last)
         with _step(f"writing {target}", quiet):
             written = save_model(result.model, target, chosen_fmt, example_args=args, plan=result.report.to_plan())
         if report is not None:

@@ -458,3 +458,12 @@ def test_audit_with_calibration_plans_for_the_refit(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     stages = {s["stage"]: s["output_error"] for s in json.loads((tmp_path / "r.json").read_text())["fidelity"]}
     assert stages["refined"] < stages["init"]
+
+
+def test_memory_format_channels_last(tmp_path: Path) -> None:
+    result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
+    assert result.exit_code == 0, result.output
+    model = torch.load(tmp_path / "resnet18.sep.pt", weights_only=False)
+    weight = model.get_submodule("layer1.0.conv1.conv_dw").weight  # (64, 2, 3, 3): the layout is visible
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert run("convert", SPEC, *SMALL, "--memory-format", "nhwc", "--force").exit_code == 2

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from sepify.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
@@ -18,7 +19,7 @@ from sepify.candidates import ConvSite
 from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
 from sepify.distill import LOSSES, distill
-from sepify.errors import ConfigError
+from sepify.errors import ConfigError, InputShapeError
 from sepify.modules import SeparableConv2d
 from sepify.plan import Plan
 from sepify.probe import describe_inputs, probe
@@ -394,6 +395,7 @@ def _calibrate(
         return stages[-1]
 
     with _eval_mode(teacher, student):
+        _check_batches(teacher, data)
         measure("init")
         if refine:
             # execution order (the probe saw first calls in this order); shared convs are skipped
@@ -425,6 +427,20 @@ def _calibrate(
                 )
             measure("distilled")
     return tuple(stages), notes
+
+
+def _check_batches(teacher: nn.Module, data: CalibrationData) -> None:
+    """Fail with a sentence, not a traceback from deep inside the model, if calibration data does not fit."""
+    for args in (data.fit[0], data.heldout[0]):
+        try:
+            with torch.no_grad():
+                teacher(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
+            raise InputShapeError(
+                f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass calibration samples shaped like "
+                "the example inputs"
+            ) from e
 
 
 def _worse(a: FidelityStage, b: FidelityStage) -> bool:

@@ -192,3 +192,11 @@ def test_audit_with_calibration_plans_for_the_refit(digits) -> None:  # type: ig
     result = sepify.convert(model, x_test[:4], plan=plan, calibration=x_train[:256])
     assert result.report.mac_ratio is not None and result.report.mac_ratio <= 0.15
     assert zoo.accuracy(result.model, x_test, y_test) >= original - 0.01
+
+
+def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.Module) -> None:
+    with pytest.raises(sepify.InputShapeError) as info:
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), calibration=torch.randn(10, 5, 8, 8))
+    message = str(info.value)
+    assert message.startswith("the model failed on calibration batch (8, 5, 8, 8) float32: RuntimeError: ")
+    assert message.endswith("; pass calibration samples shaped like the example inputs")

@@ -376,6 +376,14 @@ def convert(
     no_refine: Annotated[
         bool, typer.Option("--no-refine", help="Skip the closed-form refit (init only, then distillation if asked).")
     ] = False,
+    tune_layout: Annotated[
+        bool,
+        typer.Option(
+            "--tune-layout",
+            help="Time the equivalent layouts of each pw-dw pair at rank > 1 on this "
+            "machine and keep the faster (outputs then depend on timing, at float rounding level).",
+        ),
+    ] = False,
     memory_format: Annotated[
         str,
         typer.Option(
@@ -443,7 +451,7 @@ def convert(
         result = _run_convert(loaded.model, args, quiet, rank=rank_value, order=order, include=include,
                               exclude=exclude, skip_shared=skip_shared, plan=the_plan, tolerance=tolerance,
                               calibration=calib, refine=not no_refine, distill_steps=distill_steps,
-                              train_all=train_all)  # fmt: skip
+                              train_all=train_all, tune_layout=tune_layout)  # fmt: skip
         if not quiet:
             _print_report(result.report)
         if memory_format == "channels_last":

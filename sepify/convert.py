@@ -181,6 +181,7 @@ def convert(
     distill_loss: str = "mse",
     train_all: bool = False,
     seed: int = 0,
+    tune_layout: bool = False,
     progress: ProgressFn | None = None,
 ) -> ConversionResult:
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
@@ -232,6 +233,10 @@ def convert(
         distill_loss: ``"mse"`` on outputs or ``"kl"`` on logits.
         train_all: distill every parameter, not only the converted pairs'.
         seed: seeds distillation (dropout, order) for reproducible results.
+        tune_layout: time the equivalent layouts of each pw-dw pair at rank
+            > 1 at its real input shape and keep the faster
+            (:meth:`SeparableConv2d.tune_layout`); off by default because the
+            choice depends on timing.
         progress: called as ``progress(step, done, total)`` during calibration.
 
     Returns:
@@ -290,6 +295,8 @@ def convert(
                 rows.append(_row(site))
                 continue
         pair = SeparableConv2d.from_conv(conv, choice.rank, choice.order, factorization=choice.factorization)
+        if tune_layout:
+            pair.tune_layout(site.call.input_shape)
         replacements[site.qualname] = pair
         row = _row(
             site,

@@ -78,6 +78,11 @@ class SeparableConv2d(nn.Module):
         self.order = order
         self.rank = rank
         self.groups = groups
+        # How pw-dw at rank > 1 runs its depthwise step: "grouped" (one conv,
+        # `rank` inputs per group) or "rank-major" (`rank` true depthwise
+        # convs summed). Same result; which is faster depends on the shape
+        # (see tune_layout). Not a parameter: state_dict is the same for both.
+        self.layout = "grouped"
         if order == "dw-pw":
             self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
             self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
@@ -174,6 +179,8 @@ class SeparableConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.order == "dw-pw" and self.rank > 1 and self.groups == 1:
             return self._forward_split(x)
+        if self.layout == "rank-major":
+            return self._forward_rank_major(x)
         first, second = (self.conv_dw, self.conv_pw) if self.order == "dw-pw" else (self.conv_pw, self.conv_dw)
         y: Tensor = second(first(x))
         return y
@@ -195,5 +202,44 @@ class SeparableConv2d(nn.Module):
         y: Tensor = pw._conv_forward(z, mix, pw.bias)
         return y
 
+    def _forward_rank_major(self, x: Tensor) -> Tensor:
+        """pw-dw at rank r > 1 as one pointwise conv and r true depthwise convs, summed."""
+        pw, dw = self.conv_pw, self.conv_dw
+        cout, r = dw.out_channels, self.rank
+        rows = pw.weight.view(cout, r, *pw.weight.shape[1:]).transpose(0, 1).reshape(pw.weight.shape)
+        u = pw._conv_forward(x, rows, None)  # channel k*Cout + o: rank component k of output o
+        y: Tensor = dw._conv_forward(u[:, :cout], dw.weight[:, :1], dw.bias)
+        for k in range(1, r):
+            y = y + dw._conv_forward(u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
+        return y
+
+    def tune_layout(self, input_shape: tuple[int, ...], reps: int = 7) -> str:
+        """Time the equivalent layouts at ``input_shape`` and keep the faster; returns it.
+
+        Only pw-dw pairs at rank > 1 with ``groups == 1`` have a choice.
+        The layouts compute the same function, but not bit for bit the same
+        floats, so tuning makes outputs depend on timing: it is opt-in.
+        """
+        if self.order != "pw-dw" or self.rank == 1 or self.groups != 1:
+            return self.layout
+        import statistics
+        import time
+
+        w = self.conv_dw.weight
+        x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
+        timings: dict[str, list[float]] = {"grouped": [], "rank-major": []}
+        with torch.no_grad():
+            for _ in range(reps + 2):  # the first two rounds warm up
+                for layout in timings:
+                    self.layout = layout
+                    start = time.perf_counter()
+                    self(x)
+                    if w.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    timings[layout].append(time.perf_counter() - start)
+        self.layout = min(timings, key=lambda k: statistics.median(timings[k][2:]))
+        return self.layout
+
     def extra_repr(self) -> str:
-        return f"order={self.order!r}, rank={self.rank}"
+        layout = f", layout={self.layout!r}" if self.layout != "grouped" else ""
+        return f"order={self.order!r}, rank={self.rank}{layout}"

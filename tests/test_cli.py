@@ -460,6 +460,14 @@ def test_audit_with_calibration_plans_for_the_refit(tmp_path: Path) -> None:
     assert stages["refined"] < stages["init"]
 
 
+def test_tune_layout_flag(tmp_path: Path) -> None:
+    result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--tune-layout", "-q")
+    assert result.exit_code == 0, result.output
+    model = torch.load(tmp_path / "resnet18.sep.pt", weights_only=False)
+    layouts = {m.layout for m in model.modules() if isinstance(m, sepify.SeparableConv2d)}
+    assert layouts <= {"grouped", "rank-major"} and layouts
+
+
 def test_memory_format_channels_last(tmp_path: Path) -> None:
     result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
     assert result.exit_code == 0, result.output

@@ -129,3 +129,17 @@ def test_fast_split_path_equals_the_plain_composition(rank: int) -> None:
     x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(sep(x), sep.conv_pw(sep.conv_dw(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_rank_major_layout_equals_grouped_and_tuning_picks_one() -> None:
+    conv = nn.Conv2d(6, 10, (5, 1), stride=(2, 1), padding=(2, 0), dtype=torch.float64)
+    sep = SeparableConv2d.from_conv(conv, rank=3, order="pw-dw")
+    x = torch.randn(2, 6, 16, 3, dtype=torch.float64)
+    with torch.no_grad():
+        grouped = sep(x)
+        sep.layout = "rank-major"
+        torch.testing.assert_close(sep(x), grouped, rtol=1e-12, atol=1e-12)
+    assert "layout='rank-major'" in repr(sep)
+    assert sep.tune_layout((2, 6, 16, 3), reps=2) in ("grouped", "rank-major")
+    # pairs without a choice keep theirs
+    assert SeparableConv2d.from_conv(conv, rank=1, order="pw-dw").tune_layout((2, 6, 16, 3)) == "grouped"

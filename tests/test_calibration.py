@@ -200,3 +200,9 @@ def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.M
     message = str(info.value)
     assert message.startswith("the model failed on calibration batch (8, 5, 8, 8) float32: RuntimeError: ")
     assert message.endswith("; pass calibration samples shaped like the example inputs")
+
+
+def test_refine_can_be_switched_off(plain_net: nn.Module) -> None:
+    x = torch.randn(16, 3, 8, 8)
+    stages = sepify.convert(plain_net, x[:1], calibration=x, refine=False).report.fidelity
+    assert [s.stage for s in stages] == ["init"]

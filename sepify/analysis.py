@@ -1,7 +1,8 @@
 """One pass over a model that convert and audit share.
 
 Deep-copy, trace (with leaf and swap fallbacks), probe once on the example
-inputs, and classify every conv. Nothing here changes the caller's model.
+inputs, and classify every conv. Nothing here changes the caller's model
+unless ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -98,11 +99,13 @@ def pair_macs(site: ConvSite, rank: int, order: str) -> int:
     )  # fmt: skip
 
 
-def _trace_and_probe(work: nn.Module, args: tuple[Any, ...]) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str]]:
+def _trace_and_probe(
+    work: nn.Module, args: tuple[Any, ...], lift: bool
+) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str]]:
     outcome = trace_model(work)
     if outcome.graph_module is None:
         return outcome, work, probe(work, args), []
-    lifted = lift_functional_convs(outcome.graph_module)
+    lifted = lift_functional_convs(outcome.graph_module) if lift else []
     try:
         return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model"), lifted
     except InputShapeError as traced_failure:
@@ -128,7 +131,9 @@ def analyze(
     # Deep-copy before tracing: fuse() does, and some models (timm's levit)
     # keep tracing state that breaks a second trace of the caller's object.
     work = model if inplace else copy.deepcopy(model)
-    outcome, target, before, lifted = _trace_and_probe(work, args)
+    # Lifting moves parameters out of the modules that own them; the
+    # GraphModule shares those modules with `work`, so only lift in a copy.
+    outcome, target, before, lifted = _trace_and_probe(work, args, lift=not inplace)
     # Sites come from the module that is converted: a GraphModule carries every
     # submodule of the original (see tracing) plus convs lifted from F.conv2d.
     sites = find_conv_sites(

@@ -49,3 +49,12 @@ def test_exported_program_converts() -> None:
     assert len(result.report.converted) == 2
     assert result.report.output_error is not None and result.report.output_error < 1e-5
     torch.testing.assert_close(result.model(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inplace_conversion_leaves_functional_convs_working() -> None:
+    model = Functional().eval()
+    x = torch.randn(1, 3, 12, 12)
+    result = sepify.convert(model, x, rank="full", inplace=True)
+    assert [r.name for r in result.report.converted] == ["stem"]  # no lifting in the caller's own modules
+    assert isinstance(model.weight, nn.Parameter)
+    torch.testing.assert_close(model(x), result.model(x), rtol=1e-4, atol=1e-4)

@@ -407,6 +407,10 @@ def _calibrate(
         if refine:
             # execution order (the probe saw first calls in this order); shared convs are skipped
             order = [n for n in analysis.before.convs if n in replacements and analysis.before.convs[n].calls == 1]
+            for name in replacements:
+                calls = analysis.before.convs[name].calls if name in analysis.before.convs else 0
+                if calls > 1:
+                    notes.append(f"did not refine {name}: it runs at {calls} call sites, and the refit fits one")
             pairs = [(n, replacements[n]) for n in order]
             result = refine_pairs(teacher, student, pairs, data.fit, data.heldout, progress)  # type: ignore[arg-type]
             for name, why in result.skipped.items():

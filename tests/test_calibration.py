@@ -206,3 +206,9 @@ def test_refine_can_be_switched_off(plain_net: nn.Module) -> None:
     x = torch.randn(16, 3, 8, 8)
     stages = sepify.convert(plain_net, x[:1], calibration=x, refine=False).report.fidelity
     assert [s.stage for s in stages] == ["init"]
+
+
+def test_shared_convs_are_not_refit_and_the_report_says_so(skip_net: nn.Module) -> None:
+    x = torch.randn(12, 1, 8, 8)
+    report = sepify.convert(skip_net, x[:1], calibration=x).report
+    assert "did not refine shared: it runs at 2 call sites, and the refit fits one" in report.notes

@@ -258,7 +258,16 @@ def _check_writable(path: Path, force: bool, protected: Path | None) -> None:
         raise SepifyError(f"{path}: its folder {path.parent} does not exist; create it or choose another -o path")
 
 
+_REPORT_SUFFIXES = (".json", ".csv", ".md", ".markdown")
+
+
+def _check_report_path(path: Path) -> None:
+    if path.suffix.lower() not in _REPORT_SUFFIXES:
+        raise SepifyError(f"{path}: unknown report format {path.suffix or '(no extension)'!r}; use .json, .csv or .md")
+
+
 def _write_report(report: ConversionReport | Any, path: Path) -> None:
+    _check_report_path(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
         report.to_json(path)
@@ -268,8 +277,6 @@ def _write_report(report: ConversionReport | Any, path: Path) -> None:
         from sepify.atomic import write_text_atomic
 
         write_text_atomic(path, report.to_markdown())
-    else:
-        raise SepifyError(f"{path}: unknown report format {suffix or '(no extension)'!r}; use .json, .csv or .md")
 
 
 # -- commands ------------------------------------------------------------------
@@ -435,6 +442,7 @@ def convert(
                 target.with_name(target.name.removesuffix(".safetensors") + ".plan.json"), force, input_path
             )
         if report is not None:
+            _check_report_path(report)
             _check_writable(report, force, input_path)
 
         if distill_steps and calibration is None:

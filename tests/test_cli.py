@@ -475,3 +475,10 @@ def test_memory_format_channels_last(tmp_path: Path) -> None:
     weight = model.get_submodule("layer1.0.conv1.conv_dw").weight  # (64, 2, 3, 3): the layout is visible
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     assert run("convert", SPEC, *SMALL, "--memory-format", "nhwc", "--force").exit_code == 2
+
+
+def test_unknown_report_format_fails_before_any_work(tmp_path: Path) -> None:
+    result = run("convert", SPEC, *SMALL, "--report", "r.txt")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: r.txt: unknown report format '.txt'; use .json, .csv or .md"
+    assert not (tmp_path / "resnet18.sep.pt").exists()

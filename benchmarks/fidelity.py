@@ -19,7 +19,6 @@ import time
 import torch
 from tasks import Task, crepe_task, digits_task
 
-
 import sepify
 
 RATIOS = {"digits": (0.75, 0.5, 0.15), "crepe-tiny": (0.75, 0.55), "crepe-full": (0.75, 0.5, 0.4)}

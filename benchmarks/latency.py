@@ -12,27 +12,13 @@ the MAC savings became time savings one for one, above 1 that they did not.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import sepify
-
-
-def interleaved_medians(fns: list[Callable[[], object]], reps: int) -> list[float]:
-    for fn in fns:  # warm-up
-        fn()
-        fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            samples[i].append(time.perf_counter() - t0)
-    return [statistics.median(s) for s in samples]
+from sepify.timing import interleaved_medians
 
 
 def models(names: list[str]) -> dict[str, tuple[nn.Module, tuple[int, ...], float]]:
@@ -90,7 +76,7 @@ def main() -> None:
                     converted = {k: v.model.to(memory_format=ms) for k, v in variants.items()}
                     fns += [lambda m=m: m(x_in) for m in converted.values()]
                     with torch.no_grad():
-                        times = interleaved_medians(fns, args.reps)
+                        times = interleaved_medians(fns, args.reps, warmup=2)
                     for (label, result), t in zip(variants.items(), times[1:]):
                         lat = t / times[0]
                         mac = result.report.mac_ratio or 1.0

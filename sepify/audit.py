@@ -18,8 +18,6 @@ import io
 import logging
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +39,7 @@ from sepify.probe import describe_inputs, preserved_state
 from sepify.refine import refit_errors
 from sepify.report import JsonExportable, SkipReason, format_count
 from sepify.rewrite import replace_submodule
+from sepify.timing import interleaved_medians
 from sepify.verify import output_error
 
 __all__ = ["audit", "AuditReport", "AuditLayer", "AuditOption", "BudgetError"]
@@ -450,21 +449,6 @@ def _layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorizatio
         return errors
 
 
-def _median_times(fns: Sequence[Callable[[], Any]], reps: int, sync: Callable[[], None]) -> list[float]:
-    """Median wall time of each function, measured interleaved after one warm-up."""
-    for fn in fns:
-        fn()
-    sync()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples[i].append(time.perf_counter() - t0)
-    return [statistics.median(s) for s in samples]
-
-
 @contextlib.contextmanager
 def _temporarily(root: nn.Module, paths: list[str], module: nn.Module) -> Iterator[None]:
     olds = [replace_submodule(root, p, module) for p in paths]
@@ -690,11 +674,9 @@ def _model_error_rank1(
     return output_error(reference, out)
 
 
-def _sync_for(module: nn.Module) -> Callable[[], None]:
+def _device_of(module: nn.Module) -> torch.device | None:
     p = next(module.parameters(), None)
-    if p is not None and p.device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
+    return p.device if p is not None else None
 
 
 def _time_options(
@@ -704,18 +686,16 @@ def _time_options(
     conv = site.module
     w = conv.weight
     x = torch.randn(site.call.input_shape, device=w.device, dtype=w.dtype)
-    sync = _sync_for(conv)
     times = {}
     with torch.no_grad():
         for order, r, _, _ in options:
             pair = SeparableConv2d.from_conv(conv, r, order).eval()
-            t_conv, t_pair = _median_times([lambda: conv(x), lambda: pair(x)], reps, sync)  # noqa: B023
+            t_conv, t_pair = interleaved_medians([lambda: conv(x), lambda: pair(x)], reps, device=w.device)  # noqa: B023
             times[(order, r)] = (t_conv, t_pair)
     return times
 
 
 def _time_model(module: nn.Module, args: tuple[Any, ...], reps: int) -> float:
-    sync = _sync_for(module)
     with preserved_state(module), torch.no_grad():
-        (t,) = _median_times([lambda: module(*args)], reps, sync)
+        (t,) = interleaved_medians([lambda: module(*args)], reps, device=_device_of(module))
     return t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from sepify.cost import exact_rank
 from sepify.decompose import ORDERS, Factorization, merge_separable_weight
+from sepify.timing import interleaved_medians
 
 __all__ = ["SeparableConv2d"]
 
@@ -222,22 +224,21 @@ class SeparableConv2d(nn.Module):
         """
         if self.order != "pw-dw" or self.rank == 1 or self.groups != 1:
             return self.layout
-        import statistics
-        import time
-
         w = self.conv_dw.weight
         x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
-        timings: dict[str, list[float]] = {"grouped": [], "rank-major": []}
+        layouts = ("grouped", "rank-major")
+
+        def run(layout: str) -> Callable[[], Tensor]:
+            def call() -> Tensor:
+                self.layout = layout
+                out: Tensor = self(x)
+                return out
+
+            return call
+
         with torch.no_grad():
-            for _ in range(reps + 2):  # the first two rounds warm up
-                for layout in timings:
-                    self.layout = layout
-                    start = time.perf_counter()
-                    self(x)
-                    if w.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    timings[layout].append(time.perf_counter() - start)
-        self.layout = min(timings, key=lambda k: statistics.median(timings[k][2:]))
+            times = interleaved_medians([run(k) for k in layouts], reps, warmup=2, device=w.device)
+        self.layout = layouts[times.index(min(times))]
         return self.layout
 
     def extra_repr(self) -> str:

@@ -574,7 +574,7 @@ def audit(
         sens_order = None
         if site.eligible:
             errs = out_errors.get(site.qualname, {})
-            times = _time_options(site, options[site.qualname], latency_reps) if latency else {}
+            times = _time_options(site, options[site.qualname], factorizations, latency_reps) if latency else {}
             for order, r, p, m in options[site.qualname]:
                 f = factorizations[(site.qualname, order)]
                 layer_err = errs.get(order)
@@ -585,7 +585,8 @@ def audit(
                 rank1 = [o for o in opts if o.rank == 1]
                 if rank1:
                     sens_order = min(rank1, key=_option_error).order
-                    model_err = _model_error_rank1(analysis, site, sens_order, data_args, reference)
+                    factorization = factorizations[(site.qualname, sens_order)]
+                    model_err = _model_error_rank1(analysis, site, factorization, data_args, reference)
         rows.append(AuditLayer(
             name=site.qualname, skip_reason=site.skip_reason, in_channels=conv.in_channels,
             out_channels=conv.out_channels, kernel_size=(kernel[0], kernel[1]), stride=(conv.stride[0], conv.stride[1]), groups=conv.groups,
@@ -643,7 +644,7 @@ def _measure_layer_errors(
             ranks = [r for o, r, *_ in options[name] if o == order]
             per_order[order] = _layer_output_errors(conv, x, factorizations[(name, order)], max(ranks))
             if refit:
-                refits[(name, order)] = refit_errors(conv, x, order, ranks)
+                refits[(name, order)] = refit_errors(conv, x, order, ranks, factorization=factorizations[(name, order)])
         errors[name] = per_order
         progress("measuring layer output errors", len(errors), len(wanted))
 
@@ -665,9 +666,9 @@ def _measure_layer_errors(
 
 
 def _model_error_rank1(
-    analysis: Analysis, site: ConvSite, order: str, args: tuple[Any, ...], reference: Any
+    analysis: Analysis, site: ConvSite, factorization: Factorization, args: tuple[Any, ...], reference: Any
 ) -> float | None:
-    pair = SeparableConv2d.from_conv(site.module, 1, order)
+    pair = SeparableConv2d.from_conv(site.module, 1, factorization.order, factorization=factorization)
     paths = [name for name, m in analysis.target.named_modules(remove_duplicate=False) if m is site.module]
     with _temporarily(analysis.target, paths, pair):
         out = _forward(analysis.target, args)
@@ -680,7 +681,10 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 def _time_options(
-    site: ConvSite, options: list[tuple[str, int, int, int]], reps: int
+    site: ConvSite,
+    options: list[tuple[str, int, int, int]],
+    factorizations: dict[tuple[str, str], Factorization],
+    reps: int,
 ) -> dict[tuple[str, int], tuple[float, float]]:
     """Median seconds of the conv and of each pair, interleaved, at the layer's real input shape."""
     conv = site.module
@@ -689,7 +693,8 @@ def _time_options(
     times = {}
     with torch.no_grad():
         for order, r, _, _ in options:
-            pair = SeparableConv2d.from_conv(conv, r, order).eval()
+            factorization = factorizations[(site.qualname, order)]
+            pair = SeparableConv2d.from_conv(conv, r, order, factorization=factorization).eval()
             t_conv, t_pair = interleaved_medians([lambda: conv(x), lambda: pair(x)], reps, device=w.device)  # noqa: B023
             times[(order, r)] = (t_conv, t_pair)
     return times

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sepify.decompose import Factorization
 from sepify.modules import SeparableConv2d
 
 __all__ = ["refine_pairs", "refresh_batchnorm", "refit_errors", "RefineResult", "capture"]
@@ -294,17 +295,25 @@ def refresh_batchnorm(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> i
     return len(bns)
 
 
-def refit_errors(conv: nn.Conv2d, x: Tensor, order: str, ranks: Sequence[int], ridge: float = 1e-6) -> dict[int, float]:
+def refit_errors(
+    conv: nn.Conv2d,
+    x: Tensor,
+    order: str,
+    ranks: Sequence[int],
+    ridge: float = 1e-6,
+    factorization: Factorization | None = None,
+) -> dict[int, float]:
     """Relative output error of the pair after a local refit of its last factor, for each rank.
 
     Inputs ``x`` and targets ``conv(x)`` both come from the original model, so
     this predicts what :func:`refine_pairs` can reach at each rank without
     building each pair: the first factors are nested across ranks (the top-r
     singular vectors), so one Gram matrix at the largest rank serves all of
-    them. Returns {} when that Gram matrix would be too large.
+    them. Returns {} when that Gram matrix would be too large. Pass the
+    weight's ``factorization`` in ``order`` if it is already computed.
     """
     top = max(ranks)
-    pair = SeparableConv2d.from_conv(conv, top, order).to(dtype=x.dtype)
+    pair = SeparableConv2d.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank
     if _gram_bytes(pair) > _GRAM_BYTES:
         return {}

@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from sepify.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.atomic import write_text_atomic
+from sepify.calibration import calibration_batches
 from sepify.candidates import ConvSite
 from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
@@ -459,27 +460,12 @@ def _temporarily(root: nn.Module, paths: list[str], module: nn.Module) -> Iterat
             replace_submodule(root, p, old)
 
 
-def _calibration_args(calibration: Any, limit: int = 32) -> tuple[Any, ...] | None:
-    """First ``limit`` samples of calibration data as model arguments."""
+def _calibration_args(calibration: Any, n_args: int, limit: int = 32) -> tuple[Any, ...] | None:
+    """The first ``limit`` samples of calibration data, concatenated into one set of model arguments."""
     if calibration is None:
         return None
-    if callable(calibration) and not isinstance(calibration, (Tensor, nn.Module)):
-        calibration = calibration()
-    if isinstance(calibration, Tensor):
-        return (calibration[:limit],)
-    batches: list[Tensor] = []
-    count = 0
-    for batch in calibration if isinstance(calibration, Iterable) else []:
-        first = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(first, Tensor):
-            raise ConfigError(f"calibration batches must be tensors or tuples of tensors, got {type(first).__name__}")
-        batches.append(first)
-        count += first.shape[0]
-        if count >= limit:
-            break
-    if not batches:
-        raise ConfigError("calibration is empty; pass a tensor (N x ...) or an iterable of batches")
-    return (torch.cat(batches)[:limit],)
+    batches = calibration_batches(calibration, n_args=n_args, limit=limit, heldout_fraction=0).fit
+    return tuple(torch.cat(parts) for parts in zip(*batches))
 
 
 def audit(
@@ -538,7 +524,7 @@ def audit(
         raise ConfigError(f"ranks must be positive integers, got {ranks!r}")
     args = normalize_inputs(example_inputs)
     analysis = analyze(model, args, include=include, exclude=exclude, skip_shared=skip_shared)
-    data_args = _calibration_args(calibration) or args
+    data_args = _calibration_args(calibration, len(args)) or args
     report_progress = progress or (lambda step, done, total: None)
 
     candidates = [s for s in analysis.sites if s.eligible]

@@ -22,7 +22,7 @@ from rich.table import Table
 import sepify
 from sepify.datasets import load_calibration
 from sepify.errors import SepifyError
-from sepify.model_io import FORMATS, LoadedModel, load_model, save_model
+from sepify.model_io import FORMATS, LoadedModel, default_output, is_import_spec, load_model, save_model
 from sepify.plan import Plan
 from sepify.report import ConversionReport, format_count
 
@@ -429,13 +429,10 @@ def convert(
         args = make_inputs(input_shape, dev)
         the_plan = Plan.from_json(plan) if plan is not None else None
 
-        input_path = None if ":" in model and not Path(model).exists() else Path(model)
+        input_path = None if is_import_spec(model) else Path(model)
         # Fail before the slow work: decide every output path first.
-        loaded_default = _default_output(model, input_path)
         chosen_fmt = fmt or ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
-        target = output or loaded_default.with_suffix(f".{chosen_fmt}")
-        if output is None and loaded_default.suffix != f".{chosen_fmt}":
-            target = loaded_default.with_name(loaded_default.name.rsplit(".", 1)[0] + f".{chosen_fmt}")
+        target = output or default_output(model, chosen_fmt)
         _check_writable(target, force, input_path)
         if chosen_fmt == "safetensors":
             _check_writable(
@@ -569,7 +566,7 @@ def audit(
                 import matplotlib  # noqa: F401 - checked before any slow work or any output file
             except ImportError:
                 raise SepifyError("--plot needs matplotlib; pip install 'sepify[plot]'") from None
-        input_path = None if ":" in model and not Path(model).exists() else Path(model)
+        input_path = None if is_import_spec(model) else Path(model)
         for path in (plan_out, plot):
             if path is not None:
                 _check_writable(path, force, input_path)
@@ -654,14 +651,6 @@ def _run_convert(model: torch.nn.Module, args: tuple[torch.Tensor, ...], quiet: 
             bar.update(task, description=step, completed=done, total=total)
 
         return sepify.convert(model, args, progress=progress, **kwargs)
-
-
-def _default_output(model: str, input_path: Path | None) -> Path:
-    if input_path is None:
-        name = model.rpartition(":")[2].split(".")[-1] or "model"
-        return Path.cwd() / f"{name}.sep.pt"
-    suffix = input_path.suffix or ".pt"
-    return input_path.with_name(f"{input_path.stem}.sep{suffix}")
 
 
 def main() -> None:

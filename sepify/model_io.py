@@ -36,6 +36,8 @@ __all__ = [
     "LoadedModel",
     "detect_kind",
     "load_model",
+    "default_output",
+    "is_import_spec",
     "load_state_dict_file",
     "save_model",
     "load",
@@ -61,7 +63,6 @@ class LoadedModel:
     model: nn.Module
     kind: str
     source: str
-    default_output: Path
 
 
 # -- telling files apart without running them -----------------------------------
@@ -264,6 +265,15 @@ def is_import_spec(text: str) -> bool:
     return ":" in text and not Path(text).exists()
 
 
+def default_output(source: str, fmt: str) -> Path:
+    """``<stem>.sep.<fmt>`` beside a model file; ``<callable>.sep.<fmt>`` here for an import spec."""
+    if is_import_spec(source):
+        name = source.rpartition(":")[2].split(".")[-1] or "model"
+        return Path.cwd() / f"{name}.sep.{fmt}"
+    path = Path(source)
+    return path.with_name(f"{path.stem}.sep.{fmt}")
+
+
 def load_model(
     source: str,
     *,
@@ -282,8 +292,7 @@ def load_model(
             raise ModelLoadError(f"{source!r}: returned a {type(model).__name__}, not an nn.Module")
         if weights is not None:
             _load_weights_into(model, Path(weights))
-        name = source.rpartition(":")[2].split(".")[-1]
-        return LoadedModel(model, "import-spec", source, Path.cwd() / f"{name}.sep.pt")
+        return LoadedModel(model, "import-spec", source)
     if kwargs:
         raise ModelLoadError(f"{source}: --kwargs applies only to an import spec (package.module:callable)")
     path = Path(source)
@@ -299,8 +308,7 @@ def load_model(
         raise ModelLoadError(_describe_unusable(path, kind))
     if weights is not None:
         _load_weights_into(model, Path(weights))
-    suffix = path.suffix or ".pt"
-    return LoadedModel(model, loaded_kind, str(path), path.with_name(f"{path.stem}.sep{suffix}"))
+    return LoadedModel(model, loaded_kind, str(path))
 
 
 def _describe_unusable(path: Path, kind: str) -> str:

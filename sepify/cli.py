@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -576,7 +576,8 @@ def audit(
         if calibration is not None:
             calib = load_calibration(calibration, tuple(args[0].shape[1:]), samples=calibration_samples).to(dev)
         loaded = _load(model, trust_pickle, kwargs, weights, dev, quiet, train)
-        report = _run_audit(loaded.model, args, rank_list, latency, include, exclude, quiet, calib)
+        report = _run_audit(loaded.model, args, quiet, ranks=rank_list, latency=latency, include=include,
+                            exclude=exclude, calibration=calib)  # fmt: skip
         plan = report.plan(**given) if given else None
         if fmt == "json":
             data = report.to_dict()
@@ -606,23 +607,27 @@ def audit(
                 out.print(f"wrote {plot}", highlight=False, soft_wrap=True)
 
 
-def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], ranks: list[int] | None, latency: bool,
-               include: list[str] | None, exclude: list[str] | None, quiet: bool,
-               calibration: torch.Tensor | None) -> sepify.AuditReport:  # fmt: skip
-    if quiet or not err.is_terminal:
-        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
-                            calibration=calibration)  # fmt: skip
+@contextlib.contextmanager
+def _progress_bar(first_step: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient rich progress bar on stderr; yields the ``progress(step, done, total)`` callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:  # fmt: skip
-        task = bar.add_task("tracing", total=None)
+        task = bar.add_task(first_step, total=None)
 
         def progress(step: str, done: int, total: int) -> None:
             bar.update(task, description=step, completed=done, total=total)
 
-        return sepify.audit(model, args, ranks=ranks, latency=latency, include=include, exclude=exclude,
-                            calibration=calibration, progress=progress)  # fmt: skip
+        yield progress
+
+
+def _run_audit(model: torch.nn.Module, args: tuple[torch.Tensor, ...], quiet: bool, **kwargs: Any) -> Any:
+    """sepify.audit with a progress bar on a terminal."""
+    if quiet or not err.is_terminal:
+        return sepify.audit(model, args, **kwargs)
+    with _progress_bar("tracing") as progress:
+        return sepify.audit(model, args, progress=progress, **kwargs)
 
 
 def _floats(text: str | None, hint: str, kind: type) -> list[Any] | None:
@@ -641,15 +646,7 @@ def _run_convert(model: torch.nn.Module, args: tuple[torch.Tensor, ...], quiet: 
     if kwargs.get("calibration") is None:
         with _step("converting", quiet):
             return sepify.convert(model, args, **kwargs)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:  # fmt: skip
-        task = bar.add_task("converting", total=None)
-
-        def progress(step: str, done: int, total: int) -> None:
-            bar.update(task, description=step, completed=done, total=total)
-
+    with _progress_bar("converting") as progress:
         return sepify.convert(model, args, progress=progress, **kwargs)
 
 

@@ -38,7 +38,7 @@ from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state
 from sepify.refine import refit_errors
-from sepify.report import JsonExportable, SkipReason, format_count
+from sepify.report import JsonExportable, SkipReason, format_count, markdown_table, text_table, tuples_as_lists
 from sepify.rewrite import replace_submodule
 from sepify.timing import interleaved_medians
 from sepify.verify import output_error
@@ -123,11 +123,8 @@ class AuditLayer:
         return max((o.rank for o in self.options), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"}
+        d = tuples_as_lists({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"})
         d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
-        for key in ("kernel_size", "stride", "input_size", "output_size"):
-            if d[key] is not None:
-                d[key] = list(d[key])
         d["options"] = [o.to_dict() for o in self.options]
         return d
 
@@ -366,19 +363,10 @@ class AuditReport(JsonExportable):
         return lines + list(self.notes)
 
     def __str__(self) -> str:
-        header, rows = self._table_rows()
-        widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-
-        def fmt(cells: list[str]) -> str:
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-        return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows), "",
-                          *self.summary_lines()])  # fmt: skip
+        return "\n".join([*text_table(*self._table_rows()), "", *self.summary_lines()])
 
     def to_markdown(self) -> str:
-        header, rows = self._table_rows()
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines = markdown_table(*self._table_rows())
         return "\n".join([*lines, "", *(f"- {s}" for s in self.summary_lines())]) + "\n"
 
     def to_png(self, path: str | os.PathLike[str], plan: Plan | None = None) -> None:

@@ -21,6 +21,9 @@ from sepify.plan import LayerPlan, Plan
 
 __all__ = [
     "JsonExportable",
+    "markdown_table",
+    "text_table",
+    "tuples_as_lists",
     "FidelityStage",
     "SkipReason",
     "LayerReport",
@@ -62,6 +65,27 @@ def format_count(n: float | int | None) -> str:
 
 def _ratio(after: int, before: int) -> float | None:
     return after / before if before else None
+
+
+def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples: shapes, strides and sizes become lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def text_table(header: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
+    """An aligned plain-text table; the first ``left`` columns (names, status) align left."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 class JsonExportable:
@@ -129,14 +153,9 @@ class LayerReport:
         return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = tuples_as_lists(dataclasses.asdict(self))
         d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
         d["larger_than_original"] = self.larger_than_original
-        for key in ("kernel_size", "stride", "dilation", "input_size", "output_size"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        if isinstance(d["padding"], tuple):
-            d["padding"] = list(d["padding"])
         return d
 
 
@@ -263,23 +282,12 @@ class ConversionReport(JsonExportable):
 
     def to_markdown(self) -> str:
         """A GitHub-flavoured Markdown table with totals underneath."""
-        header, rows = self._table_rows()
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines = markdown_table(*self._table_rows())
         lines += ["", *(f"- {line}" for line in self._summary_lines())]
         return "\n".join(lines) + "\n"
 
     def __str__(self) -> str:
-        header, rows = self._table_rows()
-        widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-        left = {0, 1}  # name and status read better left-aligned
-
-        def fmt(cells: list[str]) -> str:
-            return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-        out = [fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows), ""]
-        out += self._summary_lines()
-        return "\n".join(out)
+        return "\n".join([*text_table(*self._table_rows()), "", *self._summary_lines()])
 
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
         header = ["layer", "status", "Cin", "Cout", "kernel", "stride", "out", "rank", "order",

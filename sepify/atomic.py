@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the target's folder, then ``os.replace``.
+"""Atomic file writes: a temp file in the target's folder, then ``os.replace``; JSON export on top.
 
 An interrupted run leaves the old file (or none), never a half-written one.
 """
@@ -6,12 +6,14 @@ An interrupted run leaves the old file (or none), never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "write_text_atomic", "JsonExportable"]
 
 
 @contextlib.contextmanager
@@ -39,3 +41,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+class JsonExportable:
+    """``to_json`` for the types that define ``to_dict`` (reports, plans)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sepify.atomic import write_text_atomic
+from sepify.atomic import JsonExportable
 from sepify.errors import ConfigError
 
 __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
@@ -39,7 +39,7 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(JsonExportable):
     """Layer qualname -> :class:`LayerPlan`; convs not listed are left alone.
 
     Example:
@@ -86,13 +86,6 @@ class Plan:
             d["meta"] = dict(self.meta)
         d["layers"] = {k: {"rank": v.rank, "order": v.order} for k, v in self.layers.items()}
         return d
-
-    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        """JSON text; also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> Plan:

@@ -11,12 +11,11 @@ import csv
 import dataclasses
 import enum
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sepify.atomic import write_text_atomic
+from sepify.atomic import JsonExportable, write_text_atomic
 from sepify.plan import LayerPlan, Plan
 
 __all__ = [
@@ -86,20 +85,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-class JsonExportable:
-    """``to_json`` for report types that define ``to_dict``."""
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
-        """JSON text with raw integers; also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,16 @@ def _float_leaves(output: Any) -> list[Tensor]:
     return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
+def _error_energy(reference: Any, converted: Any) -> tuple[float, float] | None:
+    """``(||y_converted - y||^2, ||y||^2)`` over all floating tensors, or None if the outputs do not line up."""
+    ref, out = _float_leaves(reference), _float_leaves(converted)
+    if not ref or len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        return None
+    num = sum(float((b.double() - a.double()).square().sum()) for a, b in zip(ref, out))
+    den = sum(float(a.double().square().sum()) for a in ref)
+    return num, den
+
+
 def output_error(reference: Any, converted: Any) -> float | None:
     """``||y_converted - y|| / ||y||`` over all floating tensors of the outputs.
 
@@ -23,11 +33,10 @@ def output_error(reference: Any, converted: Any) -> float | None:
     outputs do not line up (different structure or shapes, as when a detector
     finds a different number of boxes) or the reference is all zeros.
     """
-    ref, out = _float_leaves(reference), _float_leaves(converted)
-    if not ref or len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+    energy = _error_energy(reference, converted)
+    if energy is None:
         return None
-    num = sum(float((b.double() - a.double()).square().sum()) for a, b in zip(ref, out))
-    den = sum(float(a.double().square().sum()) for a in ref)
+    num, den = energy
     if den == 0.0 or not math.isfinite(num):
         return None if den == 0.0 else math.inf
     return math.sqrt(num / den)
@@ -54,12 +63,12 @@ def heldout_fidelity(
     with torch.no_grad():
         for args in batches:
             ref, out = teacher(*args), student(*args)
-            a, b = _float_leaves(ref), _float_leaves(out)
-            if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+            energy = _error_energy(ref, out)
+            if energy is None:
                 comparable = False
                 continue
-            num += sum(float((y.double() - x.double()).square().sum()) for x, y in zip(a, b))
-            den += sum(float(x.double().square().sum()) for x in a)
+            num += energy[0]
+            den += energy[1]
             t1 = top1_agreement(ref, out)
             if t1 is not None:
                 agree += round(t1 * ref.shape[0])

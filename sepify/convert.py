@@ -270,10 +270,8 @@ def convert(
     if calibration_samples is not None and calibration_samples < 1:
         raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
     args = normalize_inputs(example_inputs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params_before = count_params(model)
     analysis = analyze(model, args, inplace=inplace, include=include, exclude=exclude, skip_shared=skip_shared)
+    params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
     if plan is not None:
         _apply_plan_selection(analysis.sites, plan)
 

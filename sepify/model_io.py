@@ -471,13 +471,7 @@ def load(
             ) from e
         if type(conv) is not nn.Conv2d:
             raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
-        pair = SeparableConv2d(
-            conv.in_channels, conv.out_channels, tuple(conv.kernel_size),  # type: ignore[arg-type]
-            stride=tuple(conv.stride), padding=conv.padding, dilation=tuple(conv.dilation),  # type: ignore[arg-type]
-            groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            rank=layer.rank, order=layer.order, device=conv.weight.device, dtype=conv.weight.dtype,
-        )  # fmt: skip
-        pair.train(conv.training)
+        pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
         replace_submodule(model, name, pair)
     _load_weights_into(model, weights_path)
     return model

@@ -128,21 +128,7 @@ class SeparableConv2d(nn.Module):
         else:
             raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
         weight = conv.weight
-        sep = cls(
-            conv.in_channels,
-            conv.out_channels,
-            kernel,  # type: ignore[arg-type]
-            stride=conv.stride,  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            rank=r,
-            order=order,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        sep = cls.shaped_like(conv, r, order)
         if factorization is None:
             factorization = Factorization.of(weight, conv.groups, order)
         depthwise, pointwise = factorization.factors(r)
@@ -155,6 +141,30 @@ class SeparableConv2d(nn.Module):
                 last.bias.copy_(conv.bias)
         for p in sep.parameters():
             p.requires_grad_(weight.requires_grad)
+        return sep
+
+    @classmethod
+    def shaped_like(cls, conv: nn.Conv2d, rank: int, order: str) -> SeparableConv2d:
+        """An uninitialised pair with ``conv``'s geometry, device, dtype and train/eval mode.
+
+        For loading saved weights into; :meth:`from_conv` fills it from the conv.
+        """
+        weight = conv.weight
+        sep = cls(
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),  # type: ignore[arg-type]
+            stride=tuple(conv.stride),  # type: ignore[arg-type]
+            padding=conv.padding,  # type: ignore[arg-type]
+            dilation=tuple(conv.dilation),  # type: ignore[arg-type]
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            rank=rank,
+            order=order,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         sep.train(conv.training)
         return sep
 

@@ -33,7 +33,7 @@ from sepify.candidates import ConvSite
 from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
 from sepify.errors import ConfigError, SepifyError
-from sepify.modules import SeparableConv2d
+from sepify.modules import LAYOUTS, PairTiming, SeparableConv2d
 from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state
@@ -66,7 +66,8 @@ class AuditOption:
     output_error: float | None = None  # the layer's own ||y_r - y|| / ||y|| on the example inputs
     refit_error: float | None = None  # the same after a least-squares refit of the last factor (calibration)
     latency_before: float | None = None  # seconds, median, original conv
-    latency_after: float | None = None  # seconds, median, the pair
+    latency_after: float | None = None  # seconds, median, the pair in its fastest layout
+    layout: str = "grouped"  # the layout latency_after was measured in (see SeparableConv2d.layouts)
 
     @property
     def latency_ratio(self) -> float | None:
@@ -269,7 +270,7 @@ class AuditReport(JsonExportable):
                 )
             picks = result
         chosen = {
-            layer.name: LayerPlan(opts[j].rank, opts[j].order)
+            layer.name: LayerPlan(opts[j].rank, opts[j].order, opts[j].layout)
             for layer, opts, j in zip(layers, usable, picks)
             if j is not None
         }
@@ -552,9 +553,11 @@ def audit(
             for order, r, p, m in options[site.qualname]:
                 f = factorizations[(site.qualname, order)]
                 layer_err = errs.get(order)
-                before_t, after_t = times.get((order, r), (None, None))
+                timing = times.get((order, r))
                 opts.append(AuditOption(r, order, p, m, f.relative_error(r), layer_err[r - 1] if layer_err else None,
-                                        refits.get((site.qualname, order), {}).get(r), before_t, after_t))  # fmt: skip
+                                        refits.get((site.qualname, order), {}).get(r),
+                                        timing.conv if timing else None, timing.pair if timing else None,
+                                        timing.layout if timing else LAYOUTS[0]))  # fmt: skip
             if reference is not None:
                 rank1 = [o for o in opts if o.rank == 1]
                 if rank1:
@@ -659,18 +662,14 @@ def _time_options(
     options: list[tuple[str, int, int, int]],
     factorizations: dict[tuple[str, str], Factorization],
     reps: int,
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """Median seconds of the conv and of each pair, interleaved, at the layer's real input shape."""
+) -> dict[tuple[str, int], PairTiming]:
+    """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input shape."""
     conv = site.module
-    w = conv.weight
-    x = torch.randn(site.call.input_shape, device=w.device, dtype=w.dtype)
     times = {}
-    with torch.no_grad():
-        for order, r, _, _ in options:
-            factorization = factorizations[(site.qualname, order)]
-            pair = SeparableConv2d.from_conv(conv, r, order, factorization=factorization).eval()
-            t_conv, t_pair = interleaved_medians([lambda: conv(x), lambda: pair(x)], reps, device=w.device)  # noqa: B023
-            times[(order, r)] = (t_conv, t_pair)
+    for order, r, _, _ in options:
+        factorization = factorizations[(site.qualname, order)]
+        pair = SeparableConv2d.from_conv(conv, r, order, factorization=factorization).eval()
+        times[(order, r)] = pair.time(site.call.input_shape, reps, against=conv)
     return times
 
 

@@ -391,6 +391,18 @@ def convert(
             "machine and keep the faster (outputs then depend on timing, at float rounding level).",
         ),
     ] = False,
+    latency: Annotated[
+        bool,
+        typer.Option(
+            "--latency",
+            help="Time each pair against the conv it replaces at the layer's input shape (on this machine, "
+            "with --input-shape's batch) and report time ratio and realisation per layer; implies --tune-layout.",
+        ),
+    ] = False,
+    skip_slower: Annotated[
+        bool,
+        typer.Option("--skip-slower", help="Leave a conv alone when its pair was timed no faster (implies --latency)."),
+    ] = False,
     memory_format: Annotated[
         str,
         typer.Option(
@@ -456,7 +468,8 @@ def convert(
         result = _run_convert(loaded.model, args, quiet, rank=rank_value, order=order, include=include,
                               exclude=exclude, skip_shared=skip_shared, plan=the_plan, tolerance=tolerance,
                               calibration=calib, refine=not no_refine, distill_steps=distill_steps,
-                              train_all=train_all, tune_layout=tune_layout)  # fmt: skip
+                              train_all=train_all, tune_layout=tune_layout, latency=latency,
+                              skip_slower=skip_slower)  # fmt: skip
         if not quiet:
             _print_report(result.report)
         if memory_format == "channels_last":

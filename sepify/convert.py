@@ -182,6 +182,9 @@ def convert(
     train_all: bool = False,
     seed: int = 0,
     tune_layout: bool = False,
+    latency: bool = False,
+    skip_slower: bool = False,
+    latency_reps: int = 7,
     progress: ProgressFn | None = None,
 ) -> ConversionResult:
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
@@ -237,6 +240,14 @@ def convert(
             > 1 at its real input shape and keep the faster
             (:meth:`SeparableConv2d.tune_layout`); off by default because the
             choice depends on timing.
+        latency: time each pair against the conv it replaces at the layer's
+            input shape (interleaved medians, in its fastest layout, so this
+            implies ``tune_layout``); the report gets per-layer time ratios
+            and realisation (time ratio / MAC ratio).
+        skip_slower: implies ``latency``; leave a conv alone (skip reason
+            ``slower``) when its pair was not faster. Timings are of this
+            machine, thread count and batch size (the example inputs').
+        latency_reps: timed repetitions per measurement.
         progress: called as ``progress(step, done, total)`` during calibration.
 
     Returns:
@@ -267,6 +278,8 @@ def convert(
         raise ConfigError(f"distill_steps must be an integer >= 0, got {distill_steps!r}")
     if distill_steps and calibration is None:
         raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
+    if isinstance(latency_reps, bool) or not isinstance(latency_reps, int) or latency_reps < 1:
+        raise ConfigError(f"latency_reps must be an integer >= 1, got {latency_reps!r}")
     if calibration_samples is not None and calibration_samples < 1:
         raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
     args = normalize_inputs(example_inputs)
@@ -293,8 +306,18 @@ def convert(
                 rows.append(_row(site))
                 continue
         pair = SeparableConv2d.from_conv(conv, choice.rank, choice.order, factorization=choice.factorization)
-        if tune_layout:
+        timing = None
+        if plan is not None:
+            _apply_planned_layout(pair, site.qualname, plan[site.qualname].layout)
+        if latency or skip_slower:
+            timing = pair.time(site.call.input_shape, latency_reps, against=conv)
+        elif tune_layout:
             pair.tune_layout(site.call.input_shape)
+        timed = {"latency_before": timing.conv, "latency_after": timing.pair} if timing else {}
+        if skip_slower and timing is not None and timing.conv is not None and timing.pair >= timing.conv:
+            site.skip_reason = SkipReason.SLOWER
+            rows.append(_row(site, **timed))
+            continue
         replacements[site.qualname] = pair
         row = _row(
             site,
@@ -306,6 +329,8 @@ def convert(
             params_after=choice.params,
             macs_after=choice.macs,
             weight_error=choice.weight_error,
+            layout=pair.layout,
+            **timed,
         )
         rows.append(row)
         meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
@@ -353,6 +378,13 @@ def convert(
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)
+
+
+def _apply_planned_layout(pair: SeparableConv2d, name: str, layout: str) -> None:
+    try:
+        pair.layout = layout
+    except ValueError as e:
+        raise ConfigError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
 
 
 def _device_of(module: nn.Module) -> Any:

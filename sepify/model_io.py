@@ -472,6 +472,10 @@ def load(
         if type(conv) is not nn.Conv2d:
             raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
         pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
+        try:
+            pair.layout = layer.layout
+        except ValueError as e:
+            raise ModelLoadError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
         replace_submodule(model, name, pair)
     _load_weights_into(model, weights_path)
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,17 @@ from sepify.cost import exact_rank
 from sepify.decompose import ORDERS, Factorization, merge_separable_weight
 from sepify.timing import interleaved_medians
 
-__all__ = ["SeparableConv2d"]
+__all__ = ["SeparableConv2d", "PairTiming", "LAYOUTS"]
+
+LAYOUTS = ("grouped", "rank-major")
+
+
+class PairTiming(NamedTuple):
+    """Median seconds of a pair in its fastest layout, and of the conv it replaces (if timed)."""
+
+    layout: str
+    pair: float
+    conv: float | None
 
 
 class SeparableConv2d(nn.Module):
@@ -84,7 +94,7 @@ class SeparableConv2d(nn.Module):
         # `rank` inputs per group) or "rank-major" (`rank` true depthwise
         # convs summed). Same result; which is faster depends on the shape
         # (see tune_layout). Not a parameter: state_dict is the same for both.
-        self.layout = "grouped"
+        self._layout = LAYOUTS[0]
         if order == "dw-pw":
             self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
             self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
@@ -225,18 +235,49 @@ class SeparableConv2d(nn.Module):
             y = y + dw._conv_forward(u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
         return y
 
-    def tune_layout(self, input_shape: tuple[int, ...], reps: int = 7) -> str:
-        """Time the equivalent layouts at ``input_shape`` and keep the faster; returns it.
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pairs pickled before `layout` became a checked property stored it as a plain attribute
+        state.setdefault("_layout", state.pop("layout", LAYOUTS[0]))
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
-        Only pw-dw pairs at rank > 1 with ``groups == 1`` have a choice.
-        The layouts compute the same function, but not bit for bit the same
-        floats, so tuning makes outputs depend on timing: it is opt-in.
+    @property
+    def layout(self) -> str:
+        """How the pair runs (see :attr:`layouts`); every layout computes the same function."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if value not in self.layouts:
+            raise ValueError(
+                f"layout {value!r} is not available for a {self.order} pair at rank {self.rank} with groups "
+                f"{self.groups}; choose from {self.layouts}"
+            )
+        self._layout = value
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The equivalent ways this pair can run; only pw-dw at rank > 1 with ``groups == 1`` has two."""
+        if self.order == "pw-dw" and self.rank > 1 and self.groups == 1:
+            return LAYOUTS
+        return LAYOUTS[:1]
+
+    def time(self, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None) -> PairTiming:
+        """Time every layout (and ``against``, the conv it replaces) at ``input_shape``; keep the fastest layout.
+
+        All candidates run interleaved, one call each in turn, and the median
+        of ``reps`` calls after warm-up is compared, so a machine that slows
+        down during the measurement slows all of them alike.
+
+        Example:
+            >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+            >>> sep = SeparableConv2d.from_conv(conv, rank=2, order="pw-dw")
+            >>> timing = sep.time((1, 8, 16, 16), reps=3, against=conv)
+            >>> timing.layout == sep.layout, timing.pair > 0, timing.conv > 0
+            (True, True, True)
         """
-        if self.order != "pw-dw" or self.rank == 1 or self.groups != 1:
-            return self.layout
         w = self.conv_dw.weight
         x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
-        layouts = ("grouped", "rank-major")
+        layouts = self.layouts
 
         def run(layout: str) -> Callable[[], Tensor]:
             def call() -> Tensor:
@@ -246,10 +287,24 @@ class SeparableConv2d(nn.Module):
 
             return call
 
+        fns = [run(k) for k in layouts]
+        if against is not None:
+            fns.append(lambda: against(x))
         with torch.no_grad():
-            times = interleaved_medians([run(k) for k in layouts], reps, warmup=2, device=w.device)
-        self.layout = layouts[times.index(min(times))]
-        return self.layout
+            times = interleaved_medians(fns, reps, warmup=2, device=w.device)
+        best = min(range(len(layouts)), key=times.__getitem__)
+        self.layout = layouts[best]
+        return PairTiming(self.layout, times[best], times[-1] if against is not None else None)
+
+    def tune_layout(self, input_shape: tuple[int, ...], reps: int = 7) -> str:
+        """Time the equivalent layouts at ``input_shape`` and keep the faster; returns it.
+
+        The layouts compute the same function, but not bit for bit the same
+        floats, so tuning makes outputs depend on timing: it is opt-in.
+        """
+        if len(self.layouts) == 1:
+            return self.layout
+        return self.time(input_shape, reps).layout
 
     def extra_repr(self) -> str:
         layout = f", layout={self.layout!r}" if self.layout != "grouped" else ""

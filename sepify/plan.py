@@ -22,20 +22,32 @@ __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 PLAN_FORMAT = "sepify.plan"
 PLAN_VERSION = 1
 _ORDERS = ("dw-pw", "pw-dw")
+_LAYOUTS = ("grouped", "rank-major")  # sepify.modules.LAYOUTS; plan.py stays free of torch
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What to do with one conv: its depth multiplier and order."""
+    """What to do with one conv: its depth multiplier, order and layout.
+
+    ``layout`` is ``"grouped"`` or, for pw-dw at rank > 1, ``"rank-major"``
+    (see :attr:`SeparableConv2d.layouts`): same function, different speed.
+    """
 
     rank: int
     order: str
+    layout: str = "grouped"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"a plan's rank must be a positive integer, got {self.rank!r}")
         if self.order not in _ORDERS:
             raise ConfigError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
+        if self.layout not in _LAYOUTS:
+            raise ConfigError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
+        if self.layout != _LAYOUTS[0] and (self.order, self.rank > 1) != ("pw-dw", True):
+            raise ConfigError(
+                f"layout {self.layout!r} exists only for pw-dw at rank > 1, got {self.order} rank {self.rank}"
+            )
 
 
 @dataclass(frozen=True)
@@ -78,13 +90,13 @@ class Plan(JsonExportable):
         return isinstance(other, Plan) and dict(self.layers) == dict(other.layers)
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted((k, v.rank, v.order) for k, v in self.layers.items())))
+        return hash(tuple(sorted((k, v.rank, v.order, v.layout) for k, v in self.layers.items())))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": PLAN_FORMAT, "version": PLAN_VERSION}
         if self.meta:
             d["meta"] = dict(self.meta)
-        d["layers"] = {k: {"rank": v.rank, "order": v.order} for k, v in self.layers.items()}
+        d["layers"] = {k: _layer_dict(v) for k, v in self.layers.items()}
         return d
 
     @classmethod
@@ -102,7 +114,7 @@ class Plan(JsonExportable):
         for name, spec in layers.items():
             if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
                 raise ConfigError(f'{source}: layer {name!r} needs a "rank" and an "order"')
-            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"])
+            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout", _LAYOUTS[0]))
         return cls(parsed, dict(data.get("meta", {})))
 
     @classmethod
@@ -122,3 +134,11 @@ class Plan(JsonExportable):
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
         return cls.from_dict(data, source)
+
+
+def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
+    """The default layout is left out, so plans without layout choices read as before."""
+    d: dict[str, Any] = {"rank": layer.rank, "order": layer.order}
+    if layer.layout != _LAYOUTS[0]:
+        d["layout"] = layer.layout
+    return d

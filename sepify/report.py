@@ -43,6 +43,7 @@ class SkipReason(str, enum.Enum):
     EXCLUDED = "excluded"  # by include/exclude patterns
     NOT_PLANNED = "not-planned"  # a plan was given and does not list it
     NO_SAVING = "no-saving"  # rank="auto": the pair meeting the tolerance is not smaller
+    SLOWER = "slower"  # skip_slower: the pair was timed no faster than the conv at its input shape
 
     def __str__(self) -> str:
         return self.value
@@ -121,6 +122,24 @@ class LayerReport:
     rank_capped: bool = False
     order: str | None = None
     weight_error: float | None = None
+    layout: str | None = None  # how the pair runs (SeparableConv2d.layouts)
+    latency_before: float | None = None  # seconds, median, the conv at its input shape (latency=True)
+    latency_after: float | None = None  # seconds, median, the pair, timed interleaved with the conv
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Pair time / conv time at the layer's input shape, when measured."""
+        if self.latency_before is None or self.latency_after is None or self.latency_before <= 0:
+            return None
+        return self.latency_after / self.latency_before
+
+    @property
+    def realisation(self) -> float | None:
+        """Latency ratio / MAC ratio: 1.0 when the MAC savings became time savings one for one."""
+        ratio = self.latency_ratio
+        if ratio is None or not self.converted or not self.macs_before or not self.macs_after:
+            return None
+        return ratio / (self.macs_after / self.macs_before)
 
     @property
     def larger_than_original(self) -> bool:
@@ -141,6 +160,8 @@ class LayerReport:
         d = tuples_as_lists(dataclasses.asdict(self))
         d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
         d["larger_than_original"] = self.larger_than_original
+        d["latency_ratio"] = self.latency_ratio
+        d["realisation"] = self.realisation
         return d
 
 
@@ -215,7 +236,10 @@ class ConversionReport(JsonExportable):
 
     def to_plan(self) -> Plan:
         """The plan that reproduces this conversion (converted layers only)."""
-        return Plan({r.name: LayerPlan(int(r.rank), str(r.order)) for r in self.converted if r.rank and r.order})
+        return Plan({
+            r.name: LayerPlan(int(r.rank), str(r.order), r.layout or "grouped")
+            for r in self.converted if r.rank and r.order
+        })  # fmt: skip
 
     def layer(self, name: str) -> LayerReport:
         """The row for the conv at qualname ``name``."""
@@ -277,6 +301,9 @@ class ConversionReport(JsonExportable):
     def _table_rows(self) -> tuple[list[str], list[list[str]]]:
         header = ["layer", "status", "Cin", "Cout", "kernel", "stride", "out", "rank", "order",
                   "params", "params after", "MACs", "MACs after", "weight err"]  # fmt: skip
+        timed = any(r.latency_ratio is not None for r in self.layers)
+        if timed:
+            header += ["time", "realisation"]
         rows = []
         for r in self.layers:
             status = "converted" if r.converted else f"skip: {r.skip_reason}"
@@ -291,6 +318,11 @@ class ConversionReport(JsonExportable):
                 format_count(r.macs_before), format_count(r.macs_after),
                 "-" if r.weight_error is None else f"{r.weight_error:.4f}",
             ])  # fmt: skip
+            if timed:
+                rows[-1] += [
+                    "-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x",
+                    "-" if r.realisation is None else f"{r.realisation:.2f}",
+                ]
         return header, rows
 
     def _summary_lines(self) -> list[str]:
@@ -315,6 +347,13 @@ class ConversionReport(JsonExportable):
             if st.top1_agreement is not None:
                 text += f"; top-1 agreement {100 * st.top1_agreement:.1f}%"
             lines.append(text)
+        if timed := [r for r in self.layers if r.latency_before is not None and r.latency_after is not None]:
+            before = sum(r.latency_before or 0.0 for r in timed)
+            after = sum((r.latency_after if r.converted else r.latency_before) or 0.0 for r in timed)
+            lines.append(
+                f"timed convs: {1e3 * before:.2f} ms -> {1e3 * after:.2f} ms ({100 * after / before:.1f}%; "
+                "time = pair / conv, medians at each layer's input shape; realisation = time / MAC ratio)"
+            )
         if any(r.rank_capped for r in self.layers):
             lines.append("* rank capped at the layer's exact rank (the pair is exact there)")
         if self.trace_error:

@@ -468,6 +468,18 @@ def test_tune_layout_flag(tmp_path: Path) -> None:
     assert layouts <= {"grouped", "rank-major"} and layouts
 
 
+def test_skip_slower_flag_reports_times_and_converts_only_faster_pairs(tmp_path: Path) -> None:
+    result = run("convert", SPEC, *SMALL, "--rank", "2", "--skip-slower", "--report", "r.json")
+    assert result.exit_code == 0, result.output
+    assert "realisation" in result.output and "timed convs:" in result.output
+    rows = json.loads((tmp_path / "r.json").read_text())["layers"]
+    timed = [r for r in rows if r["latency_before"] is not None]
+    assert len(timed) == 17  # resnet18's stem and 16 3x3 convs (its 1x1 downsamples have nothing to split)
+    for row in timed:
+        assert (row["latency_after"] < row["latency_before"]) == row["converted"]
+        assert row["converted"] or row["skip_reason"] == "slower"
+
+
 def test_memory_format_channels_last(tmp_path: Path) -> None:
     result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
     assert result.exit_code == 0, result.output

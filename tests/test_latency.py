@@ -1,0 +1,207 @@
+"""Timing-driven choices: pair layouts in plans, per-layer latency in convert, skipping slower pairs.
+
+Timings are noise, so tests that need a particular outcome replace
+``SeparableConv2d.time`` with a stub that reports chosen numbers; the real
+timer is exercised where any outcome is a valid answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sepify
+from sepify import SkipReason
+from sepify.modules import PairTiming, SeparableConv2d
+
+
+@pytest.fixture
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16)
+
+
+def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layout: str = "grouped") -> list[tuple]:
+    """Make every ``SeparableConv2d.time`` report ``pair_s[order]`` seconds for the pair and 1.0 for the conv."""
+    calls: list[tuple] = []
+
+    def fake(self: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None):
+        calls.append((self.order, self.rank, tuple(input_shape)))
+        chosen = layout if layout in self.layouts else "grouped"
+        self.layout = chosen
+        return PairTiming(chosen, pair_s[self.order], 1.0 if against is not None else None)
+
+    monkeypatch.setattr(SeparableConv2d, "time", fake)
+    return calls
+
+
+# -- the pair's layout ----------------------------------------------------------------
+
+
+def test_layouts_exist_only_where_they_differ() -> None:
+    conv = nn.Conv2d(6, 8, 3)
+    assert SeparableConv2d.from_conv(conv, 2, "pw-dw").layouts == ("grouped", "rank-major")
+    assert SeparableConv2d.from_conv(conv, 1, "pw-dw").layouts == ("grouped",)
+    assert SeparableConv2d.from_conv(conv, 2, "dw-pw").layouts == ("grouped",)
+    assert SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, "pw-dw").layouts == ("grouped",)
+    sep = SeparableConv2d.from_conv(conv, 2, "dw-pw")
+    with pytest.raises(ValueError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2"):
+        sep.layout = "rank-major"
+
+
+def test_real_timer_keeps_the_fastest_layout_and_times_the_conv() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    sep = SeparableConv2d.from_conv(conv, 3, "pw-dw")
+    timing = sep.time((1, 8, 12, 12), reps=3, against=conv)
+    assert timing.layout == sep.layout and timing.layout in sep.layouts
+    assert timing.pair > 0 and timing.conv is not None and timing.conv > 0
+    assert sep.time((1, 8, 12, 12), reps=3).conv is None
+
+
+def test_pairs_pickled_with_a_plain_layout_attribute_still_load() -> None:
+    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, "pw-dw")
+    sep.layout = "rank-major"
+    state = dict(sep.__dict__)
+    state["layout"] = state.pop("_layout")  # how sepify before the layout property stored it
+    old = SeparableConv2d.__new__(SeparableConv2d)
+    old.__setstate__(state)
+    assert old.layout == "rank-major"
+    assert pickle.loads(pickle.dumps(sep)).layout == "rank-major"
+
+
+# -- plans carry the layout -----------------------------------------------------------------
+
+
+def test_plan_json_keeps_a_layout_and_omits_the_default() -> None:
+    plan = sepify.Plan({"a": sepify.LayerPlan(2, "pw-dw", "rank-major"), "b": sepify.LayerPlan(1, "dw-pw")})
+    text = plan.to_json()
+    assert '"layout": "rank-major"' in text and text.count('"layout"') == 1
+    again = sepify.Plan.from_json(text)
+    assert again == plan and again["a"].layout == "rank-major" and again["b"].layout == "grouped"
+    assert plan != sepify.Plan({"a": sepify.LayerPlan(2, "pw-dw"), "b": sepify.LayerPlan(1, "dw-pw")})
+
+
+@pytest.mark.parametrize(
+    ("layout", "rank", "order", "message"),
+    [
+        ("sideways", 2, "pw-dw", "a plan's layout must be one of ('grouped', 'rank-major'), got 'sideways'"),
+        ("rank-major", 2, "dw-pw", "layout 'rank-major' exists only for pw-dw at rank > 1, got dw-pw rank 2"),
+        ("rank-major", 1, "pw-dw", "layout 'rank-major' exists only for pw-dw at rank > 1, got pw-dw rank 1"),
+    ],
+)
+def test_impossible_layouts_are_refused(layout: str, rank: int, order: str, message: str) -> None:
+    with pytest.raises(sepify.ConfigError) as info:
+        sepify.LayerPlan(rank, order, layout)
+    assert str(info.value) == message
+
+
+def test_convert_applies_the_planned_layout(net: nn.Module, x: torch.Tensor) -> None:
+    plan = sepify.Plan({"2": sepify.LayerPlan(3, "pw-dw", "rank-major"), "4": sepify.LayerPlan(2, "pw-dw")})
+    result = sepify.convert(net, x, plan=plan)
+    assert result.model.get_submodule("2").layout == "rank-major"
+    assert result.model.get_submodule("4").layout == "grouped"
+    assert result.report.layer("2").layout == "rank-major"
+    assert result.report.to_plan() == plan  # what convert did is what --plan-out writes
+    reference = sepify.convert(
+        net, x, plan=sepify.Plan({k: sepify.LayerPlan(v.rank, v.order) for k, v in plan.layers.items()})
+    )
+    torch.testing.assert_close(result.model(x), reference.model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_planned_layout_that_does_not_fit_the_conv_is_a_sentence(x: torch.Tensor) -> None:
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)).eval()
+    plan = sepify.Plan({"2": sepify.LayerPlan(2, "pw-dw", "rank-major")})
+    with pytest.raises(
+        sepify.ConfigError, match=r"the plan's layout for '2' does not fit its pair: layout 'rank-major'"
+    ):
+        sepify.convert(grouped, x, plan=plan)
+
+
+def test_audit_plans_the_layout_it_timed(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _stub_timing(monkeypatch, {"dw-pw": 2.0, "pw-dw": 0.25}, layout="rank-major")
+    report = sepify.audit(net, x, latency=True, latency_reps=1, orders=("pw-dw",))
+    assert ("pw-dw", 2, (2, 16, 16, 16)) in calls  # each option timed at its layer's real input shape
+    option = report.layer("2").option(2, "pw-dw")
+    assert option.layout == "rank-major" and option.latency_ratio == 0.25
+    assert report.layer("2").option(1, "pw-dw").layout == "grouped"  # rank 1 has one layout
+    plan = report.plan(max_mac_ratio=0.9)
+    assert any(lp.layout == "rank-major" for lp in plan.layers.values())
+    assert all(lp.layout == "rank-major" or lp.rank == 1 for lp in plan.layers.values())
+
+
+def test_load_rebuilds_the_planned_layout(net: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    from sepify.model_io import save_model
+
+    plan = sepify.Plan({"2": sepify.LayerPlan(3, "pw-dw", "rank-major")})
+    converted = sepify.convert(net, x, plan=plan)
+    out = tmp_path / "m.safetensors"
+    save_model(converted.model, out, "safetensors", example_args=(x,), plan=converted.report.to_plan())
+    loaded = sepify.load(_fresh_like(net), out)
+    assert loaded.get_submodule("2").layout == "rank-major"
+    torch.testing.assert_close(loaded(x), converted.model(x), rtol=1e-5, atol=1e-6)
+
+
+def _fresh_like(net: nn.Module) -> nn.Module:
+    """The same architecture with other weights: what ``sepify.load`` is given in practice."""
+    fresh = copy.deepcopy(net)
+    for p in fresh.parameters():
+        nn.init.normal_(p)
+    return fresh
+
+
+# -- convert: per-layer latency and skipping slower pairs -----------------------------
+
+
+def test_convert_reports_per_layer_time_and_realisation(net: nn.Module, x: torch.Tensor) -> None:
+    report = sepify.convert(net, x, rank=1, latency=True, latency_reps=3).report
+    for row in report.converted:
+        assert row.latency_before is not None and row.latency_before > 0
+        assert row.latency_after is not None and row.latency_after > 0
+        mac_ratio = row.macs_after / row.macs_before
+        assert row.realisation == pytest.approx(row.latency_after / row.latency_before / mac_ratio)
+    text = str(report)
+    assert "realisation" in text and "timed convs:" in text
+    assert report.to_dict()["layers"][0]["realisation"] == report.layers[0].realisation
+
+
+def test_skip_slower_keeps_the_conv_where_the_pair_lost(
+    net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _stub_timing(monkeypatch, {"dw-pw": 1.5, "pw-dw": 0.5})
+    slow = sepify.convert(net, x, rank=1, order="dw-pw", skip_slower=True)
+    assert slow.report.converted == ()
+    assert {r.skip_reason for r in slow.report.layers} == {SkipReason.SLOWER}
+    assert slow.report.layer("2").latency_ratio == 1.5 and slow.report.layer("2").realisation is None
+    torch.testing.assert_close(slow.model(x), net(x))  # nothing was replaced
+    fast = sepify.convert(net, x, rank=1, order="pw-dw", skip_slower=True).report
+    assert [r.name for r in fast.converted] == ["0", "2", "4"]
+    assert "timed convs: 3000.00 ms -> 1500.00 ms (50.0%" in str(fast)
+
+
+def test_skip_slower_with_the_real_timer_converts_only_faster_pairs(net: nn.Module, x: torch.Tensor) -> None:
+    report = sepify.convert(net, x, rank=1, skip_slower=True, latency_reps=3).report
+    for row in report.layers:
+        assert row.latency_before is not None and row.latency_after is not None
+        assert (row.latency_after < row.latency_before) == row.converted
+        assert row.converted or row.skip_reason is SkipReason.SLOWER
+
+
+def test_latency_reps_is_checked(net: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises(sepify.ConfigError, match="latency_reps must be an integer >= 1, got 0"):
+        sepify.convert(net, x, latency=True, latency_reps=0)

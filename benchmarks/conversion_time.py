@@ -51,22 +51,30 @@ def median_time(fn, reps: int = 3) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def peak_rss_mb(name: str, size: int) -> tuple[float, float, float]:
+def peak_rss_mb(build_model: str, input_shape: tuple[int, ...], warm: bool) -> tuple[float, float, float]:
     """(model MB, RSS before convert, peak RSS during convert) in a fresh process.
 
     ru_maxrss is useless here (importing the CUDA build of torch peaks far
     above any model), so a thread samples /proc/self/statm every millisecond.
+    ``warm``: before measuring, convert a tiny model once and run the model's
+    forward once, as any process that has used the model has; "cold" counts
+    that one-off growth (oneDNN and allocator caches, lazy imports) too.
     """
     code = f"""
 import os, threading, time, json, torch, torchvision, sepify
+from torch import nn
 torch.set_num_threads(1)
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page / 2**20
-m = torchvision.models.get_model({name!r}, weights=None).eval()
-x = torch.randn(1, 3, {size}, {size})
+m = {build_model}
+x = torch.randn{input_shape!r}
 size_mb = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
+if {warm!r}:
+    sepify.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        m(x)
 base = rss()
 peak = [base]
 done = threading.Event()
@@ -74,7 +82,7 @@ def sample():
     while not done.is_set():
         peak[0] = max(peak[0], rss())
         time.sleep(0.001)
-t = threading.Thread(target=sample); t.start()
+t = threading.Thread(target=sample, daemon=True); t.start()
 sepify.convert(m, x, rank=1)
 done.set(); t.join()
 print(json.dumps([size_mb, base, peak[0]]))
@@ -87,11 +95,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=224, help="input height/width")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(1, 3, args.size, args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), input 1x3x{args.size}x{args.size}\n")
 
+    if not args.memory_only:
+        timings(x)
+    memory(args.size)
+
+
+def timings(x: torch.Tensor) -> None:
     print(
         f"{'model':<16} {'convs':>5} {'convert r=1':>12} {'closed-form r=1':>16} {'convert full':>13} {'closed-form full':>17}"
     )
@@ -114,13 +129,22 @@ def main() -> None:
         cf = median_time(lambda s=stack: closed_form_seconds(s, [str(i) for i in range(n)], 1))
         print(f"{n:>5} {t:>8.3f}s {1e3 * t / n:>8.2f}ms {cf:>11.3f}s")
 
-    print("\npeak memory of one convert(rank=1) in a fresh process (MB)")
-    print(f"{'model':<16} {'params MB':>10} {'RSS before':>11} {'peak RSS':>9} {'peak - before':>14} {'x model':>8}")
-    for name in MODELS:
-        size_mb, base, peak = peak_rss_mb(name, args.size)
-        print(
-            f"{name:<16} {size_mb:>10.1f} {base:>11.1f} {peak:>9.1f} {peak - base:>14.1f} {(peak - base) / size_mb:>7.2f}x"
-        )
+
+
+def memory(size: int) -> None:
+    print("\npeak memory of one convert(rank=1) in a fresh process, above the RSS before it (MB, and x the model's size)")
+    print(f"{'model':<20} {'params MB':>10} {'cold':>8} {'x model':>8} {'warm':>8} {'x model':>8}")
+    models = [(name, f"torchvision.models.get_model({name!r}, weights=None).eval()", (1, 3, size, size)) for name in MODELS]
+    models += [
+        (f"stack of {n} 128ch", f"nn.Sequential(*[nn.Conv2d(128, 128, 3, padding=1) for _ in range({n})]).eval()",
+         (1, 128, 16, 16))
+        for n in (125, 250, 500)
+    ]  # fmt: skip
+    for name, build_model, shape in models:
+        size_mb, cold_base, cold_peak = peak_rss_mb(build_model, shape, warm=False)
+        _, warm_base, warm_peak = peak_rss_mb(build_model, shape, warm=True)
+        cold, warm = cold_peak - cold_base, warm_peak - warm_base
+        print(f"{name:<20} {size_mb:>10.1f} {cold:>8.1f} {cold / size_mb:>7.2f}x {warm:>8.1f} {warm / size_mb:>7.2f}x")
 
 
 if __name__ == "__main__":

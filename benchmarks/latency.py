@@ -1,12 +1,14 @@
 """Inference latency of converted vs original models, side by side, against the MAC ratio.
 
-Run:  python benchmarks/latency.py [--models resnet50 digits crepe-tiny] [--reps 9]
+Run:  python benchmarks/latency.py [--models resnet50 digits crepe-tiny] [--reps 9] [--compile]
 
 For each model and configuration (batch size x threads x memory format) the
 original and its conversions (rank 1, rank 2, and the audit plan at a MAC
 budget) are timed interleaved: one call of each in turn, repeated, median of
 ``--reps`` after warm-up. "realisation" = latency ratio / MAC ratio: 1.0 means
 the MAC savings became time savings one for one, above 1 that they did not.
+With ``--compile`` each configuration is also timed after ``torch.compile``
+(inductor, with freezing), as format "compiled" (compilation is in the warm-up).
 """
 
 from __future__ import annotations
@@ -47,7 +49,17 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(model) with inductor freezing (NCHW), format 'compiled'",
+    )
     args = parser.parse_args()
+    if args.compile:
+        import torch._inductor.config as inductor_config
+
+        # freezing folds BatchNorm into convs and prepacks weights: what one deploys
+        inductor_config.freezing = True
     print(f"torch {torch.__version__}; interleaved medians of {args.reps} after warm-up")
     for name, (model, shape, budget) in models(args.models).items():
         example = torch.randn(1, *shape)
@@ -67,13 +79,18 @@ def main() -> None:
         for batch in args.batches:
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                for fmt in ("nchw", "channels_last") if len(shape) == 3 else ("nchw",):
+                formats = ["nchw", "channels_last"] if len(shape) == 3 else ["nchw"]
+                for fmt in formats + (["compiled"] if args.compile else []):
                     x = torch.randn(batch, *shape)
                     ms = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
                     original = model.to(memory_format=ms)
                     x_in = x.to(memory_format=ms) if x.dim() == 4 else x
-                    fns: list[Callable[[], object]] = [lambda: original(x_in)]
                     converted = {k: v.model.to(memory_format=ms) for k, v in variants.items()}
+                    if fmt == "compiled":
+                        torch._dynamo.reset()
+                        original = torch.compile(original)
+                        converted = {k: torch.compile(m) for k, m in converted.items()}
+                    fns: list[Callable[[], object]] = [lambda: original(x_in)]
                     fns += [lambda m=m: m(x_in) for m in converted.values()]
                     with torch.no_grad():
                         times = interleaved_medians(fns, args.reps, warmup=2)

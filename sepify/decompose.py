@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,10 +49,15 @@ def channel_matrices(weight: Tensor, groups: int, order: str) -> Tensor:
     Returns ``(Cin, Cout/g, K)`` for dw-pw (global input-channel order) and
     ``(Cout, Cin/g, K)`` for pw-dw, where ``K = kh*kw``.
     """
+    return _channel_stack(weight, order, groups).to(torch.float64)
+
+
+def _channel_stack(weight: Tensor, order: str, groups: int) -> Tensor:
+    """:func:`channel_matrices` in the weight's own dtype (a view where the layout allows)."""
     _check_order(order)
     out_channels, in_per_group = weight.shape[:2]
     area = math.prod(weight.shape[2:])
-    w = weight.detach().to(torch.float64)
+    w = weight.detach()
     if order == "pw-dw":
         return w.reshape(out_channels, in_per_group, area)
     out_per_group = out_channels // groups
@@ -59,15 +65,34 @@ def channel_matrices(weight: Tensor, groups: int, order: str) -> Tensor:
     return w.reshape(groups * in_per_group, out_per_group, area)
 
 
+# Matrices per batched SVD call are capped so that the float64 copy of the
+# input (and LAPACK's workspace, about as large again) stays near 8 MB:
+# converting resnet50's largest conv peaked at 6x its weight's size in one call.
+_SVD_CHUNK_ELEMENTS = 1 << 20
+
+
 def _svd(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched thin SVD with a deterministic sign for every singular pair."""
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    """Batched thin float64 SVD with a deterministic sign for every singular pair.
+
+    ``matrices`` may be in any floating dtype; each chunk is promoted to
+    float64 only while it is decomposed.
+    """
+    batch, rows, cols = matrices.shape
+    q = min(rows, cols)
+    opts: dict[str, Any] = {"dtype": torch.float64, "device": matrices.device}
+    u = torch.empty(batch, rows, q, **opts)
+    s = torch.empty(batch, q, **opts)
+    vh = torch.empty(batch, q, cols, **opts)
+    step = max(1, _SVD_CHUNK_ELEMENTS // max(1, rows * cols))
+    for i in range(0, batch, step):
+        chunk = matrices[i : i + step].to(torch.float64)
+        torch.linalg.svd(chunk, full_matrices=False, out=(u[i : i + step], s[i : i + step], vh[i : i + step]))
     # Singular vectors are defined up to sign; pin it (largest |entry| of each
     # right vector positive) so the same weight always gives the same factors.
     pivot = vh.abs().argmax(dim=-1, keepdim=True)
     sign = torch.sign(torch.gather(vh, -1, pivot))
     sign[sign == 0] = 1.0
-    return u * sign.transpose(-1, -2), s, vh * sign
+    return u.mul_(sign.transpose(-1, -2)), s, vh.mul_(sign)
 
 
 def singular_values(weight: Tensor, groups: int, order: str) -> Tensor:
@@ -111,7 +136,7 @@ class Factorization:
 
     @classmethod
     def of(cls, weight: Tensor, groups: int, order: str) -> Factorization:
-        u, s, vh = _svd(channel_matrices(weight, groups, order))
+        u, s, vh = _svd(_channel_stack(weight, order, groups))
         return cls(u, s, vh, tuple(weight.shape), groups, order, weight.dtype, weight.device)
 
     @property

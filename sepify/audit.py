@@ -33,7 +33,7 @@ from sepify.candidates import ConvSite
 from sepify.cost import conv_params, exact_rank, separable_params
 from sepify.decompose import ORDERS, Factorization
 from sepify.errors import ConfigError, SepifyError
-from sepify.modules import LAYOUTS, PairTiming, SeparableConv2d
+from sepify.modules import PairTiming, SeparableConv2d
 from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state
@@ -67,7 +67,7 @@ class AuditOption:
     refit_error: float | None = None  # the same after a least-squares refit of the last factor (calibration)
     latency_before: float | None = None  # seconds, median, original conv
     latency_after: float | None = None  # seconds, median, the pair in its fastest layout
-    layout: str = "grouped"  # the layout latency_after was measured in (see SeparableConv2d.layouts)
+    layout: str | None = None  # the fastest layout, where the pair has a choice and latency was measured
 
     @property
     def latency_ratio(self) -> float | None:
@@ -557,7 +557,7 @@ def audit(
                 opts.append(AuditOption(r, order, p, m, f.relative_error(r), layer_err[r - 1] if layer_err else None,
                                         refits.get((site.qualname, order), {}).get(r),
                                         timing.conv if timing else None, timing.pair if timing else None,
-                                        timing.layout if timing else LAYOUTS[0]))  # fmt: skip
+                                        timing.layout if timing else None))  # fmt: skip
             if reference is not None:
                 rank1 = [o for o in opts if o.rank == 1]
                 if rank1:

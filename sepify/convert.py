@@ -307,8 +307,8 @@ def convert(
                 continue
         pair = SeparableConv2d.from_conv(conv, choice.rank, choice.order, factorization=choice.factorization)
         timing = None
-        if plan is not None:
-            _apply_planned_layout(pair, site.qualname, plan[site.qualname].layout)
+        if plan is not None and plan[site.qualname].layout is not None:
+            _apply_planned_layout(pair, site.qualname, str(plan[site.qualname].layout))
         if latency or skip_slower:
             timing = pair.time(site.call.input_shape, latency_reps, against=conv)
         elif tune_layout:
@@ -329,7 +329,7 @@ def convert(
             params_after=choice.params,
             macs_after=choice.macs,
             weight_error=choice.weight_error,
-            layout=pair.layout,
+            layout=pair.layout if len(pair.layouts) > 1 else None,
             **timed,
         )
         rows.append(row)

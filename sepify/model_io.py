@@ -473,7 +473,8 @@ def load(
             raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
         pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
         try:
-            pair.layout = layer.layout
+            if layer.layout is not None:
+                pair.layout = layer.layout
         except ValueError as e:
             raise ModelLoadError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
         replace_submodule(model, name, pair)

@@ -20,7 +20,7 @@ LAYOUTS = ("grouped", "rank-major")
 class PairTiming(NamedTuple):
     """Median seconds of a pair in its fastest layout, and of the conv it replaces (if timed)."""
 
-    layout: str
+    layout: str | None  # the faster layout, None where the pair has only one
     pair: float
     conv: float | None
 
@@ -90,11 +90,9 @@ class SeparableConv2d(nn.Module):
         self.order = order
         self.rank = rank
         self.groups = groups
-        # How pw-dw at rank > 1 runs its depthwise step: "grouped" (one conv,
-        # `rank` inputs per group) or "rank-major" (`rank` true depthwise
-        # convs summed). Same result; which is faster depends on the shape
-        # (see tune_layout). Not a parameter: state_dict is the same for both.
-        self._layout = LAYOUTS[0]
+        # How the depthwise step runs at rank > 1 (see `layouts`). Not a
+        # parameter: state_dict is the same for every layout.
+        self._layout = self.default_layout
         if order == "dw-pw":
             self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
             self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
@@ -199,10 +197,8 @@ class SeparableConv2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.order == "dw-pw" and self.rank > 1 and self.groups == 1:
-            return self._forward_split(x)
-        if self.layout == "rank-major":
-            return self._forward_rank_major(x)
+        if self._layout == "rank-major":
+            return self._forward_split(x) if self.order == "dw-pw" else self._forward_rank_major(x)
         first, second = (self.conv_dw, self.conv_pw) if self.order == "dw-pw" else (self.conv_pw, self.conv_dw)
         y: Tensor = second(first(x))
         return y
@@ -211,9 +207,10 @@ class SeparableConv2d(nn.Module):
         """dw-pw at rank r > 1 as r true depthwise convs (depth multiplier 1) and one pointwise conv.
 
         Same parameters and result as ``conv_pw(conv_dw(x))``, but a depthwise
-        conv with a depth multiplier misses the fast depthwise kernels: measured
-        here (1 CPU thread) 2-9x slower than r multiplier-1 convs concatenated
-        (benchmarks/latency.py, docs/benchmarks.md). The pointwise weight is
+        conv with a depth multiplier often misses the fast depthwise kernels:
+        measured here (1 CPU thread) 2-9x slower than r multiplier-1 convs
+        concatenated on resnet50 and crepe layers (docs/benchmarks.md), though
+        slower on layers with 3 input channels. The pointwise weight is
         permuted to the concatenation's rank-major channel order.
         """
         dw, pw = self.conv_dw, self.conv_pw
@@ -236,9 +233,13 @@ class SeparableConv2d(nn.Module):
         return y
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # pairs pickled before `layout` became a checked property stored it as a plain attribute
-        state.setdefault("_layout", state.pop("layout", LAYOUTS[0]))
+        # Pairs pickled before `layout` became a checked property stored it as
+        # a plain attribute, and their dw-pw pairs ran rank-major whatever it said.
+        old = state.pop("layout", None)
+        state.setdefault("_layout", "rank-major" if old == "rank-major" else None)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
+        if self._layout is None:
+            self._layout = self.default_layout
 
     @property
     def layout(self) -> str:
@@ -256,10 +257,25 @@ class SeparableConv2d(nn.Module):
 
     @property
     def layouts(self) -> tuple[str, ...]:
-        """The equivalent ways this pair can run; only pw-dw at rank > 1 with ``groups == 1`` has two."""
-        if self.order == "pw-dw" and self.rank > 1 and self.groups == 1:
+        """The equivalent ways this pair can run; only pairs at rank > 1 with ``groups == 1`` have two.
+
+        * ``"grouped"``: the depthwise step is one conv, with a depth
+          multiplier ``rank`` (dw-pw) or ``rank`` inputs per group (pw-dw).
+        * ``"rank-major"``: it is ``rank`` true depthwise convs (depth
+          multiplier 1), concatenated (dw-pw) or summed (pw-dw).
+
+        Neither is always faster (CPU kernels for depthwise convs with a
+        multiplier are often slow, but splitting costs a pass per rank
+        component); :meth:`time` measures both at a real input shape.
+        """
+        if self.rank > 1 and self.groups == 1:
             return LAYOUTS
         return LAYOUTS[:1]
+
+    @property
+    def default_layout(self) -> str:
+        """``"rank-major"`` for dw-pw where available (faster on most shapes measured), else ``"grouped"``."""
+        return "rank-major" if self.order == "dw-pw" and len(self.layouts) > 1 else "grouped"
 
     def time(self, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None) -> PairTiming:
         """Time every layout (and ``against``, the conv it replaces) at ``input_shape``; keep the fastest layout.
@@ -274,6 +290,8 @@ class SeparableConv2d(nn.Module):
             >>> timing = sep.time((1, 8, 16, 16), reps=3, against=conv)
             >>> timing.layout == sep.layout, timing.pair > 0, timing.conv > 0
             (True, True, True)
+            >>> SeparableConv2d.from_conv(conv, rank=1).time((1, 8, 16, 16), reps=3).layout is None
+            True
         """
         w = self.conv_dw.weight
         x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
@@ -294,18 +312,19 @@ class SeparableConv2d(nn.Module):
             times = interleaved_medians(fns, reps, warmup=2, device=w.device)
         best = min(range(len(layouts)), key=times.__getitem__)
         self.layout = layouts[best]
-        return PairTiming(self.layout, times[best], times[-1] if against is not None else None)
+        chosen = self.layout if len(layouts) > 1 else None
+        return PairTiming(chosen, times[best], times[-1] if against is not None else None)
 
     def tune_layout(self, input_shape: tuple[int, ...], reps: int = 7) -> str:
-        """Time the equivalent layouts at ``input_shape`` and keep the faster; returns it.
+        """Time the equivalent layouts (:attr:`layouts`) at ``input_shape`` and keep the faster; returns it.
 
         The layouts compute the same function, but not bit for bit the same
         floats, so tuning makes outputs depend on timing: it is opt-in.
         """
-        if len(self.layouts) == 1:
-            return self.layout
-        return self.time(input_shape, reps).layout
+        if len(self.layouts) > 1:
+            self.time(input_shape, reps)
+        return self.layout
 
     def extra_repr(self) -> str:
-        layout = f", layout={self.layout!r}" if self.layout != "grouped" else ""
+        layout = f", layout={self.layout!r}" if self.layout != self.default_layout else ""
         return f"order={self.order!r}, rank={self.rank}{layout}"

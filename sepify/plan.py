@@ -27,27 +27,26 @@ _LAYOUTS = ("grouped", "rank-major")  # sepify.modules.LAYOUTS; plan.py stays fr
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What to do with one conv: its depth multiplier, order and layout.
+    """What to do with one conv: its depth multiplier, order and (optionally) layout.
 
-    ``layout`` is ``"grouped"`` or, for pw-dw at rank > 1, ``"rank-major"``
-    (see :attr:`SeparableConv2d.layouts`): same function, different speed.
+    ``layout`` is ``"grouped"`` or ``"rank-major"`` for pairs at rank > 1
+    (see :attr:`SeparableConv2d.layouts`: same function, different speed);
+    None runs the pair's default layout.
     """
 
     rank: int
     order: str
-    layout: str = "grouped"
+    layout: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"a plan's rank must be a positive integer, got {self.rank!r}")
         if self.order not in _ORDERS:
             raise ConfigError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
-        if self.layout not in _LAYOUTS:
+        if self.layout is not None and self.layout not in _LAYOUTS:
             raise ConfigError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
-        if self.layout != _LAYOUTS[0] and (self.order, self.rank > 1) != ("pw-dw", True):
-            raise ConfigError(
-                f"layout {self.layout!r} exists only for pw-dw at rank > 1, got {self.order} rank {self.rank}"
-            )
+        if self.layout is not None and self.rank == 1:
+            raise ConfigError(f"a plan's layout applies only at rank > 1, got layout {self.layout!r} at rank 1")
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class Plan(JsonExportable):
         for name, spec in layers.items():
             if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
                 raise ConfigError(f'{source}: layer {name!r} needs a "rank" and an "order"')
-            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout", _LAYOUTS[0]))
+            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout"))
         return cls(parsed, dict(data.get("meta", {})))
 
     @classmethod
@@ -137,8 +136,8 @@ class Plan(JsonExportable):
 
 
 def _layer_dict(layer: LayerPlan) -> dict[str, Any]:
-    """The default layout is left out, so plans without layout choices read as before."""
+    """No layout, no key: plans without layout choices read as they always did."""
     d: dict[str, Any] = {"rank": layer.rank, "order": layer.order}
-    if layer.layout != _LAYOUTS[0]:
+    if layer.layout is not None:
         d["layout"] = layer.layout
     return d

@@ -122,7 +122,7 @@ class LayerReport:
     rank_capped: bool = False
     order: str | None = None
     weight_error: float | None = None
-    layout: str | None = None  # how the pair runs (SeparableConv2d.layouts)
+    layout: str | None = None  # how the pair runs, where it has a choice (SeparableConv2d.layouts)
     latency_before: float | None = None  # seconds, median, the conv at its input shape (latency=True)
     latency_after: float | None = None  # seconds, median, the pair, timed interleaved with the conv
 
@@ -237,7 +237,7 @@ class ConversionReport(JsonExportable):
     def to_plan(self) -> Plan:
         """The plan that reproduces this conversion (converted layers only)."""
         return Plan({
-            r.name: LayerPlan(int(r.rank), str(r.order), r.layout or "grouped")
+            r.name: LayerPlan(int(r.rank), str(r.order), r.layout)
             for r in self.converted if r.rank and r.order
         })  # fmt: skip
 

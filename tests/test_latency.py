@@ -42,8 +42,9 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
 
     def fake(self: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None):
         calls.append((self.order, self.rank, tuple(input_shape)))
-        chosen = layout if layout in self.layouts else "grouped"
-        self.layout = chosen
+        if len(self.layouts) > 1:
+            self.layout = layout
+        chosen = self.layout if len(self.layouts) > 1 else None  # the real contract: None where there is no choice
         return PairTiming(chosen, pair_s[self.order], 1.0 if against is not None else None)
 
     monkeypatch.setattr(SeparableConv2d, "time", fake)
@@ -55,13 +56,32 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
 
 def test_layouts_exist_only_where_they_differ() -> None:
     conv = nn.Conv2d(6, 8, 3)
-    assert SeparableConv2d.from_conv(conv, 2, "pw-dw").layouts == ("grouped", "rank-major")
-    assert SeparableConv2d.from_conv(conv, 1, "pw-dw").layouts == ("grouped",)
-    assert SeparableConv2d.from_conv(conv, 2, "dw-pw").layouts == ("grouped",)
-    assert SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, "pw-dw").layouts == ("grouped",)
-    sep = SeparableConv2d.from_conv(conv, 2, "dw-pw")
-    with pytest.raises(ValueError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2"):
+    for order, default in (("pw-dw", "grouped"), ("dw-pw", "rank-major")):
+        sep = SeparableConv2d.from_conv(conv, 2, order)
+        assert sep.layouts == ("grouped", "rank-major") and sep.layout == sep.default_layout == default
+        assert SeparableConv2d.from_conv(conv, 1, order).layouts == ("grouped",)
+        assert SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, order).layouts == ("grouped",)
+    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, "dw-pw")
+    with pytest.raises(
+        ValueError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2 with groups 2"
+    ):
         sep.layout = "rank-major"
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("rank", [3, "full"])
+def test_every_layout_computes_the_same_function(order: str, rank: int | str) -> None:
+    conv = nn.Conv2d(5, 7, (3, 2), stride=(2, 1), padding=1, dtype=torch.float64)
+    sep = SeparableConv2d.from_conv(conv, rank, order)
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = {}
+        for layout in sep.layouts:
+            sep.layout = layout
+            outputs[layout] = sep(x)
+        torch.testing.assert_close(outputs["grouped"], outputs["rank-major"], rtol=1e-12, atol=1e-12)
+        if rank == "full":
+            torch.testing.assert_close(outputs["grouped"], conv(x), rtol=1e-10, atol=1e-10)
 
 
 def test_real_timer_keeps_the_fastest_layout_and_times_the_conv() -> None:
@@ -73,26 +93,31 @@ def test_real_timer_keeps_the_fastest_layout_and_times_the_conv() -> None:
     assert sep.time((1, 8, 12, 12), reps=3).conv is None
 
 
-def test_pairs_pickled_with_a_plain_layout_attribute_still_load() -> None:
-    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, "pw-dw")
-    sep.layout = "rank-major"
+@pytest.mark.parametrize(
+    ("order", "stored", "runs"),
+    [("pw-dw", "rank-major", "rank-major"), ("pw-dw", "grouped", "grouped"), ("dw-pw", "grouped", "rank-major")],
+)
+def test_pairs_pickled_with_a_plain_layout_attribute_still_load(order: str, stored: str, runs: str) -> None:
+    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, order)
     state = dict(sep.__dict__)
-    state["layout"] = state.pop("_layout")  # how sepify before the layout property stored it
+    del state["_layout"]
+    state["layout"] = stored  # how sepify stored it before the checked property; its dw-pw ran rank-major
     old = SeparableConv2d.__new__(SeparableConv2d)
     old.__setstate__(state)
-    assert old.layout == "rank-major"
-    assert pickle.loads(pickle.dumps(sep)).layout == "rank-major"
+    assert old.layout == runs
+    sep.layout = "grouped"
+    assert pickle.loads(pickle.dumps(sep)).layout == "grouped"
 
 
 # -- plans carry the layout -----------------------------------------------------------------
 
 
-def test_plan_json_keeps_a_layout_and_omits_the_default() -> None:
+def test_plan_json_keeps_a_layout_and_omits_none() -> None:
     plan = sepify.Plan({"a": sepify.LayerPlan(2, "pw-dw", "rank-major"), "b": sepify.LayerPlan(1, "dw-pw")})
     text = plan.to_json()
     assert '"layout": "rank-major"' in text and text.count('"layout"') == 1
     again = sepify.Plan.from_json(text)
-    assert again == plan and again["a"].layout == "rank-major" and again["b"].layout == "grouped"
+    assert again == plan and again["a"].layout == "rank-major" and again["b"].layout is None
     assert plan != sepify.Plan({"a": sepify.LayerPlan(2, "pw-dw"), "b": sepify.LayerPlan(1, "dw-pw")})
 
 
@@ -100,8 +125,8 @@ def test_plan_json_keeps_a_layout_and_omits_the_default() -> None:
     ("layout", "rank", "order", "message"),
     [
         ("sideways", 2, "pw-dw", "a plan's layout must be one of ('grouped', 'rank-major'), got 'sideways'"),
-        ("rank-major", 2, "dw-pw", "layout 'rank-major' exists only for pw-dw at rank > 1, got dw-pw rank 2"),
-        ("rank-major", 1, "pw-dw", "layout 'rank-major' exists only for pw-dw at rank > 1, got pw-dw rank 1"),
+        ("rank-major", 1, "pw-dw", "a plan's layout applies only at rank > 1, got layout 'rank-major' at rank 1"),
+        ("grouped", 1, "dw-pw", "a plan's layout applies only at rank > 1, got layout 'grouped' at rank 1"),
     ],
 )
 def test_impossible_layouts_are_refused(layout: str, rank: int, order: str, message: str) -> None:
@@ -111,20 +136,23 @@ def test_impossible_layouts_are_refused(layout: str, rank: int, order: str, mess
 
 
 def test_convert_applies_the_planned_layout(net: nn.Module, x: torch.Tensor) -> None:
-    plan = sepify.Plan({"2": sepify.LayerPlan(3, "pw-dw", "rank-major"), "4": sepify.LayerPlan(2, "pw-dw")})
+    plan = sepify.Plan({
+        "2": sepify.LayerPlan(3, "pw-dw", "rank-major"), "4": sepify.LayerPlan(2, "dw-pw", "grouped"),
+        "0": sepify.LayerPlan(2, "dw-pw"),
+    })  # fmt: skip
     result = sepify.convert(net, x, plan=plan)
     assert result.model.get_submodule("2").layout == "rank-major"
     assert result.model.get_submodule("4").layout == "grouped"
-    assert result.report.layer("2").layout == "rank-major"
-    assert result.report.to_plan() == plan  # what convert did is what --plan-out writes
-    reference = sepify.convert(
-        net, x, plan=sepify.Plan({k: sepify.LayerPlan(v.rank, v.order) for k, v in plan.layers.items()})
-    )
-    torch.testing.assert_close(result.model(x), reference.model(x), rtol=1e-5, atol=1e-6)
+    assert result.model.get_submodule("0").layout == "rank-major"  # dw-pw's default
+    assert [result.report.layer(n).layout for n in ("2", "4", "0")] == ["rank-major", "grouped", "rank-major"]
+    again = result.report.to_plan()  # what --plan-out writes: the layouts that ran, explicitly
+    assert again["2"] == plan["2"] and again["4"] == plan["4"] and again["0"].layout == "rank-major"
+    defaults = sepify.Plan({k: sepify.LayerPlan(v.rank, v.order) for k, v in plan.layers.items()})
+    torch.testing.assert_close(result.model(x), sepify.convert(net, x, plan=defaults).model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_planned_layout_that_does_not_fit_the_conv_is_a_sentence(x: torch.Tensor) -> None:
-    grouped = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)).eval()
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)).eval()  # no choice there
     plan = sepify.Plan({"2": sepify.LayerPlan(2, "pw-dw", "rank-major")})
     with pytest.raises(
         sepify.ConfigError, match=r"the plan's layout for '2' does not fit its pair: layout 'rank-major'"
@@ -138,10 +166,10 @@ def test_audit_plans_the_layout_it_timed(net: nn.Module, x: torch.Tensor, monkey
     assert ("pw-dw", 2, (2, 16, 16, 16)) in calls  # each option timed at its layer's real input shape
     option = report.layer("2").option(2, "pw-dw")
     assert option.layout == "rank-major" and option.latency_ratio == 0.25
-    assert report.layer("2").option(1, "pw-dw").layout == "grouped"  # rank 1 has one layout
+    assert report.layer("2").option(1, "pw-dw").layout is None  # rank 1 has one layout: nothing to plan
     plan = report.plan(max_mac_ratio=0.9)
     assert any(lp.layout == "rank-major" for lp in plan.layers.values())
-    assert all(lp.layout == "rank-major" or lp.rank == 1 for lp in plan.layers.values())
+    assert all(lp.layout == ("rank-major" if lp.rank > 1 else None) for lp in plan.layers.values())
 
 
 def test_load_rebuilds_the_planned_layout(net: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:

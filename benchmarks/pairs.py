@@ -63,8 +63,9 @@ def main() -> None:
                 every = sepify.convert(model, x, rank=rank, order=order, latency=True, latency_reps=args.reps)
                 rows = every.report.converted
                 faster = [r for r in rows if (r.latency_ratio or 1.0) < 1.0]
-                plan = sepify.Plan({r.name: sepify.LayerPlan(int(r.rank or 1), order, r.layout or "grouped")
-                                    for r in faster})  # fmt: skip
+                plan = sepify.Plan(
+                    {k: v for k, v in every.report.to_plan().layers.items() if k in {r.name for r in faster}}
+                )
                 kept = sepify.convert(model, x, plan=plan) if faster else None
                 pair_time = sum(r.latency_after or 0.0 for r in rows)
                 conv_time = sum(r.latency_before or 0.0 for r in rows)

@@ -210,7 +210,8 @@ class SeparableConv2d(nn.Module):
         conv with a depth multiplier often misses the fast depthwise kernels:
         measured here (1 CPU thread) 2-9x slower than r multiplier-1 convs
         concatenated on resnet50 and crepe layers (docs/benchmarks.md), though
-        slower on layers with 3 input channels. The pointwise weight is
+        on layers with 3 input channels the one multiplier conv ("grouped")
+        was faster. The pointwise weight is
         permuted to the concatenation's rank-major channel order.
         """
         dw, pw = self.conv_dw, self.conv_pw

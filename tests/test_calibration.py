@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import sepify
+from sepify import refine
 from sepify.calibration import calibration_batches
 from sepify.datasets import CalibrationLoadError, load_calibration
 from sepify.distill import distill
-from sepify.refine import refine_pairs
+from sepify.refine import _TeacherOutputs, capture, refine_pairs
 
 # -- data --------------------------------------------------------------------------
 
@@ -107,6 +108,39 @@ def test_refit_is_never_worse_on_heldout_data() -> None:
     assert list(stages) == ["init", "refined"]
     assert stages["refined"] is not None and stages["init"] is not None
     assert stages["refined"] <= stages["init"]
+
+
+def _deep_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize(("budget", "passes"), [(1, 4), (1 << 40, 1)])
+def test_teacher_outputs_match_one_capture_per_layer(budget: int, passes: int) -> None:
+    net = _deep_net()
+    batches = [(torch.randn(3, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
+    names = ["0", "2", "4", "6"]
+    outputs = _TeacherOutputs(net, names, batches, budget)
+    for name in names:
+        got = outputs.take(name)
+        expected = [capture(net, net.get_submodule(name), b, output=True) for b in batches]
+        assert len(got) == len(expected) == 2
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert outputs.passes == passes  # a budget of one byte still takes one layer per pass
+    assert outputs.cache == {}  # each layer's outputs are handed over once
+
+
+def test_refit_does_not_depend_on_how_targets_are_batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(40, 3, 8, 8)
+    reports = []
+    for budget in (1, 1 << 40):
+        monkeypatch.setattr(refine, "_TARGET_BYTES", budget)
+        reports.append(sepify.convert(_deep_net(), x[:2], rank=1, calibration=x).report)
+    assert [s.output_error for s in reports[0].fidelity] == [s.output_error for s in reports[1].fidelity]
 
 
 # -- a real trained model ------------------------------------------------------------

@@ -11,8 +11,9 @@ the best rank-r approximation in the Frobenius norm):
   ``(Cin/g, kh*kw)``; the pointwise conv holds the left singular vectors,
   the depthwise (grouped) conv the right ones.
 
-All channels are factorised in one batched ``torch.linalg.svd`` call in
-float64; the factors are cast back to the weight's dtype at the end.
+All channels are factorised by batched ``torch.linalg.svd`` calls in
+float64, in chunks of about 8 MB of input (one call for most layers); the
+factors are cast back to the weight's dtype at the end.
 Plain tensors only: no modules, no fx.
 """
 

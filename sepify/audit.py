@@ -36,11 +36,10 @@ from sepify.errors import ConfigError, SepifyError
 from sepify.modules import PairTiming, SeparableConv2d
 from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
-from sepify.probe import describe_inputs, preserved_state
+from sepify.probe import describe_inputs, preserved_state, time_forwards
 from sepify.refine import refit_errors
 from sepify.report import JsonExportable, SkipReason, format_count, markdown_table, text_table, tuples_as_lists
 from sepify.rewrite import replace_submodule
-from sepify.timing import interleaved_medians
 from sepify.verify import output_error
 
 __all__ = ["audit", "AuditReport", "AuditLayer", "AuditOption", "BudgetError"]
@@ -535,7 +534,7 @@ def audit(
     rows: list[AuditLayer] = []
     model_latency = None
     if latency:
-        model_latency = _time_model(analysis.target, args, latency_reps)
+        (model_latency,) = time_forwards([analysis.target], args, latency_reps)
     n = len(analysis.sites)
     for i, site in enumerate(analysis.sites):
         report_progress("auditing layers", i, n)
@@ -652,11 +651,6 @@ def _model_error_rank1(
     return output_error(reference, out)
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else None
-
-
 def _time_options(
     site: ConvSite,
     options: list[tuple[str, int, int, int]],
@@ -671,9 +665,3 @@ def _time_options(
         pair = SeparableConv2d.from_conv(conv, r, order, factorization=factorization).eval()
         times[(order, r)] = pair.time(site.call.input_shape, reps, against=conv)
     return times
-
-
-def _time_model(module: nn.Module, args: tuple[Any, ...], reps: int) -> float:
-    with preserved_state(module), torch.no_grad():
-        (t,) = interleaved_medians([lambda: module(*args)], reps, device=_device_of(module))
-    return t

@@ -22,7 +22,7 @@ from sepify.distill import LOSSES, distill
 from sepify.errors import ConfigError, InputShapeError
 from sepify.modules import SeparableConv2d
 from sepify.plan import Plan
-from sepify.probe import describe_inputs, probe
+from sepify.probe import describe_inputs, probe, time_forwards
 from sepify.refine import refine_pairs, refresh_batchnorm
 from sepify.report import ConversionReport, FidelityStage, LayerReport, SkipReason
 from sepify.rewrite import swap_modules
@@ -242,8 +242,10 @@ def convert(
             choice depends on timing.
         latency: time each pair against the conv it replaces at the layer's
             input shape (interleaved medians, in its fastest layout, so this
-            implies ``tune_layout``); the report gets per-layer time ratios
-            and realisation (time ratio / MAC ratio).
+            implies ``tune_layout``), and the whole converted model against
+            the original on ``example_inputs``; the report gets per-layer
+            time ratios and realisation (time ratio / MAC ratio) and the
+            whole-model ``latency_ratio``.
         skip_slower: implies ``latency``; leave a conv alone (skip reason
             ``slower``) when its pair was not faster. Timings are of this
             machine, thread count and batch size (the example inputs').
@@ -355,6 +357,14 @@ def convert(
     elif calibration is not None:
         notes.append("calibration data was given but no conv was converted, so nothing was refined")
     after = probe(target, args, what="converted model")
+    model_times: list[float | None] = [None, None]
+    if latency or skip_slower:
+        # the caller's model is the original unless inplace converted it; then the teacher copy (if any) is
+        original = model if not inplace else teacher
+        if original is not None:
+            model_times = list(time_forwards([original, target], args, latency_reps))
+        else:
+            notes.append("whole-model latency not measured: inplace=True left no original model to time against")
 
     lifted_note = (
         [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: "
@@ -375,6 +385,8 @@ def convert(
         top1_agreement=top1_agreement(analysis.before.output, after.output),
         notes=tuple(lifted_note + notes),
         fidelity=stages,
+        latency_before=model_times[0],
+        latency_after=model_times[1],
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     return ConversionResult(model=target, report=report)

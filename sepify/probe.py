@@ -12,7 +12,7 @@ forked with a fixed seed, so two probes see the same dropout masks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sepify.errors import InputShapeError
+from sepify.timing import interleaved_medians
 
-__all__ = ["ConvCall", "ProbeResult", "probe", "preserved_state", "describe_inputs"]
+__all__ = ["ConvCall", "ProbeResult", "probe", "preserved_state", "describe_inputs", "time_forwards"]
 
 
 @dataclass
@@ -66,6 +67,17 @@ def preserved_state(module: nn.Module, seed: int = 0) -> Iterator[None]:
                 for buffer, value in saved:
                     if buffer.shape == value.shape:
                         buffer.copy_(value)
+
+
+def time_forwards(modules: Sequence[nn.Module], args: tuple[Any, ...], reps: int) -> list[float]:
+    """Median seconds of each module's forward on ``args``, interleaved, without gradients; buffers restored."""
+    param = next((p for m in modules for p in m.parameters()), None)
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(preserved_state(m))
+        stack.enter_context(torch.no_grad())
+        fns = [lambda m=m: m(*args) for m in modules]
+        return interleaved_medians(fns, reps, device=param.device if param is not None else None)
 
 
 def describe_inputs(args: tuple[Any, ...]) -> str:

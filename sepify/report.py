@@ -63,8 +63,8 @@ def format_count(n: float | int | None) -> str:
     return f"{n:g}" if isinstance(n, float) else str(n)
 
 
-def _ratio(after: int, before: int) -> float | None:
-    return after / before if before else None
+def _ratio(after: float | None, before: float | None) -> float | None:
+    return after / before if after is not None and before else None
 
 
 def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:
@@ -200,8 +200,15 @@ class ConversionReport(JsonExportable):
     top1_agreement: float | None = None
     notes: tuple[str, ...] = ()
     fidelity: tuple[FidelityStage, ...] = ()
+    latency_before: float | None = None  # seconds, median whole-model forward on the example inputs (latency=True)
+    latency_after: float | None = None  # the converted model's, timed interleaved with the original
 
     # -- totals ---------------------------------------------------------
+    @property
+    def latency_ratio(self) -> float | None:
+        """Converted / original whole-model time on the example inputs, when measured."""
+        return _ratio(self.latency_after, self.latency_before)
+
     @property
     def conv_params_before(self) -> int:
         return sum(layer.params_before for layer in self.layers)
@@ -271,6 +278,7 @@ class ConversionReport(JsonExportable):
                 "skipped": len(self.skipped),
             },
             "verification": {"output_error": self.output_error, "top1_agreement": self.top1_agreement},
+            "latency": {"before": self.latency_before, "after": self.latency_after, "ratio": self.latency_ratio},
             "fidelity": [stage.to_dict() for stage in self.fidelity],
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -347,6 +355,11 @@ class ConversionReport(JsonExportable):
             if st.top1_agreement is not None:
                 text += f"; top-1 agreement {100 * st.top1_agreement:.1f}%"
             lines.append(text)
+        if self.latency_before is not None and self.latency_after is not None:
+            lines.append(
+                f"whole model: {1e3 * self.latency_before:.2f} ms -> {1e3 * self.latency_after:.2f} ms "
+                f"({100 * (self.latency_ratio or 0.0):.1f}%; medians on the example inputs, interleaved)"
+            )
         if timed := [r for r in self.layers if r.latency_before is not None and r.latency_after is not None]:
             before = sum(r.latency_before or 0.0 for r in timed)
             after = sum((r.latency_after if r.converted else r.latency_before) or 0.0 for r in timed)

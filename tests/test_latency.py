@@ -206,6 +206,22 @@ def test_convert_reports_per_layer_time_and_realisation(net: nn.Module, x: torch
     text = str(report)
     assert "realisation" in text and "timed convs:" in text
     assert report.to_dict()["layers"][0]["realisation"] == report.layers[0].realisation
+    assert report.latency_before is not None and report.latency_before > 0
+    assert report.latency_after is not None and report.latency_after > 0
+    assert report.latency_ratio == report.latency_after / report.latency_before
+    assert report.to_dict()["latency"]["ratio"] == report.latency_ratio
+    assert f"whole model: {1e3 * report.latency_before:.2f} ms -> " in text
+
+
+def test_whole_model_time_needs_an_original(net: nn.Module, x: torch.Tensor) -> None:
+    report = sepify.convert(copy.deepcopy(net), x, inplace=True, latency=True, latency_reps=2).report
+    assert report.latency_before is None and report.latency_ratio is None
+    assert "whole-model latency not measured: inplace=True left no original model to time against" in report.notes
+    calibrated = sepify.convert(
+        copy.deepcopy(net), x, inplace=True, latency=True, latency_reps=2, calibration=torch.randn(10, 3, 16, 16)
+    ).report
+    assert calibrated.latency_ratio is not None  # the calibration teacher is the original then
+    assert sepify.convert(net, x).report.latency_before is None  # not timed unless asked
 
 
 def test_skip_slower_keeps_the_conv_where_the_pair_lost(

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from sepify.decompose import Factorization
 from sepify.modules import SeparableConv2d
@@ -40,6 +40,7 @@ ProgressFn = Callable[[str, int, int], None]
 _RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
 _GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
 _TARGET_BYTES = 1 << 28  # teacher outputs held at once for several layers (at least one layer's)
+_RESUME_BYTES = 1 << 28  # student states kept to resume each batch's forward from the previous pair
 
 
 class _Stop(Exception):
@@ -325,6 +326,7 @@ def refine_pairs(
     batches = [*fit, *heldout]
     wanted = [name for name, pair in pairs if _gram_bytes(pair) <= _GRAM_BYTES]
     targets = _TeacherOutputs(teacher, wanted, batches, _TARGET_BYTES)
+    inputs = _StudentInputs.for_model(student, wanted, batches, _RESUME_BYTES)
     for i, (name, pair) in enumerate(pairs):
         if progress is not None:
             progress("refining layers", i, len(pairs))
@@ -335,7 +337,7 @@ def refine_pairs(
         train, held = _Normal(), _Normal()
         with torch.no_grad():
             for k, args in enumerate(batches):
-                x = capture(student, pair, args, output=False)
+                x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
                 _add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
         assert held.yy is not None
         norm = float(held.yy.sum()) ** 0.5 or 1.0
@@ -357,6 +359,72 @@ def refine_pairs(
     if progress is not None:
         progress("refining layers", len(pairs), len(pairs))
     return RefineResult(results, skipped)
+
+
+class _StudentInputs:
+    """Each pair's input on every batch, resuming the student's forward from the previous pair.
+
+    Pairs are refit in execution order, and everything upstream of the pair
+    being refit is final. So for a GraphModule student each batch's forward is
+    run node by node (``fx.Interpreter``) and stopped at the pair's node; the
+    values still needed downstream (the pair's input, skip connections) are
+    kept, and the next pair's inputs come from resuming there: about one
+    forward pass over the data in all, instead of one partial pass per pair.
+    Batches whose kept values would overflow ``budget`` bytes are run from
+    the start each time instead (early layers of large images). Only for
+    students where every pair is a ``call_module`` node; others use
+    :func:`capture`.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, names: Sequence[str], batches: Sequence[tuple[Any, ...]],
+                 budget: int) -> None:  # fmt: skip
+        self.interpreter = fx.Interpreter(graph_module)
+        self.nodes = list(graph_module.graph.nodes)
+        self.position = {n.target: i for i, n in reversed(list(enumerate(self.nodes))) if n.op == "call_module"}
+        last_use: dict[fx.Node, int] = {}
+        for i, node in enumerate(self.nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = i
+        self.last_use = last_use
+        self.batches = batches
+        self.budget = budget
+        self.states: list[tuple[int, dict[fx.Node, Any]] | None] = [None] * len(batches)
+        self.kept = [0] * len(batches)  # bytes held per batch
+
+    @classmethod
+    def for_model(cls, student: nn.Module, names: Sequence[str], batches: Sequence[tuple[Any, ...]],
+                  budget: int) -> _StudentInputs | None:  # fmt: skip
+        if not isinstance(student, fx.GraphModule) or budget <= 0:
+            return None
+        targets = {n.target for n in student.graph.nodes if n.op == "call_module"}
+        return cls(student, names, batches, budget) if all(name in targets for name in names) else None
+
+    def get(self, name: str, index: int) -> Tensor:
+        """The input of pair ``name`` on batch ``index``, with every pair before it as it is now."""
+        stop = self.position[name]
+        state = self.states[index]
+        start, env = state if state is not None and state[0] <= stop else (0, {})
+        interp = self.interpreter
+        interp.env = env
+        if start == 0:
+            interp.args_iter = iter(self.batches[index])
+        with torch.no_grad():
+            for i in range(start, stop):
+                node = self.nodes[i]
+                env[node] = interp.run_node(node)
+                for used in node.all_input_nodes:
+                    if self.last_use[used] == i:
+                        del env[used]
+        args, _ = interp.fetch_args_kwargs_from_env(self.nodes[stop])
+        x: Tensor = args[0]
+        size = sum(v.numel() * v.element_size() for v in env.values() if isinstance(v, Tensor))
+        others = sum(self.kept) - self.kept[index]
+        if others + size <= self.budget:
+            self.states[index], self.kept[index] = (stop, env), size
+        else:
+            self.states[index], self.kept[index] = None, 0
+        interp.env = {}
+        return x.detach()
 
 
 def refresh_batchnorm(model: nn.Module, batches: Sequence[tuple[Any, ...]]) -> int:

@@ -14,7 +14,7 @@ from sepify import refine
 from sepify.calibration import calibration_batches
 from sepify.datasets import CalibrationLoadError, load_calibration
 from sepify.distill import distill
-from sepify.refine import _TeacherOutputs, capture, refine_pairs
+from sepify.refine import _StudentInputs, _TeacherOutputs, capture, refine_pairs
 
 # -- data --------------------------------------------------------------------------
 
@@ -141,6 +141,58 @@ def test_refit_does_not_depend_on_how_targets_are_batched(monkeypatch: pytest.Mo
         monkeypatch.setattr(refine, "_TARGET_BYTES", budget)
         reports.append(sepify.convert(_deep_net(), x[:2], rank=1, calibration=x).report)
     assert [s.output_error for s in reports[0].fidelity] == [s.output_error for s in reports[1].fidelity]
+
+
+class _Residual(nn.Module):
+    """A skip connection that stays alive across two pairs: what resuming a forward must keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = self.b(torch.relu(self.a(x))) + x
+        return self.c(torch.relu(y)).mean((2, 3))
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 40])
+def test_resumed_student_inputs_equal_a_fresh_pass(budget: int) -> None:
+    batches = [(torch.randn(3, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
+    student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
+    names = ["stem", "a", "b", "c"]
+    inputs = _StudentInputs.for_model(student, names, batches, budget)
+    assert inputs is not None
+    for name in names:
+        for k, batch in enumerate(batches):
+            expected = capture(student, student.get_submodule(name), batch, output=False)
+            torch.testing.assert_close(inputs.get(name, k), expected, rtol=0, atol=0)
+        with torch.no_grad():  # a refit changes the pair; the next pair's inputs must see it
+            student.get_submodule(name).conv_pw.weight.mul_(1.5)
+    kept = [state is not None for state in inputs.states]
+    assert kept == ([True, True] if budget > 1 else [False, False])  # a 1-byte budget restarts every batch
+
+
+def test_students_that_cannot_resume_use_fresh_passes() -> None:
+    batches = [(torch.randn(2, 3, 8, 8),)]
+    assert _StudentInputs.for_model(_Residual(), ["a"], batches, 1 << 40) is None  # not a GraphModule
+    student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
+    assert _StudentInputs.for_model(student, ["a"], batches, 0) is None  # resuming switched off
+    assert _StudentInputs.for_model(student, ["a", "nope"], batches, 1 << 40) is None  # a pair that is no node
+
+
+def test_refit_does_not_depend_on_resuming(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(30, 3, 8, 8)
+    errors = []
+    for budget in (0, 1 << 40):
+        monkeypatch.setattr(refine, "_RESUME_BYTES", budget)
+        report = sepify.convert(_Residual().eval(), x[:2], rank=1, calibration=x).report
+        errors.append([s.output_error for s in report.fidelity])
+    assert errors[0] == errors[1] and errors[0][1] < errors[0][0]
 
 
 # -- a real trained model ------------------------------------------------------------

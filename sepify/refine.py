@@ -11,9 +11,11 @@ ridge regression:
 * pw-dw: the depthwise conv (and its bias) from the unfolded pointwise
   outputs, one small regression per output channel.
 
-Gram matrices are accumulated in float64 over all batches, so the student's
-activations are held for one batch at a time; the teacher's outputs (the
-targets) are captured for a window of layers per teacher pass, up to 256 MB. The ridge is chosen on
+Gram matrices are accumulated in float64 batch by batch. The teacher's
+outputs (the targets) are captured for a window of layers per teacher pass,
+and each batch's student forward resumes from the previous pair (fx
+students), each up to 256 MB held: about one forward pass of each model over
+the data in all, instead of one partial pass per layer. The ridge is chosen on
 held-out batches, and a refit that is worse there than the SVD initialisation
 is not kept. Nothing here knows about fx.
 """

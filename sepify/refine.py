@@ -17,7 +17,8 @@ and each batch's student forward resumes from the previous pair (fx
 students), each up to 256 MB held: about one forward pass of each model over
 the data in all, instead of one partial pass per layer. The ridge is chosen on
 held-out batches, and a refit that is worse there than the SVD initialisation
-is not kept. Nothing here knows about fx.
+is not kept. fx appears only in resuming a GraphModule student's forward;
+any other student is run with hooks.
 """
 
 from __future__ import annotations
@@ -235,51 +236,37 @@ class _TeacherOutputs:
 
     def _fill(self, start: int) -> None:
         self.passes += 1
-        first = self._first_batch(self.names[start:])
+        # the first batch sizes the window: its bytes times the number of batches must fit the budget
+        first = self._outputs(self.batches[0], self.names[start:], self.budget // len(self.batches))
         out = {n: [t] for n, t in first.items()}
         for args in self.batches[1:]:
-            for n, t in self._capture_batch(args, list(out)).items():
+            for n, t in self._outputs(args, list(out), None).items():
                 out[n].append(t)
         self.cache.update(out)
 
-    def _first_batch(self, candidates: list[str]) -> dict[str, Tensor]:
-        """Outputs on the first batch, in call order, while the window's projected size fits the budget."""
-        scale = len(self.batches)  # bytes on all batches ~ bytes on the first x number of batches
+    def _outputs(self, args: tuple[Any, ...], names: list[str], budget: int | None) -> dict[str, Tensor]:
+        """Outputs of ``names`` on one batch in call order, stopping early once they would pass ``budget`` bytes.
+
+        The first name is always captured; without a budget every name must be.
+        """
         found: dict[str, Tensor] = {}
         used = [0]
-        modules = {id(self.teacher.get_submodule(n)): n for n in candidates}
+        modules = {id(self.teacher.get_submodule(n)): n for n in names}
 
         def hook(m: nn.Module, _inputs: tuple[Any, ...], out: Tensor) -> None:
             name = modules.get(id(m))
             if name is None or name in found:
                 return
-            size = out.numel() * out.element_size() * scale
-            if found and used[0] + size > self.budget:
+            size = out.numel() * out.element_size()
+            if found and budget is not None and used[0] + size > budget:
                 raise _Stop
             found[name] = out.detach()
             used[0] += size
-            if len(found) == len(candidates):
+            if len(found) == len(names):
                 raise _Stop
 
-        self._run(self.batches[0], candidates, hook)
-        if candidates[0] not in found:
-            raise RuntimeError(f"{candidates[0]} was not called by the model on these inputs")
-        return found
-
-    def _capture_batch(self, args: tuple[Any, ...], window: list[str]) -> dict[str, Tensor]:
-        found: dict[str, Tensor] = {}
-        modules = {id(self.teacher.get_submodule(n)): n for n in window}
-
-        def hook(m: nn.Module, _inputs: tuple[Any, ...], out: Tensor) -> None:
-            name = modules.get(id(m))
-            if name is None or name in found:
-                return
-            found[name] = out.detach()
-            if len(found) == len(window):
-                raise _Stop
-
-        self._run(args, window, hook)
-        for n in window:
+        self._run(args, names, hook)
+        for n in names if budget is None else names[:1]:
             if n not in found:
                 raise RuntimeError(f"{n} was not called by the model on these inputs")
         return found
@@ -378,8 +365,7 @@ class _StudentInputs:
     :func:`capture`.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, names: Sequence[str], batches: Sequence[tuple[Any, ...]],
-                 budget: int) -> None:  # fmt: skip
+    def __init__(self, graph_module: fx.GraphModule, batches: Sequence[tuple[Any, ...]], budget: int) -> None:
         self.interpreter = fx.Interpreter(graph_module)
         self.nodes = list(graph_module.graph.nodes)
         self.position = {n.target: i for i, n in reversed(list(enumerate(self.nodes))) if n.op == "call_module"}
@@ -399,7 +385,7 @@ class _StudentInputs:
         if not isinstance(student, fx.GraphModule) or budget <= 0:
             return None
         targets = {n.target for n in student.graph.nodes if n.op == "call_module"}
-        return cls(student, names, batches, budget) if all(name in targets for name in names) else None
+        return cls(student, batches, budget) if all(name in targets for name in names) else None
 
     def get(self, name: str, index: int) -> Tensor:
         """The input of pair ``name`` on batch ``index``, with every pair before it as it is now."""

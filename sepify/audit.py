@@ -38,7 +38,15 @@ from sepify.plan import LayerPlan, Plan
 from sepify.planner import Choice, max_saving_for_loss, min_loss_for_saving
 from sepify.probe import describe_inputs, preserved_state, time_forwards
 from sepify.refine import refit_errors
-from sepify.report import JsonExportable, SkipReason, format_count, markdown_table, text_table, tuples_as_lists
+from sepify.report import (
+    JsonExportable,
+    SkipReason,
+    format_count,
+    markdown_table,
+    ratio,
+    text_table,
+    tuples_as_lists,
+)
 from sepify.rewrite import replace_submodule
 from sepify.verify import output_error
 
@@ -70,9 +78,7 @@ class AuditOption:
 
     @property
     def latency_ratio(self) -> float | None:
-        if self.latency_before is None or self.latency_after is None or self.latency_before <= 0:
-            return None
-        return self.latency_after / self.latency_before
+        return ratio(self.latency_after, self.latency_before)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

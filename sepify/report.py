@@ -63,8 +63,9 @@ def format_count(n: float | int | None) -> str:
     return f"{n:g}" if isinstance(n, float) else str(n)
 
 
-def _ratio(after: float | None, before: float | None) -> float | None:
-    return after / before if after is not None and before else None
+def ratio(after: float | None, before: float | None) -> float | None:
+    """``after / before``; None when either is unknown or ``before`` is not positive."""
+    return after / before if after is not None and before is not None and before > 0 else None
 
 
 def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:
@@ -129,17 +130,15 @@ class LayerReport:
     @property
     def latency_ratio(self) -> float | None:
         """Pair time / conv time at the layer's input shape, when measured."""
-        if self.latency_before is None or self.latency_after is None or self.latency_before <= 0:
-            return None
-        return self.latency_after / self.latency_before
+        return ratio(self.latency_after, self.latency_before)
 
     @property
     def realisation(self) -> float | None:
         """Latency ratio / MAC ratio: 1.0 when the MAC savings became time savings one for one."""
-        ratio = self.latency_ratio
-        if ratio is None or not self.converted or not self.macs_before or not self.macs_after:
+        time_ratio = self.latency_ratio
+        if time_ratio is None or not self.converted or not self.macs_before or not self.macs_after:
             return None
-        return ratio / (self.macs_after / self.macs_before)
+        return time_ratio / (self.macs_after / self.macs_before)
 
     @property
     def larger_than_original(self) -> bool:
@@ -207,7 +206,7 @@ class ConversionReport(JsonExportable):
     @property
     def latency_ratio(self) -> float | None:
         """Converted / original whole-model time on the example inputs, when measured."""
-        return _ratio(self.latency_after, self.latency_before)
+        return ratio(self.latency_after, self.latency_before)
 
     @property
     def conv_params_before(self) -> int:
@@ -227,11 +226,11 @@ class ConversionReport(JsonExportable):
 
     @property
     def param_ratio(self) -> float | None:
-        return _ratio(self.params_after, self.params_before)
+        return ratio(self.params_after, self.params_before)
 
     @property
     def mac_ratio(self) -> float | None:
-        return _ratio(self.macs_after, self.macs_before)
+        return ratio(self.macs_after, self.macs_before)
 
     @property
     def converted(self) -> tuple[LayerReport, ...]:

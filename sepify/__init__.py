@@ -7,49 +7,77 @@ Typical use::
 
     result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224), rank=1)
     print(result.report)
+
+The package is laid out by pipeline stage (README, "Project layout"):
+``core`` (arithmetic, factorisation, the separable module), ``graph``
+(tracing, probing, candidates, rewriting), ``calibrate``, ``planning``,
+``report``, ``io``, with :func:`convert` and :func:`audit` orchestrating them.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata
 
-from sepify.audit import AuditLayer, AuditOption, AuditReport, BudgetError, audit
-from sepify.convert import ConversionResult, convert
-from sepify.errors import ConfigError, InputShapeError, SepifyError, SepifyWarning, TraceError
-from sepify.model_io import ModelLoadError, ModelSaveError, load
-from sepify.modules import SeparableConv2d
-from sepify.plan import LayerPlan, Plan
-from sepify.report import ConversionReport, LayerReport, SkipReason, format_count
-from sepify.tracing import register_leaf_module
+from sepify.audit import audit
+from sepify.convert import ConversionResult, convert, load_converted
+from sepify.core.modules import SeparableConv2d
+from sepify.errors import (
+    BudgetError,
+    CalibrationError,
+    ConfigError,
+    InputShapeError,
+    ModelLoadError,
+    OutputError,
+    PlanError,
+    SepifyError,
+    SepifyWarning,
+)
+from sepify.graph.candidates import SkipReason
+from sepify.graph.tracing import register_leaf_module
+from sepify.options import Calibration, Distill, Selection, Timing
+from sepify.planning.plan import LayerPlan, Plan
+from sepify.report.audit import AuditLayer, AuditOption, AuditReport
+from sepify.report.conversion import ConversionReport, LayerReport
+from sepify.report.render import format_count
 
 try:
-    __version__ = version("sepify")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__: str = importlib.metadata.version("sepify")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
     "__version__",
+    # the pipeline
     "convert",
     "audit",
-    "AuditReport",
-    "AuditLayer",
-    "AuditOption",
-    "BudgetError",
-    "load",
+    "load_converted",
+    # options
+    "Selection",
+    "Calibration",
+    "Distill",
+    "Timing",
+    # results
     "ConversionResult",
     "ConversionReport",
     "LayerReport",
+    "AuditReport",
+    "AuditLayer",
+    "AuditOption",
     "SkipReason",
-    "SeparableConv2d",
     "Plan",
     "LayerPlan",
-    "register_leaf_module",
     "format_count",
+    # building blocks
+    "SeparableConv2d",
+    "register_leaf_module",
+    # errors
     "SepifyError",
     "ConfigError",
     "InputShapeError",
-    "TraceError",
+    "CalibrationError",
+    "PlanError",
+    "BudgetError",
     "ModelLoadError",
-    "ModelSaveError",
+    "OutputError",
     "SepifyWarning",
 ]

@@ -1,34 +1,43 @@
-"""``sepify.convert``: orchestration only (analyse, choose, rewrite, verify, report)."""
+"""``sepify.convert`` and ``sepify.load_converted``: orchestration only.
+
+The pipeline reads top to bottom in :func:`convert`: analyse (copy, trace,
+probe, classify), choose and build a pair per conv, swap them in, calibrate,
+verify, report. Each stage lives in its subpackage.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+import operator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from sepify.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
-from sepify.calibration import CalibrationData, calibration_batches
-from sepify.candidates import ConvSite
-from sepify.cost import conv_params, exact_rank, separable_params
-from sepify.decompose import ORDERS, Factorization
-from sepify.distill import LOSSES, distill
-from sepify.errors import ConfigError, InputShapeError
-from sepify.modules import SeparableConv2d
-from sepify.plan import Plan
-from sepify.probe import describe_inputs, probe, time_forwards
-from sepify.refine import refine_pairs, refresh_batchnorm
-from sepify.report import ConversionReport, FidelityStage, LayerReport, SkipReason
-from sepify.rewrite import swap_modules
-from sepify.verify import heldout_fidelity, output_error, top1_agreement
+from sepify.calibrate.data import calibration_batches
+from sepify.calibrate.stages import FidelityStage, calibrate_pairs
+from sepify.calibrate.verify import output_error, top1_agreement
+from sepify.core.cost import conv_params, exact_rank, separable_params
+from sepify.core.decompose import ORDERS, Factorization
+from sepify.core.modules import SeparableConv2d
+from sepify.core.timing import time_pair
+from sepify.errors import ConfigError, PlanError
+from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
+from sepify.graph.candidates import ConvSite, SkipReason
+from sepify.graph.probe import describe_inputs, probe, time_forwards
+from sepify.graph.rewrite import replace_submodule, swap_modules
+from sepify.io.load import load_weights_into
+from sepify.io.save import plan_path
+from sepify.options import Calibration, Distill, Selection, Timing
+from sepify.planning.plan import Plan
+from sepify.report.conversion import ConversionReport, LayerReport
 
-__all__ = ["convert", "ConversionResult", "normalize_inputs"]
+__all__ = ["convert", "ConversionResult", "load_converted"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +53,168 @@ class ConversionResult:
     report: ConversionReport
 
 
-def _check_rank(rank: Rank, tolerance: float | None) -> None:
+def convert(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    rank: Rank = 1,
+    order: str = "dw-pw",
+    tolerance: float | None = None,
+    plan: Plan | None = None,
+    select: Selection | None = None,
+    calibration: Calibration | Any | None = None,
+    distill: Distill | int | None = None,
+    timing: Timing | bool | None = None,
+    inplace: bool = False,
+    progress: ProgressFn | None = None,
+) -> ConversionResult:
+    """Rewrite a model's standard convs into depthwise + pointwise pairs.
+
+    The model is traced with torch.fx (in its current train/eval mode); every
+    ``call_module`` node whose module is exactly ``nn.Conv2d`` with something
+    to separate is replaced by a :class:`~sepify.SeparableConv2d` initialised
+    by per-channel truncated SVD of its weight. Submodules that fx cannot
+    trace are kept as leaves and their convs swapped as modules; a model whose
+    own forward is untraceable is converted entirely by swapping modules. The
+    report says which mode was used.
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: a tensor, or a tuple of positional arguments (tensors,
+            or lists/dicts of tensors, e.g. ``([image],)`` for torchvision
+            detectors). Used for shapes (hence MACs) and for verification.
+        rank: depth multiplier ``r`` (capped per layer at its exact rank; the
+            report marks capped layers), ``"full"`` for the exact rank, or
+            ``"auto"``: per layer the smallest rank whose weight error is at
+            most ``tolerance`` (layers where that pair would not be smaller
+            than the conv are skipped as ``no-saving``).
+        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per layer, the order
+            with the lower weight error at that rank; ties go to fewer MACs).
+        tolerance: with ``rank="auto"``, the largest relative weight error
+            ``||W - W_hat|| / ||W||`` accepted per layer.
+        plan: a :class:`~sepify.Plan` (from ``sepify.audit(...).plan(...)``
+            or ``Plan.from_json``): convert exactly the convs it lists at its
+            rank, order and layout; ``rank``/``order`` are then ignored and
+            unlisted convs are skipped as ``not-planned``.
+        select: which convs may convert (:class:`~sepify.Selection`:
+            include/exclude globs, shared convs).
+        calibration: unlabelled inputs, or a :class:`~sepify.Calibration`.
+            A held-out share judges every stage and, in order: each pair's
+            last factor is refined in closed form, BatchNorm statistics are
+            recomputed (kept only if that helps), and with ``distill`` the
+            pairs are distilled against the original.
+        distill: a :class:`~sepify.Distill`, or a number of steps (needs
+            ``calibration``).
+        timing: ``True`` or a :class:`~sepify.Timing`: time each pair against
+            the conv it replaces at the layer's input shape (every layout, the
+            fastest kept) and the whole model; with ``skip_slower`` leave a
+            conv alone when its pair was not faster.
+        inplace: convert ``model`` itself instead of a deep copy. Even then
+            the returned model may be a new GraphModule; use ``result.model``.
+        progress: called as ``progress(step, done, total)`` during calibration.
+
+    Returns:
+        :class:`ConversionResult` with ``.model`` (on the original's device
+        and dtype, in its train/eval mode) and ``.report``.
+
+    Raises:
+        ConfigError: an argument is invalid.
+        PlanError: the plan names a conv the model does not have or cannot convert.
+        InputShapeError: the model's forward fails on ``example_inputs``.
+        CalibrationError: the calibration data is malformed or the model fails on it.
+
+    Example:
+        >>> import torch, sepify
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3))
+        >>> result = sepify.convert(net, torch.randn(1, 3, 16, 16), rank="full")
+        >>> [(r.name, r.converted, r.rank) for r in result.report.layers]
+        [('0', True, 9), ('2', True, 9)]
+        >>> result.report.output_error < 1e-5
+        True
+    """
+    rank = _checked_rank(rank, tolerance)
+    if order not in (*ORDERS, "auto"):
+        raise ConfigError(f"order must be 'dw-pw', 'pw-dw' or 'auto', got {order!r}")
+    if plan is not None and not isinstance(plan, Plan):
+        raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
+    calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
+    if distillation is not None and calib is None:
+        raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
+    args = normalize_inputs(example_inputs)
+
+    analysis = analyze(model, args, inplace=inplace, select=select)
+    params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
+    if plan is not None:
+        _apply_plan_selection(analysis.sites, plan)
+    chooser = _Chooser(rank, order, tolerance, plan, timed)
+    rows, pairs = chooser.build(analysis.sites)
+    # the teacher for calibration: the traced model before any swap
+    teacher = copy.deepcopy(analysis.target) if calib is not None and pairs else None
+    _swap(analysis, pairs, chooser.meta)
+    stages, notes = _calibrate(analysis, teacher, pairs, calib, distillation, progress)
+    after = probe(analysis.target, args, what="converted model")
+    times, timing_notes = _time_models(model if not inplace else teacher, analysis.target, args, timed)
+
+    report = ConversionReport(
+        layers=tuple(rows),
+        params_before=params_before,
+        params_after=count_params(analysis.target),
+        macs_before=analysis.before.macs,
+        macs_after=after.macs,
+        inputs=describe_inputs(args),
+        mode=analysis.outcome.mode,
+        trace_error=analysis.outcome.error,
+        leaves=dict(analysis.outcome.leaves),
+        output_error=output_error(analysis.before.output, after.output),
+        top1_agreement=top1_agreement(analysis.before.output, after.output),
+        notes=tuple(_lifted_note(analysis) + notes + timing_notes),
+        fidelity=stages,
+        latency_before=times[0],
+        latency_after=times[1],
+    )
+    logger.info("converted %d of %d convs", len(report.converted), len(rows))
+    return ConversionResult(model=analysis.target, report=report)
+
+
+def _checked_rank(rank: Rank, tolerance: float | None) -> Rank:
+    """``rank`` as an int (numpy integers too), ``"full"`` or ``"auto"`` with a valid tolerance."""
     if rank == "auto":
         if tolerance is None or not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
             raise ConfigError(
                 f"rank='auto' needs a tolerance in [0, 1) (the largest weight error to accept), got {tolerance!r}"
             )
-        return
+        return rank
     if tolerance is not None:
         raise ConfigError("tolerance applies only to rank='auto'; drop it or pass rank='auto'")
     if rank == "full":
-        return
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return rank
+    try:
+        value = operator.index(rank) if not isinstance(rank, (bool, str)) else 0
+    except TypeError:
+        value = 0
+    if value < 1:
         raise ConfigError(f"rank must be a positive integer, 'full' or 'auto', got {rank!r}")
+    return value
 
 
-def _check_order(order: str) -> None:
-    if order not in (*ORDERS, "auto"):
-        raise ConfigError(f"order must be 'dw-pw', 'pw-dw' or 'auto', got {order!r}")
+def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
+    """Skip convs the plan does not list; fail loudly on names it lists wrongly."""
+    by_name = {site.qualname: site for site in sites}
+    for name in plan:
+        if name not in by_name:
+            raise PlanError(
+                f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model"
+            )
+        reason = by_name[name].skip_reason
+        if reason is not None and reason is not SkipReason.EXCLUDED:
+            raise PlanError(
+                f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan"
+            )
+    for site in sites:
+        if site.qualname not in plan and site.skip_reason is None:
+            site.skip_reason = SkipReason.NOT_PLANNED
+        elif site.qualname in plan:
+            site.skip_reason = None  # the plan is explicit; it overrides include/exclude
 
 
 @dataclass(frozen=True)
@@ -74,6 +227,65 @@ class _Choice:
     params: int
 
 
+class _Chooser:
+    """Picks rank and order per conv, builds its pair, and times it when asked."""
+
+    def __init__(self, rank: Rank, order: str, tolerance: float | None, plan: Plan | None, timing: Timing | None):
+        self.rank, self.order, self.tolerance, self.plan, self.timing = rank, order, tolerance, plan, timing
+        self.meta: dict[str, dict[str, Any]] = {}  # node.meta["sepify"] of each converted conv
+
+    def build(self, sites: list[ConvSite]) -> tuple[list[LayerReport], dict[str, SeparableConv2d]]:
+        """One report row per conv, and the pair of each conv that converts."""
+        rows: list[LayerReport] = []
+        pairs: dict[str, SeparableConv2d] = {}
+        for site in sites:
+            row, pair = self._convert(site) if site.eligible else (_row(site), None)
+            rows.append(row)
+            if pair is not None:
+                pairs[site.qualname] = pair
+        return rows, pairs
+
+    def _convert(self, site: ConvSite) -> tuple[LayerReport, SeparableConv2d | None]:
+        planned = self.plan[site.qualname] if self.plan is not None else None
+        wanted_rank, wanted_order = (planned.rank, planned.order) if planned else (self.rank, self.order)
+        choice = _choose(site, wanted_rank, wanted_order, self.tolerance)
+        if self.rank == "auto" and planned is None and not _smaller(site, choice):
+            site.skip_reason = SkipReason.NO_SAVING
+            return _row(site), None
+        pair = SeparableConv2d.from_conv(site.module, choice.rank, choice.order, factorization=choice.factorization)
+        if planned is not None and planned.layout is not None:
+            _apply_planned_layout(pair, site.qualname, planned.layout)
+        timed = self._time(site, pair)
+        if self.timing is not None and self.timing.skip_slower and timed["latency_after"] >= timed["latency_before"]:
+            site.skip_reason = SkipReason.SLOWER
+            return _row(site, **timed), None
+        self.meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
+        row = _row(
+            site,
+            converted=True,
+            rank=choice.rank,
+            requested_rank=wanted_rank,
+            rank_capped=isinstance(wanted_rank, int) and choice.rank < wanted_rank,
+            order=choice.order,
+            params_after=choice.params,
+            macs_after=choice.macs,
+            weight_error=choice.weight_error,
+            layout=pair.layout if len(pair.layouts) > 1 else None,
+            **timed,
+        )
+        return row, pair
+
+    def _time(self, site: ConvSite, pair: SeparableConv2d) -> dict[str, Any]:
+        """Time the pair against its conv (or only pick its fastest layout); the fastest layout is kept."""
+        if self.timing is None or not (self.timing.latency or (self.timing.tune_layout and len(pair.layouts) > 1)):
+            return {}
+        against = site.module if self.timing.latency else None
+        timing = time_pair(pair, site.call.input_shape, self.timing.reps, against=against)
+        if timing.layout is not None:
+            pair.layout = timing.layout
+        return {"latency_before": timing.conv, "latency_after": timing.pair} if self.timing.latency else {}
+
+
 def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> _Choice:
     """The pair for one order: fixed rank (capped), exact rank, or smallest rank within tolerance."""
     conv = site.module
@@ -83,7 +295,7 @@ def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> 
     if rank == "full":
         r = limit
     elif rank == "auto":
-        assert tolerance is not None  # checked by _check_rank
+        assert tolerance is not None  # checked by _checked_rank
         r = next(k for k in range(1, limit + 1) if f.relative_error(k) <= tolerance or k == limit)
     else:
         r = min(int(rank), limit)
@@ -107,6 +319,15 @@ def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> 
         elif cand.weight_error < best.weight_error:
             best = cand
     return best
+
+
+def _smaller(site: ConvSite, choice: _Choice) -> bool:
+    """Whether the chosen pair has fewer params and fewer MACs than the conv."""
+    conv = site.module
+    before = conv_params(
+        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, conv.bias is not None
+    )
+    return choice.params < before and choice.macs < site_macs(site)
 
 
 def _row(site: ConvSite, **after: Any) -> LayerReport:
@@ -140,363 +361,104 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
     return LayerReport(**fields)
 
 
-def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
-    """Skip convs the plan does not list; fail loudly on names it lists wrongly."""
-    by_name = {site.qualname: site for site in sites}
-    for name in plan:
-        if name not in by_name:
-            raise ConfigError(
-                f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model"
-            )
-        reason = by_name[name].skip_reason
-        if reason is not None and reason is not SkipReason.EXCLUDED:
-            raise ConfigError(
-                f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan"
-            )
-    for site in sites:
-        if site.qualname not in plan and site.skip_reason is None:
-            site.skip_reason = SkipReason.NOT_PLANNED
-        elif site.qualname in plan:
-            site.skip_reason = None  # the plan is explicit; it overrides include/exclude
-
-
-def convert(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    rank: Rank = 1,
-    order: str = "dw-pw",
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    inplace: bool = False,
-    skip_shared: bool = False,
-    plan: Plan | None = None,
-    tolerance: float | None = None,
-    calibration: Any = None,
-    calibration_samples: int | None = None,
-    refine: bool = True,
-    refresh_bn: bool = True,
-    distill_steps: int = 0,
-    distill_lr: float = 1e-3,
-    distill_loss: str = "mse",
-    train_all: bool = False,
-    seed: int = 0,
-    tune_layout: bool = False,
-    latency: bool = False,
-    skip_slower: bool = False,
-    latency_reps: int = 7,
-    progress: ProgressFn | None = None,
-) -> ConversionResult:
-    """Rewrite a model's standard convs into depthwise + pointwise pairs.
-
-    The model is traced with torch.fx (in its current train/eval mode); every
-    ``call_module`` node whose module is exactly ``nn.Conv2d`` with something
-    to separate is replaced by a :class:`~sepify.SeparableConv2d` initialised
-    by per-channel truncated SVD of its weight. Submodules that fx cannot
-    trace are kept as leaves and their convs swapped as modules; a model whose
-    own forward is untraceable is converted entirely by swapping modules. The
-    report says which mode was used.
-
-    Args:
-        model: any ``nn.Module``.
-        example_inputs: a tensor, or a tuple of positional arguments (tensors,
-            or lists/dicts of tensors, e.g. ``([image],)`` for torchvision
-            detectors). Used for shapes (hence MACs) and for verification.
-        rank: depth multiplier ``r`` (capped per layer at its exact rank; the
-            report marks capped layers), ``"full"`` for the exact rank, or
-            ``"auto"``: per layer the smallest rank whose weight error is at
-            most ``tolerance`` (layers where that pair would not be smaller
-            than the conv are skipped as ``no-saving``).
-        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per layer, the order
-            with the lower weight error at that rank; ties go to fewer MACs).
-        include: glob patterns over conv qualnames; only matches convert.
-        exclude: glob patterns over conv qualnames to leave alone.
-        inplace: convert ``model`` itself instead of a deep copy. Even then
-            the returned model may be a new GraphModule; use ``result.model``.
-        skip_shared: leave convs that run more than once per forward (shared
-            heads, recurrent blocks) unconverted; by default the one pair
-            replaces them at every call site.
-        plan: a :class:`~sepify.Plan` (from ``sepify.audit(...).plan(...)``
-            or ``Plan.from_json``): convert exactly the convs it lists at its
-            rank and order; ``rank``/``order`` are then ignored and unlisted
-            convs are skipped as ``not-planned``.
-        tolerance: with ``rank="auto"``, the largest relative weight error
-            ``||W - W_hat|| / ||W||`` accepted per layer.
-        calibration: unlabelled inputs (a tensor ``(N, ...)``, a DataLoader or
-            iterable of batches, or a callable returning one). When given, a
-            held-out 20% judges every stage and, in order: each pair's last
-            factor is refit in closed form (``refine``), BatchNorm statistics
-            are recomputed (``refresh_bn``, kept only if that helps), and the
-            pairs are distilled against the original (``distill_steps``).
-        calibration_samples: use at most this many calibration samples.
-        refine: closed-form least-squares refit of the pairs (default on).
-        refresh_bn: recompute BatchNorm running statistics after refitting.
-        distill_steps: Adam steps of knowledge distillation (0: none).
-        distill_lr: Adam learning rate for distillation.
-        distill_loss: ``"mse"`` on outputs or ``"kl"`` on logits.
-        train_all: distill every parameter, not only the converted pairs'.
-        seed: seeds distillation (dropout, order) for reproducible results.
-        tune_layout: time the equivalent layouts of each pw-dw pair at rank
-            > 1 at its real input shape and keep the faster
-            (:meth:`SeparableConv2d.tune_layout`); off by default because the
-            choice depends on timing.
-        latency: time each pair against the conv it replaces at the layer's
-            input shape (interleaved medians, in its fastest layout, so this
-            implies ``tune_layout``), and the whole converted model against
-            the original on ``example_inputs``; the report gets per-layer
-            time ratios and realisation (time ratio / MAC ratio) and the
-            whole-model ``latency_ratio``.
-        skip_slower: implies ``latency``; leave a conv alone (skip reason
-            ``slower``) when its pair was not faster. Timings are of this
-            machine, thread count and batch size (the example inputs').
-        latency_reps: timed repetitions per measurement.
-        progress: called as ``progress(step, done, total)`` during calibration.
-
-    Returns:
-        :class:`ConversionResult` with ``.model`` (on the original's device
-        and dtype, in its train/eval mode) and ``.report``.
-
-    Raises:
-        ConfigError: an argument is invalid, or the plan names a conv the
-            model does not have or cannot convert.
-        InputShapeError: the model's forward fails on ``example_inputs``.
-
-    Example:
-        >>> import torch, sepify
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3))
-        >>> result = sepify.convert(net, torch.randn(1, 3, 16, 16), rank="full")
-        >>> [(r.name, r.converted, r.rank) for r in result.report.layers]
-        [('0', True, 9), ('2', True, 9)]
-        >>> result.report.output_error < 1e-5
-        True
-    """
-    _check_rank(rank, tolerance)
-    _check_order(order)
-    if plan is not None and not isinstance(plan, Plan):
-        raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
-    if distill_loss not in LOSSES:
-        raise ConfigError(f"distill_loss must be one of {LOSSES}, got {distill_loss!r}")
-    if isinstance(distill_steps, bool) or not isinstance(distill_steps, int) or distill_steps < 0:
-        raise ConfigError(f"distill_steps must be an integer >= 0, got {distill_steps!r}")
-    if distill_steps and calibration is None:
-        raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
-    if isinstance(latency_reps, bool) or not isinstance(latency_reps, int) or latency_reps < 1:
-        raise ConfigError(f"latency_reps must be an integer >= 1, got {latency_reps!r}")
-    if calibration_samples is not None and calibration_samples < 1:
-        raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
-    args = normalize_inputs(example_inputs)
-    analysis = analyze(model, args, inplace=inplace, include=include, exclude=exclude, skip_shared=skip_shared)
-    params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
-    if plan is not None:
-        _apply_plan_selection(analysis.sites, plan)
-
-    rows: list[LayerReport] = []
-    replacements: dict[str, nn.Module] = {}
-    meta: dict[str, dict[str, Any]] = {}
-    for site in analysis.sites:
-        if not site.eligible:
-            rows.append(_row(site))
-            continue
-        conv = site.module
-        wanted_rank, wanted_order = (plan[site.qualname].rank, plan[site.qualname].order) if plan else (rank, order)
-        choice = _choose(site, wanted_rank, wanted_order, tolerance)
-        kernel = tuple(conv.kernel_size)
-        if rank == "auto" and plan is None:
-            before = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
-            if choice.params >= before or choice.macs >= site_macs(site):
-                site.skip_reason = SkipReason.NO_SAVING
-                rows.append(_row(site))
-                continue
-        pair = SeparableConv2d.from_conv(conv, choice.rank, choice.order, factorization=choice.factorization)
-        timing = None
-        if plan is not None and plan[site.qualname].layout is not None:
-            _apply_planned_layout(pair, site.qualname, str(plan[site.qualname].layout))
-        if latency or skip_slower:
-            timing = pair.time(site.call.input_shape, latency_reps, against=conv)
-        elif tune_layout:
-            pair.tune_layout(site.call.input_shape)
-        timed = {"latency_before": timing.conv, "latency_after": timing.pair} if timing else {}
-        if skip_slower and timing is not None and timing.conv is not None and timing.pair >= timing.conv:
-            site.skip_reason = SkipReason.SLOWER
-            rows.append(_row(site, **timed))
-            continue
-        replacements[site.qualname] = pair
-        row = _row(
-            site,
-            converted=True,
-            rank=choice.rank,
-            requested_rank=wanted_rank,
-            rank_capped=isinstance(wanted_rank, int) and choice.rank < wanted_rank,
-            order=choice.order,
-            params_after=choice.params,
-            macs_after=choice.macs,
-            weight_error=choice.weight_error,
-            layout=pair.layout if len(pair.layouts) > 1 else None,
-            **timed,
-        )
-        rows.append(row)
-        meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
-
-    target, work = analysis.target, analysis.work
-    # The teacher for calibration: the traced model before any swap.
-    teacher = copy.deepcopy(target) if calibration is not None and replacements else None
-    swap_modules(target, replacements, meta)
-    if target is not work:
-        # A GraphModule has its own containers; swap in `work` too so that
-        # inplace=True really converts the caller's modules.
-        # (convs lifted from F.conv2d exist only in the GraphModule)
-        swap_modules(work, {k: v for k, v in replacements.items() if k not in analysis.lifted}, {})
-    stages: tuple[FidelityStage, ...] = ()
-    notes: list[str] = []
-    if teacher is not None:
-        data = calibration_batches(calibration, n_args=len(args), limit=calibration_samples, device=_device_of(target))
-        stages, notes = _calibrate(
-            analysis, teacher, replacements, data, refine=refine, refresh_bn=refresh_bn, distill_steps=distill_steps,
-            distill_lr=distill_lr, distill_loss=distill_loss, train_all=train_all, seed=seed, progress=progress,
-        )  # fmt: skip
-    elif calibration is not None:
-        notes.append("calibration data was given but no conv was converted, so nothing was refined")
-    after = probe(target, args, what="converted model")
-    model_times: list[float | None] = [None, None]
-    if latency or skip_slower:
-        # the caller's model is the original unless inplace converted it; then the teacher copy (if any) is
-        original = model if not inplace else teacher
-        if original is not None:
-            model_times = list(time_forwards([original, target], args, latency_reps))
-        else:
-            notes.append("whole-model latency not measured: inplace=True left no original model to time against")
-
-    lifted_note = (
-        [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: "
-         + ", ".join(analysis.lifted)]
-        if analysis.lifted else []
-    )  # fmt: skip
-    report = ConversionReport(
-        layers=tuple(rows),
-        params_before=params_before,
-        params_after=count_params(target),
-        macs_before=analysis.before.macs,
-        macs_after=after.macs,
-        inputs=describe_inputs(args),
-        mode=analysis.outcome.mode,
-        trace_error=analysis.outcome.error,
-        leaves=dict(analysis.outcome.leaves),
-        output_error=output_error(analysis.before.output, after.output),
-        top1_agreement=top1_agreement(analysis.before.output, after.output),
-        notes=tuple(lifted_note + notes),
-        fidelity=stages,
-        latency_before=model_times[0],
-        latency_after=model_times[1],
-    )
-    logger.info("converted %d of %d convs", len(report.converted), len(rows))
-    return ConversionResult(model=target, report=report)
-
-
 def _apply_planned_layout(pair: SeparableConv2d, name: str, layout: str) -> None:
     try:
         pair.layout = layout
-    except ValueError as e:
-        raise ConfigError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
+    except ConfigError as e:
+        raise PlanError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
 
 
-def _device_of(module: nn.Module) -> Any:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else None
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Calibration measures the deployed (eval) behaviour; every module's own flag is restored."""
-    saved = [(m, m.training) for root in modules for m in root.modules()]
-    for root in modules:
-        root.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
+def _swap(analysis: Analysis, pairs: dict[str, SeparableConv2d], meta: dict[str, dict[str, Any]]) -> None:
+    swap_modules(analysis.target, pairs, meta)
+    if analysis.target is not analysis.work:
+        # A GraphModule has its own containers; swap in `work` too so that
+        # inplace=True really converts the caller's modules.
+        # (convs lifted from F.conv2d exist only in the GraphModule)
+        swap_modules(analysis.work, {k: v for k, v in pairs.items() if k not in analysis.lifted}, {})
 
 
 def _calibrate(
     analysis: Analysis,
-    teacher: nn.Module,
-    replacements: dict[str, nn.Module],
-    data: CalibrationData,
-    *,
-    refine: bool,
-    refresh_bn: bool,
-    distill_steps: int,
-    distill_lr: float,
-    distill_loss: str,
-    train_all: bool,
-    seed: int,
+    teacher: nn.Module | None,
+    pairs: dict[str, SeparableConv2d],
+    calibration: Calibration | None,
+    distillation: Distill | None,
     progress: ProgressFn | None,
 ) -> tuple[tuple[FidelityStage, ...], list[str]]:
-    """Refine, refresh BN, distill; each stage measured on the held-out batches."""
-    student = analysis.target
-    held = sum(int(a[0].shape[0]) for a in data.heldout)
-    stages: list[FidelityStage] = []
-    notes: list[str] = []
-
-    def measure(stage: str) -> FidelityStage:
-        err, top1 = heldout_fidelity(teacher, student, data.heldout)
-        stages.append(FidelityStage(stage, err, top1, held))
-        return stages[-1]
-
-    with _eval_mode(teacher, student):
-        _check_batches(teacher, data)
-        measure("init")
-        if refine:
-            # execution order (the probe saw first calls in this order); shared convs are skipped
-            order = [n for n in analysis.before.convs if n in replacements and analysis.before.convs[n].calls == 1]
-            for name in replacements:
-                calls = analysis.before.convs[name].calls if name in analysis.before.convs else 0
-                if calls > 1:
-                    notes.append(f"did not refine {name}: it runs at {calls} call sites, and the refit fits one")
-            pairs = [(n, replacements[n]) for n in order]
-            result = refine_pairs(teacher, student, pairs, data.fit, data.heldout, progress)  # type: ignore[arg-type]
-            for name, why in result.skipped.items():
-                notes.append(f"did not refine {name}: {why}")
-            refined = measure("refined")
-            if refresh_bn:
-                saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
-                if saved and refresh_batchnorm(student, data.fit):
-                    fresh = measure("bn-refreshed")
-                    if _worse(fresh, refined):
-                        student.load_state_dict(saved, strict=False)
-                        stages.pop()
-                        notes.append(
-                            "recomputed BatchNorm statistics were worse on held-out data; kept the original ones"
-                        )
-        if distill_steps:
-            params = (
-                list(student.parameters()) if train_all else [p for m in replacements.values() for p in m.parameters()]
-            )
-            outcome = distill(teacher, student, data.fit, data.heldout, steps=distill_steps, params=params,
-                              lr=distill_lr, loss=distill_loss, seed=seed, progress=progress)  # fmt: skip
-            if outcome.steps < distill_steps:
-                notes.append(
-                    f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
-                )
-            measure("distilled")
-    return tuple(stages), notes
+    if calibration is None:
+        return (), []
+    if teacher is None:
+        return (), ["calibration data was given but no conv was converted, so nothing was refined"]
+    param = next(analysis.target.parameters(), None)
+    data = calibration_batches(
+        calibration.data,
+        n_args=len(analysis.args),
+        limit=calibration.samples,
+        heldout_fraction=calibration.heldout,
+        device=param.device if param is not None else None,
+    )
+    calls = {name: call.calls for name, call in analysis.before.convs.items()}
+    return calibrate_pairs(teacher, analysis.target, pairs, calls, data, calibration, distillation, progress)
 
 
-def _check_batches(teacher: nn.Module, data: CalibrationData) -> None:
-    """Fail with a sentence, not a traceback from deep inside the model, if calibration data does not fit."""
-    for args in (data.fit[0], data.heldout[0]):
+def _time_models(
+    original: nn.Module | None, converted: nn.Module, args: tuple[Any, ...], timing: Timing | None
+) -> tuple[tuple[float | None, float | None], list[str]]:
+    """Whole-model medians, interleaved; the original is the caller's model, or the teacher copy after inplace."""
+    if timing is None or not timing.latency:
+        return (None, None), []
+    if original is None:
+        return (None, None), ["whole-model latency not measured: inplace=True left no original model to time against"]
+    before, after = time_forwards([original, converted], args, timing.reps)
+    return (before, after), []
+
+
+def _lifted_note(analysis: Analysis) -> list[str]:
+    if not analysis.lifted:
+        return []
+    names = ", ".join(analysis.lifted)
+    return [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"]
+
+
+def load_converted(
+    model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None
+) -> nn.Module:
+    """Rebuild a converted model from safetensors weights and its plan, without pickle.
+
+    Args:
+        model: a fresh instance of the *original* architecture (it is modified
+            in place and returned).
+        weights_path: the ``.safetensors`` file ``sepify convert --format
+            safetensors`` wrote.
+        plan: the plan, or its path; defaults to ``<name>.plan.json`` beside
+            the weights.
+
+    Raises:
+        PlanError: the plan cannot be read or does not fit ``model``.
+        ModelLoadError: the weights cannot be read or do not fit.
+
+    Example (after ``sepify convert torchvision.models:resnet18 --format safetensors``)::
+
+        model = sepify.load_converted(torchvision.models.resnet18(), "resnet18.sep.safetensors")
+    """
+    weights_path = Path(weights_path)
+    if not isinstance(plan, Plan):
+        plan_file = Path(plan) if plan is not None else plan_path(weights_path)
+        if not plan_file.is_file():
+            raise PlanError(f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors")
+        plan = Plan.from_json(plan_file)
+    for name, layer in plan.layers.items():
         try:
-            with torch.no_grad():
-                teacher(*args)
-        except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
-            raise InputShapeError(
-                f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; pass calibration samples shaped like "
-                "the example inputs"
+            conv = model.get_submodule(name)
+        except AttributeError as e:
+            raise PlanError(
+                f"the plan names {name!r}, which this model does not have; pass the original architecture"
             ) from e
-
-
-def _worse(a: FidelityStage, b: FidelityStage) -> bool:
-    if a.output_error is None or b.output_error is None:
-        return False
-    return a.output_error > b.output_error
+        if type(conv) is not nn.Conv2d:
+            raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
+        pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
+        if layer.layout is not None:
+            _apply_planned_layout(pair, name, layer.layout)
+        replace_submodule(model, name, pair)
+    load_weights_into(model, weights_path)
+    return model

@@ -1,6 +1,9 @@
-"""Exceptions sepify raises for problems a user can fix.
+"""Every exception and warning sepify raises, in one place.
 
-Every message is one sentence: what failed, where, why, and what to do.
+Each class means one thing wherever it is raised, and every message is one
+sentence: what failed, where, why, and what to do. The CLI maps these classes
+to exit codes (:data:`sepify.cli.app.EXIT_CODES`): a :class:`ConfigError` is
+a usage error (2), every other :class:`SepifyError` a failure (1).
 """
 
 from __future__ import annotations
@@ -9,7 +12,11 @@ __all__ = [
     "SepifyError",
     "ConfigError",
     "InputShapeError",
-    "TraceError",
+    "CalibrationError",
+    "PlanError",
+    "BudgetError",
+    "ModelLoadError",
+    "OutputError",
     "SepifyWarning",
 ]
 
@@ -19,16 +26,32 @@ class SepifyError(Exception):
 
 
 class ConfigError(SepifyError, ValueError):
-    """An argument to a sepify function has an invalid value."""
+    """An argument or option has an invalid value (a usage error)."""
 
 
 class InputShapeError(SepifyError, ValueError):
-    """The example inputs do not fit the model (its forward raised)."""
+    """The example inputs do not fit the model: its forward raised on them."""
 
 
-class TraceError(SepifyError):
-    """torch.fx could not trace the model and no fallback applies."""
+class CalibrationError(SepifyError, ValueError):
+    """Calibration data cannot be read, is malformed, or the model fails on it."""
+
+
+class PlanError(SepifyError):
+    """A plan cannot be read, or names layers the model does not have or cannot convert."""
+
+
+class BudgetError(SepifyError):
+    """A planning budget cannot be met by any combination of layers."""
+
+
+class ModelLoadError(SepifyError):
+    """A model or weights file cannot be read or does not fit the architecture."""
+
+
+class OutputError(SepifyError):
+    """An output (model, plan, report, chart) cannot be written where asked."""
 
 
 class SepifyWarning(UserWarning):
-    """A soft problem: the result is usable but the user should know."""
+    """A soft problem: the result is usable, but the user should know."""

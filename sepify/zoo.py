@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepify.errors import SepifyError
+from sepify.errors import ModelLoadError
 
 __all__ = ["digits_data", "digits_cnn", "accuracy"]
 
@@ -25,7 +25,7 @@ def digits_data(size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, 
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise SepifyError("the digits example needs scikit-learn; pip install scikit-learn") from e
+        raise ModelLoadError("the digits example needs scikit-learn; pip install scikit-learn") from e
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -36,12 +36,18 @@ def digits_data(size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def _architecture() -> nn.Sequential:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
-    )  # fmt: skip
+        *block(1, 32),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 10),
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -63,13 +69,13 @@ def _trained(seed: int, epochs: int) -> nn.Sequential:
     return model.eval()
 
 
-def digits_cnn(pretrained: bool = True, seed: int = 0, epochs: int = 8) -> nn.Sequential:
-    """The digits CNN in eval mode; trained (a few seconds on a CPU, cached per process) unless ``pretrained=False``.
+def digits_cnn(trained: bool = True, seed: int = 0, epochs: int = 8) -> nn.Sequential:
+    """The digits CNN in eval mode; trained here (a few seconds on a CPU, cached per process) unless ``trained=False``.
 
     Its example input is ``torch.randn(1, 1, 16, 16)`` (``sepify convert
     sepify.zoo:digits_cnn --input-shape 1,1,16,16``).
     """
-    if not pretrained:
+    if not trained:
         torch.manual_seed(seed)
         return _architecture().eval()
     return copy.deepcopy(_trained(seed, epochs))

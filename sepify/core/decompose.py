@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sepify.errors import ConfigError
+
 __all__ = [
     "ORDERS",
     "Factorization",
@@ -41,7 +43,7 @@ ORDERS = ("dw-pw", "pw-dw")
 
 def _check_order(order: str) -> None:
     if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
 
 
 def channel_matrices(weight: Tensor, groups: int, order: str) -> Tensor:
@@ -152,7 +154,7 @@ class Factorization:
     def factors(self, rank: int) -> tuple[Tensor, Tensor]:
         """``(depthwise_weight, pointwise_weight)`` at ``rank``; see :func:`split_conv_weight`."""
         if not 1 <= rank <= self.max_rank:
-            raise ValueError(f"rank must be in [1, {self.max_rank}] for this weight and order, got {rank}")
+            raise ConfigError(f"rank must be in [1, {self.max_rank}] for this weight and order, got {rank}")
         root = self.s[:, :rank].sqrt()
         # Split each singular value evenly between the two factors so that
         # neither factor's magnitude blows up in float16/bfloat16.

@@ -1,10 +1,9 @@
-"""Reading models and writing converted ones, without surprises.
+"""Reading models, weights and import specs, without surprises.
 
 Loading never unpickles code unless the caller passes ``trust_pickle=True``:
 file kinds are told apart from zip member names and headers alone, and a
 ``torch.save`` archive is first read with ``torch.load(weights_only=True)``.
-Every problem is a :class:`ModelLoadError` / :class:`ModelSaveError` whose
-message names the file, what was found, and what to do.
+Every problem is a :class:`~sepify.errors.ModelLoadError` whose message names the file, what was found, and what to do.
 """
 
 from __future__ import annotations
@@ -24,36 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sepify.atomic import atomic_path, write_text_atomic
-from sepify.errors import SepifyError
-from sepify.modules import SeparableConv2d
-from sepify.plan import Plan
-from sepify.rewrite import replace_submodule
+from sepify.errors import ModelLoadError
 
 __all__ = [
-    "ModelLoadError",
-    "ModelSaveError",
     "LoadedModel",
     "detect_kind",
     "load_model",
     "default_output",
     "is_import_spec",
     "load_state_dict_file",
-    "save_model",
-    "load",
-    "FORMATS",
+    "load_weights_into",
 ]
 
-FORMATS = ("pt", "pt2", "onnx", "safetensors")
 _SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
-
-
-class ModelLoadError(SepifyError):
-    """A model, weights or plan file cannot be read."""
-
-
-class ModelSaveError(SepifyError):
-    """A converted model cannot be written."""
 
 
 @dataclass
@@ -291,7 +273,7 @@ def load_model(
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"{source!r}: returned a {type(model).__name__}, not an nn.Module")
         if weights is not None:
-            _load_weights_into(model, Path(weights))
+            load_weights_into(model, Path(weights))
         return LoadedModel(model, "import-spec", source)
     if kwargs:
         raise ModelLoadError(f"{source}: --kwargs applies only to an import spec (package.module:callable)")
@@ -307,7 +289,7 @@ def load_model(
     else:
         raise ModelLoadError(_describe_unusable(path, kind))
     if weights is not None:
-        _load_weights_into(model, Path(weights))
+        load_weights_into(model, Path(weights))
     return LoadedModel(model, loaded_kind, str(path))
 
 
@@ -331,7 +313,8 @@ def _describe_unusable(path: Path, kind: str) -> str:
     )
 
 
-def _load_weights_into(model: nn.Module, path: Path) -> None:
+def load_weights_into(model: nn.Module, path: Path) -> None:
+    """Load a state_dict file into ``model``; keys that do not match are one sentence naming one."""
     state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
     problems = []
@@ -344,139 +327,3 @@ def _load_weights_into(model: nn.Module, path: Path) -> None:
             f"{path}: its keys do not match the model ({'; '.join(problems)}); pass weights saved from this "
             "architecture, or the --kwargs it was built with"
         )
-
-
-# -- saving ------------------------------------------------------------------
-
-
-def _plan_path(weights_path: Path) -> Path:
-    return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + ".plan.json")
-
-
-def save_model(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    fmt: str,
-    *,
-    example_args: tuple[Any, ...],
-    plan: Plan,
-) -> list[Path]:
-    """Write ``model`` to ``path`` in ``fmt`` atomically; returns the files written.
-
-    ``safetensors`` also writes ``<name>.plan.json`` beside the weights so that
-    :func:`load` can rebuild the model without pickle.
-    """
-    path = Path(path)
-    if fmt == "pt":
-        with atomic_path(path) as tmp:
-            torch.save(model, tmp)
-        return [path]
-    if fmt == "pt2":
-        try:
-            program = torch.export.export(model, example_args)
-        except Exception as e:  # noqa: BLE001 - export failures are many and specific
-            raise ModelSaveError(
-                f"{path}: torch.export could not export the converted model ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:160]}); save as --format pt or safetensors instead"
-            ) from e
-        with atomic_path(path) as tmp:
-            torch.export.save(program, tmp)
-        return [path]
-    if fmt == "onnx":
-        return [_save_onnx(model, path, example_args)]
-    if fmt == "safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError as e:
-            raise ModelSaveError("--format safetensors needs the safetensors package; pip install 'sepify[io]'") from e
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(_dedupe_shared(state), str(tmp), metadata={"format": "sepify", "plan": _plan_path(path).name})
-        plan_path = _plan_path(path)
-        write_text_atomic(plan_path, plan.to_json())
-        return [path, plan_path]
-    raise ModelSaveError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-
-
-def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # safetensors refuses tensors that share storage (tied weights); keep copies.
-    seen: set[int] = set()
-    out = {}
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        out[k] = v.clone() if ptr in seen and ptr != -1 else v
-        seen.add(ptr)
-    return out
-
-
-def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...]) -> Path:
-    try:
-        import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise ModelSaveError("--format onnx needs the onnx and onnxscript packages; pip install 'sepify[onnx]'") from e
-    try:
-        with atomic_path(path) as tmp:
-            onnx_path = tmp.with_suffix(".onnx")
-            try:
-                program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
-                assert program is not None
-                program.save(str(onnx_path))
-                os.replace(onnx_path, tmp)
-            finally:
-                onnx_path.unlink(missing_ok=True)
-    except SepifyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - exporter failures are many and specific
-        raise ModelSaveError(
-            f"{path}: ONNX export failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
-            "save as --format pt2 or pt instead"
-        ) from e
-    return path
-
-
-def load(
-    model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None
-) -> nn.Module:
-    """Rebuild a converted model from safetensors weights and its plan, without pickle.
-
-    Args:
-        model: a fresh instance of the *original* architecture (it is modified
-            in place and returned).
-        weights_path: the ``.safetensors`` file ``sepify convert --format
-            safetensors`` wrote.
-        plan: the plan, or its path; defaults to ``<name>.plan.json`` beside
-            the weights.
-
-    Example (after ``sepify convert torchvision.models:resnet18 --format safetensors``)::
-
-        model = sepify.load(torchvision.models.resnet18(), "resnet18.sep.safetensors")
-    """
-    weights_path = Path(weights_path)
-    if plan is None:
-        plan = _plan_path(weights_path)
-    if not isinstance(plan, Plan):
-        plan_file = Path(plan)
-        if not plan_file.is_file():
-            raise ModelLoadError(
-                f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors"
-            )
-        plan = Plan.from_json(plan_file)
-    for name, layer in plan.layers.items():
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError as e:
-            raise ModelLoadError(
-                f"the plan names {name!r}, which this model does not have; pass the original architecture"
-            ) from e
-        if type(conv) is not nn.Conv2d:
-            raise ModelLoadError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
-        pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
-        try:
-            if layer.layout is not None:
-                pair.layout = layer.layout
-        except ValueError as e:
-            raise ModelLoadError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
-        replace_submodule(model, name, pair)
-    _load_weights_into(model, weights_path)
-    return model

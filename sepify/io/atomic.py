@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_text_atomic", "JsonExportable"]
+__all__ = ["atomic_path", "write_text_atomic", "returned_and_written", "JsonExportable"]
 
 
 @contextlib.contextmanager
@@ -43,6 +43,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def returned_and_written(text: str, path: str | os.PathLike[str] | None) -> str:
+    """``text``, also written atomically to ``path`` when one is given (the ``to_json``/``to_csv`` pattern)."""
+    if path is not None:
+        write_text_atomic(path, text)
+    return text
+
+
 class JsonExportable:
     """``to_json`` for the types that define ``to_dict`` (reports, plans)."""
 
@@ -51,7 +58,4 @@ class JsonExportable:
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """JSON text; also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
+        return returned_and_written(json.dumps(self.to_dict(), indent=2) + "\n", path)

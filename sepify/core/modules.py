@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sepify.cost import exact_rank
-from sepify.decompose import ORDERS, Factorization, merge_separable_weight
-from sepify.timing import interleaved_medians
+from sepify.core.cost import exact_rank
+from sepify.core.decompose import ORDERS, Factorization, merge_separable_weight
+from sepify.core.functional import conv2d_like
+from sepify.errors import ConfigError
 
-__all__ = ["SeparableConv2d", "PairTiming", "LAYOUTS"]
+__all__ = ["SeparableConv2d", "LAYOUTS"]
 
 LAYOUTS = ("grouped", "rank-major")
-
-
-class PairTiming(NamedTuple):
-    """Median seconds of a pair in its fastest layout, and of the conv it replaces (if timed)."""
-
-    layout: str | None  # the faster layout, None where the pair has only one
-    pair: float
-    conv: float | None
 
 
 class SeparableConv2d(nn.Module):
@@ -72,13 +65,13 @@ class SeparableConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
         if in_channels % groups or out_channels % groups:
-            raise ValueError(
+            raise ConfigError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
         if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ConfigError(f"rank must be >= 1, got {rank}")
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         spatial: dict[str, Any] = {
             "kernel_size": kernel_size,
@@ -126,7 +119,7 @@ class SeparableConv2d(nn.Module):
             ``requires_grad`` copied from ``conv.weight``.
         """
         if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
         kernel = tuple(conv.kernel_size)
         limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
         if rank == "full":
@@ -134,7 +127,7 @@ class SeparableConv2d(nn.Module):
         elif isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
             r = min(rank, limit)
         else:
-            raise ValueError(f"rank must be a positive int or 'full', got {rank!r}")
+            raise ConfigError(f"rank must be a positive int or 'full', got {rank!r}")
         weight = conv.weight
         sep = cls.shaped_like(conv, r, order)
         if factorization is None:
@@ -207,40 +200,33 @@ class SeparableConv2d(nn.Module):
         """dw-pw at rank r > 1 as r true depthwise convs (depth multiplier 1) and one pointwise conv.
 
         Same parameters and result as ``conv_pw(conv_dw(x))``, but a depthwise
-        conv with a depth multiplier often misses the fast depthwise kernels:
-        measured here (1 CPU thread) 2-9x slower than r multiplier-1 convs
-        concatenated on resnet50 and crepe layers (docs/benchmarks.md), though
-        on layers with 3 input channels the one multiplier conv ("grouped")
-        was faster. The pointwise weight is
+        conv with a depth multiplier often misses the fast depthwise kernels
+        (docs/benchmarks.md has the measurements). The pointwise weight is
         permuted to the concatenation's rank-major channel order.
         """
         dw, pw = self.conv_dw, self.conv_pw
         cin, r = dw.groups, self.rank
         taps = dw.weight.view(cin, r, 1, *dw.weight.shape[2:])
-        z = torch.cat([dw._conv_forward(x, taps[:, k], None) for k in range(r)], dim=1)
+        z = torch.cat([conv2d_like(dw, x, taps[:, k], None) for k in range(r)], dim=1)
         mix = pw.weight.view(pw.out_channels, cin, r).transpose(1, 2).reshape(pw.out_channels, cin * r, 1, 1)
-        y: Tensor = pw._conv_forward(z, mix, pw.bias)
-        return y
+        return conv2d_like(pw, z, mix, pw.bias)
 
     def _forward_rank_major(self, x: Tensor) -> Tensor:
         """pw-dw at rank r > 1 as one pointwise conv and r true depthwise convs, summed."""
         pw, dw = self.conv_pw, self.conv_dw
         cout, r = dw.out_channels, self.rank
         rows = pw.weight.view(cout, r, *pw.weight.shape[1:]).transpose(0, 1).reshape(pw.weight.shape)
-        u = pw._conv_forward(x, rows, None)  # channel k*Cout + o: rank component k of output o
-        y: Tensor = dw._conv_forward(u[:, :cout], dw.weight[:, :1], dw.bias)
+        u = conv2d_like(pw, x, rows, None)  # channel k*Cout + o: rank component k of output o
+        y = conv2d_like(dw, u[:, :cout], dw.weight[:, :1], dw.bias)
         for k in range(1, r):
-            y = y + dw._conv_forward(u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
+            y = y + conv2d_like(dw, u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
         return y
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Pairs pickled before `layout` became a checked property stored it as
-        # a plain attribute, and their dw-pw pairs ran rank-major whatever it said.
-        old = state.pop("layout", None)
-        state.setdefault("_layout", "rank-major" if old == "rank-major" else None)
-        super().__setstate__(state)  # type: ignore[no-untyped-call]
-        if self._layout is None:
-            self._layout = self.default_layout
+    def in_layout(self, layout: str) -> SeparableConv2d:
+        """A view of this pair that runs in ``layout``: same parameters, same children, this pair unchanged."""
+        view = copy.copy(self)
+        view.layout = layout
+        return view
 
     @property
     def layout(self) -> str:
@@ -250,7 +236,7 @@ class SeparableConv2d(nn.Module):
     @layout.setter
     def layout(self, value: str) -> None:
         if value not in self.layouts:
-            raise ValueError(
+            raise ConfigError(
                 f"layout {value!r} is not available for a {self.order} pair at rank {self.rank} with groups "
                 f"{self.groups}; choose from {self.layouts}"
             )
@@ -267,7 +253,8 @@ class SeparableConv2d(nn.Module):
 
         Neither is always faster (CPU kernels for depthwise convs with a
         multiplier are often slow, but splitting costs a pass per rank
-        component); :meth:`time` measures both at a real input shape.
+        component); :func:`sepify.core.timing.time_pair` measures both at a
+        real input shape.
         """
         if self.rank > 1 and self.groups == 1:
             return LAYOUTS
@@ -277,54 +264,6 @@ class SeparableConv2d(nn.Module):
     def default_layout(self) -> str:
         """``"rank-major"`` for dw-pw where available (faster on most shapes measured), else ``"grouped"``."""
         return "rank-major" if self.order == "dw-pw" and len(self.layouts) > 1 else "grouped"
-
-    def time(self, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None) -> PairTiming:
-        """Time every layout (and ``against``, the conv it replaces) at ``input_shape``; keep the fastest layout.
-
-        All candidates run interleaved, one call each in turn, and the median
-        of ``reps`` calls after warm-up is compared, so a machine that slows
-        down during the measurement slows all of them alike.
-
-        Example:
-            >>> conv = nn.Conv2d(8, 8, 3, padding=1)
-            >>> sep = SeparableConv2d.from_conv(conv, rank=2, order="pw-dw")
-            >>> timing = sep.time((1, 8, 16, 16), reps=3, against=conv)
-            >>> timing.layout == sep.layout, timing.pair > 0, timing.conv > 0
-            (True, True, True)
-            >>> SeparableConv2d.from_conv(conv, rank=1).time((1, 8, 16, 16), reps=3).layout is None
-            True
-        """
-        w = self.conv_dw.weight
-        x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
-        layouts = self.layouts
-
-        def run(layout: str) -> Callable[[], Tensor]:
-            def call() -> Tensor:
-                self.layout = layout
-                out: Tensor = self(x)
-                return out
-
-            return call
-
-        fns = [run(k) for k in layouts]
-        if against is not None:
-            fns.append(lambda: against(x))
-        with torch.no_grad():
-            times = interleaved_medians(fns, reps, warmup=2, device=w.device)
-        best = min(range(len(layouts)), key=times.__getitem__)
-        self.layout = layouts[best]
-        chosen = self.layout if len(layouts) > 1 else None
-        return PairTiming(chosen, times[best], times[-1] if against is not None else None)
-
-    def tune_layout(self, input_shape: tuple[int, ...], reps: int = 7) -> str:
-        """Time the equivalent layouts (:attr:`layouts`) at ``input_shape`` and keep the faster; returns it.
-
-        The layouts compute the same function, but not bit for bit the same
-        floats, so tuning makes outputs depend on timing: it is opt-in.
-        """
-        if len(self.layouts) > 1:
-            self.time(input_shape, reps)
-        return self.layout
 
     def extra_repr(self) -> str:
         layout = f", layout={self.layout!r}" if self.layout != self.default_layout else ""

@@ -8,24 +8,23 @@ unless ``inplace=True``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from sepify.candidates import ConvSite, find_conv_sites
-from sepify.cost import conv_macs, separable_macs
+from sepify.core.cost import conv_macs, separable_macs
 from sepify.errors import ConfigError, InputShapeError
-from sepify.probe import ProbeResult, probe
-from sepify.rewrite import lift_functional_convs
-from sepify.tracing import TraceOutcome, shorten_error, trace_model
+from sepify.graph.candidates import ConvSite, find_conv_sites
+from sepify.graph.lift import lift_functional_convs
+from sepify.graph.probe import ProbeResult, probe
+from sepify.graph.tracing import TraceOutcome, shorten_error, trace_model
+from sepify.options import Selection
 
 __all__ = [
     "Analysis",
     "analyze",
     "normalize_inputs",
-    "check_patterns",
     "count_params",
     "site_macs",
     "pair_macs",
@@ -59,16 +58,6 @@ def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
-def check_patterns(name: str, patterns: Sequence[str] | None) -> list[str] | None:
-    if patterns is None:
-        return None
-    if isinstance(patterns, str):
-        return [patterns]  # a lone glob is a common slip; accept it
-    if not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"{name} must be a list of glob strings, got {patterns!r}")
-    return list(patterns)
-
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -92,11 +81,21 @@ def site_macs(site: ConvSite) -> int:
 
 def pair_macs(site: ConvSite, rank: int, order: str) -> int:
     conv = site.module
+    kernel = tuple(conv.kernel_size)
     return sum(
-        separable_macs(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, rank, order,
-                       spatial(inp), spatial(out), _batch(out))
+        separable_macs(
+            conv.in_channels,
+            conv.out_channels,
+            kernel,
+            conv.groups,
+            rank,
+            order,
+            spatial(inp),
+            spatial(out),
+            _batch(out),
+        )
         for inp, out in site.call.shapes
-    )  # fmt: skip
+    )
 
 
 def _trace_and_probe(
@@ -121,9 +120,7 @@ def analyze(
     args: tuple[Any, ...],
     *,
     inplace: bool = False,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    skip_shared: bool = False,
+    select: Selection | None = None,
 ) -> Analysis:
     """Copy, trace and probe ``model`` and classify its convs; see the module docstring."""
     if not isinstance(model, nn.Module):
@@ -136,8 +133,8 @@ def analyze(
     outcome, target, before, lifted = _trace_and_probe(work, args, lift=not inplace)
     # Sites come from the module that is converted: a GraphModule carries every
     # submodule of the original (see tracing) plus convs lifted from F.conv2d.
+    select = select or Selection()
     sites = find_conv_sites(
-        target, before.convs, include=check_patterns("include", include), exclude=check_patterns("exclude", exclude),
-        skip_shared=skip_shared,
-    )  # fmt: skip
+        target, before.convs, include=select.include, exclude=select.exclude, skip_shared=select.skip_shared
+    )
     return Analysis(work, outcome, target, before, sites, args, lifted)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from math import prod
 
+from sepify.errors import ConfigError
+
 __all__ = [
     "conv_params",
     "conv_macs",
     "separable_params",
     "separable_macs",
     "exact_rank",
+    "ratio",
 ]
 
 
@@ -59,7 +62,7 @@ def exact_rank(in_channels: int, out_channels: int, kernel_size: tuple[int, ...]
         return min(out_channels // groups, area)
     if order == "pw-dw":
         return min(in_channels // groups, area)
-    raise ValueError(f"unknown order {order!r}")
+    raise ConfigError(f"unknown order {order!r}")
 
 
 def separable_params(
@@ -84,7 +87,7 @@ def separable_params(
         # pointwise: Cout*r x (Cin/g); depthwise: Cout filters over r channels of K taps
         dense = out_channels * rank * (in_channels // groups) + out_channels * rank * area
     else:
-        raise ValueError(f"unknown order {order!r}")
+        raise ConfigError(f"unknown order {order!r}")
     return dense + (out_channels if bias else 0)
 
 
@@ -114,4 +117,13 @@ def separable_macs(
     if order == "pw-dw":
         in_pixels = batch * prod(input_size)
         return in_pixels * out_channels * rank * (in_channels // groups) + out_pixels * out_channels * rank * area
-    raise ValueError(f"unknown order {order!r}")
+    raise ConfigError(f"unknown order {order!r}")
+
+
+def ratio(after: float | None, before: float | None) -> float | None:
+    """``after / before``; None when either is unknown or ``before`` is not positive.
+
+    >>> ratio(1, 4), ratio(None, 4), ratio(1, 0)
+    (0.25, None, None)
+    """
+    return after / before if after is not None and before is not None and before > 0 else None

@@ -3,49 +3,51 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from sepify.errors import SepifyError
+from sepify.errors import CalibrationError, SepifyWarning
 
-__all__ = ["CalibrationLoadError", "load_calibration", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["load_calibration", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CalibrationLoadError(SepifyError):
-    """Calibration data cannot be read or does not fit the model's input."""
-
-
 def _check_shape(source: str, data: Tensor, sample_shape: Sequence[int]) -> Tensor:
     """Samples must have the input's rank and channel count; spatial sizes may differ (convs don't mind)."""
     if data.dim() == 0 or data.shape[0] == 0:
-        raise CalibrationLoadError(f"{source}: holds no samples; pass at least one")
+        raise CalibrationError(f"{source}: holds no samples; pass at least one")
     shape = tuple(data.shape[1:])
     if len(shape) != len(sample_shape) or (shape and sample_shape and shape[0] != sample_shape[0]):
-        raise CalibrationLoadError(
+        raise CalibrationError(
             f"{source}: samples are {'x'.join(map(str, shape))} but the model's input is "
             f"{'x'.join(map(str, sample_shape))} (from --input-shape); pass samples with that layout and channel count"
         )
     return data
 
 
-def _load_images(folder: Path, sample_shape: Sequence[int], mean: Sequence[float] | None,
-                 std: Sequence[float] | None, limit: int | None) -> Tensor:  # fmt: skip
+def _load_images(
+    folder: Path,
+    sample_shape: Sequence[int],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    limit: int | None,
+) -> Tensor:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
-        raise CalibrationLoadError("reading an image folder needs Pillow; pip install pillow") from e
+        raise CalibrationError("reading an image folder needs Pillow; pip install pillow") from e
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise CalibrationLoadError(f"{folder}: contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...); add some")
+        raise CalibrationError(f"{folder}: contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...); add some")
     if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
-        raise CalibrationLoadError(
+        raise CalibrationError(
             f"{folder}: images need a model input of 1 or 3 channels x H x W, but --input-shape gives "
             f"{'x'.join(map(str, sample_shape))}"
         )
@@ -53,7 +55,7 @@ def _load_images(folder: Path, sample_shape: Sequence[int], mean: Sequence[float
     mean = mean if mean is not None else (IMAGENET_MEAN if channels == 3 else (0.5,))
     std = std if std is not None else (IMAGENET_STD if channels == 3 else (0.5,))
     if len(mean) != channels or len(std) != channels:
-        raise CalibrationLoadError(f"--mean and --std need {channels} value(s) each for {channels}-channel images")
+        raise CalibrationError(f"--mean and --std need {channels} value(s) each for {channels}-channel images")
     tensors = []
     for path in files[:limit]:
         try:
@@ -61,7 +63,7 @@ def _load_images(folder: Path, sample_shape: Sequence[int], mean: Sequence[float
                 img = img.convert("RGB" if channels == 3 else "L").resize((width, height), Image.Resampling.BILINEAR)
                 data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         except (UnidentifiedImageError, OSError) as e:
-            raise CalibrationLoadError(f"{path}: cannot be read as an image ({e}); remove or replace it") from e
+            raise CalibrationError(f"{path}: cannot be read as an image ({e}); remove or replace it") from e
         tensors.append(data.reshape(height, width, channels).permute(2, 0, 1).float() / 255.0)
     batch = torch.stack(tensors)
     return (batch - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
@@ -85,16 +87,22 @@ def load_calibration(
             normalised with ``mean``/``std``: ImageNet's for RGB, 0.5/0.5 for
             grayscale), a ``.pt`` file holding a tensor (read with
             ``weights_only=True``), a ``.npy`` array (no pickle), or
-            ``"random"`` (Gaussian noise: fidelity will be worse).
+            ``"random"`` (Gaussian noise, with a :class:`~sepify.errors.SepifyWarning`:
+            fidelity on real inputs will be worse).
         sample_shape: one sample's shape, e.g. ``(3, 224, 224)``.
         samples: at most this many (default 256 for ``"random"``).
     """
     if str(source) == "random":
+        warnings.warn(
+            "calibrating on random noise; fidelity on real inputs will be worse than with real samples",
+            SepifyWarning,
+            stacklevel=2,
+        )
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((samples or 256, *sample_shape), generator=gen)
     path = Path(source)
     if not path.exists():
-        raise CalibrationLoadError(f"{path}: no such file or folder; pass an image folder, a .pt/.npy file or 'random'")
+        raise CalibrationError(f"{path}: no such file or folder; pass an image folder, a .pt/.npy file or 'random'")
     if path.is_dir():
         shape = list(sample_shape)
         if image_size is not None and len(shape) == 3:
@@ -108,20 +116,20 @@ def load_calibration(
         try:
             array = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise CalibrationLoadError(f"{path}: is not a readable .npy array ({e}); re-save it with numpy.save") from e
+            raise CalibrationError(f"{path}: is not a readable .npy array ({e}); re-save it with numpy.save") from e
         data = torch.from_numpy(np.ascontiguousarray(array)).float()
     elif suffix in (".pt", ".pth"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-            raise CalibrationLoadError(
+            raise CalibrationError(
                 f"{path}: cannot be read as a saved tensor ({type(e).__name__}); save one with torch.save(tensor)"
             ) from e
         if not isinstance(obj, Tensor):
-            raise CalibrationLoadError(f"{path}: holds a {type(obj).__name__}, not a tensor of samples")
+            raise CalibrationError(f"{path}: holds a {type(obj).__name__}, not a tensor of samples")
         data = obj.float() if not obj.is_floating_point() else obj
     else:
-        raise CalibrationLoadError(
+        raise CalibrationError(
             f"{path}: unknown calibration file type; pass an image folder, a .pt/.npy file or 'random'"
         )
     data = data[:samples] if samples is not None else data

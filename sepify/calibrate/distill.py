@@ -7,11 +7,11 @@ under a seed. Knows nothing about fx or about how the student was built.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from sepify.errors import ConfigError
+from sepify.options import Distill
 
-__all__ = ["distill", "DistillResult", "LOSSES"]
+__all__ = ["distill", "DistillResult"]
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("mse", "kl")
 ProgressFn = Callable[[str, int, int], None]
 LossFn = Callable[[int, float], None]
 
@@ -68,15 +68,12 @@ def distill(
     student: nn.Module,
     fit: Sequence[tuple[Any, ...]],
     heldout: Sequence[tuple[Any, ...]],
+    options: Distill,
     *,
-    steps: int,
     params: Sequence[nn.Parameter] | None = None,
-    lr: float = 1e-4,
-    loss: str = "mse",
     temperature: float = 4.0,
     eval_every: int | None = None,
     patience: int = 5,
-    seed: int = 0,
     progress: ProgressFn | None = None,
     on_loss: LossFn | None = None,
 ) -> DistillResult:
@@ -87,27 +84,17 @@ def distill(
     teacher never changes. Teacher outputs are computed once per batch.
 
     Args:
-        steps: optimiser steps (batches cycle).
+        options: steps (batches cycle), Adam learning rate, loss (``"mse"``,
+            relative on every floating output, or ``"kl"`` on logits with
+            ``temperature``) and the seed of torch's RNG (dropout, order).
         params: parameters to train (default: all of the student's).
-        lr: Adam learning rate.
-        loss: ``"mse"`` (relative, on every floating output) or ``"kl"``
-            (logits, with ``temperature``).
         eval_every: steps between held-out checks (default: steps / 20, >= 1).
         patience: stop after this many checks without improvement.
-        seed: seeds torch's RNG (dropout, data order) for determinism.
     """
-    if loss not in LOSSES:
-        raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if steps < 0:
-        raise ConfigError(f"distill steps must be >= 0, got {steps}")
+    steps, loss = options.steps, options.loss
     trainable = list(params) if params is not None else list(student.parameters())
     if not trainable:
         raise ConfigError("nothing to distill: no trainable parameters were selected")
-    frozen = [(p, p.requires_grad) for p in student.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
     every = eval_every or max(1, steps // 20)
     with torch.no_grad():
         targets_fit = [teacher(*a) for a in fit]
@@ -118,44 +105,54 @@ def distill(
             values = [float(_loss(student(*a), t, loss, temperature)) for a, t in zip(heldout, targets_held)]
         return sum(values) / len(values)
 
+    with _only_trainable(student, trainable, options.seed):
+        optimizer = torch.optim.Adam(trainable, lr=options.lr)
+        start = heldout_loss()
+        best, best_step, best_state = start, 0, [p.detach().clone() for p in trainable]
+        history = [(0, start)]
+        stale = step = 0
+        try:
+            order = itertools.cycle(range(len(fit)))
+            for step in range(1, steps + 1):
+                i = next(order)
+                optimizer.zero_grad(set_to_none=True)
+                value = _loss(student(*fit[i]), targets_fit[i], loss, temperature)
+                if not math.isfinite(float(value.detach())):
+                    logger.warning("distillation loss became %s at step %d; keeping the best weights", value, step)
+                    break
+                value.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                if on_loss is not None:
+                    on_loss(step, float(value))
+                if progress is not None:
+                    progress(f"distilling (loss {float(value.detach()):.4g})", step, steps)
+                if step % every == 0 or step == steps:
+                    history.append((step, heldout_loss()))
+                    if history[-1][1] < best:
+                        best, best_step, stale = history[-1][1], step, 0
+                        best_state = [p.detach().clone() for p in trainable]
+                    elif (stale := stale + 1) >= patience:
+                        break
+        finally:
+            with torch.no_grad():
+                for p, value in zip(trainable, best_state):
+                    p.copy_(value)
+    return DistillResult(step, best_step, start, best, tuple(history))
+
+
+@contextlib.contextmanager
+def _only_trainable(student: nn.Module, trainable: Sequence[nn.Parameter], seed: int) -> Iterator[None]:
+    """Only ``trainable`` requires grad and torch's RNG is seeded inside the block; both are restored after."""
+    frozen = [(p, p.requires_grad) for p in student.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(trainable, lr=lr)
-    start = heldout_loss()
-    best, best_step, best_state = start, 0, copy.deepcopy([p.detach().clone() for p in trainable])
-    history = [(0, start)]
-    stale = 0
-    step = 0
     try:
-        order = itertools.cycle(range(len(fit)))
-        for step in range(1, steps + 1):
-            i = next(order)
-            optimizer.zero_grad(set_to_none=True)
-            value = _loss(student(*fit[i]), targets_fit[i], loss, temperature)
-            if not math.isfinite(float(value.detach())):
-                logger.warning("distillation loss became %s at step %d; keeping the best weights", value, step)
-                break
-            value.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            if on_loss is not None:
-                on_loss(step, float(value))
-            if progress is not None:
-                progress(f"distilling (loss {float(value.detach()):.4g})", step, steps)
-            if step % every == 0 or step == steps:
-                current = heldout_loss()
-                history.append((step, current))
-                if current < best:
-                    best, best_step, stale = current, step, 0
-                    best_state = [p.detach().clone() for p in trainable]
-                else:
-                    stale += 1
-                    if stale >= patience:
-                        break
+        yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(trainable, best_state):
-                p.copy_(value)
         for p, flag in frozen:
             p.requires_grad_(flag)
         torch.random.set_rng_state(gen_state)
-    return DistillResult(step, best_step, start, best, tuple(history))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sepify.errors import ConfigError
+from sepify.errors import CalibrationError
 
 __all__ = ["CalibrationData", "calibration_batches"]
 
@@ -39,7 +39,7 @@ def _as_args(item: Any, n_args: int) -> tuple[Any, ...]:
     if isinstance(item, (tuple, list)) and item and all(isinstance(t, Tensor) for t in item[:n_args]):
         # A labelled loader yields (inputs, labels): keep only the model's arguments.
         return tuple(item[:n_args])
-    raise ConfigError(
+    raise CalibrationError(
         f"calibration batches must be tensors or tuples of tensors, got {type(item).__name__}; "
         "pass a tensor (N x ...), a DataLoader, or a list of batches"
     )
@@ -77,13 +77,13 @@ def calibration_batches(
         calibration = calibration()
     if isinstance(calibration, Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
-            raise ConfigError("calibration is an empty tensor; pass N >= 1 samples stacked along dim 0")
+            raise CalibrationError("calibration is an empty tensor; pass N >= 1 samples stacked along dim 0")
         data = calibration[:limit] if limit is not None else calibration
         items: Iterable[Any] = [data[i : i + _DEFAULT_BATCH] for i in range(0, data.shape[0], _DEFAULT_BATCH)]
     elif isinstance(calibration, Iterable):
         items = calibration
     else:
-        raise ConfigError(
+        raise CalibrationError(
             f"calibration must be a tensor, an iterable of batches or a callable, got {type(calibration).__name__}"
         )
     batches: list[tuple[Any, ...]] = []
@@ -101,7 +101,7 @@ def calibration_batches(
         if limit is not None and count >= limit:
             break
     if not batches:
-        raise ConfigError("calibration data is empty; pass at least one batch")
+        raise CalibrationError("calibration data is empty; pass at least one batch")
     if count < 2 or heldout_fraction <= 0:
         return CalibrationData(tuple(batches), tuple(batches))  # too little to split: judge on the fit data
     keep = max(1, round(count * heldout_fraction))

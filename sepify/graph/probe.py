@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sepify.core.timing import interleaved_medians
 from sepify.errors import InputShapeError
-from sepify.timing import interleaved_medians
 
 __all__ = ["ConvCall", "ProbeResult", "probe", "preserved_state", "describe_inputs", "time_forwards"]
 

@@ -1,10 +1,11 @@
-"""Which convs of a model can be separated, and why the others cannot.
+"""Which convs of a model can be separated, and why the others cannot (:class:`SkipReason`).
 
 Pure decisions over modules and probe records: nothing here mutates a model.
 """
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -12,10 +13,27 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from sepify.probe import ConvCall
-from sepify.report import SkipReason
+from sepify.graph.probe import ConvCall
 
-__all__ = ["ConvSite", "skip_reason_for", "find_conv_sites", "matches_any"]
+__all__ = ["SkipReason", "ConvSite", "skip_reason_for", "find_conv_sites", "matches_any"]
+
+
+class SkipReason(str, enum.Enum):
+    """Why a conv was left as it is. The values are shared with JSON and the CLI."""
+
+    DEPTHWISE = "depthwise"  # groups == in_channels: nothing to separate
+    POINTWISE = "pointwise"  # 1x1 kernel: nothing to separate
+    SINGLE_INPUT_CHANNEL = "single-input-channel"  # in_channels == 1
+    SUBCLASS = "subclass"  # a Conv2d subclass may change forward
+    SHARED = "shared"  # called from several places, and skip_shared was asked for
+    NOT_CALLED = "not-called"  # never ran on the example inputs
+    EXCLUDED = "excluded"  # by include/exclude patterns
+    NOT_PLANNED = "not-planned"  # a plan was given and does not list it
+    NO_SAVING = "no-saving"  # rank="auto": the pair meeting the tolerance is not smaller
+    SLOWER = "slower"  # skip_slower: the pair was timed no faster than the conv at its input shape
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass

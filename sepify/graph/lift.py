@@ -1,13 +1,7 @@
-"""The graph pass: swap convs for their separable pairs, keep the graph.
-
-The graph's structure never changes: each ``call_module`` node keeps its
-target and only the module behind it is replaced (as torch.fx's ``fuse``
-does), then the graph is linted and recompiled.
-"""
+"""Lifting functional convolutions on parameters into ``nn.Conv2d`` modules the graph pass can swap."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,50 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["replace_submodule", "swap_modules", "lift_functional_convs"]
-
-
-def replace_submodule(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``qualname`` in ``root`` and return the module it replaced.
-
-    Resolves the parent with ``get_submodule`` and checks the child exists
-    first, so a wrong qualname fails loudly instead of adding an attribute.
-    """
-    if not qualname:
-        raise ValueError("cannot replace the root module")
-    parent_name, _, child = qualname.rpartition(".")
-    parent = root.get_submodule(parent_name)
-    old = parent._modules.get(child)
-    if old is None:
-        raise AttributeError(f"{type(parent).__name__} at {parent_name or '(root)'!r} has no submodule {child!r}")
-    setattr(parent, child, new)
-    return old
-
-
-def swap_modules(root: nn.Module, replacements: Mapping[str, nn.Module], meta: Mapping[str, dict[str, Any]]) -> None:
-    """Replace each ``qualname -> module`` in ``root``, at every path it is registered.
-
-    A module registered under two names (``self.a = self.b = conv``) is
-    replaced under both, so whichever name forward uses runs the new module.
-    For a GraphModule, ``meta[qualname]`` is stored in the conv node's
-    ``node.meta["sepify"]``, and the graph is linted and recompiled.
-    """
-    paths: dict[int, list[str]] = {}
-    for name, m in root.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(name)
-    for qualname, new in replacements.items():
-        old = root.get_submodule(qualname)
-        for path in paths[id(old)]:
-            replace_submodule(root, path, new)
-    if isinstance(root, fx.GraphModule):
-        for node in root.graph.nodes:
-            if node.op == "call_module" and node.target in meta:
-                node.meta["sepify"] = dict(meta[node.target])
-        root.graph.lint()
-        root.recompile()
-
-
-# -- functional convolutions -------------------------------------------------------
+__all__ = ["lift_functional_convs"]
 
 _CONV2D_FUNCTIONS: tuple[Any, ...] = (
     torch.conv2d,
@@ -119,10 +70,16 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
             continue
         stride, padding, dilation, groups = constants
         conv = nn.Conv2d(
-            weight.shape[1] * int(groups), weight.shape[0], tuple(weight.shape[2:]),  # type: ignore[arg-type]
-            stride=stride, padding=padding, dilation=dilation, groups=int(groups), bias=bias is not None,
+            weight.shape[1] * int(groups),
+            weight.shape[0],
+            tuple(weight.shape[2:]),  # type: ignore[arg-type]
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=int(groups),
+            bias=bias is not None,
             device="meta",
-        )  # fmt: skip
+        )
         conv.weight = weight
         conv.bias = bias
         conv.train(gm.training)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from sepify.atomic import atomic_path
-from sepify.errors import SepifyError
+from sepify.errors import OutputError
+from sepify.io.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from sepify.audit import AuditReport
-    from sepify.plan import Plan
+    from sepify.planning.plan import Plan
+    from sepify.report.audit import AuditReport
 
 __all__ = ["plot_audit"]
 
@@ -23,7 +23,7 @@ def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | N
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SepifyError("the audit chart needs matplotlib; pip install 'sepify[plot]'") from e
+        raise OutputError("the audit chart needs matplotlib; pip install 'sepify[plot]'") from e
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     for layer in report.candidates:
         for order, marker in (("dw-pw", "o"), ("pw-dw", "s")):
@@ -40,8 +40,8 @@ def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | N
         if plan is not None and layer.name in plan:
             chosen = layer.option(plan[layer.name].rank, plan[layer.name].order)
             err = chosen.output_error if chosen.output_error is not None else chosen.weight_error
-            ax.scatter([(layer.macs - chosen.macs_after) / report.macs * 100], [err], s=80,
-                       facecolors="none", edgecolors="black", linewidths=1.2)  # fmt: skip
+            saved = (layer.macs - chosen.macs_after) / report.macs * 100
+            ax.scatter([saved], [err], s=80, facecolors="none", edgecolors="black", linewidths=1.2)
     ax.set_xlabel("share of the model's MACs saved by this layer (%)")
     ax.set_ylabel("layer output error ||y_r - y|| / ||y||")
     ax.set_title(f"sepify audit: {len(report.candidates)} candidate convs (o dw-pw, s pw-dw; rank grows leftward)")

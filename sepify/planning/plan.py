@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sepify.atomic import JsonExportable
-from sepify.errors import ConfigError
+from sepify.errors import PlanError
+from sepify.io.atomic import JsonExportable
 
 __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
-PLAN_FORMAT = "sepify.plan"
+PLAN_FORMAT = "sepify.planning.plan"
 PLAN_VERSION = 1
 _ORDERS = ("dw-pw", "pw-dw")
-_LAYOUTS = ("grouped", "rank-major")  # sepify.modules.LAYOUTS; plan.py stays free of torch
+_LAYOUTS = ("grouped", "rank-major")  # sepify.core.modules.LAYOUTS; plan.py stays free of torch
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ class LayerPlan:
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"a plan's rank must be a positive integer, got {self.rank!r}")
+            raise PlanError(f"a plan's rank must be a positive integer, got {self.rank!r}")
         if self.order not in _ORDERS:
-            raise ConfigError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
+            raise PlanError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
         if self.layout is not None and self.layout not in _LAYOUTS:
-            raise ConfigError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
+            raise PlanError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
         if self.layout is not None and self.rank == 1:
-            raise ConfigError(f"a plan's layout applies only at rank > 1, got layout {self.layout!r} at rank 1")
+            raise PlanError(f"a plan's layout applies only at rank > 1, got layout {self.layout!r} at rank 1")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Plan(JsonExportable):
         True
         >>> print(plan.to_json(), end="")
         {
-          "format": "sepify.plan",
+          "format": "sepify.planning.plan",
           "version": 1,
           "layers": {
             "layer1.0.conv1": {
@@ -101,18 +101,18 @@ class Plan(JsonExportable):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> Plan:
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            raise ConfigError(f'{source} is not a sepify plan (no "format": "{PLAN_FORMAT}" field)')
+            raise PlanError(f'{source} is not a sepify plan (no "format": "{PLAN_FORMAT}" field)')
         if data.get("version") != PLAN_VERSION:
-            raise ConfigError(
+            raise PlanError(
                 f"{source} is a version {data.get('version')!r} plan; this sepify reads version {PLAN_VERSION}"
             )
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
-            raise ConfigError(f'{source} has no "layers" mapping')
+            raise PlanError(f'{source} has no "layers" mapping')
         parsed = {}
         for name, spec in layers.items():
             if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
-                raise ConfigError(f'{source}: layer {name!r} needs a "rank" and an "order"')
+                raise PlanError(f'{source}: layer {name!r} needs a "rank" and an "order"')
             parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout"))
         return cls(parsed, dict(data.get("meta", {})))
 
@@ -127,11 +127,11 @@ class Plan(JsonExportable):
             try:
                 text = path.read_text(encoding="utf-8")
             except OSError as e:
-                raise ConfigError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
+                raise PlanError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
+            raise PlanError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
         return cls.from_dict(data, source)
 
 

@@ -1,0 +1,1 @@
+"""Data-aware stages: calibration batches, activation capture, refinement, BatchNorm refresh, distillation, fidelity."""

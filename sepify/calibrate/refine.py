@@ -1,0 +1,170 @@
+"""Closed-form, training-free refinement of separable pairs with calibration data.
+
+Layer by layer in execution order: the pair's *inputs* come from the
+partially refined converted model (so upstream error is corrected
+downstream), the *targets* are the original layer's outputs. The pair's last
+factor is refit by ridge regression (:mod:`sepify.calibrate.regression`):
+
+* dw-pw: the pointwise conv (and its bias) from the depthwise outputs, one
+  regression per group;
+* pw-dw: the depthwise conv (and its bias) from the unfolded pointwise
+  outputs, one small regression per output channel.
+
+Targets are captured for a window of layers per pass of the original model,
+and each batch's forward through the converted model resumes from the
+previous pair (:mod:`sepify.calibrate.capture`): about one forward pass of
+each model over the data in all. The ridge is chosen on held-out batches, and
+a refit that is worse there than the closed-form initialisation is not kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
+from sepify.calibrate.regression import (
+    RIDGES,
+    NormalEquations,
+    add_to_normals,
+    current_weights,
+    gram_bytes,
+    set_weights,
+    solve_ridge,
+)
+from sepify.core.decompose import Factorization
+from sepify.core.functional import conv2d_like
+from sepify.core.modules import SeparableConv2d
+
+__all__ = ["refine_pairs", "refined_errors", "RefineResult"]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
+TARGET_BYTES = 1 << 28  # original convs' outputs held at once for several layers (at least one layer's)
+RESUME_BYTES = 1 << 28  # converted-model states kept to resume each batch's forward from the previous pair
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Per layer: held-out relative error of the layer output before and after the refit."""
+
+    layers: dict[str, tuple[float, float]]
+    skipped: dict[str, str]
+
+
+def refine_pairs(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Sequence[tuple[str, SeparableConv2d]],
+    fit: Sequence[tuple[Any, ...]],
+    heldout: Sequence[tuple[Any, ...]],
+    progress: ProgressFn | None = None,
+) -> RefineResult:
+    """Refit each pair's last factor in ``pairs`` order (execution order); see the module docstring.
+
+    ``teacher`` must contain the original conv at each qualname; ``student``
+    contains the pair there. Both are run without gradients and restored.
+    """
+    results: dict[str, tuple[float, float]] = {}
+    skipped: dict[str, str] = {}
+    batches = [*fit, *heldout]
+    wanted = [name for name, pair in pairs if gram_bytes(pair) <= GRAM_BYTES]
+    targets = TeacherOutputs(teacher, wanted, batches, TARGET_BYTES)
+    inputs = StudentInputs.for_model(student, wanted, batches, RESUME_BYTES)
+    for i, (name, pair) in enumerate(pairs):
+        if progress is not None:
+            progress("refining layers", i, len(pairs))
+        if name not in wanted:
+            skipped[name] = "its regression would need more than 512 MB of Gram matrices"
+            continue
+        ys = targets.take(name)[::-1]  # popped in batch order, so each target is freed once used
+        train, held = NormalEquations(), NormalEquations()
+        with torch.no_grad():
+            for k, args in enumerate(batches):
+                x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
+        results[name] = _refit(pair, train, held)
+        logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
+    if progress is not None:
+        progress("refining layers", len(pairs), len(pairs))
+    return RefineResult(results, skipped)
+
+
+def _refit(pair: SeparableConv2d, train: NormalEquations, held: NormalEquations) -> tuple[float, float]:
+    """Keep the ridge solution that is best on held-out data, if it beats the current weights."""
+    assert held.yy is not None
+    norm = float(held.yy.sum()) ** 0.5 or 1.0
+    current = current_weights(pair).to(train.gram.device if train.gram is not None else "cpu")
+    before = max(held.error(current), 0.0) ** 0.5 / norm
+    best_w, best_err = current, before
+    free_last = (pair.conv_pw if pair.order == "dw-pw" else pair.conv_dw).bias is not None
+    for ridge in RIDGES:
+        w = solve_ridge(train, ridge, free_last)
+        if w is None:  # not positive definite at this ridge: try a larger one
+            continue
+        err = max(held.error(w), 0.0) ** 0.5 / norm
+        if err < best_err:
+            best_w, best_err = w, err
+    if best_w is not current:
+        set_weights(pair, best_w.to(pair.conv_dw.weight.dtype))
+    return before, best_err
+
+
+def refined_errors(
+    conv: nn.Conv2d,
+    x: Tensor,
+    order: str,
+    ranks: Sequence[int],
+    ridge: float = 1e-6,
+    factorization: Factorization | None = None,
+) -> dict[int, float]:
+    """Relative output error of the pair after a local refit of its last factor, for each rank.
+
+    Inputs ``x`` and targets ``conv(x)`` both come from the original model, so
+    this predicts what :func:`refine_pairs` can reach at each rank without
+    building each pair: the first factors are nested across ranks (the top-r
+    singular vectors), so one Gram matrix at the largest rank serves all of
+    them. Returns {} when that Gram matrix would be too large. Pass the
+    weight's ``factorization`` in ``order`` if it is already computed.
+    """
+    top = max(ranks)
+    pair = SeparableConv2d.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
+    top = pair.rank
+    if gram_bytes(pair) > GRAM_BYTES:
+        return {}
+    with torch.no_grad():
+        y = conv2d_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
+        normal = NormalEquations()
+        add_to_normals(normal, pair, x, y)
+    assert normal.gram is not None and normal.cross is not None and normal.yy is not None
+    total = float(normal.yy.sum())
+    if total <= 0:
+        return dict.fromkeys(ranks, 0.0)
+    has_bias = conv.bias is not None
+    n_feat = normal.gram.shape[-1] - (1 if has_bias else 0)
+    per_channel = n_feat // top  # dw-pw: input channels per group; pw-dw: kernel taps
+    errors = {}
+    for r in sorted({min(k, top) for k in ranks}):
+        if order == "dw-pw":  # feature i*R + k for input channel i, rank component k
+            idx = [i * top + k for i in range(per_channel) for k in range(r)]
+        else:  # feature k*K + t for rank component k, kernel tap t
+            idx = list(range(r * per_channel))
+        if has_bias:
+            idx.append(n_feat)
+        index = torch.tensor(idx)
+        sub = NormalEquations()
+        sub.gram = normal.gram[:, index][:, :, index]
+        sub.cross = normal.cross[:, index]
+        sub.yy = normal.yy
+        w = solve_ridge(sub, ridge, has_bias)
+        if w is None:
+            continue
+        errors[r] = max(sub.error(w), 0.0) ** 0.5 / total**0.5
+    return {k: errors[min(k, top)] for k in ranks if min(k, top) in errors}

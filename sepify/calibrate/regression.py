@@ -1,0 +1,165 @@
+"""The least-squares problem behind refinement: a pair's last factor is linear in its
+weights given its first factor, so it is fit by ridge regression from accumulated
+float64 normal equations (one small regression per group or per output channel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sepify.core.functional import pad_amounts
+from sepify.core.modules import SeparableConv2d
+
+__all__ = [
+    "RIDGES",
+    "NormalEquations",
+    "solve_ridge",
+    "add_to_normals",
+    "current_weights",
+    "set_weights",
+    "gram_bytes",
+]
+
+RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
+
+
+class NormalEquations:
+    """Accumulates X^T X, X^T Y and ||Y||^2 for batched regressions ``(B, f) -> (B, o)``."""
+
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None
+        self.cross: Tensor | None = None
+        self.yy: Tensor | None = None
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        """``x``: (B, M, f) features, ``y``: (B, M, o) targets, M samples per regression."""
+        x, y = x.double(), y.double()
+        g, c, t = x.transpose(1, 2) @ x, x.transpose(1, 2) @ y, y.square().sum((1, 2))
+        self.gram = g if self.gram is None else self.gram + g
+        self.cross = c if self.cross is None else self.cross + c
+        self.yy = t if self.yy is None else self.yy + t
+
+    def error(self, w: Tensor) -> float:
+        """Total squared residual ||X W - Y||^2 of weights ``w`` (B, f, o)."""
+        assert self.gram is not None and self.cross is not None and self.yy is not None
+        quad = (w * (self.gram @ w)).sum()
+        return float(quad - 2 * (w * self.cross).sum() + self.yy.sum())
+
+
+def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tensor | None:
+    """Ridge solution by Cholesky (the regularised Gram is symmetric positive definite); None if it is not."""
+    assert normal.gram is not None and normal.cross is not None
+    g = normal.gram
+    n = g.shape[-1]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (B,)
+    shrink = torch.full((n,), ridge + 1e-12, dtype=g.dtype, device=g.device)
+    if free_last:
+        shrink[-1] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
+    a = g + torch.diag_embed(scale[:, None] * shrink)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return None
+    solution: Tensor = torch.cholesky_solve(normal.cross, factor)
+    return solution
+
+
+# -- features of each pair kind ------------------------------------------------------
+
+
+def _pw_features(pair: SeparableConv2d, x: Tensor) -> tuple[Tensor, int]:
+    """dw-pw: per group, pixels x (depthwise channels [+ 1]); returns (B=groups, M, f) and f."""
+    z = pair.conv_dw(x)  # (N, Cin*r, H', W')
+    g = pair.groups
+    n, ch = z.shape[:2]
+    feats = z.reshape(n, g, ch // g, -1).permute(1, 0, 3, 2).reshape(g, -1, ch // g)
+    if pair.conv_pw.bias is not None:
+        feats = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
+    return feats, ch // g
+
+
+def _pw_targets(pair: SeparableConv2d, y: Tensor) -> Tensor:
+    g = pair.groups
+    n, cout = y.shape[:2]
+    return y.reshape(n, g, cout // g, -1).permute(1, 0, 3, 2).reshape(g, -1, cout // g)
+
+
+def _dw_features(pair: SeparableConv2d, x: Tensor) -> Tensor:
+    """pw-dw: per output channel, output pixels x (r * kernel taps [+ 1]); (B=Cout, M, f)."""
+    conv = pair.conv_dw
+    u = pair.conv_pw(x)  # (N, Cout*r, H, W)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        u = F.pad(u, pad_amounts(conv), mode=mode)
+    cols = F.unfold(u, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, Cout*r*K, L)
+    cout = conv.out_channels
+    n = cols.shape[0]
+    feats = cols.reshape(n, cout, -1, cols.shape[-1]).permute(1, 0, 3, 2).reshape(cout, -1, cols.shape[1] // cout)
+    if conv.bias is not None:
+        feats = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
+    return feats
+
+
+def _dw_targets(y: Tensor) -> Tensor:
+    n, cout = y.shape[:2]
+    return y.reshape(n, cout, -1).permute(1, 0, 2).reshape(cout, -1, 1)
+
+
+def current_weights(pair: SeparableConv2d) -> Tensor:
+    """The refit factor's current weights in regression layout (B, f, o)."""
+    if pair.order == "dw-pw":
+        w = pair.conv_pw.weight.detach()  # (Cout, Cin*r/g, 1, 1)
+        g = pair.groups
+        cout, f = w.shape[:2]
+        w = w.reshape(g, cout // g, f).transpose(1, 2)
+        if pair.conv_pw.bias is not None:
+            b = pair.conv_pw.bias.detach().reshape(g, 1, cout // g)
+            w = torch.cat([w, b], dim=1)
+        return w.double()
+    w = pair.conv_dw.weight.detach()  # (Cout, r, kh, kw)
+    cout = w.shape[0]
+    w = w.reshape(cout, -1, 1)
+    if pair.conv_dw.bias is not None:
+        w = torch.cat([w, pair.conv_dw.bias.detach().reshape(cout, 1, 1)], dim=1)
+    return w.double()
+
+
+def set_weights(pair: SeparableConv2d, w: Tensor) -> None:
+    with torch.no_grad():
+        if pair.order == "dw-pw":
+            conv = pair.conv_pw
+            if conv.bias is not None:
+                conv.bias.copy_(w[:, -1, :].reshape(-1))
+                w = w[:, :-1, :]
+            conv.weight.copy_(w.transpose(1, 2).reshape(conv.weight.shape))
+        else:
+            conv = pair.conv_dw
+            if conv.bias is not None:
+                conv.bias.copy_(w[:, -1, 0])
+                w = w[:, :-1, :]
+            conv.weight.copy_(w.reshape(conv.weight.shape))
+
+
+def add_to_normals(normal: NormalEquations, pair: SeparableConv2d, x: Tensor, y: Tensor) -> None:
+    """One batch of the pair's regression: its input ``x`` and the original layer's output ``y``."""
+    if pair.order == "dw-pw":
+        feats, _ = _pw_features(pair, x)
+        normal.add(feats, _pw_targets(pair, y))
+    else:
+        normal.add(_dw_features(pair, x), _dw_targets(y))
+
+
+def gram_bytes(pair: SeparableConv2d) -> int:
+    """Bytes of the float64 Gram matrices the refit of ``pair`` accumulates."""
+    if pair.order == "dw-pw":
+        f = pair.conv_pw.in_channels // pair.groups + 1
+        return pair.groups * f * f * 8
+    f = (
+        pair.conv_dw.in_channels
+        // pair.conv_dw.out_channels
+        * pair.conv_dw.kernel_size[0]
+        * pair.conv_dw.kernel_size[1]
+        + 1
+    )
+    return pair.conv_dw.out_channels * f * f * 8

@@ -1,0 +1,165 @@
+"""The calibration stages after the closed-form initialisation, each judged on held-out data.
+
+In order: refinement of each pair's last factor, BatchNorm statistics refresh
+(kept only if held-out fidelity improves), and distillation. Every stage is
+measured on the held-out batches and recorded as a :class:`FidelityStage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sepify.calibrate.batchnorm import refresh_batchnorm
+from sepify.calibrate.data import CalibrationData
+from sepify.calibrate.distill import distill
+from sepify.calibrate.refine import refine_pairs
+from sepify.calibrate.verify import heldout_fidelity
+from sepify.core.modules import SeparableConv2d
+from sepify.errors import CalibrationError
+from sepify.graph.probe import describe_inputs
+from sepify.options import Calibration, Distill
+
+__all__ = ["FidelityStage", "calibrate_pairs"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class FidelityStage:
+    """Fidelity on held-out calibration data after one stage (init, refined, bn-refreshed, distilled)."""
+
+    stage: str
+    output_error: float | None
+    top1_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def calibrate_pairs(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Mapping[str, SeparableConv2d],
+    calls: Mapping[str, int],
+    data: CalibrationData,
+    options: Calibration,
+    distillation: Distill | None,
+    progress: ProgressFn | None = None,
+) -> tuple[tuple[FidelityStage, ...], list[str]]:
+    """Refine, refresh BatchNorm and distill the ``pairs`` of ``student`` against ``teacher``.
+
+    ``calls`` gives each pair's call count in execution order (the probe saw
+    first calls in this order); pairs that run at several call sites are not
+    refined (one refit cannot fit them all). Both models are run in eval mode
+    and every module's own mode is restored. Returns the measured stages and
+    notes for the report.
+    """
+    record = _Stages(teacher, student, data)
+    notes: list[str] = []
+    with _eval_mode(teacher, student):
+        _check_batches(teacher, data)
+        record.measure("init")
+        if options.refine:
+            notes += _refine(teacher, student, pairs, calls, data, progress)
+            record.measure("refined")
+            if options.refresh_bn:
+                notes += _refresh_bn(student, data, record)
+        if distillation is not None:
+            trainable = (
+                student.parameters() if distillation.train_all else (p for m in pairs.values() for p in m.parameters())
+            )
+            outcome = distill(
+                teacher, student, data.fit, data.heldout, distillation, params=list(trainable), progress=progress
+            )
+            if outcome.steps < distillation.steps:
+                notes.append(
+                    f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
+                )
+            record.measure("distilled")
+    return tuple(record.stages), notes
+
+
+class _Stages:
+    """Measures the student against the teacher on held-out batches, one stage at a time."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, data: CalibrationData) -> None:
+        self.teacher, self.student, self.data = teacher, student, data
+        self.samples = sum(int(a[0].shape[0]) for a in data.heldout)
+        self.stages: list[FidelityStage] = []
+
+    def measure(self, stage: str) -> FidelityStage:
+        err, top1 = heldout_fidelity(self.teacher, self.student, self.data.heldout)
+        self.stages.append(FidelityStage(stage, err, top1, self.samples))
+        return self.stages[-1]
+
+
+def _refine(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Mapping[str, SeparableConv2d],
+    calls: Mapping[str, int],
+    data: CalibrationData,
+    progress: ProgressFn | None,
+) -> list[str]:
+    notes = [
+        f"did not refine {name}: it runs at {calls[name]} call sites, and the refit fits one"
+        for name in pairs
+        if calls.get(name, 0) > 1
+    ]
+    order = [(n, pairs[n]) for n in calls if n in pairs and calls[n] == 1]
+    result = refine_pairs(teacher, student, order, data.fit, data.heldout, progress)
+    return notes + [f"did not refine {name}: {why}" for name, why in result.skipped.items()]
+
+
+def _refresh_bn(student: nn.Module, data: CalibrationData, record: _Stages) -> list[str]:
+    """Recompute BatchNorm statistics; put the old ones back if held-out fidelity got worse."""
+    saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
+    if not saved or not refresh_batchnorm(student, data.fit):
+        return []
+    refined = record.stages[-1]
+    if not _worse(record.measure("bn-refreshed"), refined):
+        return []
+    student.load_state_dict(saved, strict=False)
+    record.stages.pop()
+    return ["recomputed BatchNorm statistics were worse on held-out data; kept the original ones"]
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Calibration measures the deployed (eval) behaviour; every module's own flag is restored."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+    for root in modules:
+        root.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _check_batches(teacher: nn.Module, data: CalibrationData) -> None:
+    """Fail with a sentence, not a traceback from deep inside the model, if calibration data does not fit."""
+    for args in (data.fit[0], data.heldout[0]):
+        try:
+            with torch.no_grad():
+                teacher(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CalibrationError(
+                f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: {first_line}; pass "
+                "calibration samples shaped like the example inputs"
+            ) from e
+
+
+def _worse(a: FidelityStage, b: FidelityStage) -> bool:
+    if a.output_error is None or b.output_error is None:
+        return False
+    return a.output_error > b.output_error

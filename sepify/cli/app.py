@@ -1,0 +1,81 @@
+"""The typer app, its global options, and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from sepify.errors import ConfigError, SepifyError, SepifyWarning
+
+__all__ = ["app", "out", "err", "EXIT_CODES", "errors_as_exit_codes"]
+
+app = typer.Typer(
+    name="sepify",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    help="Rewrite a trained model's Conv2d layers into depthwise + pointwise pairs, and report what it saves.",
+)
+out = Console()
+err = Console(stderr=True)
+
+# The most specific class wins. Anything else is a bug and keeps its traceback
+# (and typer.Exit, a RuntimeError subclass, passes through untouched).
+EXIT_CODES: dict[type[SepifyError], int] = {
+    ConfigError: 2,  # an option value the library refused: a usage error, like Click's own
+    SepifyError: 1,
+}
+
+
+def _exit_code(error: SepifyError) -> int:
+    return next(EXIT_CODES[cls] for cls in type(error).__mro__ if cls in EXIT_CODES)
+
+
+@contextlib.contextmanager
+def errors_as_exit_codes(debug: bool) -> Iterator[None]:
+    """Sepify errors become ``error: <sentence>`` on stderr and their exit code; warnings ``warning: ...``.
+
+    ``--debug`` or ``SEPIFY_DEBUG=1`` re-raises instead, with the traceback.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SepifyWarning)
+            try:
+                yield
+            finally:
+                for w in caught:
+                    if issubclass(w.category, SepifyWarning):
+                        err.print(f"warning: {escape(str(w.message))}", highlight=False, soft_wrap=True)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    except SepifyError as e:
+        if debug or os.environ.get("SEPIFY_DEBUG") == "1":
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=_exit_code(e)) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import torch
+
+        import sepify
+
+        out.print(f"sepify {sepify.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """sepify: depthwise-separable conversion of trained PyTorch models."""

@@ -1,0 +1,170 @@
+"""``sepify audit``: a thin command over :func:`sepify.audit` and :meth:`AuditReport.plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sepify.audit import audit as audit_model
+from sepify.cli import options as o
+from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.inputs import device, load, make_inputs, parse_numbers
+from sepify.cli.output import check_writable, print_lines, progress_bar
+from sepify.errors import OutputError
+from sepify.io.datasets import load_calibration
+from sepify.io.load import is_import_spec
+from sepify.options import Calibration, Selection
+from sepify.planning.budget import check_budget
+from sepify.planning.plan import Plan
+from sepify.report.audit import AuditReport
+
+__all__ = ["audit"]
+
+PLANNING = "Planning"
+
+
+def _budget(flag: str, what: str) -> object:
+    return typer.Option(flag, help=what, show_default=False, rich_help_panel=PLANNING)
+
+
+@app.command()
+def audit(
+    model: o.ModelArg,
+    input_shape: o.InputShapeOpt = None,
+    latency: Annotated[
+        bool,
+        typer.Option("--latency", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING),
+    ] = False,
+    max_mac_ratio: Annotated[
+        float | None, _budget("--max-mac-ratio", "Plan: whole-model MACs <= R x original, least predicted error.")
+    ] = None,
+    max_param_ratio: Annotated[float | None, _budget("--max-param-ratio", "Plan: params <= R x original.")] = None,
+    max_latency_ratio: Annotated[
+        float | None, _budget("--max-latency-ratio", "Plan: latency <= R x original (needs --latency).")
+    ] = None,
+    max_error: Annotated[
+        float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.")
+    ] = None,
+    plan_out: Annotated[
+        Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).",
+            show_default=False,
+            rich_help_panel=o.OUTPUT,
+        ),
+    ] = None,
+    fmt: Annotated[
+        o.AuditFormat, typer.Option("--format", help="How to print the audit.", rich_help_panel=o.OUTPUT)
+    ] = o.AuditFormat.table,
+    ranks: Annotated[
+        str | None,
+        typer.Option(
+            "--ranks",
+            help="Only these ranks, e.g. 1,2,4 (default: every useful rank).",
+            show_default=False,
+            rich_help_panel=o.CONVERSION,
+        ),
+    ] = None,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    calibration: o.CalibrationOpt = None,
+    calibration_samples: o.CalibrationSamplesOpt = None,
+    force: o.ForceOpt = False,
+    quiet: o.QuietOpt = False,
+    trust_pickle: o.TrustPickleOpt = False,
+    kwargs: o.KwargsOpt = None,
+    weights: o.WeightsOpt = None,
+    device_name: o.DeviceOpt = "cpu",
+    train: o.TrainOpt = False,
+    debug: o.DebugOpt = False,
+) -> None:
+    """Show which convs are worth slimming: cost, savings and error at every useful rank.
+
+    With a budget (--max-mac-ratio, --max-param-ratio, --max-latency-ratio
+    or --max-error) it also picks a rank and order per layer; --plan-out
+    saves that plan for `sepify convert --plan`. With --calibration the
+    errors are measured on those inputs and plans are made for the
+    refinement that `convert --calibration` applies.
+    """
+    with errors_as_exit_codes(debug):
+        rank_list = [int(r) for r in parse_numbers(ranks, "--ranks", int) or []] or None
+        budget = {
+            "max_mac_ratio": max_mac_ratio,
+            "max_param_ratio": max_param_ratio,
+            "max_latency_ratio": max_latency_ratio,
+            "max_error": max_error,
+        }
+        given = {k: v for k, v in budget.items() if v is not None}
+        if given:
+            check_budget(given)
+        elif plan_out is not None:
+            raise typer.BadParameter("--plan-out needs a budget, e.g. --max-mac-ratio 0.5", param_hint="--plan-out")
+        if plot is not None:
+            _check_matplotlib()
+        input_path = None if is_import_spec(model) else Path(model)
+        for path in (plan_out, plot):
+            if path is not None:
+                check_writable(path, force, input_path)
+        on = device(device_name)
+        args = make_inputs(input_shape, on)
+        calib = None
+        if calibration is not None:
+            data = load_calibration(calibration, tuple(args[0].shape[1:]), samples=calibration_samples)
+            calib = Calibration(data.to(on))
+        loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
+        with progress_bar("tracing", quiet) as progress:
+            report = audit_model(
+                loaded.model,
+                args,
+                ranks=rank_list,
+                select=Selection(include, exclude),
+                calibration=calib,
+                timing=latency,
+                progress=progress,
+            )
+        plan = report.plan(**given) if given else None
+        _print(report, plan, fmt)
+        if plan is not None and plan_out is not None:
+            plan.to_json(plan_out)
+            if fmt is o.AuditFormat.table:
+                out.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
+        if plot is not None:
+            from sepify.report.plot import plot_audit
+
+            plot_audit(report, plot, plan)
+            if fmt is o.AuditFormat.table:
+                out.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401 - checked before any slow work or any output file
+    except ImportError:
+        raise OutputError("--plot needs matplotlib; pip install matplotlib") from None
+
+
+def _print(report: AuditReport, plan: Plan | None, fmt: o.AuditFormat) -> None:
+    if fmt is o.AuditFormat.json:
+        data = report.to_dict()
+        if plan is not None:
+            data["plan"] = plan.to_dict()
+        out.print_json(json.dumps(data))
+    elif fmt is o.AuditFormat.csv:
+        print_lines(report.to_csv(), end="")
+    elif fmt is o.AuditFormat.md:
+        print_lines(report.to_markdown(), end="")
+    else:
+        print_lines(str(report))
+        if plan is not None:
+            meta = plan.meta
+            print_lines(
+                f"plan: {len(plan)} convs; MACs {meta['mac_ratio']:.3f}x, params {meta['param_ratio']:.3f}x, "
+                f"predicted output error {meta['predicted_error']:.3g}"
+            )

@@ -1,0 +1,227 @@
+"""``sepify convert``: a thin command over :func:`sepify.convert` and :func:`sepify.io.save.save_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from sepify.cli import options as o
+from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.inputs import device, load, make_inputs, parse_numbers, parse_rank
+from sepify.cli.output import check_report_path, check_writable, print_lines, progress_bar, step, write_report
+from sepify.convert import convert as convert_model
+from sepify.io.datasets import load_calibration
+from sepify.io.load import default_output, is_import_spec
+from sepify.io.save import plan_path, save_model
+from sepify.options import Calibration, Distill, Selection, Timing
+from sepify.planning.plan import Plan
+
+__all__ = ["convert"]
+
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="Where to write the converted model. Default: <stem>.sep<ext> beside the input (for an import spec: "
+        "<callable>.sep.pt here).",
+        show_default=False,
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+RankOpt = Annotated[
+    str,
+    typer.Option(
+        "--rank",
+        help="Depth multiplier: a positive integer, 'full' (exact), or 'auto' (per layer the smallest rank within "
+        "--tolerance).",
+        rich_help_panel=o.CONVERSION,
+    ),
+]
+ToleranceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tolerance",
+        help="With --rank auto: the largest relative weight error to accept per layer, e.g. 0.1.",
+        show_default=False,
+        rich_help_panel=o.CONVERSION,
+    ),
+]
+OrderOpt = Annotated[
+    o.Order, typer.Option("--order", help="Per-layer structure; auto: the lower error.", rich_help_panel=o.CONVERSION)
+]
+PlanOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plan",
+        help="Apply a plan file (from `sepify audit --plan-out`).",
+        show_default=False,
+        rich_help_panel=o.CONVERSION,
+    ),
+]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report", help="Also write the report: .json, .csv or .md.", show_default=False, rich_help_panel=o.OUTPUT
+    ),
+]
+FormatOpt = Annotated[
+    o.ModelFormat | None,
+    typer.Option(
+        "--format",
+        help="Output format (safetensors writes a .plan.json beside it). Default: pt2 for a .pt2 input, else pt.",
+        show_default=False,
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+DistillStepsOpt = Annotated[
+    int,
+    typer.Option(
+        "--distill-steps",
+        help="Knowledge-distillation steps after the closed-form refinement (needs --calibration).",
+        rich_help_panel=o.CALIBRATION,
+    ),
+]
+TrainAllOpt = Annotated[
+    bool,
+    typer.Option(
+        "--train-all", help="Distill every parameter, not only the converted layers.", rich_help_panel=o.CALIBRATION
+    ),
+]
+NoRefineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-refine",
+        help="Skip the closed-form refinement (init only, then distillation if asked).",
+        rich_help_panel=o.CALIBRATION,
+    ),
+]
+TuneLayoutOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tune-layout",
+        help="Time the equivalent layouts of each pair at rank > 1 on this machine and keep the faster (outputs then "
+        "depend on timing, at float rounding level).",
+        rich_help_panel=o.TIMING,
+    ),
+]
+SkipSlowerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-slower",
+        help="Leave a conv alone when its pair was timed no faster (implies --latency).",
+        rich_help_panel=o.TIMING,
+    ),
+]
+MemoryFormatOpt = Annotated[
+    o.MemoryFormat,
+    typer.Option(
+        "--memory-format",
+        help="Store the converted model's conv weights as channels_last (often faster on CPUs for depthwise convs; "
+        "see docs/benchmarks.md) or keep them.",
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+
+
+@app.command()
+def convert(
+    model: o.ModelArg,
+    output: OutputOpt = None,
+    input_shape: o.InputShapeOpt = None,
+    rank: RankOpt = "1",
+    tolerance: ToleranceOpt = None,
+    order: OrderOpt = o.Order.dw_pw,
+    include: o.IncludeOpt = None,
+    exclude: o.ExcludeOpt = None,
+    plan: PlanOpt = None,
+    skip_shared: o.SkipSharedOpt = False,
+    report: ReportOpt = None,
+    fmt: FormatOpt = None,
+    calibration: o.CalibrationOpt = None,
+    calibration_samples: o.CalibrationSamplesOpt = None,
+    image_size: o.ImageSizeOpt = None,
+    mean: o.MeanOpt = None,
+    std: o.StdOpt = None,
+    distill_steps: DistillStepsOpt = 0,
+    train_all: TrainAllOpt = False,
+    no_refine: NoRefineOpt = False,
+    tune_layout: TuneLayoutOpt = False,
+    latency: o.LatencyOpt = False,
+    skip_slower: SkipSlowerOpt = False,
+    memory_format: MemoryFormatOpt = o.MemoryFormat.preserve,
+    force: o.ForceOpt = False,
+    quiet: o.QuietOpt = False,
+    trust_pickle: o.TrustPickleOpt = False,
+    kwargs: o.KwargsOpt = None,
+    weights: o.WeightsOpt = None,
+    device_name: o.DeviceOpt = "cpu",
+    train: o.TrainOpt = False,
+    debug: o.DebugOpt = False,
+) -> None:
+    """Convert a model's Conv2d layers into depthwise + pointwise pairs and save it.
+
+    Prints the per-layer report (params, MACs, savings, weight and output
+    error) and writes the converted model; the input is never modified.
+    """
+    with errors_as_exit_codes(debug):
+        on = device(device_name)
+        args = make_inputs(input_shape, on)
+        the_plan = Plan.from_json(plan) if plan is not None else None
+        distillation = Distill(steps=distill_steps, train_all=train_all) if distill_steps else None
+        timed = latency or skip_slower or tune_layout
+        timing = Timing(latency=latency, skip_slower=skip_slower, tune_layout=tune_layout) if timed else None
+        # Fail before the slow work: decide every output path first.
+        input_path = None if is_import_spec(model) else Path(model)
+        chosen = (fmt.value if fmt else None) or (
+            "pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt"
+        )
+        target = output or default_output(model, chosen)
+        outputs = [target] + ([plan_path(target)] if chosen == "safetensors" else []) + ([report] if report else [])
+        if report is not None:
+            check_report_path(report)
+        for path in outputs:
+            check_writable(path, force, input_path)
+        calib = None
+        if calibration is not None:
+            data = load_calibration(
+                calibration,
+                tuple(args[0].shape[1:]),
+                samples=calibration_samples,
+                image_size=parse_numbers(image_size, "--image-size", int),
+                mean=parse_numbers(mean, "--mean", float),
+                std=parse_numbers(std, "--std", float),
+            )
+            calib = Calibration(data, refine=not no_refine)
+        loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
+        with progress_bar("converting", quiet) as progress:
+            result = convert_model(
+                loaded.model,
+                args,
+                rank=parse_rank(rank),
+                order=order.value,
+                tolerance=tolerance,
+                plan=the_plan,
+                select=Selection(include, exclude, skip_shared),
+                calibration=calib,
+                distill=distillation,
+                timing=timing,
+                progress=progress,
+            )
+        if not quiet:
+            print_lines(str(result.report))
+        if memory_format is o.MemoryFormat.channels_last:
+            result.model.to(memory_format=torch.channels_last)
+        with step(f"writing {target}", quiet):
+            written = save_model(
+                result.model, target, chosen, example_args=args, plan_json=result.report.to_plan().to_json()
+            )
+        if report is not None:
+            write_report(result.report, report)
+            written.append(report)
+        if not quiet:
+            for path in written:
+                out.print(f"wrote {path}", highlight=False, soft_wrap=True)

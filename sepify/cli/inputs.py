@@ -1,0 +1,127 @@
+"""Turning command-line text into what the library takes: example inputs, ranks, numbers, a loaded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+
+from sepify.cli.output import step
+from sepify.errors import ConfigError
+from sepify.io.load import LoadedModel, load_model
+
+__all__ = ["parse_input_shape", "make_inputs", "device", "parse_kwargs", "parse_rank", "parse_numbers", "load"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "bool": torch.bool,
+}
+_INT_HIGH = 10  # integer example inputs are drawn from [0, 10): valid ids/indices for most models
+
+
+def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """``"1,3,224,224"`` -> ``((1, 3, 224, 224), float32)``; ``"1,10:int64"`` -> int64."""
+    shape_part, _, dtype_part = text.partition(":")
+    try:
+        shape = tuple(int(s) for s in shape_part.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224") from None
+    if not shape or any(d < 0 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224")
+    dtype_name = dtype_part.strip().lower() or "float32"
+    if dtype_name not in _DTYPES:
+        raise typer.BadParameter(f"unknown dtype {dtype_part!r} in {text!r}; use one of {', '.join(sorted(_DTYPES))}")
+    return shape, _DTYPES[dtype_name]
+
+
+def make_inputs(shapes: list[str] | None, on: torch.device) -> tuple[torch.Tensor, ...]:
+    """Seeded example inputs: Gaussian floats, integers in [0, 10)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = []
+    for text in shapes or ["1,3,224,224"]:
+        shape, dtype = parse_input_shape(text)
+        if dtype.is_floating_point:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        else:
+            t = torch.randint(0, _INT_HIGH, shape, generator=gen).to(dtype)
+        tensors.append(t.to(on))
+    return tuple(tensors)
+
+
+def device(name: str) -> torch.device:
+    try:
+        found = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"unknown device {name!r}; use cpu or cuda", param_hint="--device") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    return found
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not valid JSON ({e.msg}): {text}", param_hint="--kwargs") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object like '{\"num_classes\": 10}'", param_hint="--kwargs")
+    return value
+
+
+def parse_rank(text: str) -> int | str:
+    """An integer stays an integer; any other word goes to the library, which says what ranks it takes."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_numbers(text: str | None, hint: str, kind: type) -> list[Any] | None:
+    """``"0.5,0.5,0.5"`` -> ``[0.5, 0.5, 0.5]`` (``x`` separates too: ``224x224``)."""
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}; write comma-separated numbers", param_hint=hint) from None
+
+
+def load(
+    model: str,
+    *,
+    trust_pickle: bool,
+    kwargs: str | None,
+    weights: Path | None,
+    on: torch.device,
+    quiet: bool,
+    train: bool,
+) -> LoadedModel:
+    """Load MODEL and put it on ``on`` in the mode to convert in (eval unless ``train``)."""
+    with step(f"loading {model}", quiet):
+        loaded = load_model(model, trust_pickle=trust_pickle, kwargs=parse_kwargs(kwargs), weights=weights)
+    # fx freezes `self.training` branches into the graph, so the mode is chosen
+    # before tracing; deployment (eval) is what a converted model is for.
+    loaded.model.to(on)
+    if loaded.kind == "pt2":
+        # an exported program's graph fixed its mode at export time (and its
+        # module refuses .train()); nothing to choose here
+        if train:
+            raise ConfigError(f"{model}: a torch.export program has its mode fixed at export; drop --train")
+        return loaded
+    loaded.model.train(train)
+    return loaded

@@ -1,0 +1,173 @@
+"""Option declarations shared by the commands: each defined once, as an ``Annotated`` alias.
+
+Choices are enums, so help and shell completion list them; panels group the
+options in ``--help``.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+MODEL, CONVERSION, CALIBRATION, TIMING, OUTPUT = "Model", "Conversion", "Calibration", "Timing", "Output"
+
+
+class Order(str, enum.Enum):
+    dw_pw = "dw-pw"
+    pw_dw = "pw-dw"
+    auto = "auto"
+
+
+class ModelFormat(str, enum.Enum):
+    pt = "pt"
+    pt2 = "pt2"
+    onnx = "onnx"
+    safetensors = "safetensors"
+
+
+class MemoryFormat(str, enum.Enum):
+    preserve = "preserve"
+    channels_last = "channels_last"
+
+
+class AuditFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+    md = "md"
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A model file saved with torch.save(model) or torch.export (.pt2), or an import spec such as "
+        "[bold]torchvision.models:resnet18[/] or [bold]path/to/file.py:build[/] (safest: no pickle).",
+        show_default=False,
+    ),
+]
+InputShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Shape of one example input, e.g. 1,3,224,224; add :int64 (or another dtype) for integer inputs, "
+        "which are drawn from [0, 10). Repeat for models with several inputs. Default 1,3,224,224.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+TrustPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow loading a pickled model or .pt2 archive (runs code from the file).",
+        rich_help_panel=MODEL,
+    ),
+]
+KwargsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--kwargs",
+        help="JSON keyword arguments for an import spec, e.g. '{\"num_classes\": 10}'.",
+        rich_help_panel=MODEL,
+    ),
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="A state_dict (.pt/.pth, read with weights_only=True) or .safetensors.",
+        rich_help_panel=MODEL,
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Device to load and convert on: cpu or cuda.", rich_help_panel=MODEL)
+]
+TrainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--train",
+        help="Trace and convert in training mode (default: eval mode, as the model is deployed).",
+        rich_help_panel=MODEL,
+    ),
+]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include", help="Only convs matching this glob (repeatable).", show_default=False, rich_help_panel=CONVERSION
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave convs matching this glob alone (repeatable).",
+        show_default=False,
+        rich_help_panel=CONVERSION,
+    ),
+]
+SkipSharedOpt = Annotated[
+    bool, typer.Option("--skip-shared", help="Leave convs called more than once alone.", rich_help_panel=CONVERSION)
+]
+CalibrationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--calibration",
+        help="Unlabelled inputs: an image folder, a .pt/.npy tensor file, or 'random'.",
+        show_default=False,
+        rich_help_panel=CALIBRATION,
+    ),
+]
+CalibrationSamplesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--calibration-samples",
+        help="Use at most N calibration samples (default: all; 256 for 'random').",
+        show_default=False,
+        rich_help_panel=CALIBRATION,
+    ),
+]
+ImageSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-size",
+        help="Resize calibration images to H,W (default: the input's H,W).",
+        show_default=False,
+        rich_help_panel=CALIBRATION,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean",
+        help="Per-channel mean for images (default ImageNet's for RGB, 0.5 for grayscale).",
+        show_default=False,
+        rich_help_panel=CALIBRATION,
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--std",
+        help="Per-channel std for images (default ImageNet's for RGB, 0.5 for grayscale).",
+        show_default=False,
+        rich_help_panel=CALIBRATION,
+    ),
+]
+LatencyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--latency",
+        help="Time each pair against the conv it replaces at the layer's input shape (this machine, "
+        "--input-shape's batch), every layout, the fastest kept; and the whole model.",
+        rich_help_panel=TIMING,
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT)]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="Print only results and errors (no progress).", rich_help_panel=OUTPUT),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of sepify errors.", rich_help_panel=OUTPUT)]

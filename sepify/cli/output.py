@@ -1,0 +1,85 @@
+"""What the commands write and print: output paths checked before any work, reports, progress."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sepify.cli.app import err, out
+from sepify.errors import OutputError
+from sepify.io.atomic import write_text_atomic
+
+__all__ = [
+    "step",
+    "progress_bar",
+    "check_writable",
+    "check_report_path",
+    "write_report",
+    "print_lines",
+    "REPORT_SUFFIXES",
+]
+
+REPORT_SUFFIXES = (".json", ".csv", ".md", ".markdown")
+ProgressFn = Callable[[str, int, int], None]
+
+
+@contextlib.contextmanager
+def step(message: str, quiet: bool) -> Iterator[None]:
+    """A spinner on stderr while a step runs (nothing when quiet or not a terminal)."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
+@contextlib.contextmanager
+def progress_bar(first_step: str, quiet: bool) -> Iterator[ProgressFn | None]:
+    """A transient rich progress bar on stderr; yields the ``progress(step, done, total)`` callback (None if quiet)."""
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(first_step, total=None)
+
+        def progress(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        yield progress
+
+
+def check_writable(path: Path, force: bool, protected: Path | None) -> None:
+    """Fail before any work if ``path`` is the input, exists without ``--force``, or has no folder."""
+    if protected is not None and protected.exists() and path.resolve() == protected.resolve():
+        raise OutputError(f"{path}: is the input model; sepify never overwrites its input, so choose another -o path")
+    if path.exists() and not force:
+        raise OutputError(f"{path}: already exists; pass --force to overwrite it, or -o to choose another path")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: its folder {path.parent} does not exist; create it or choose another -o path")
+
+
+def check_report_path(path: Path) -> None:
+    if path.suffix.lower() not in REPORT_SUFFIXES:
+        raise OutputError(f"{path}: unknown report format {path.suffix or '(no extension)'!r}; use .json, .csv or .md")
+
+
+def write_report(report: Any, path: Path) -> None:
+    """A conversion or audit report as JSON, CSV or Markdown, by ``path``'s extension."""
+    check_report_path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        report.to_json(path)
+    elif suffix == ".csv":
+        report.to_csv(path)
+    else:
+        write_text_atomic(path, report.to_markdown())
+
+
+def print_lines(text: str, end: str = "\n") -> None:
+    """Plain text on stdout: no markup, no highlighting, never wrapped."""
+    out.print(text, end=end, highlight=False, markup=False, soft_wrap=True)

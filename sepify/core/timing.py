@@ -1,0 +1,88 @@
+"""Wall-clock timing: interleaved medians, and a separable pair's fastest layout.
+
+Nothing here changes a pair: :func:`time_pair` times views of it
+(:meth:`SeparableConv2d.in_layout`) and returns the choice; the caller
+applies it.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from sepify.core.modules import SeparableConv2d
+
+__all__ = ["interleaved_medians", "PairTiming", "time_pair"]
+
+
+def interleaved_medians(
+    fns: Sequence[Callable[[], Any]], reps: int, *, warmup: int = 1, device: torch.device | None = None
+) -> list[float]:
+    """Median seconds of each function, called in turn ``reps`` times after ``warmup`` rounds.
+
+    Interleaving puts every function under the same machine noise; on CUDA
+    each call is synchronised so its time is the kernel's, not the launch's.
+    """
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    sync()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[i].append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+class PairTiming(NamedTuple):
+    """Median seconds of a pair in its fastest layout, and of the conv it replaces (if timed)."""
+
+    layout: str | None  # the fastest layout, None where the pair has only one
+    pair: float
+    conv: float | None
+
+
+def time_pair(
+    pair: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None
+) -> PairTiming:
+    """Time every layout of ``pair`` (and ``against``, the conv it replaces) at ``input_shape``.
+
+    All candidates run interleaved, one call each in turn, and the median of
+    ``reps`` calls after warm-up is compared, so a machine that slows down
+    during the measurement slows all of them alike.
+
+    Example:
+        >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+        >>> pair = SeparableConv2d.from_conv(conv, rank=2, order="pw-dw")
+        >>> timing = time_pair(pair, (1, 8, 16, 16), reps=3, against=conv)
+        >>> timing.layout in pair.layouts, timing.pair > 0, timing.conv > 0, pair.layout
+        (True, True, True, 'grouped')
+        >>> time_pair(SeparableConv2d.from_conv(conv, rank=1), (1, 8, 16, 16), reps=3).layout is None
+        True
+    """
+    w = pair.conv_dw.weight
+    x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
+    layouts = pair.layouts
+    fns = [functools.partial(pair.in_layout(k), x) for k in layouts]
+    if against is not None:
+        fns.append(functools.partial(against, x))
+    with torch.no_grad():
+        times = interleaved_medians(fns, reps, warmup=2, device=w.device)
+    best = min(range(len(layouts)), key=times.__getitem__)
+    return PairTiming(
+        layouts[best] if len(layouts) > 1 else None, times[best], times[-1] if against is not None else None
+    )

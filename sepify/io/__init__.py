@@ -1,0 +1,1 @@
+"""Files: safe model loading, saving in deployment formats, calibration datasets, atomic writes."""

@@ -1,0 +1,180 @@
+"""Option objects for :func:`sepify.convert` and :func:`sepify.audit`.
+
+Each groups the settings of one pipeline stage (which convs, calibration,
+distillation, timing), validates itself on construction with a one-sentence
+:class:`~sepify.errors.ConfigError`, and is frozen, like torch.ao's config
+objects. Plain values keep working where their meaning is obvious: see each
+class's ``of``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sepify.errors import ConfigError
+
+__all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "as_int"]
+
+LOSSES = ("mse", "kl")
+
+
+def as_int(value: Any, what: str, minimum: int) -> int:
+    """``value`` as a Python int >= ``minimum`` (numpy integers too; bools refused)."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _globs(what: str, patterns: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return (patterns,)  # a lone glob is a common slip; accept it
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"{what} must be a list of glob strings, got {patterns!r}")
+    return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which convs may be converted.
+
+    Args:
+        include: glob patterns over conv qualnames; only matches convert.
+        exclude: glob patterns over conv qualnames to leave alone.
+        skip_shared: leave convs that run more than once per forward (shared
+            heads, recurrent blocks) alone; by default one pair replaces them
+            at every call site.
+
+    Example:
+        >>> Selection(include="layer1.*").include
+        ('layer1.*',)
+    """
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    skip_shared: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _globs("include", self.include))
+        object.__setattr__(self, "exclude", _globs("exclude", self.exclude))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Unlabelled inputs and what to do with them.
+
+    Args:
+        data: a tensor ``(N, ...)``, a DataLoader or iterable of batches
+            (labels after the model's arguments are dropped), or a callable
+            returning either.
+        samples: use at most this many samples.
+        heldout: share of the samples kept back to judge every stage.
+        refine: closed-form least-squares refinement of each pair's last
+            factor (in :func:`~sepify.audit`: also predict errors after it).
+        refresh_bn: recompute BatchNorm statistics after refining, kept only
+            if held-out fidelity improves.
+    """
+
+    data: Any
+    samples: int | None = None
+    heldout: float = 0.2
+    refine: bool = True
+    refresh_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise ConfigError("Calibration needs data: a tensor, a DataLoader or a list of batches")
+        if self.samples is not None:
+            object.__setattr__(self, "samples", as_int(self.samples, "calibration samples", 1))
+        if not (isinstance(self.heldout, (int, float)) and 0 <= self.heldout < 1):
+            raise ConfigError(f"the held-out share must be in [0, 1), got {self.heldout!r}")
+
+    @classmethod
+    def of(cls, value: Calibration | Any | None) -> Calibration | None:
+        """``None`` stays None; anything but a :class:`Calibration` is its ``data``."""
+        if value is None or isinstance(value, Calibration):
+            return value
+        return cls(value)
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Knowledge distillation of the converted model against the original.
+
+    Args:
+        steps: Adam steps (batches cycle; early stop on held-out data).
+        lr: learning rate.
+        loss: ``"mse"`` (relative, on every floating output) or ``"kl"``
+            (on logits, with a temperature).
+        train_all: train every parameter, not only the converted pairs'.
+        seed: seeds dropout and data order, for reproducible results.
+
+    Example:
+        >>> Distill.of(300)
+        Distill(steps=300, lr=0.001, loss='mse', train_all=False, seed=0)
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    loss: str = "mse"
+    train_all: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", as_int(self.steps, "distillation steps", 1))
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"the distillation learning rate must be > 0, got {self.lr!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"the distillation loss must be one of {LOSSES}, got {self.loss!r}")
+
+    @classmethod
+    def of(cls, value: Distill | int | None) -> Distill | None:
+        """``None`` or ``0``: no distillation; an int: that many steps."""
+        if value is None or isinstance(value, Distill):
+            return value
+        steps = as_int(value, "distill", 0)
+        return cls(steps=steps) if steps else None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measuring speed on this machine, at the example inputs' batch size and thread count.
+
+    Args:
+        latency: time each pair against the conv it replaces at the layer's
+            input shape (interleaved medians, every layout, the fastest kept)
+            and the whole converted model against the original.
+        skip_slower: leave a conv alone when its pair was not faster
+            (implies ``latency``).
+        tune_layout: only pick each pair's fastest layout; no report columns.
+        reps: timed repetitions per measurement.
+    """
+
+    latency: bool = True
+    skip_slower: bool = False
+    tune_layout: bool = False
+    reps: int = 7
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reps", as_int(self.reps, "timing reps", 1))
+        if self.skip_slower:
+            object.__setattr__(self, "latency", True)
+
+    @classmethod
+    def of(cls, value: Timing | bool | None) -> Timing | None:
+        """``True`` means ``Timing()``; ``None`` or ``False``: nothing is timed."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, Timing):
+            return value
+        raise ConfigError(f"timing must be a sepify.Timing or a bool, got {type(value).__name__}")

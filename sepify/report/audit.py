@@ -1,0 +1,191 @@
+"""What :func:`sepify.audit` found, as data: per conv its cost and its options, and a plan under a budget.
+
+Planning itself (the error model and the solver) lives in
+:mod:`sepify.planning`; text, Markdown and CSV forms in :mod:`sepify.report.render`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sepify.core.cost import ratio
+from sepify.graph.candidates import SkipReason
+from sepify.io.atomic import JsonExportable, returned_and_written
+from sepify.planning.budget import choose_plan, option_error, predicted_error
+from sepify.planning.plan import Plan
+from sepify.report import render
+from sepify.report.conversion import tuples_as_lists
+
+__all__ = ["AuditOption", "AuditLayer", "AuditReport"]
+
+
+@dataclass(frozen=True)
+class AuditOption:
+    """One way to convert one conv."""
+
+    rank: int
+    order: str
+    params_after: int
+    macs_after: int
+    weight_error: float
+    output_error: float | None = None  # the layer's own ||y_r - y|| / ||y|| on the example inputs
+    refined_error: float | None = None  # the same after refinement (least-squares refit of the last factor)
+    latency_before: float | None = None  # seconds, median, original conv
+    latency_after: float | None = None  # seconds, median, the pair in its fastest layout
+    layout: str | None = None  # the fastest layout, where the pair has a choice and latency was measured
+
+    @property
+    def latency_ratio(self) -> float | None:
+        return ratio(self.latency_after, self.latency_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["latency_ratio"] = self.latency_ratio
+        return d
+
+
+@dataclass(frozen=True)
+class AuditLayer:
+    """One conv: its cost, why it is skipped, or its options."""
+
+    name: str
+    skip_reason: SkipReason | None
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    calls: int
+    input_size: tuple[int, int] | None
+    output_size: tuple[int, int] | None
+    params: int
+    macs: int
+    mac_share: float  # of the whole model's MACs
+    param_share: float
+    options: tuple[AuditOption, ...] = ()
+    model_error_rank1: float | None = None  # whole-model output error, only this layer at rank 1
+    sensitivity_order: str | None = None  # the order used for model_error_rank1
+
+    @property
+    def candidate(self) -> bool:
+        return self.skip_reason is None
+
+    def option(self, rank: int, order: str) -> AuditOption:
+        for o in self.options:
+            if (o.rank, o.order) == (rank, order):
+                return o
+        raise KeyError(f"{self.name} has no option rank={rank} order={order!r}")
+
+    def best_at(self, rank: int) -> AuditOption | None:
+        """The option at ``rank`` with the lowest (output, then weight) error."""
+        found = [o for o in self.options if o.rank == rank]
+        return min(found, key=option_error) if found else None
+
+    @property
+    def break_even_rank(self) -> int | None:
+        """Largest rank listed (the pair is still smaller there), over both orders."""
+        return max((o.rank for o in self.options), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = tuples_as_lists({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"})
+        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
+        d["options"] = [o.to_dict() for o in self.options]
+        return d
+
+
+@dataclass(frozen=True)
+class AuditReport(JsonExportable):
+    """What :func:`sepify.audit` found; call :meth:`plan` to choose under a budget."""
+
+    layers: tuple[AuditLayer, ...]
+    params: int
+    macs: int
+    inputs: str
+    mode: str
+    model_latency: float | None = None  # seconds, median of the whole original model
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def candidates(self) -> tuple[AuditLayer, ...]:
+        return tuple(layer for layer in self.layers if layer.candidate)
+
+    def layer(self, name: str) -> AuditLayer:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no conv named {name!r} in this audit")
+
+    def predicted_error(self, plan: Plan) -> float:
+        """Predicted whole-model relative output error if ``plan`` is applied."""
+        return predicted_error({layer.name: layer for layer in self.layers}, plan)
+
+    def plan(
+        self,
+        *,
+        max_mac_ratio: float | None = None,
+        max_param_ratio: float | None = None,
+        max_latency_ratio: float | None = None,
+        max_error: float | None = None,
+    ) -> Plan:
+        """Pick per layer skip or one (rank, order), under exactly one budget.
+
+        * ``max_mac_ratio`` / ``max_param_ratio`` / ``max_latency_ratio``:
+          whole-model MACs / params / latency after <= ratio x before, with
+          the least predicted output error (exact multiple-choice knapsack,
+          see :mod:`sepify.planning.knapsack`; the budget is never exceeded).
+        * ``max_error``: the most MACs saved with predicted whole-model output
+          error <= ``max_error``.
+
+        When latency was measured, pairs slower than the conv they replace are
+        never chosen.
+
+        Raises:
+            ConfigError: not exactly one budget, or a ratio outside (0, 1].
+            BudgetError: the budget cannot be met; says the smallest reachable ratio.
+
+        Example:
+            >>> import torch, sepify
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3), torch.nn.Conv2d(32, 32, 3))
+            >>> report = sepify.audit(net, torch.randn(1, 8, 12, 12))
+            >>> plan = report.plan(max_mac_ratio=0.5)
+            >>> plan.meta["mac_ratio"] <= 0.5
+            True
+        """
+        budget = {
+            "max_mac_ratio": max_mac_ratio,
+            "max_param_ratio": max_param_ratio,
+            "max_latency_ratio": max_latency_ratio,
+            "max_error": max_error,
+        }
+        return choose_plan(
+            self.candidates,
+            budget,
+            params=self.params,
+            macs=self.macs,
+            model_latency=self.model_latency,
+            meta={"inputs": self.inputs},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "sepify.audit-report",
+            "version": 1,
+            "inputs": self.inputs,
+            "mode": self.mode,
+            "totals": {"params": self.params, "macs": self.macs, "model_latency": self.model_latency},
+            "notes": list(self.notes),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
+        """One row per (layer, option); written atomically to ``path`` when given."""
+        return returned_and_written(render.audit_csv(self), path)
+
+    def to_markdown(self) -> str:
+        lines = render.markdown_table(*render.audit_table(self))
+        return "\n".join([*lines, "", *(f"- {s}" for s in render.audit_summary(self))]) + "\n"
+
+    def __str__(self) -> str:
+        return "\n".join([*render.text_table(*render.audit_table(self)), "", *render.audit_summary(self)])

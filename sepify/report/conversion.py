@@ -1,0 +1,221 @@
+"""What :func:`sepify.convert` did, as data: one :class:`LayerReport` per conv and model totals.
+
+Counts are raw integers everywhere except in the human-readable forms
+(:mod:`sepify.report.render`). MACs are for the example inputs as given
+(batch included), one MAC per multiply-add, bias not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sepify.calibrate.stages import FidelityStage
+from sepify.core.cost import ratio
+from sepify.graph.candidates import SkipReason
+from sepify.io.atomic import JsonExportable, returned_and_written
+from sepify.planning.plan import LayerPlan, Plan
+from sepify.report import render
+
+__all__ = ["LayerReport", "ConversionReport", "tuples_as_lists"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One conv of the model, converted or skipped.
+
+    For a skipped conv ``rank``/``order``/``weight_error`` are None and the
+    *after* counts equal the *before* counts. ``input_size``/``output_size``
+    are ``(H, W)`` at the first call (None if never called); ``calls`` counts
+    the calls on the example inputs and MACs sum over all of them.
+    """
+
+    name: str
+    converted: bool
+    skip_reason: SkipReason | None
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: str | tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    bias: bool
+    calls: int
+    input_size: tuple[int, int] | None
+    output_size: tuple[int, int] | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    rank: int | None = None
+    requested_rank: int | str | None = None
+    rank_capped: bool = False
+    order: str | None = None
+    weight_error: float | None = None
+    layout: str | None = None  # how the pair runs, where it has a choice (SeparableConv2d.layouts)
+    latency_before: float | None = None  # seconds, median, the conv at its input shape (latency=True)
+    latency_after: float | None = None  # seconds, median, the pair, timed interleaved with the conv
+
+    @property
+    def latency_ratio(self) -> float | None:
+        """Pair time / conv time at the layer's input shape, when measured."""
+        return ratio(self.latency_after, self.latency_before)
+
+    @property
+    def realisation(self) -> float | None:
+        """Latency ratio / MAC ratio: 1.0 when the MAC savings became time savings one for one."""
+        time_ratio = self.latency_ratio
+        if time_ratio is None or not self.converted or not self.macs_before or not self.macs_after:
+            return None
+        return time_ratio / (self.macs_after / self.macs_before)
+
+    @property
+    def larger_than_original(self) -> bool:
+        """The pair has more params or MACs than the conv it replaced."""
+        return self.converted and (self.params_after > self.params_before or self.macs_after > self.macs_before)
+
+    @property
+    def param_savings(self) -> float:
+        """Fraction of this layer's params saved (negative when it grew)."""
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def mac_savings(self) -> float:
+        """Fraction of this layer's MACs saved (negative when it grew)."""
+        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = tuples_as_lists(dataclasses.asdict(self))
+        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
+        d["larger_than_original"] = self.larger_than_original
+        d["latency_ratio"] = self.latency_ratio
+        d["realisation"] = self.realisation
+        return d
+
+
+@dataclass(frozen=True)
+class ConversionReport(JsonExportable):
+    """What :func:`sepify.convert` did, per conv and for the whole model.
+
+    Whole-model counts are measured on the original and the converted model
+    (``FlopCounterMode``; it counts convolutions, linear layers and matmuls);
+    ``conv_*`` counts are the sums over the rows.
+    """
+
+    layers: tuple[LayerReport, ...]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    inputs: str
+    mode: str
+    trace_error: str | None = None
+    leaves: dict[str, str] = field(default_factory=dict)
+    output_error: float | None = None
+    top1_agreement: float | None = None
+    notes: tuple[str, ...] = ()
+    fidelity: tuple[FidelityStage, ...] = ()
+    latency_before: float | None = None  # seconds, median whole-model forward on the example inputs (latency=True)
+    latency_after: float | None = None  # the converted model's, timed interleaved with the original
+
+    # -- totals ---------------------------------------------------------
+    @property
+    def latency_ratio(self) -> float | None:
+        """Converted / original whole-model time on the example inputs, when measured."""
+        return ratio(self.latency_after, self.latency_before)
+
+    @property
+    def conv_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def conv_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def conv_macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def conv_macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def param_ratio(self) -> float | None:
+        return ratio(self.params_after, self.params_before)
+
+    @property
+    def mac_ratio(self) -> float | None:
+        return ratio(self.macs_after, self.macs_before)
+
+    @property
+    def converted(self) -> tuple[LayerReport, ...]:
+        return tuple(layer for layer in self.layers if layer.converted)
+
+    @property
+    def skipped(self) -> tuple[LayerReport, ...]:
+        return tuple(layer for layer in self.layers if not layer.converted)
+
+    def to_plan(self) -> Plan:
+        """The plan that reproduces this conversion (converted layers only)."""
+        return Plan(
+            {r.name: LayerPlan(int(r.rank), str(r.order), r.layout) for r in self.converted if r.rank and r.order}
+        )
+
+    def layer(self, name: str) -> LayerReport:
+        """The row for the conv at qualname ``name``."""
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no conv named {name!r} in this report")
+
+    # -- serialisation --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with raw integers."""
+        return {
+            "format": "sepify.conversion-report",
+            "version": 1,
+            "inputs": self.inputs,
+            "mode": self.mode,
+            "trace_error": self.trace_error,
+            "leaves": dict(self.leaves),
+            "totals": {
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "macs_before": self.macs_before,
+                "macs_after": self.macs_after,
+                "conv_params_before": self.conv_params_before,
+                "conv_params_after": self.conv_params_after,
+                "conv_macs_before": self.conv_macs_before,
+                "conv_macs_after": self.conv_macs_after,
+                "converted": len(self.converted),
+                "skipped": len(self.skipped),
+            },
+            "verification": {"output_error": self.output_error, "top1_agreement": self.top1_agreement},
+            "latency": {"before": self.latency_before, "after": self.latency_after, "ratio": self.latency_ratio},
+            "fidelity": [stage.to_dict() for stage in self.fidelity],
+            "notes": list(self.notes),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
+        """One CSV row per conv (tuples as ``3x3``); written atomically to ``path`` when given."""
+        return returned_and_written(render.conversion_csv(self), path)
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured Markdown table with totals underneath."""
+        lines = render.markdown_table(*render.conversion_table(self))
+        lines += ["", *(f"- {line}" for line in render.conversion_summary(self))]
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return "\n".join([*render.text_table(*render.conversion_table(self)), "", *render.conversion_summary(self)])
+
+
+def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples: shapes, strides and sizes become lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -10,19 +10,15 @@ from torch import nn
 
 import sepify
 from sepify import SkipReason
-from sepify.cost import separable_macs
+from sepify.core.cost import separable_macs
 
 
 @pytest.fixture
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(32, 32, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    ).eval()  # fmt: skip
+    body = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU()]
+    body += [nn.Conv2d(32, 32, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(32, 32, 1)]
+    return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
 
 
 @pytest.fixture
@@ -33,7 +29,7 @@ def x() -> torch.Tensor:
 def test_audit_never_mutates_the_model(net: nn.Module, x: torch.Tensor) -> None:
     before = {k: v.clone() for k, v in net.state_dict().items()}
     types = [type(m) for m in net.modules()]
-    sepify.audit(net, x, latency=True, latency_reps=1)
+    sepify.audit(net, x, timing=sepify.Timing(reps=1))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert [type(m) for m in net.modules()] == types
 
@@ -129,20 +125,27 @@ def test_plan_arguments_are_checked(net: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_latency_fields_and_latency_plan(net: nn.Module, x: torch.Tensor) -> None:
-    report = sepify.audit(net, x, latency=True, latency_reps=3)
+    report = sepify.audit(net, x, timing=sepify.Timing(reps=3))
     assert report.model_latency is not None and report.model_latency > 0
     for layer in report.candidates:
         for o in layer.options:
             assert o.latency_before is not None and o.latency_before > 0
             assert o.latency_after is not None and o.latency_after > 0
             assert o.latency_ratio == o.latency_after / o.latency_before
+    # Timings are noise, so which budget is reachable varies; either answer is checked.
+    faster = [
+        max((o.latency_before - o.latency_after for o in layer.options if o.latency_ratio < 1.0), default=0.0)
+        for layer in report.candidates
+    ]
     try:
         plan = report.plan(max_latency_ratio=0.999)
     except sepify.BudgetError:
-        return  # on a noisy machine no pair may be faster; that is an honest answer
-    for name, lp in plan.layers.items():
-        ratio = report.layer(name).option(lp.rank, lp.order).latency_ratio
-        assert ratio is not None and ratio < 1.0  # slower pairs are never planned
+        assert sum(faster) < 0.001 * report.model_latency  # no combination of faster pairs saves 0.1%
+    else:
+        assert plan.layers  # saving time takes at least one pair
+        for name, lp in plan.layers.items():
+            ratio = report.layer(name).option(lp.rank, lp.order).latency_ratio
+            assert ratio is not None and ratio < 1.0  # slower pairs are never planned
 
 
 def test_ranks_restrict_options(net: nn.Module, x: torch.Tensor) -> None:
@@ -179,15 +182,15 @@ def test_plan_json_round_trip(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     ],
 )
 def test_bad_plans_are_sentences(text: str, message: str) -> None:
-    with pytest.raises(sepify.ConfigError) as info:
+    with pytest.raises(sepify.PlanError) as info:
         sepify.Plan.from_json(text)
     assert str(info.value) == message
 
 
 def test_plan_naming_a_missing_or_ineligible_conv(net: nn.Module, x: torch.Tensor) -> None:
-    with pytest.raises(sepify.ConfigError, match="the plan names 'nope', but the model has no Conv2d there"):
+    with pytest.raises(sepify.PlanError, match="the plan names 'nope', but the model has no Conv2d there"):
         sepify.convert(net, x, plan=sepify.Plan({"nope": sepify.LayerPlan(1, "dw-pw")}))
-    with pytest.raises(sepify.ConfigError, match=r"the plan names '6', which cannot be converted \(pointwise\)"):
+    with pytest.raises(sepify.PlanError, match=r"the plan names '6', which cannot be converted \(pointwise\)"):
         sepify.convert(net, x, plan=sepify.Plan({"6": sepify.LayerPlan(1, "dw-pw")}))
 
 
@@ -197,7 +200,7 @@ def test_rank_auto_meets_tolerance(net: nn.Module, x: torch.Tensor) -> None:
         assert row.weight_error is not None and row.weight_error <= 0.5
         # the smallest such rank: one less would miss the tolerance
         if row.rank and row.rank > 1:
-            f = sepify.decompose.Factorization.of(net.get_submodule(row.name).weight, row.groups, str(row.order))
+            f = sepify.core.decompose.Factorization.of(net.get_submodule(row.name).weight, row.groups, str(row.order))
             assert f.relative_error(row.rank - 1) > 0.5
     assert all(r.skip_reason in (SkipReason.POINTWISE, SkipReason.NO_SAVING) for r in report.skipped)
 
@@ -216,6 +219,8 @@ def test_audit_report_renders(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     assert len(rows) == 1 + sum(max(1, len(la.options)) for la in report.layers)
     assert report.to_dict()["layers"][0]["options"][0]["rank"] == 1
     pytest.importorskip("matplotlib")
+    from sepify.report.plot import plot_audit
+
     png = tmp_path / "audit.png"
-    report.to_png(png, report.plan(max_mac_ratio=0.7))
+    plot_audit(report, png, report.plan(max_mac_ratio=0.7))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import sepify
-from sepify import refine
-from sepify.calibration import calibration_batches
-from sepify.datasets import CalibrationLoadError, load_calibration
-from sepify.distill import distill
-from sepify.refine import _StudentInputs, _TeacherOutputs, capture, refine_pairs
+from sepify.calibrate import refine
+from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
+from sepify.calibrate.data import calibration_batches
+from sepify.calibrate.distill import distill
+from sepify.calibrate.refine import refine_pairs, refined_errors
+from sepify.io.datasets import load_calibration
 
 # -- data --------------------------------------------------------------------------
 
@@ -36,9 +37,11 @@ def test_labelled_loader_keeps_only_model_arguments_and_respects_limit() -> None
 def test_callable_and_bad_inputs() -> None:
     data = calibration_batches(lambda: [torch.randn(4, 2)])
     assert data.samples == 4
-    with pytest.raises(sepify.ConfigError, match="calibration data is empty"):
+    with pytest.raises(sepify.CalibrationError, match="calibration data is empty"):
         calibration_batches([])
-    with pytest.raises(sepify.ConfigError, match="calibration batches must be tensors or tuples of tensors, got str"):
+    with pytest.raises(
+        sepify.CalibrationError, match="calibration batches must be tensors or tuples of tensors, got str"
+    ):
         calibration_batches(["x"])
 
 
@@ -47,14 +50,15 @@ def test_load_calibration_files(tmp_path) -> None:  # type: ignore[no-untyped-de
     assert load_calibration(tmp_path / "c.npy", (3, 8, 8), samples=3).shape == (3, 3, 8, 8)
     torch.save(torch.zeros(4, 1, 6, 6), tmp_path / "c.pt")
     assert load_calibration(tmp_path / "c.pt", (1, 6, 6)).shape == (4, 1, 6, 6)
-    with pytest.raises(CalibrationLoadError) as info:
+    with pytest.raises(sepify.CalibrationError) as info:
         load_calibration(tmp_path / "c.pt", (3, 6, 6))
     assert str(info.value) == (
         f"{tmp_path / 'c.pt'}: samples are 1x6x6 but the model's input is 3x6x6 (from --input-shape); "
         "pass samples with that layout and channel count"
     )
-    random = load_calibration("random", (3, 4, 4))
-    assert random.shape == (256, 3, 4, 4) and torch.equal(random, load_calibration("random", (3, 4, 4)))
+    with pytest.warns(sepify.SepifyWarning, match="calibrating on random noise; fidelity on real inputs will be worse"):
+        random = load_calibration("random", (3, 4, 4))
+        assert random.shape == (256, 3, 4, 4) and torch.equal(random, load_calibration("random", (3, 4, 4)))
 
 
 def test_image_folder_is_normalised(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -66,7 +70,7 @@ def test_image_folder_is_normalised(tmp_path) -> None:  # type: ignore[no-untype
     assert batch.shape == (2, 3, 4, 6)
     torch.testing.assert_close(batch[0, :, 0, 0], torch.tensor([1.0, 0.0, 128 / 255]))
     (tmp_path / "broken.png").write_text("not an image")
-    with pytest.raises(CalibrationLoadError, match="broken.png: cannot be read as an image"):
+    with pytest.raises(sepify.CalibrationError, match="broken.png: cannot be read as an image"):
         load_calibration(tmp_path, (3, 4, 6))
 
 
@@ -112,10 +116,9 @@ def test_refit_is_never_worse_on_heldout_data() -> None:
 
 def _deep_net() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-    ).eval()  # fmt: skip
+    widths = [(3, 8, 1), (8, 8, 1), (8, 16, 2), (16, 16, 1)]
+    layers = [m for cin, cout, s in widths for m in (nn.Conv2d(cin, cout, 3, stride=s, padding=1), nn.ReLU())]
+    return nn.Sequential(*layers[:-1]).eval()
 
 
 @pytest.mark.parametrize(("budget", "passes"), [(1, 4), (1 << 40, 1)])
@@ -123,7 +126,7 @@ def test_teacher_outputs_match_one_capture_per_layer(budget: int, passes: int) -
     net = _deep_net()
     batches = [(torch.randn(3, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
     names = ["0", "2", "4", "6"]
-    outputs = _TeacherOutputs(net, names, batches, budget)
+    outputs = TeacherOutputs(net, names, batches, budget)
     for name in names:
         got = outputs.take(name)
         expected = [capture(net, net.get_submodule(name), b, output=True) for b in batches]
@@ -138,7 +141,7 @@ def test_refit_does_not_depend_on_how_targets_are_batched(monkeypatch: pytest.Mo
     x = torch.randn(40, 3, 8, 8)
     reports = []
     for budget in (1, 1 << 40):
-        monkeypatch.setattr(refine, "_TARGET_BYTES", budget)
+        monkeypatch.setattr(refine, "TARGET_BYTES", budget)
         reports.append(sepify.convert(_deep_net(), x[:2], rank=1, calibration=x).report)
     assert [s.output_error for s in reports[0].fidelity] == [s.output_error for s in reports[1].fidelity]
 
@@ -165,7 +168,7 @@ def test_resumed_student_inputs_equal_a_fresh_pass(budget: int) -> None:
     batches = [(torch.randn(3, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
     student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
     names = ["stem", "a", "b", "c"]
-    inputs = _StudentInputs.for_model(student, names, batches, budget)
+    inputs = StudentInputs.for_model(student, names, batches, budget)
     assert inputs is not None
     for name in names:
         for k, batch in enumerate(batches):
@@ -179,17 +182,17 @@ def test_resumed_student_inputs_equal_a_fresh_pass(budget: int) -> None:
 
 def test_students_that_cannot_resume_use_fresh_passes() -> None:
     batches = [(torch.randn(2, 3, 8, 8),)]
-    assert _StudentInputs.for_model(_Residual(), ["a"], batches, 1 << 40) is None  # not a GraphModule
+    assert StudentInputs.for_model(_Residual(), ["a"], batches, 1 << 40) is None  # not a GraphModule
     student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
-    assert _StudentInputs.for_model(student, ["a"], batches, 0) is None  # resuming switched off
-    assert _StudentInputs.for_model(student, ["a", "nope"], batches, 1 << 40) is None  # a pair that is no node
+    assert StudentInputs.for_model(student, ["a"], batches, 0) is None  # resuming switched off
+    assert StudentInputs.for_model(student, ["a", "nope"], batches, 1 << 40) is None  # a pair that is no node
 
 
 def test_refit_does_not_depend_on_resuming(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(30, 3, 8, 8)
     errors = []
     for budget in (0, 1 << 40):
-        monkeypatch.setattr(refine, "_RESUME_BYTES", budget)
+        monkeypatch.setattr(refine, "RESUME_BYTES", budget)
         report = sepify.convert(_Residual().eval(), x[:2], rank=1, calibration=x).report
         errors.append([s.output_error for s in report.fidelity])
     assert errors[0] == errors[1] and errors[0][1] < errors[0][0]
@@ -223,7 +226,7 @@ def test_trained_digits_cnn_survives_rank_1_with_refinement(digits) -> None:  # 
 def test_distillation_improves_heldout_loss_and_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
     model, x_train, x_test, y_test, original = digits
     runs = [
-        sepify.convert(model, x_test[:4], rank=1, order="pw-dw", calibration=x_train[:256], distill_steps=60)
+        sepify.convert(model, x_test[:4], rank=1, order="pw-dw", calibration=x_train[:256], distill=60)
         for _ in range(2)
     ]
     a, b = (r.model.state_dict() for r in runs)
@@ -241,9 +244,8 @@ def test_distill_trains_only_the_given_parameters() -> None:
         student[2].weight.add_(0.5)
     frozen = student[0].weight.clone()
     x = torch.randn(64, 4)
-    result = distill(
-        teacher, student, [(x[:48],)], [(x[48:],)], steps=50, params=list(student[2].parameters()), lr=1e-2
-    )
+    options = sepify.Distill(steps=50, lr=1e-2)
+    result = distill(teacher, student, [(x[:48],)], [(x[48:],)], options, params=list(student[2].parameters()))
     assert torch.equal(student[0].weight, frozen)
     assert result.heldout_after < result.heldout_before
     assert student[0].weight.requires_grad  # flags restored
@@ -251,17 +253,15 @@ def test_distill_trains_only_the_given_parameters() -> None:
 
 def test_distillation_needs_calibration(plain_net: nn.Module) -> None:
     with pytest.raises(sepify.ConfigError, match="distillation needs calibration data"):
-        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill_steps=10)
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill=10)
 
 
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
-def test_refit_errors_predict_what_refinement_reaches(order: str) -> None:
-    from sepify.refine import refit_errors
-
+def test_refined_errors_predict_what_refinement_reaches(order: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, padding=1, groups=2).double()
     x = torch.randn(16, 8, 10, 10, dtype=torch.float64)
-    predicted = refit_errors(conv, x, order, [1, 2, 3])
+    predicted = refined_errors(conv, x, order, [1, 2, 3])
     for rank in (1, 2, 3):
         pair = sepify.SeparableConv2d.from_conv(conv, rank, order).double()
         result = refine_pairs(nn.Sequential(conv), nn.Sequential(pair), [("0", pair)], [(x,)], [(x,)])
@@ -269,11 +269,11 @@ def test_refit_errors_predict_what_refinement_reaches(order: str) -> None:
     assert predicted[1] > predicted[2] > predicted[3]
 
 
-def test_audit_with_calibration_plans_for_the_refit(digits) -> None:  # type: ignore[no-untyped-def]
+def test_audit_with_calibration_plans_for_the_refinement(digits) -> None:  # type: ignore[no-untyped-def]
     model, x_train, x_test, y_test, original = digits
     audit = sepify.audit(model, x_test[:4], calibration=x_train[:128])
-    assert all(o.refit_error is not None for layer in audit.candidates for o in layer.options)
-    assert all(o.refit_error <= o.output_error + 1e-9 for layer in audit.candidates for o in layer.options)  # type: ignore[operator]
+    assert all(o.refined_error is not None for layer in audit.candidates for o in layer.options)
+    assert all(o.refined_error <= o.output_error + 1e-9 for layer in audit.candidates for o in layer.options)  # type: ignore[operator]
     plan = audit.plan(max_mac_ratio=0.15)
     result = sepify.convert(model, x_test[:4], plan=plan, calibration=x_train[:256])
     assert result.report.mac_ratio is not None and result.report.mac_ratio <= 0.15
@@ -281,7 +281,7 @@ def test_audit_with_calibration_plans_for_the_refit(digits) -> None:  # type: ig
 
 
 def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.Module) -> None:
-    with pytest.raises(sepify.InputShapeError) as info:
+    with pytest.raises(sepify.CalibrationError) as info:
         sepify.convert(plain_net, torch.randn(1, 3, 8, 8), calibration=torch.randn(10, 5, 8, 8))
     message = str(info.value)
     assert message.startswith("the model failed on calibration batch (8, 5, 8, 8) float32: RuntimeError: ")
@@ -290,7 +290,7 @@ def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.M
 
 def test_refine_can_be_switched_off(plain_net: nn.Module) -> None:
     x = torch.randn(16, 3, 8, 8)
-    stages = sepify.convert(plain_net, x[:1], calibration=x, refine=False).report.fidelity
+    stages = sepify.convert(plain_net, x[:1], calibration=sepify.Calibration(x, refine=False)).report.fidelity
     assert [s.stage for s in stages] == ["init"]
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import sepify
 from sepify import SkipReason
-from sepify.candidates import skip_reason_for
+from sepify.graph.candidates import skip_reason_for
 
 
 class _Sub(nn.Conv2d):
@@ -49,7 +49,9 @@ def test_shared_is_skipped_only_on_request() -> None:
 
 
 def test_every_model_skip_reason_is_reported(skip_net: nn.Module) -> None:
-    report = sepify.convert(skip_net, torch.randn(1, 1, 8, 8), rank="full", skip_shared=True).report
+    report = sepify.convert(
+        skip_net, torch.randn(1, 1, 8, 8), rank="full", select=sepify.Selection(skip_shared=True)
+    ).report
     reasons = {row.name: row.skip_reason for row in report.layers}
     assert reasons == {
         "gray": SkipReason.SINGLE_INPUT_CHANNEL,
@@ -76,7 +78,9 @@ def test_shared_conv_is_converted_at_every_call_site(skip_net: nn.Module) -> Non
 
 
 def test_include_and_exclude_globs(plain_net: nn.Module, example_input: torch.Tensor) -> None:
-    report = sepify.convert(plain_net, example_input, include=["body.*"], exclude=["*.4"]).report
+    report = sepify.convert(
+        plain_net, example_input, select=sepify.Selection(include=["body.*"], exclude=["*.4"])
+    ).report
     status = {row.name: (row.converted, row.skip_reason) for row in report.layers}
     assert status["stem"] == (False, SkipReason.EXCLUDED)  # not included
     assert status["body.0"] == (True, None)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 import sepify
-from sepify.cost import conv_macs, separable_macs
+from sepify.core.cost import conv_macs, separable_macs
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,12 +156,38 @@ def test_detection_style_list_input(plain_net: nn.Module) -> None:
         ({"rank": 0}, "rank must be a positive integer, 'full' or 'auto', got 0"),
         ({"rank": "max"}, "rank must be a positive integer, 'full' or 'auto', got 'max'"),
         ({"order": "dw"}, "order must be 'dw-pw', 'pw-dw' or 'auto', got 'dw'"),
-        ({"include": [3]}, "include must be a list of glob strings, got [3]"),
+        ({"rank": True}, "rank must be a positive integer, 'full' or 'auto', got True"),
+        ({"distill": -1}, "distill must be an integer >= 0, got -1"),
+        ({"timing": "yes"}, "timing must be a sepify.Timing or a bool, got str"),
     ],
 )
 def test_bad_arguments_raise_config_error(plain_net: nn.Module, kwargs: dict, message: str) -> None:
     with pytest.raises(sepify.ConfigError) as info:
         sepify.convert(plain_net, torch.randn(1, 3, 8, 8), **kwargs)
+    assert str(info.value) == message
+
+
+def test_numpy_integer_ranks_are_ranks(plain_net: nn.Module, example_input: torch.Tensor) -> None:
+    import numpy as np
+
+    report = sepify.convert(plain_net, example_input, rank=np.int64(2)).report
+    assert {r.rank for r in report.converted} == {2}
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: sepify.Selection(include=[3]), "include must be a list of glob strings, got [3]"),
+        (lambda: sepify.Calibration(torch.zeros(4), samples=0), "calibration samples must be an integer >= 1, got 0"),
+        (lambda: sepify.Calibration(None), "Calibration needs data: a tensor, a DataLoader or a list of batches"),
+        (lambda: sepify.Distill(steps=0), "distillation steps must be an integer >= 1, got 0"),
+        (lambda: sepify.Distill(loss="l1"), "the distillation loss must be one of ('mse', 'kl'), got 'l1'"),
+        (lambda: sepify.Distill(lr=0), "the distillation learning rate must be > 0, got 0"),
+    ],
+)
+def test_option_objects_check_themselves(build: Callable[[], object], message: str) -> None:
+    with pytest.raises(sepify.ConfigError) as info:
+        build()
     assert str(info.value) == message
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sepify.cost import conv_macs, conv_params, exact_rank, separable_macs, separable_params
+from sepify.core.cost import conv_macs, conv_params, exact_rank, separable_macs, separable_params
 
 
 def test_dense_conv_counts_by_hand() -> None:

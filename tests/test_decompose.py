@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sepify.cost import exact_rank
-from sepify.decompose import (
+from sepify.core.cost import exact_rank
+from sepify.core.decompose import (
     Factorization,
     merge_separable_weight,
     relative_error_from_singular_values,
@@ -36,8 +36,8 @@ def test_full_rank_reconstructs_weight(wg: tuple[torch.Tensor, int], order: str)
     cout, cin_g = w.shape[:2]
     q = exact_rank(cin_g * groups, cout, tuple(w.shape[2:]), groups, order)
     dw, pw = split_conv_weight(w, groups, q, order)
-    torch.testing.assert_close(merge_separable_weight(dw, pw, groups=groups, rank=q, order=order), w,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    merged = merge_separable_weight(dw, pw, groups=groups, rank=q, order=order)
+    torch.testing.assert_close(merged, w, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,14 +1,15 @@
 """Timing-driven choices: pair layouts in plans, per-layer latency in convert, skipping slower pairs.
 
 Timings are noise, so tests that need a particular outcome replace
-``SeparableConv2d.time`` with a stub that reports chosen numbers; the real
-timer is exercised where any outcome is a valid answer.
+:func:`sepify.core.timing.time_pair` where convert and audit call it with a
+stub that reports chosen numbers; the real timer is exercised where any
+outcome is a valid answer.
 """
 
 from __future__ import annotations
 
 import copy
-import pickle
+import importlib
 from pathlib import Path
 
 import pytest
@@ -17,18 +18,16 @@ from torch import nn
 
 import sepify
 from sepify import SkipReason
-from sepify.modules import PairTiming, SeparableConv2d
+from sepify.core.modules import SeparableConv2d
+from sepify.core.timing import PairTiming, time_pair
 
 
 @pytest.fixture
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
-    ).eval()  # fmt: skip
+    body = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU()]
+    head = [nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)]
+    return nn.Sequential(*body, *head).eval()
 
 
 @pytest.fixture
@@ -37,17 +36,16 @@ def x() -> torch.Tensor:
 
 
 def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layout: str = "grouped") -> list[tuple]:
-    """Make every ``SeparableConv2d.time`` report ``pair_s[order]`` seconds for the pair and 1.0 for the conv."""
+    """Make every ``time_pair`` report ``pair_s[order]`` seconds for the pair and 1.0 for the conv."""
     calls: list[tuple] = []
 
-    def fake(self: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None):
-        calls.append((self.order, self.rank, tuple(input_shape)))
-        if len(self.layouts) > 1:
-            self.layout = layout
-        chosen = self.layout if len(self.layouts) > 1 else None  # the real contract: None where there is no choice
-        return PairTiming(chosen, pair_s[self.order], 1.0 if against is not None else None)
+    def fake(pair: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None):
+        calls.append((pair.order, pair.rank, tuple(input_shape)))
+        chosen = layout if len(pair.layouts) > 1 else None  # the real contract: None where there is no choice
+        return PairTiming(chosen, pair_s[pair.order], 1.0 if against is not None else None)
 
-    monkeypatch.setattr(SeparableConv2d, "time", fake)
+    for module in ("sepify.convert", "sepify.audit"):
+        monkeypatch.setattr(importlib.import_module(module), "time_pair", fake)
     return calls
 
 
@@ -63,7 +61,7 @@ def test_layouts_exist_only_where_they_differ() -> None:
         assert SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, order).layouts == ("grouped",)
     sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, "dw-pw")
     with pytest.raises(
-        ValueError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2 with groups 2"
+        sepify.ConfigError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2 with groups 2"
     ):
         sep.layout = "rank-major"
 
@@ -84,29 +82,20 @@ def test_every_layout_computes_the_same_function(order: str, rank: int | str) ->
             torch.testing.assert_close(outputs["grouped"], conv(x), rtol=1e-10, atol=1e-10)
 
 
-def test_real_timer_keeps_the_fastest_layout_and_times_the_conv() -> None:
+def test_real_timer_finds_the_fastest_layout_and_never_changes_the_pair() -> None:
     conv = nn.Conv2d(8, 8, 3, padding=1)
     sep = SeparableConv2d.from_conv(conv, 3, "pw-dw")
-    timing = sep.time((1, 8, 12, 12), reps=3, against=conv)
-    assert timing.layout == sep.layout and timing.layout in sep.layouts
+    timing = time_pair(sep, (1, 8, 12, 12), reps=3, against=conv)
+    assert timing.layout in sep.layouts and sep.layout == "grouped"  # the caller applies the choice
     assert timing.pair > 0 and timing.conv is not None and timing.conv > 0
-    assert sep.time((1, 8, 12, 12), reps=3).conv is None
+    assert time_pair(sep, (1, 8, 12, 12), reps=3).conv is None
 
 
-@pytest.mark.parametrize(
-    ("order", "stored", "runs"),
-    [("pw-dw", "rank-major", "rank-major"), ("pw-dw", "grouped", "grouped"), ("dw-pw", "grouped", "rank-major")],
-)
-def test_pairs_pickled_with_a_plain_layout_attribute_still_load(order: str, stored: str, runs: str) -> None:
-    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, order)
-    state = dict(sep.__dict__)
-    del state["_layout"]
-    state["layout"] = stored  # how sepify stored it before the checked property; its dw-pw ran rank-major
-    old = SeparableConv2d.__new__(SeparableConv2d)
-    old.__setstate__(state)
-    assert old.layout == runs
-    sep.layout = "grouped"
-    assert pickle.loads(pickle.dumps(sep)).layout == "grouped"
+def test_a_layout_view_shares_the_parameters() -> None:
+    sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, "pw-dw")
+    view = sep.in_layout("rank-major")
+    assert view.layout == "rank-major" and sep.layout == "grouped"
+    assert view.conv_dw.weight is sep.conv_dw.weight and view.conv_pw is sep.conv_pw
 
 
 # -- plans carry the layout -----------------------------------------------------------------
@@ -130,16 +119,19 @@ def test_plan_json_keeps_a_layout_and_omits_none() -> None:
     ],
 )
 def test_impossible_layouts_are_refused(layout: str, rank: int, order: str, message: str) -> None:
-    with pytest.raises(sepify.ConfigError) as info:
+    with pytest.raises(sepify.PlanError) as info:
         sepify.LayerPlan(rank, order, layout)
     assert str(info.value) == message
 
 
 def test_convert_applies_the_planned_layout(net: nn.Module, x: torch.Tensor) -> None:
-    plan = sepify.Plan({
-        "2": sepify.LayerPlan(3, "pw-dw", "rank-major"), "4": sepify.LayerPlan(2, "dw-pw", "grouped"),
-        "0": sepify.LayerPlan(2, "dw-pw"),
-    })  # fmt: skip
+    plan = sepify.Plan(
+        {
+            "2": sepify.LayerPlan(3, "pw-dw", "rank-major"),
+            "4": sepify.LayerPlan(2, "dw-pw", "grouped"),
+            "0": sepify.LayerPlan(2, "dw-pw"),
+        }
+    )
     result = sepify.convert(net, x, plan=plan)
     assert result.model.get_submodule("2").layout == "rank-major"
     assert result.model.get_submodule("4").layout == "grouped"
@@ -154,15 +146,13 @@ def test_convert_applies_the_planned_layout(net: nn.Module, x: torch.Tensor) -> 
 def test_a_planned_layout_that_does_not_fit_the_conv_is_a_sentence(x: torch.Tensor) -> None:
     grouped = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)).eval()  # no choice there
     plan = sepify.Plan({"2": sepify.LayerPlan(2, "pw-dw", "rank-major")})
-    with pytest.raises(
-        sepify.ConfigError, match=r"the plan's layout for '2' does not fit its pair: layout 'rank-major'"
-    ):
+    with pytest.raises(sepify.PlanError, match=r"the plan's layout for '2' does not fit its pair: layout 'rank-major'"):
         sepify.convert(grouped, x, plan=plan)
 
 
 def test_audit_plans_the_layout_it_timed(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _stub_timing(monkeypatch, {"dw-pw": 2.0, "pw-dw": 0.25}, layout="rank-major")
-    report = sepify.audit(net, x, latency=True, latency_reps=1, orders=("pw-dw",))
+    report = sepify.audit(net, x, timing=sepify.Timing(reps=1), orders=("pw-dw",))
     assert ("pw-dw", 2, (2, 16, 16, 16)) in calls  # each option timed at its layer's real input shape
     option = report.layer("2").option(2, "pw-dw")
     assert option.layout == "rank-major" and option.latency_ratio == 0.25
@@ -174,19 +164,19 @@ def test_audit_plans_the_layout_it_timed(net: nn.Module, x: torch.Tensor, monkey
 
 def test_load_rebuilds_the_planned_layout(net: nn.Module, x: torch.Tensor, tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    from sepify.model_io import save_model
+    from sepify.io.save import save_model
 
     plan = sepify.Plan({"2": sepify.LayerPlan(3, "pw-dw", "rank-major")})
     converted = sepify.convert(net, x, plan=plan)
     out = tmp_path / "m.safetensors"
-    save_model(converted.model, out, "safetensors", example_args=(x,), plan=converted.report.to_plan())
-    loaded = sepify.load(_fresh_like(net), out)
+    save_model(converted.model, out, "safetensors", example_args=(x,), plan_json=converted.report.to_plan().to_json())
+    loaded = sepify.load_converted(_fresh_like(net), out)
     assert loaded.get_submodule("2").layout == "rank-major"
     torch.testing.assert_close(loaded(x), converted.model(x), rtol=1e-5, atol=1e-6)
 
 
 def _fresh_like(net: nn.Module) -> nn.Module:
-    """The same architecture with other weights: what ``sepify.load`` is given in practice."""
+    """The same architecture with other weights: what ``sepify.load_converted`` is given in practice."""
     fresh = copy.deepcopy(net)
     for p in fresh.parameters():
         nn.init.normal_(p)
@@ -197,7 +187,7 @@ def _fresh_like(net: nn.Module) -> nn.Module:
 
 
 def test_convert_reports_per_layer_time_and_realisation(net: nn.Module, x: torch.Tensor) -> None:
-    report = sepify.convert(net, x, rank=1, latency=True, latency_reps=3).report
+    report = sepify.convert(net, x, rank=1, timing=sepify.Timing(reps=3)).report
     for row in report.converted:
         assert row.latency_before is not None and row.latency_before > 0
         assert row.latency_after is not None and row.latency_after > 0
@@ -214,11 +204,11 @@ def test_convert_reports_per_layer_time_and_realisation(net: nn.Module, x: torch
 
 
 def test_whole_model_time_needs_an_original(net: nn.Module, x: torch.Tensor) -> None:
-    report = sepify.convert(copy.deepcopy(net), x, inplace=True, latency=True, latency_reps=2).report
+    report = sepify.convert(copy.deepcopy(net), x, inplace=True, timing=sepify.Timing(reps=2)).report
     assert report.latency_before is None and report.latency_ratio is None
     assert "whole-model latency not measured: inplace=True left no original model to time against" in report.notes
     calibrated = sepify.convert(
-        copy.deepcopy(net), x, inplace=True, latency=True, latency_reps=2, calibration=torch.randn(10, 3, 16, 16)
+        copy.deepcopy(net), x, inplace=True, timing=sepify.Timing(reps=2), calibration=torch.randn(10, 3, 16, 16)
     ).report
     assert calibrated.latency_ratio is not None  # the calibration teacher is the original then
     assert sepify.convert(net, x).report.latency_before is None  # not timed unless asked
@@ -228,24 +218,24 @@ def test_skip_slower_keeps_the_conv_where_the_pair_lost(
     net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _stub_timing(monkeypatch, {"dw-pw": 1.5, "pw-dw": 0.5})
-    slow = sepify.convert(net, x, rank=1, order="dw-pw", skip_slower=True)
+    slow = sepify.convert(net, x, rank=1, order="dw-pw", timing=sepify.Timing(skip_slower=True))
     assert slow.report.converted == ()
     assert {r.skip_reason for r in slow.report.layers} == {SkipReason.SLOWER}
     assert slow.report.layer("2").latency_ratio == 1.5 and slow.report.layer("2").realisation is None
     torch.testing.assert_close(slow.model(x), net(x))  # nothing was replaced
-    fast = sepify.convert(net, x, rank=1, order="pw-dw", skip_slower=True).report
+    fast = sepify.convert(net, x, rank=1, order="pw-dw", timing=sepify.Timing(skip_slower=True)).report
     assert [r.name for r in fast.converted] == ["0", "2", "4"]
     assert "timed convs: 3000.00 ms -> 1500.00 ms (50.0%" in str(fast)
 
 
 def test_skip_slower_with_the_real_timer_converts_only_faster_pairs(net: nn.Module, x: torch.Tensor) -> None:
-    report = sepify.convert(net, x, rank=1, skip_slower=True, latency_reps=3).report
+    report = sepify.convert(net, x, rank=1, timing=sepify.Timing(skip_slower=True, reps=3)).report
     for row in report.layers:
         assert row.latency_before is not None and row.latency_after is not None
         assert (row.latency_after < row.latency_before) == row.converted
         assert row.converted or row.skip_reason is SkipReason.SLOWER
 
 
-def test_latency_reps_is_checked(net: nn.Module, x: torch.Tensor) -> None:
-    with pytest.raises(sepify.ConfigError, match="latency_reps must be an integer >= 1, got 0"):
-        sepify.convert(net, x, latency=True, latency_reps=0)
+def test_timing_reps_are_checked() -> None:
+    with pytest.raises(sepify.ConfigError, match="timing reps must be an integer >= 1, got 0"):
+        sepify.Timing(reps=0)

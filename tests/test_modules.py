@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sepify import SeparableConv2d
-from sepify.cost import separable_params
+from sepify.core.cost import separable_params
+from sepify.core.timing import time_pair
 
 
 @st.composite
@@ -131,7 +132,7 @@ def test_fast_split_path_equals_the_plain_composition(rank: int) -> None:
         torch.testing.assert_close(sep(x), sep.conv_pw(sep.conv_dw(x)), rtol=1e-12, atol=1e-12)
 
 
-def test_rank_major_layout_equals_grouped_and_tuning_picks_one() -> None:
+def test_rank_major_layout_equals_grouped_and_timing_picks_one() -> None:
     conv = nn.Conv2d(6, 10, (5, 1), stride=(2, 1), padding=(2, 0), dtype=torch.float64)
     sep = SeparableConv2d.from_conv(conv, rank=3, order="pw-dw")
     x = torch.randn(2, 6, 16, 3, dtype=torch.float64)
@@ -140,6 +141,6 @@ def test_rank_major_layout_equals_grouped_and_tuning_picks_one() -> None:
         sep.layout = "rank-major"
         torch.testing.assert_close(sep(x), grouped, rtol=1e-12, atol=1e-12)
     assert "layout='rank-major'" in repr(sep)
-    assert sep.tune_layout((2, 6, 16, 3), reps=2) in ("grouped", "rank-major")
-    # pairs without a choice keep theirs
-    assert SeparableConv2d.from_conv(conv, rank=1, order="pw-dw").tune_layout((2, 6, 16, 3)) == "grouped"
+    assert time_pair(sep, (2, 6, 16, 3), reps=2).layout in ("grouped", "rank-major")
+    # pairs without a choice have nothing to pick
+    assert time_pair(SeparableConv2d.from_conv(conv, rank=1, order="pw-dw"), (2, 6, 16, 3), reps=2).layout is None

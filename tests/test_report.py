@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import sepify
-from sepify.report import ConversionReport, format_count
+from sepify import ConversionReport, format_count
 
 
 @pytest.fixture

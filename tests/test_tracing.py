@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import sepify
-from sepify.tracing import SepifyTracer, trace_model
+from sepify.graph.tracing import SepifyTracer, trace_model
 
 
 class DataDependent(nn.Module):

@@ -17,10 +17,21 @@ import sepify
 torchvision = pytest.importorskip("torchvision")
 
 CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
-REPRESENTATIVE = [
-    "resnet18", "vgg11", "densenet121", "googlenet", "inception_v3", "efficientnet_b0",
-    "regnet_x_400mf", "convnext_tiny", "mobilenet_v3_small", "shufflenet_v2_x1_0",
-]  # fmt: skip
+# resnet18 runs by default; the others with the slow sweep
+REPRESENTATIVE = ["resnet18"] + [
+    pytest.param(name, marks=pytest.mark.slow)
+    for name in (
+        "vgg11",
+        "densenet121",
+        "googlenet",
+        "inception_v3",
+        "efficientnet_b0",
+        "regnet_x_400mf",
+        "convnext_tiny",
+        "mobilenet_v3_small",
+        "shufflenet_v2_x1_0",
+    )
+]
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:

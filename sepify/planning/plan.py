@@ -19,7 +19,7 @@ from sepify.io.atomic import JsonExportable
 
 __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
-PLAN_FORMAT = "sepify.planning.plan"
+PLAN_FORMAT = "sepify.plan"
 PLAN_VERSION = 1
 _ORDERS = ("dw-pw", "pw-dw")
 _LAYOUTS = ("grouped", "rank-major")  # sepify.core.modules.LAYOUTS; plan.py stays free of torch
@@ -59,7 +59,7 @@ class Plan(JsonExportable):
         True
         >>> print(plan.to_json(), end="")
         {
-          "format": "sepify.planning.plan",
+          "format": "sepify.plan",
           "version": 1,
           "layers": {
             "layer1.0.conv1": {

@@ -1,4 +1,4 @@
-"""Calibration (closed-form refit) speed: one partial pass per pair vs teacher windows and resumed student passes.
+"""Calibration (closed-form refinement) speed: one partial pass per pair vs teacher windows and resumed student passes.
 
 Run:  python benchmarks/calibration.py [--model resnet50] [--size 112] [--samples 64] [--threads 2]
 
@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import sepify
-from sepify import refine
+from sepify.calibrate import refine
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     model = torchvision.models.get_model(args.model, weights=None).eval()
     x = torch.randn(1, 3, args.size, args.size)
     data = torch.randn(args.samples, 3, args.size, args.size)
-    defaults = refine._TARGET_BYTES, refine._RESUME_BYTES
+    defaults = refine.TARGET_BYTES, refine.RESUME_BYTES
     print(f"torch {torch.__version__}; {args.threads} thread(s); {args.model}, {args.samples} samples at {args.size}")
     print(f"{'passes':<34} {'seconds':>8} {'refined held-out error':>23}")
     variants = {
@@ -43,13 +43,13 @@ def main() -> None:
         "teacher window, student from start": (defaults[0], 0),
         "teacher window, student resumed": defaults,
     }
-    for label, (refine._TARGET_BYTES, refine._RESUME_BYTES) in variants.items():
+    for label, (refine.TARGET_BYTES, refine.RESUME_BYTES) in variants.items():
         start = time.perf_counter()
         report = sepify.convert(model, x, rank=1, calibration=data).report
         seconds = time.perf_counter() - start
         refined = next(s for s in report.fidelity if s.stage == "refined")
         print(f"{label:<34} {seconds:>8.1f} {refined.output_error:>23.6g}", flush=True)
-    refine._TARGET_BYTES, refine._RESUME_BYTES = defaults
+    refine.TARGET_BYTES, refine.RESUME_BYTES = defaults
 
 
 if __name__ == "__main__":

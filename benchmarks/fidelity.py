@@ -5,7 +5,7 @@ Run:  python benchmarks/fidelity.py [--tasks digits crepe-tiny crepe-full] [--th
 For each task and whole-model MAC ratio, sepify audits the model on its
 calibration data, plans the budget (exact knapsack over rank x order per
 layer), converts, and reports the task metric after the closed-form init,
-after the closed-form refit (+ BatchNorm refresh when it helps), and after a
+after the closed-form refinement (+ BatchNorm refresh when it helps), and after a
 short distillation; plus a naive baseline at the same budget (uniform rank 1
 dw-pw on the largest layers first, refined the same way). Times are wall
 clock for the whole convert() call.
@@ -68,7 +68,7 @@ def run_task(task: Task) -> None:
             if DISTILL[task.name]:
                 t0 = time.perf_counter()
                 distilled = sepify.convert(model, task.example, plan=plan, calibration=task.calibration,
-                                           distill_steps=DISTILL[task.name])  # fmt: skip
+                                           distill=DISTILL[task.name])  # fmt: skip
                 t_dis = f"{time.perf_counter() - t0:.1f}s"
                 dis_metric = f"{task.metric(distilled.model):.4f}"
             print(f"{ratio:>9.2f} {label:<6} {init.report.mac_ratio:>6.3f} {task.metric(init.model):>7.4f} "

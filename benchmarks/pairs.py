@@ -2,12 +2,12 @@
 
 Run:  python benchmarks/pairs.py [--models digits crepe-tiny crepe-full pnet rnet onet] [--threads 1] [--reps 9]
 
-For each model, rank 1-4 and order, ``sepify.convert(..., latency=True)``
+For each model, rank 1-4 and order, ``sepify.convert(..., timing=True)``
 times every pair against its conv at the layer's real input shape (pairs in
 their fastest layout). "faster" counts the pairs that beat their conv. Then
 three models are timed side by side, interleaved: the original, every
 candidate converted ("all"), and only the pairs that were faster ("faster
-only", what ``convert(..., skip_slower=True)`` keeps). Needs the ``bench``
+only", what ``convert(..., timing=Timing(skip_slower=True))`` keeps). Needs the ``bench``
 extra and ``pip install --no-deps facenet-pytorch`` for the MTCNN nets.
 """
 
@@ -60,7 +60,7 @@ def main() -> None:
     for name, (model, x) in models(args.models).items():
         for rank in args.ranks:
             for order in ("dw-pw", "pw-dw"):
-                every = sepify.convert(model, x, rank=rank, order=order, latency=True, latency_reps=args.reps)
+                every = sepify.convert(model, x, rank=rank, order=order, timing=sepify.Timing(reps=args.reps))
                 rows = every.report.converted
                 faster = [r for r in rows if (r.latency_ratio or 1.0) < 1.0]
                 plan = sepify.Plan(

@@ -7,7 +7,7 @@ Each peer converts the same convs sepify considers (the audit's candidates),
 with one rank fraction (tensorly) or pruning ratio (Torch-Pruning) for all
 layers, found by bisection as the largest that meets the MAC budget; no
 fine-tuning, no calibration (the peers have no closed-form data-aware step).
-sepify's numbers in the same table are the audit plan + closed-form refit
+sepify's numbers in the same table are the audit plan + closed-form refinement
 (no distillation), from a fresh run.
 """
 
@@ -96,7 +96,7 @@ def run(task: Task, ratios: list[float] | None = None) -> None:
         t0 = time.perf_counter()
         plan = audit.plan(max_mac_ratio=ratio)
         ours = sepify.convert(model, x, plan=plan, calibration=task.calibration)
-        print(f"{ratio:>9.2f} {'sepify plan+refit':<18} {ours.report.mac_ratio:>6.3f} {task.metric(ours.model):>19.4f} "
+        print(f"{ratio:>9.2f} {'sepify plan+refine':<18} {ours.report.mac_ratio:>6.3f} {task.metric(ours.model):>19.4f} "
               f"{time.perf_counter() - t0:>6.1f}s", flush=True)  # fmt: skip
         peers = {"tensorly CP": tensorly(model, names, "cp"), "tensorly Tucker": tensorly(model, names, "tucker"),
                  "torch-pruning": pruning(model, x)}  # fmt: skip

@@ -70,7 +70,7 @@ __all__ = [
     # building blocks
     "SeparableConv2d",
     "register_leaf_module",
-    # errors
+    # errors (every class of sepify.errors, listed so that tools see the public names)
     "SepifyError",
     "ConfigError",
     "InputShapeError",

@@ -92,8 +92,8 @@ class TeacherOutputs:
     teacher per batch can capture the outputs of the next few layers (in
     execution order) at once; the window grows while its outputs for all
     batches fit in ``budget`` bytes (at least one layer). The teacher then runs
-    about ``layers / window`` partial passes instead of one per layer: it was
-    the larger half of the refit's time (resnet50: 10.5 of 18.5 s of captures).
+    about ``layers / window`` partial passes instead of one per layer (the
+    captures were the larger half of refinement's time; docs/benchmarks.md).
     """
 
     def __init__(

@@ -71,21 +71,33 @@ def calibration_batches(
         device: move batches here.
 
     Raises:
-        ConfigError: empty or malformed calibration data.
+        CalibrationError: empty or malformed calibration data.
     """
+    batches = _take(_items(calibration, limit), n_args, limit, device)
+    count = sum(_batch_size(b) for b in batches)
+    if count < 2 or heldout_fraction <= 0:
+        return CalibrationData(tuple(batches), tuple(batches))  # too little to split: judge on the fit data
+    return _split_tail(batches, count, max(1, round(count * heldout_fraction)))
+
+
+def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
+    """What the user passed, as an iterable of batches (a tensor is cut into batches of 32)."""
     if callable(calibration) and not isinstance(calibration, Tensor):
         calibration = calibration()
     if isinstance(calibration, Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
             raise CalibrationError("calibration is an empty tensor; pass N >= 1 samples stacked along dim 0")
         data = calibration[:limit] if limit is not None else calibration
-        items: Iterable[Any] = [data[i : i + _DEFAULT_BATCH] for i in range(0, data.shape[0], _DEFAULT_BATCH)]
-    elif isinstance(calibration, Iterable):
-        items = calibration
-    else:
-        raise CalibrationError(
-            f"calibration must be a tensor, an iterable of batches or a callable, got {type(calibration).__name__}"
-        )
+        return [data[i : i + _DEFAULT_BATCH] for i in range(0, data.shape[0], _DEFAULT_BATCH)]
+    if isinstance(calibration, Iterable):
+        return calibration
+    raise CalibrationError(
+        f"calibration must be a tensor, an iterable of batches or a callable, got {type(calibration).__name__}"
+    )
+
+
+def _take(items: Iterable[Any], n_args: int, limit: int | None, device: torch.device | None) -> list[tuple[Any, ...]]:
+    """Batches of model arguments, at most ``limit`` samples in all, on ``device``."""
     batches: list[tuple[Any, ...]] = []
     count = 0
     for item in items:
@@ -102,10 +114,11 @@ def calibration_batches(
             break
     if not batches:
         raise CalibrationError("calibration data is empty; pass at least one batch")
-    if count < 2 or heldout_fraction <= 0:
-        return CalibrationData(tuple(batches), tuple(batches))  # too little to split: judge on the fit data
-    keep = max(1, round(count * heldout_fraction))
-    # take the held-out samples from the end, splitting a batch if needed
+    return batches
+
+
+def _split_tail(batches: list[tuple[Any, ...]], count: int, keep: int) -> CalibrationData:
+    """The last ``keep`` samples are held out, splitting a batch if needed."""
     fit: list[tuple[Any, ...]] = []
     heldout: list[tuple[Any, ...]] = []
     remaining = count - keep

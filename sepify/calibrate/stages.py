@@ -62,74 +62,66 @@ def calibrate_pairs(
     and every module's own mode is restored. Returns the measured stages and
     notes for the report.
     """
-    record = _Stages(teacher, student, data)
-    notes: list[str] = []
+    run = _Run(teacher, student, data, progress)
     with _eval_mode(teacher, student):
         _check_batches(teacher, data)
-        record.measure("init")
+        run.measure("init")
         if options.refine:
-            notes += _refine(teacher, student, pairs, calls, data, progress)
-            record.measure("refined")
+            run.refine(pairs, calls)
             if options.refresh_bn:
-                notes += _refresh_bn(student, data, record)
+                run.refresh_bn()
         if distillation is not None:
-            trainable = (
-                student.parameters() if distillation.train_all else (p for m in pairs.values() for p in m.parameters())
-            )
-            outcome = distill(
-                teacher, student, data.fit, data.heldout, distillation, params=list(trainable), progress=progress
-            )
-            if outcome.steps < distillation.steps:
-                notes.append(
-                    f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
-                )
-            record.measure("distilled")
-    return tuple(record.stages), notes
+            run.distill(pairs, distillation)
+    return tuple(run.stages), run.notes
 
 
-class _Stages:
-    """Measures the student against the teacher on held-out batches, one stage at a time."""
+class _Run:
+    """One calibration run: each stage changes the student, then is measured on the held-out batches."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, data: CalibrationData) -> None:
-        self.teacher, self.student, self.data = teacher, student, data
+    def __init__(self, teacher: nn.Module, student: nn.Module, data: CalibrationData, progress: ProgressFn | None):
+        self.teacher, self.student, self.data, self.progress = teacher, student, data, progress
         self.samples = sum(int(a[0].shape[0]) for a in data.heldout)
         self.stages: list[FidelityStage] = []
+        self.notes: list[str] = []
 
     def measure(self, stage: str) -> FidelityStage:
         err, top1 = heldout_fidelity(self.teacher, self.student, self.data.heldout)
         self.stages.append(FidelityStage(stage, err, top1, self.samples))
         return self.stages[-1]
 
+    def refine(self, pairs: Mapping[str, SeparableConv2d], calls: Mapping[str, int]) -> None:
+        for name in pairs:
+            if calls.get(name, 0) > 1:
+                self.notes.append(f"did not refine {name}: it runs at {calls[name]} call sites, and the refit fits one")
+        order = [(n, pairs[n]) for n in calls if n in pairs and calls[n] == 1]
+        data = self.data
+        result = refine_pairs(self.teacher, self.student, order, data.fit, data.heldout, self.progress)
+        self.notes += [f"did not refine {name}: {why}" for name, why in result.skipped.items()]
+        self.measure("refined")
 
-def _refine(
-    teacher: nn.Module,
-    student: nn.Module,
-    pairs: Mapping[str, SeparableConv2d],
-    calls: Mapping[str, int],
-    data: CalibrationData,
-    progress: ProgressFn | None,
-) -> list[str]:
-    notes = [
-        f"did not refine {name}: it runs at {calls[name]} call sites, and the refit fits one"
-        for name in pairs
-        if calls.get(name, 0) > 1
-    ]
-    order = [(n, pairs[n]) for n in calls if n in pairs and calls[n] == 1]
-    result = refine_pairs(teacher, student, order, data.fit, data.heldout, progress)
-    return notes + [f"did not refine {name}: {why}" for name, why in result.skipped.items()]
+    def refresh_bn(self) -> None:
+        """Recompute BatchNorm statistics; put the old ones back if held-out fidelity got worse."""
+        student = self.student
+        saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
+        if not saved or not refresh_batchnorm(student, self.data.fit):
+            return
+        refined = self.stages[-1]
+        if _worse(self.measure("bn-refreshed"), refined):
+            student.load_state_dict(saved, strict=False)
+            self.stages.pop()
+            self.notes.append("recomputed BatchNorm statistics were worse on held-out data; kept the original ones")
 
-
-def _refresh_bn(student: nn.Module, data: CalibrationData, record: _Stages) -> list[str]:
-    """Recompute BatchNorm statistics; put the old ones back if held-out fidelity got worse."""
-    saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
-    if not saved or not refresh_batchnorm(student, data.fit):
-        return []
-    refined = record.stages[-1]
-    if not _worse(record.measure("bn-refreshed"), refined):
-        return []
-    student.load_state_dict(saved, strict=False)
-    record.stages.pop()
-    return ["recomputed BatchNorm statistics were worse on held-out data; kept the original ones"]
+    def distill(self, pairs: Mapping[str, SeparableConv2d], options: Distill) -> None:
+        student, data = self.student, self.data
+        trainable = student.parameters() if options.train_all else (p for m in pairs.values() for p in m.parameters())
+        outcome = distill(
+            self.teacher, student, data.fit, data.heldout, options, params=list(trainable), progress=self.progress
+        )
+        if outcome.steps < options.steps:
+            self.notes.append(
+                f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
+            )
+        self.measure("distilled")
 
 
 @contextlib.contextmanager

@@ -11,10 +11,9 @@ import typer
 from sepify.audit import audit as audit_model
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
-from sepify.cli.inputs import device, load, make_inputs, parse_numbers
+from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
 from sepify.cli.output import check_writable, print_lines, progress_bar
 from sepify.errors import OutputError
-from sepify.io.datasets import load_calibration
 from sepify.io.load import is_import_spec
 from sepify.options import Calibration, Selection
 from sepify.planning.budget import check_budget
@@ -76,6 +75,9 @@ def audit(
     exclude: o.ExcludeOpt = None,
     calibration: o.CalibrationOpt = None,
     calibration_samples: o.CalibrationSamplesOpt = None,
+    image_size: o.ImageSizeOpt = None,
+    mean: o.MeanOpt = None,
+    std: o.StdOpt = None,
     force: o.ForceOpt = False,
     quiet: o.QuietOpt = False,
     trust_pickle: o.TrustPickleOpt = False,
@@ -116,8 +118,7 @@ def audit(
         args = make_inputs(input_shape, on)
         calib = None
         if calibration is not None:
-            data = load_calibration(calibration, tuple(args[0].shape[1:]), samples=calibration_samples)
-            calib = Calibration(data.to(on))
+            calib = Calibration(calibration_tensor(calibration, args, calibration_samples, image_size, mean, std))
         loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
         with progress_bar("tracing", quiet) as progress:
             report = audit_model(

@@ -10,10 +10,9 @@ import typer
 
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
-from sepify.cli.inputs import device, load, make_inputs, parse_numbers, parse_rank
+from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_rank
 from sepify.cli.output import check_report_path, check_writable, print_lines, progress_bar, step, write_report
 from sepify.convert import convert as convert_model
-from sepify.io.datasets import load_calibration
 from sepify.io.load import default_output, is_import_spec
 from sepify.io.save import plan_path, save_model
 from sepify.options import Calibration, Distill, Selection, Timing
@@ -174,27 +173,10 @@ def convert(
         distillation = Distill(steps=distill_steps, train_all=train_all) if distill_steps else None
         timed = latency or skip_slower or tune_layout
         timing = Timing(latency=latency, skip_slower=skip_slower, tune_layout=tune_layout) if timed else None
-        # Fail before the slow work: decide every output path first.
-        input_path = None if is_import_spec(model) else Path(model)
-        chosen = (fmt.value if fmt else None) or (
-            "pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt"
-        )
-        target = output or default_output(model, chosen)
-        outputs = [target] + ([plan_path(target)] if chosen == "safetensors" else []) + ([report] if report else [])
-        if report is not None:
-            check_report_path(report)
-        for path in outputs:
-            check_writable(path, force, input_path)
+        chosen, target = _checked_outputs(model, output, fmt, report, force)
         calib = None
         if calibration is not None:
-            data = load_calibration(
-                calibration,
-                tuple(args[0].shape[1:]),
-                samples=calibration_samples,
-                image_size=parse_numbers(image_size, "--image-size", int),
-                mean=parse_numbers(mean, "--mean", float),
-                std=parse_numbers(std, "--std", float),
-            )
+            data = calibration_tensor(calibration, args, calibration_samples, image_size, mean, std)
             calib = Calibration(data, refine=not no_refine)
         loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
         with progress_bar("converting", quiet) as progress:
@@ -225,3 +207,18 @@ def convert(
         if not quiet:
             for path in written:
                 out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _checked_outputs(
+    model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool
+) -> tuple[str, Path]:
+    """The format and model path to write; every output path is checked before any slow work."""
+    input_path = None if is_import_spec(model) else Path(model)
+    chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
+    target = output or default_output(model, chosen)
+    outputs = [target] + ([plan_path(target)] if chosen == "safetensors" else []) + ([report] if report else [])
+    if report is not None:
+        check_report_path(report)
+    for path in outputs:
+        check_writable(path, force, input_path)
+    return chosen, target

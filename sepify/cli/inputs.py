@@ -11,9 +11,19 @@ import typer
 
 from sepify.cli.output import step
 from sepify.errors import ConfigError
+from sepify.io.datasets import load_calibration
 from sepify.io.load import LoadedModel, load_model
 
-__all__ = ["parse_input_shape", "make_inputs", "device", "parse_kwargs", "parse_rank", "parse_numbers", "load"]
+__all__ = [
+    "parse_input_shape",
+    "make_inputs",
+    "device",
+    "parse_kwargs",
+    "parse_rank",
+    "parse_numbers",
+    "calibration_tensor",
+    "load",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -99,6 +109,26 @@ def parse_numbers(text: str | None, hint: str, kind: type) -> list[Any] | None:
         return [kind(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
         raise typer.BadParameter(f"{text!r}; write comma-separated numbers", param_hint=hint) from None
+
+
+def calibration_tensor(
+    source: str,
+    args: tuple[torch.Tensor, ...],
+    samples: int | None,
+    image_size: str | None,
+    mean: str | None,
+    std: str | None,
+) -> torch.Tensor:
+    """``--calibration`` and its image options as samples shaped like the first example input, on its device."""
+    data = load_calibration(
+        source,
+        tuple(args[0].shape[1:]),
+        samples=samples,
+        image_size=parse_numbers(image_size, "--image-size", int),
+        mean=parse_numbers(mean, "--mean", float),
+        std=parse_numbers(std, "--std", float),
+    )
+    return data.to(args[0].device)
 
 
 def load(

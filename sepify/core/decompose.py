@@ -69,8 +69,8 @@ def _channel_stack(weight: Tensor, order: str, groups: int) -> Tensor:
 
 
 # Matrices per batched SVD call are capped so that the float64 copy of the
-# input (and LAPACK's workspace, about as large again) stays near 8 MB:
-# converting resnet50's largest conv peaked at 6x its weight's size in one call.
+# input (and LAPACK's workspace, about as large again) stays near 8 MB: one call
+# for a whole large weight peaked at several times its size (docs/benchmarks.md).
 _SVD_CHUNK_ELEMENTS = 1 << 20
 
 

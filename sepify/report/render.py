@@ -79,22 +79,9 @@ def _csv_cell(value: Any) -> Any:
 
 def conversion_table(report: ConversionReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-layer conversion table."""
-    header = [
-        "layer",
-        "status",
-        "Cin",
-        "Cout",
-        "kernel",
-        "stride",
-        "out",
-        "rank",
-        "order",
-        "params",
-        "params after",
-        "MACs",
-        "MACs after",
-        "weight err",
-    ]
+    header = "layer|status|Cin|Cout|kernel|stride|out|rank|order|params|params after|MACs|MACs after|weight err".split(
+        "|"
+    )
     timed = any(r.latency_ratio is not None for r in report.layers)
     if timed:
         header += ["time", "realisation"]
@@ -178,21 +165,9 @@ def conversion_summary(report: ConversionReport) -> list[str]:
 
 def audit_table(report: AuditReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the audit table: candidates by MACs first, then skipped convs."""
-    header = [
-        "layer",
-        "status",
-        "Cin",
-        "Cout",
-        "kernel",
-        "MACs",
-        "share",
-        "r1 MACs",
-        "r1 order",
-        "r1 weight err",
-        "r1 out err",
-        "model err",
-        "max r",
-    ]
+    header = "layer|status|Cin|Cout|kernel|MACs|share|r1 MACs|r1 order|r1 weight err|r1 out err|model err|max r".split(
+        "|"
+    )
     latency = any(o.latency_ratio is not None for layer in report.layers for o in layer.options)
     if latency:
         header.append("r1 time")

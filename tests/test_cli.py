@@ -15,10 +15,24 @@ from typer.testing import CliRunner
 
 import sepify
 from sepify.cli import app
+from sepify.io.load import load_model
 
 runner = CliRunner()
 SMALL = ["--input-shape", "1,3,32,32"]
-SPEC = "torchvision.models:resnet18"
+SPEC = "torchvision.models:resnet18"  # one real architecture, end to end
+TINY = "tiny.py:build"  # a four-conv model for everything else: the CLI is under test, not the model
+TINY_INPUT = ["--input-shape", "1,3,16,16"]
+TINY_SOURCE = """
+import torch
+from torch import nn
+
+
+def build(num_classes=5):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1)]
+    convs += [nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes)).eval()
+"""
 SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
 
 torchvision = pytest.importorskip("torchvision")
@@ -65,6 +79,19 @@ def weights(tmp_path: Path, resnet: nn.Module) -> Path:
 @pytest.fixture(autouse=True)
 def _cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.py").write_text(TINY_SOURCE)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    """Other weights than ``build()`` makes, so that loading them is visible."""
+    model = load_model(TINY).model
+    torch.manual_seed(1)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.2)
+    path = tmp_path / "tiny_weights.pt"
+    torch.save(model.state_dict(), path)
+    return path
 
 
 # -- happy paths ---------------------------------------------------------------
@@ -92,20 +119,20 @@ def test_pickled_model_with_trust(pickled: Path) -> None:
 
 
 def test_report_files_by_extension(tmp_path: Path) -> None:
-    result = run("convert", SPEC, *SMALL, "-q", "--report", "r.json")
+    result = run("convert", TINY, *TINY_INPUT, "-q", "--report", "r.json")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 20
-    assert run("convert", SPEC, *SMALL, "-q", "--force", "--report", "r.csv").exit_code == 0
+    assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 4
+    assert run("convert", TINY, *TINY_INPUT, "-q", "--force", "--report", "r.csv").exit_code == 0
     assert (tmp_path / "r.csv").read_text().startswith("name,converted,skip_reason,")
-    assert run("convert", SPEC, *SMALL, "-q", "--force", "--report", "r.md").exit_code == 0
+    assert run("convert", TINY, *TINY_INPUT, "-q", "--force", "--report", "r.md").exit_code == 0
     assert (tmp_path / "r.md").read_text().startswith("| layer | status |")
 
 
 def test_kwargs_and_several_outputs(tmp_path: Path) -> None:
-    result = run("convert", SPEC, "--kwargs", '{"num_classes": 10}', *SMALL, "-o", "small.pt", "-q")
+    result = run("convert", TINY, "--kwargs", '{"num_classes": 10}', *TINY_INPUT, "-o", "small.pt", "-q")
     assert result.exit_code == 0, result.output
-    assert torch.load(tmp_path / "small.pt", weights_only=False)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert torch.load(tmp_path / "small.pt", weights_only=False)(torch.randn(1, 3, 16, 16)).shape == (1, 10)
 
 
 def test_python_file_import_spec(tmp_path: Path) -> None:
@@ -136,16 +163,16 @@ def test_integer_and_several_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "safetensors"])
-def test_every_output_format_round_trips(tmp_path: Path, weights: Path, fmt: str) -> None:
+def test_every_output_format_round_trips(tmp_path: Path, tiny_weights: Path, fmt: str) -> None:
     pytest.importorskip("onnxruntime") if fmt == "onnx" else None
     pytest.importorskip("safetensors") if fmt == "safetensors" else None
     out = tmp_path / f"model.{fmt}"
-    result = run("convert", SPEC, "--weights", weights, *SMALL, "--rank", "2", "--format", fmt, "-o", out, "-q")
+    argv = ("--weights", tiny_weights, *TINY_INPUT, "--rank", "2", "--format", fmt, "-o", out, "-q")
+    result = run("convert", TINY, *argv)
     assert result.exit_code == 0, result.output
-    resnet = torchvision.models.resnet18().eval()
-    resnet.load_state_dict(torch.load(weights))
-    reference = sepify.convert(resnet, torch.randn(1, 3, 32, 32), rank=2).model
-    x = torch.randn(1, 3, 32, 32)
+    original = load_model(TINY, weights=tiny_weights).model
+    reference = sepify.convert(original, torch.randn(1, 3, 16, 16), rank=2).model
+    x = torch.randn(1, 3, 16, 16)
     expected = reference(x).detach()
     if fmt == "pt":
         got = torch.load(out, weights_only=False)(x)
@@ -158,7 +185,7 @@ def test_every_output_format_round_trips(tmp_path: Path, weights: Path, fmt: str
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     else:
         assert (tmp_path / "model.plan.json").is_file()
-        got = sepify.load_converted(torchvision.models.resnet18().eval(), out)(x)
+        got = sepify.load_converted(load_model(TINY).model, out)(x)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -187,13 +214,13 @@ def test_entry_point_and_module_run_in_a_subprocess(tmp_path: Path) -> None:
 
 
 def test_existing_output_needs_force(tmp_path: Path) -> None:
-    (tmp_path / "resnet18.sep.pt").write_bytes(b"keep me")
-    result = run("convert", SPEC, *SMALL, "-q")
+    (tmp_path / "build.sep.pt").write_bytes(b"keep me")
+    result = run("convert", TINY, *TINY_INPUT, "-q")
     assert result.exit_code == 1
-    assert f"{tmp_path / 'resnet18.sep.pt'}: already exists; pass --force to overwrite it" in result.output
-    assert (tmp_path / "resnet18.sep.pt").read_bytes() == b"keep me"
-    assert run("convert", SPEC, *SMALL, "-q", "--force").exit_code == 0
-    assert (tmp_path / "resnet18.sep.pt").read_bytes() != b"keep me"
+    assert f"{tmp_path / 'build.sep.pt'}: already exists; pass --force to overwrite it" in result.output
+    assert (tmp_path / "build.sep.pt").read_bytes() == b"keep me"
+    assert run("convert", TINY, *TINY_INPUT, "-q", "--force").exit_code == 0
+    assert (tmp_path / "build.sep.pt").read_bytes() != b"keep me"
 
 
 def test_input_is_never_the_output(pickled: Path) -> None:
@@ -293,10 +320,10 @@ def test_pt2_needs_trust(tmp_path: Path) -> None:
 
 
 def test_wrong_input_shape(tmp_path: Path) -> None:
-    result = run("convert", SPEC, "--input-shape", "1,5,32,32")
+    result = run("convert", TINY, "--input-shape", "1,5,16,16")
     assert result.exit_code == 1
-    assert result.output.startswith("error: the model (ResNet) failed on example inputs (1, 5, 32, 32) float32: ")
-    assert not (tmp_path / "resnet18.sep.pt").exists()
+    assert result.output.startswith("error: the model (Sequential) failed on example inputs (1, 5, 16, 16) float32: ")
+    assert not (tmp_path / "build.sep.pt").exists()
 
 
 def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
@@ -316,7 +343,7 @@ def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], fragment: str) -> None:
-    result = run("convert", SPEC, *argv)
+    result = run("convert", TINY, *argv)
     assert result.exit_code == 2
     flat = " ".join(result.output.replace("│", " ").split())  # typer draws usage errors in a box
     assert fragment in flat
@@ -348,13 +375,13 @@ def test_environment_debug_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_audit_plan_out_then_convert_with_plan(tmp_path: Path) -> None:
-    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.7", "--plan-out", "plan.json", "-q")
+    result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.7", "--plan-out", "plan.json", "-q")
     assert result.exit_code == 0, result.output
-    assert "17 of 20 convs are candidates" in result.output
+    assert "3 of 4 convs are candidates" in result.output
     assert "plan: " in result.output and "wrote plan.json" in result.output
     plan = sepify.Plan.from_json(tmp_path / "plan.json")
     assert plan.meta["mac_ratio"] <= 0.7
-    result = run("convert", SPEC, *SMALL, "--plan", "plan.json", "--report", "r.json", "-q")
+    result = run("convert", TINY, *TINY_INPUT, "--plan", "plan.json", "--report", "r.json", "-q")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["totals"]["macs_after"] <= 0.7 * data["totals"]["macs_before"]
@@ -362,31 +389,31 @@ def test_audit_plan_out_then_convert_with_plan(tmp_path: Path) -> None:
 
 
 def test_audit_json_format_parses() -> None:
-    result = run("audit", SPEC, *SMALL, "--format", "json", "--max-error", "0.2")
+    result = run("audit", TINY, *TINY_INPUT, "--format", "json", "--max-error", "0.2")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["format"] == "sepify.audit-report" and data["plan"]["format"] == "sepify.plan"
-    assert len(data["layers"]) == 20
+    assert len(data["layers"]) == 4
 
 
 def test_audit_unreachable_budget_is_one_sentence() -> None:
-    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.05")
+    result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.05")
     assert result.exit_code == 1
     assert result.output.startswith("error: no plan reaches MACs <= 0.05x the original: ")
     assert "relax the budget to at least 0." in result.output
 
 
 def test_audit_budgets_are_exclusive() -> None:
-    result = run("audit", SPEC, *SMALL, "--max-mac-ratio", "0.5", "--max-error", "0.1")
+    result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.5", "--max-error", "0.1")
     assert result.exit_code == 2
     assert result.output.startswith("error: a plan takes exactly one budget (max_mac_ratio, max_param_ratio, ")
 
 
 def test_convert_rank_auto_needs_tolerance() -> None:
-    result = run("convert", SPEC, *SMALL, "--rank", "auto")
+    result = run("convert", TINY, *TINY_INPUT, "--rank", "auto")
     assert result.exit_code == 2
     assert result.output.startswith("error: rank='auto' needs a tolerance in [0, 1)")
-    result = run("convert", SPEC, *SMALL, "--rank", "auto", "--tolerance", "0.5", "-q")
+    result = run("convert", TINY, *TINY_INPUT, "--rank", "auto", "--tolerance", "0.5", "-q")
     assert result.exit_code == 0, result.output
 
 
@@ -409,8 +436,9 @@ def test_pt2_with_trust_converts_and_reexports(tmp_path: Path) -> None:
 
 def test_convert_with_calibration_file_reports_fidelity(tmp_path: Path) -> None:
     np = pytest.importorskip("numpy")
-    np.save(tmp_path / "cal.npy", np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype("float32"))
-    result = run("convert", SPEC, *SMALL, "--calibration", "cal.npy", "--distill-steps", "3", "--report", "r.json")
+    np.save(tmp_path / "cal.npy", np.random.default_rng(0).standard_normal((12, 3, 16, 16)).astype("float32"))
+    argv = ("--calibration", "cal.npy", "--distill-steps", "3", "--report", "r.json")
+    result = run("convert", TINY, *TINY_INPUT, *argv)
     assert result.exit_code == 0, result.output
     assert "held-out calibration (2 samples), init: output error" in result.output
     assert "held-out calibration (2 samples), refined: output error" in result.output
@@ -419,18 +447,18 @@ def test_convert_with_calibration_file_reports_fidelity(tmp_path: Path) -> None:
 
 
 def test_random_calibration_warns() -> None:
-    result = run("convert", SPEC, *SMALL, "--calibration", "random", "--calibration-samples", "6", "-o", "r.pt")
+    result = run("convert", TINY, *TINY_INPUT, "--calibration", "random", "--calibration-samples", "6", "-o", "r.pt")
     assert result.exit_code == 0, result.output
     assert "warning: calibrating on random noise; fidelity on real inputs will be worse" in result.output
 
 
 def test_bad_calibration_is_one_sentence_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = run("convert", SPEC, *SMALL, "--calibration", "empty")
+    result = run("convert", TINY, *TINY_INPUT, "--calibration", "empty")
     assert result.exit_code == 1
     assert result.output.strip() == "error: empty: contains no images (.jpg, .jpeg, .png, .bmp, ...); add some"
-    assert not (tmp_path / "resnet18.sep.pt").exists()
-    result = run("convert", SPEC, *SMALL, "--distill-steps", "5")
+    assert not (tmp_path / "build.sep.pt").exists()
+    result = run("convert", TINY, *TINY_INPUT, "--distill-steps", "5")
     assert result.exit_code == 2
 
 
@@ -460,36 +488,37 @@ def test_audit_with_calibration_plans_for_the_refinement(tmp_path: Path) -> None
 
 
 def test_tune_layout_flag(tmp_path: Path) -> None:
-    result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--tune-layout", "-q")
+    result = run("convert", TINY, *TINY_INPUT, "--rank", "2", "--order", "pw-dw", "--tune-layout", "-q")
     assert result.exit_code == 0, result.output
-    model = torch.load(tmp_path / "resnet18.sep.pt", weights_only=False)
+    model = torch.load(tmp_path / "build.sep.pt", weights_only=False)
     layouts = {m.layout for m in model.modules() if isinstance(m, sepify.SeparableConv2d)}
     assert layouts <= {"grouped", "rank-major"} and layouts
 
 
 def test_skip_slower_flag_reports_times_and_converts_only_faster_pairs(tmp_path: Path) -> None:
-    result = run("convert", SPEC, *SMALL, "--rank", "2", "--skip-slower", "--report", "r.json")
+    result = run("convert", TINY, *TINY_INPUT, "--rank", "2", "--skip-slower", "--report", "r.json")
     assert result.exit_code == 0, result.output
     assert "realisation" in result.output and "timed convs:" in result.output
     rows = json.loads((tmp_path / "r.json").read_text())["layers"]
     timed = [r for r in rows if r["latency_before"] is not None]
-    assert len(timed) == 17  # resnet18's stem and 16 3x3 convs (its 1x1 downsamples have nothing to split)
+    assert len(timed) == 3  # the three 3x3 convs (the 1x1 conv has nothing to split)
     for row in timed:
         assert (row["latency_after"] < row["latency_before"]) == row["converted"]
         assert row["converted"] or row["skip_reason"] == "slower"
 
 
 def test_memory_format_channels_last(tmp_path: Path) -> None:
-    result = run("convert", SPEC, *SMALL, "--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
+    argv = ("--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
+    result = run("convert", TINY, *TINY_INPUT, *argv)
     assert result.exit_code == 0, result.output
-    model = torch.load(tmp_path / "resnet18.sep.pt", weights_only=False)
-    weight = model.get_submodule("layer1.0.conv1.conv_dw").weight  # (64, 2, 3, 3): the layout is visible
+    model = torch.load(tmp_path / "build.sep.pt", weights_only=False)
+    weight = model.get_submodule("7.conv_dw").weight  # (16, 2, 3, 3): the layout is visible
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    assert run("convert", SPEC, *SMALL, "--memory-format", "nhwc", "--force").exit_code == 2
+    assert run("convert", TINY, *TINY_INPUT, "--memory-format", "nhwc", "--force").exit_code == 2
 
 
 def test_unknown_report_format_fails_before_any_work(tmp_path: Path) -> None:
-    result = run("convert", SPEC, *SMALL, "--report", "r.txt")
+    result = run("convert", TINY, *TINY_INPUT, "--report", "r.txt")
     assert result.exit_code == 1
     assert result.output.strip() == "error: r.txt: unknown report format '.txt'; use .json, .csv or .md"
-    assert not (tmp_path / "resnet18.sep.pt").exists()
+    assert not (tmp_path / "build.sep.pt").exists()

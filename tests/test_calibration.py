@@ -20,11 +20,23 @@ from sepify.io.datasets import load_calibration
 # -- data --------------------------------------------------------------------------
 
 
-def test_tensor_is_cut_into_batches_with_a_heldout_tail() -> None:
+def test_tensor_is_cut_into_batches_with_a_heldout_share() -> None:
     data = calibration_batches(torch.randn(100, 3, 4, 4), heldout_fraction=0.2)
     assert [b[0].shape[0] for b in data.fit] == [32, 32, 16]
-    assert [b[0].shape[0] for b in data.heldout] == [16, 4]  # the rest of the third batch, then the last
+    assert [b[0].shape[0] for b in data.heldout] == [20]
     assert data.samples == 100
+
+
+def test_batches_do_not_depend_on_sample_order() -> None:
+    # Recording order: 10 "recordings" of 8 similar samples each. A held-out tail would be the last recording.
+    x = torch.randn(10, 1, 1, 16).repeat(1, 8, 1, 1).reshape(80, 1, 16) + 0.01 * torch.randn(80, 1, 16)
+    shuffled = x[torch.randperm(80)]
+    a, b = calibration_batches(x, limit=60), calibration_batches(shuffled, limit=60)
+    for one, other in ((a.fit, b.fit), (a.heldout, b.heldout)):
+        assert all(torch.equal(p[0], q[0]) for p, q in zip(one, other, strict=True))
+    held = torch.cat([h[0] for h in a.heldout])
+    sources = {int(((x - s).abs().sum((1, 2))).argmin()) // 8 for s in held}
+    assert len(held) == 12 and len(sources) >= 5  # spread over the recordings, not the tail
 
 
 def test_labelled_loader_keeps_only_model_arguments_and_respects_limit() -> None:
@@ -298,3 +310,17 @@ def test_shared_convs_are_not_refit_and_the_report_says_so(skip_net: nn.Module) 
     x = torch.randn(12, 1, 8, 8)
     report = sepify.convert(skip_net, x[:1], calibration=x).report
     assert "did not refine shared: it runs at 2 call sites, and the refit fits one" in report.notes
+
+
+def test_conversion_does_not_depend_on_calibration_order() -> None:
+    x = torch.randn(60, 3, 8, 8)
+    runs = [
+        sepify.convert(_deep_net(), x[:2], rank=1, calibration=data, distill=5)
+        for data in (x, x[torch.randperm(60)], x.flip(0))
+    ]
+    first = runs[0].model.state_dict()
+    for run in runs[1:]:
+        assert all(torch.equal(first[k], v) for k, v in run.model.state_dict().items())
+        assert run.report.fidelity == runs[0].report.fidelity
+    audits = [sepify.audit(_deep_net(), x[:2], calibration=data) for data in (x, x.flip(0))]
+    assert audits[0].to_dict() == audits[1].to_dict()

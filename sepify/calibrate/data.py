@@ -1,7 +1,18 @@
-"""Unlabelled calibration data: normalising what users pass into batches of model arguments."""
+"""Unlabelled calibration data: normalising what users pass into batches of model arguments.
+
+The result does not depend on the order of the samples. A user's calibration
+set is often a few recordings or photos cut into many similar samples, in
+recording order: a held-out tail would then hold only the last recording, and
+"the first N" only the first. So every sample gets a key from its content (a
+hash of its bytes); samples are put in key order, the held-out share is the
+samples with the smallest keys (a pseudo-random sample across the whole set),
+and a ``limit`` on a tensor keeps the samples with the smallest keys. The
+same samples in any order give the same batches, bit for bit.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -60,24 +71,60 @@ def calibration_batches(
     """Turn ``calibration`` into fit and held-out batches.
 
     Args:
-        calibration: a tensor ``(N, ...)`` (cut into batches of 32), an
-            iterable of tensors or tuples (a DataLoader; labels after the
-            model's ``n_args`` arguments are dropped), or a callable returning
-            either.
+        calibration: a tensor ``(N, ...)``, an iterable of tensors or tuples
+            (a DataLoader; labels after the model's ``n_args`` arguments are
+            dropped), or a callable returning either. Batches of 32 come out.
         n_args: how many positional arguments the model takes.
-        limit: use at most this many samples.
+        limit: use at most this many samples: of a tensor, those with the
+            smallest content keys; of an iterable, the first ones read (it is
+            not read further).
         heldout_fraction: share of samples kept back to judge refinement and
-            distillation (at least one sample when there are two or more).
+            distillation (at least one sample when there are two or more),
+            chosen by content key, not by position.
         device: move batches here.
 
     Raises:
         CalibrationError: empty or malformed calibration data.
     """
-    batches = _take(_items(calibration, limit), n_args, limit, device)
-    count = sum(_batch_size(b) for b in batches)
-    if count < 2 or heldout_fraction <= 0:
-        return CalibrationData(tuple(batches), tuple(batches))  # too little to split: judge on the fit data
-    return _split_tail(batches, count, max(1, round(count * heldout_fraction)))
+    samples = _take(_items(calibration, None if isinstance(calibration, Tensor) else limit), n_args, None)
+    order = canonical_order(samples)
+    if limit is not None:
+        order = order[:limit]
+    keep = max(1, round(len(order) * heldout_fraction)) if len(order) >= 2 and heldout_fraction > 0 else 0
+    fit = _batched(samples, order[keep:], device)
+    if not keep:
+        return CalibrationData(fit, fit)  # too little to split: judge on the fit data
+    return CalibrationData(fit, _batched(samples, order[:keep], device))
+
+
+def canonical_order(samples: tuple[Tensor, ...]) -> list[int]:
+    """Sample indices sorted by a key computed from each sample's content alone (ties: by position).
+
+    The same samples in another order come out in the same order:
+
+    >>> x = torch.randn(5, 3)
+    >>> perm = [3, 0, 4, 1, 2]
+    >>> [perm[j] for j in canonical_order((x[perm],))] == canonical_order((x,))
+    True
+    """
+    keys = []
+    for i in range(samples[0].shape[0]):
+        digest = hashlib.blake2b(digest_size=8)
+        for a in samples:
+            digest.update(a[i].detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes())
+        keys.append((digest.digest(), i))
+    return [i for _, i in sorted(keys)]
+
+
+def _batched(
+    samples: tuple[Tensor, ...], indices: list[int], device: torch.device | None
+) -> tuple[tuple[Any, ...], ...]:
+    index = torch.tensor(indices, dtype=torch.long)
+    picked = tuple(a.index_select(0, index.to(a.device)) for a in samples)
+    return tuple(
+        tuple(a[i : i + _DEFAULT_BATCH].to(device) if device is not None else a[i : i + _DEFAULT_BATCH] for a in picked)
+        for i in range(0, len(indices), _DEFAULT_BATCH)
+    )
 
 
 def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
@@ -96,41 +143,28 @@ def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
     )
 
 
-def _take(items: Iterable[Any], n_args: int, limit: int | None, device: torch.device | None) -> list[tuple[Any, ...]]:
-    """Batches of model arguments, at most ``limit`` samples in all, on ``device``."""
-    batches: list[tuple[Any, ...]] = []
+def _take(items: Iterable[Any], n_args: int, limit: int | None) -> tuple[Tensor, ...]:
+    """The model arguments of every sample read (at most ``limit``), concatenated along dim 0."""
+    parts: list[tuple[Any, ...]] = []
     count = 0
     for item in items:
         args = _as_args(item, n_args)
         size = _batch_size(args)
         if limit is not None and count + size > limit:
-            args = _slice(args, 0, limit - count)
-            size = limit - count
+            args, size = _slice(args, 0, limit - count), limit - count
         if size <= 0:
             break
-        batches.append(tuple(a.to(device) if device is not None else a for a in args))
+        parts.append(args)
         count += size
         if limit is not None and count >= limit:
             break
-    if not batches:
+    if not parts:
         raise CalibrationError("calibration data is empty; pass at least one batch")
-    return batches
-
-
-def _split_tail(batches: list[tuple[Any, ...]], count: int, keep: int) -> CalibrationData:
-    """The last ``keep`` samples are held out, splitting a batch if needed."""
-    fit: list[tuple[Any, ...]] = []
-    heldout: list[tuple[Any, ...]] = []
-    remaining = count - keep
-    for args in batches:
-        size = _batch_size(args)
-        if remaining >= size:
-            fit.append(args)
-            remaining -= size
-        elif remaining > 0:
-            fit.append(_slice(args, 0, remaining))
-            heldout.append(_slice(args, remaining, size))
-            remaining = 0
-        else:
-            heldout.append(args)
-    return CalibrationData(tuple(fit), tuple(heldout))
+    try:
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+    except RuntimeError as e:
+        shapes = sorted({tuple(p[0].shape[1:]) for p in parts})
+        raise CalibrationError(
+            f"calibration batches hold samples of different shapes ({', '.join(map(str, shapes[:3]))}); "
+            "pass samples of one shape (resize images to one size)"
+        ) from e

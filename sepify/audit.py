@@ -21,9 +21,10 @@ from sepify.calibrate.capture import first_inputs
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
 from sepify.calibrate.verify import output_error
-from sepify.core.cost import conv_params, exact_rank, separable_params
-from sepify.core.decompose import ORDERS, Factorization
-from sepify.core.measure import layer_output_errors
+from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
+from sepify.core.cp import CPByRank, cp_ranks
+from sepify.core.decompose import Factorization
+from sepify.core.measure import layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv2d
 from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError
@@ -39,7 +40,8 @@ __all__ = ["audit"]
 
 ProgressFn = Callable[[str, int, int], None]
 Options = dict[str, list[tuple[str, int, int, int]]]  # qualname -> (order, rank, params_after, macs_after)
-Factorizations = dict[tuple[str, str], Factorization]  # (qualname, order) -> SVD
+Factorizations = dict[tuple[str, str], Factorization | CPByRank]  # (qualname, order) -> SVD, or CP by rank
+_CP_GRID = 8  # bottleneck widths audited per layer, spaced geometrically up to break-even
 _AUDIT_SAMPLES = 32  # calibration samples the layer errors are measured on
 
 
@@ -100,9 +102,7 @@ def audit(
     report_progress = progress or (lambda step, done, total: None)
     candidates = [s for s in analysis.sites if s.eligible]
     options = {s.qualname: _useful_options(s, orders, ranks) for s in candidates}
-    factors = {
-        (s.qualname, o): Factorization.of(s.module.weight, s.module.groups, o) for s in candidates for o in orders
-    }
+    factors: Factorizations = {(s.qualname, o): _factorization(s.module, o) for s in candidates for o in orders}
     errors = _LayerErrors(options, factors, refine=calib is not None and calib.refine)
     errors.measure(analysis, candidates, data_args, report_progress)
     reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
@@ -182,14 +182,30 @@ def _useful_options(
     found = []
     for order in orders:
         limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
+        smaller = []
         for r in range(1, limit + 1):
             p = separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r, order, bias)
             m = pair_macs(site, r, order)
             if p >= params and m >= macs:
                 break  # grows with r: no larger rank is smaller either
-            if ranks is None or r in ranks:
-                found.append((order, r, p, m))
+            smaller.append((order, r, p, m))
+        if order == "pw-dw-pw" and smaller:  # widths on a grid: each one is an ALS run
+            grid = set(cp_ranks(len(smaller), _CP_GRID))
+            smaller = [option for option in smaller if option[1] in grid]
+        found += [option for option in smaller if ranks is None or option[1] in ranks]
     return found
+
+
+def _factorization(conv: nn.Conv2d, order: str) -> Factorization | CPByRank:
+    return (
+        CPByRank(conv.weight, conv.groups) if order == "pw-dw-pw" else Factorization.of(conv.weight, conv.groups, order)
+    )
+
+
+def _pair(conv: nn.Conv2d, rank: int, factorization: Factorization | CPByRank) -> SeparableConv2d:
+    """The pair at ``rank`` from an already computed factorization."""
+    at = factorization.at(rank) if isinstance(factorization, CPByRank) else factorization
+    return SeparableConv2d.from_conv(conv, rank, factorization.order, factorization=at)
 
 
 class _LayerErrors:
@@ -197,7 +213,7 @@ class _LayerErrors:
 
     def __init__(self, options: Options, factors: Factorizations, *, refine: bool) -> None:
         self.options, self.factors, self.refine = options, factors, refine
-        self.output: dict[tuple[str, str], list[float]] = {}  # (qualname, order) -> error at ranks 1..max
+        self.output: dict[tuple[str, str], dict[int, float]] = {}  # (qualname, order) -> {rank: error}
         self.refined: dict[tuple[str, str], dict[int, float]] = {}
 
     def measure(self, analysis: Analysis, sites: list[ConvSite], args: tuple[Any, ...], progress: ProgressFn) -> None:
@@ -218,7 +234,14 @@ class _LayerErrors:
         for order in sorted({o for o, *_ in self.options[name]}):
             ranks = [r for o, r, *_ in self.options[name] if o == order]
             factorization = self.factors[(name, order)]
-            self.output[(name, order)] = layer_output_errors(conv, x, factorization, max(ranks))
+            if isinstance(factorization, CPByRank):
+                pairs = {r: _pair(conv, r, factorization) for r in ranks}
+                self.output[(name, order)] = {r: pair_output_error(conv, pair, x) for r, pair in pairs.items()}
+                if self.refine:
+                    self.refined[(name, order)] = refined_errors(conv, x, order, ranks, pairs=pairs)
+                continue
+            errors = layer_output_errors(conv, x, factorization, max(ranks))
+            self.output[(name, order)] = {r: errors[r - 1] for r in ranks}
             if self.refine:
                 self.refined[(name, order)] = refined_errors(conv, x, order, ranks, factorization=factorization)
 
@@ -231,7 +254,7 @@ class _LayerErrors:
             params_after=params_after,
             macs_after=macs_after,
             weight_error=self.factors[(name, order)].relative_error(r),
-            output_error=measured[r - 1] if measured else None,
+            output_error=measured.get(r) if measured else None,
             refined_error=self.refined.get((name, order), {}).get(r),
             latency_before=timing.conv if timing else None,
             latency_after=timing.pair if timing else None,
@@ -254,9 +277,9 @@ def _forward(module: nn.Module, args: tuple[Any, ...]) -> Any:
 
 
 def _model_error_rank1(
-    analysis: Analysis, site: ConvSite, factorization: Factorization, args: tuple[Any, ...], reference: Any
+    analysis: Analysis, site: ConvSite, factorization: Factorization | CPByRank, args: tuple[Any, ...], reference: Any
 ) -> float | None:
-    pair = SeparableConv2d.from_conv(site.module, 1, factorization.order, factorization=factorization)
+    pair = _pair(site.module, 1, factorization)
     with temporarily_replaced(analysis.target, site.module, pair):
         return output_error(reference, _forward(analysis.target, args))
 
@@ -267,6 +290,6 @@ def _time_options(
     """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input shape."""
     times = {}
     for order, r, _, _ in options:
-        pair = SeparableConv2d.from_conv(site.module, r, order, factorization=factors[(site.qualname, order)]).eval()
+        pair = _pair(site.module, r, factors[(site.qualname, order)]).eval()
         times[(order, r)] = time_pair(pair, site.call.input_shape, reps, against=site.module)
     return times

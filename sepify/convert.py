@@ -22,8 +22,9 @@ from torch import nn
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs
 from sepify.calibrate.verify import output_error, top1_agreement
-from sepify.core.cost import conv_params, exact_rank, separable_params
-from sepify.core.decompose import ORDERS, Factorization
+from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
+from sepify.core.cp import CPFactorization
+from sepify.core.decompose import SVD_ORDERS, Factorization
 from sepify.core.modules import SeparableConv2d
 from sepify.core.timing import time_pair
 from sepify.errors import ConfigError, PlanError
@@ -88,8 +89,11 @@ def convert(
             ``"auto"``: per layer the smallest rank whose weight error is at
             most ``tolerance`` (layers where that pair would not be smaller
             than the conv are skipped as ``no-saving``).
-        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per layer, the order
-            with the lower weight error at that rank; ties go to fewer MACs).
+        order: ``"dw-pw"``, ``"pw-dw"``, ``"pw-dw-pw"`` (the bottleneck;
+            ``rank`` is then its width) or ``"auto"``: per layer, with an int
+            or ``"full"`` rank the depth-multiplier order with the lower weight
+            error (ties go to fewer MACs); with ``rank="auto"`` the cheapest of
+            all three that meets the tolerance.
         tolerance: with ``rank="auto"``, the largest relative weight error
             ``||W - W_hat|| / ||W||`` accepted per layer.
         plan: a :class:`~sepify.Plan` (from ``sepify.audit(...).plan(...)``
@@ -134,7 +138,7 @@ def convert(
     """
     rank = _checked_rank(rank, tolerance)
     if order not in (*ORDERS, "auto"):
-        raise ConfigError(f"order must be 'dw-pw', 'pw-dw' or 'auto', got {order!r}")
+        raise ConfigError(f"order must be 'dw-pw', 'pw-dw', 'pw-dw-pw' or 'auto', got {order!r}")
     if plan is not None and not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
     calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
@@ -221,7 +225,7 @@ def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
 class _Choice:
     order: str
     rank: int
-    factorization: Factorization
+    factorization: Factorization | CPFactorization
     weight_error: float
     macs: int
     params: int
@@ -291,25 +295,57 @@ def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> 
     conv = site.module
     kernel = tuple(conv.kernel_size)
     limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
-    f = Factorization.of(conv.weight, conv.groups, order)
-    if rank == "full":
-        r = limit
-    elif rank == "auto":
-        assert tolerance is not None  # checked by _checked_rank
-        r = next(k for k in range(1, limit + 1) if f.relative_error(k) <= tolerance or k == limit)
+    f: Factorization | CPFactorization
+    if order == "pw-dw-pw":
+        f = cp = _cp_factorization(site, rank, tolerance, limit)
+        r, error = cp.rank, cp.relative_error
     else:
-        r = min(int(rank), limit)
+        svd = f = Factorization.of(conv.weight, conv.groups, order)
+        if rank == "full":
+            r = limit
+        elif rank == "auto":
+            assert tolerance is not None  # checked by _checked_rank
+            r = next(k for k in range(1, limit + 1) if svd.relative_error(k) <= tolerance or k == limit)
+        else:
+            r = min(int(rank), limit)
+        error = svd.relative_error(r)
     params = separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r, order, conv.bias is not None)
-    return _Choice(order, r, f, f.relative_error(r), pair_macs(site, r, order), params)
+    return _Choice(order, r, f, error, pair_macs(site, r, order), params)
+
+
+def _cp_factorization(site: ConvSite, rank: Rank, tolerance: float | None, limit: int) -> CPFactorization:
+    """The bottleneck at a fixed width, or the narrowest one within tolerance (bisection up to break-even)."""
+    conv = site.module
+    if rank != "auto":
+        return CPFactorization.of(conv.weight, conv.groups, limit if rank == "full" else min(int(rank), limit))
+    assert tolerance is not None  # checked by _checked_rank
+    area = math.prod(conv.kernel_size)
+    dense = conv_params(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, False)
+    low, high = 1, max(1, min(limit, dense // (conv.in_channels + conv.groups * area + conv.out_channels)))
+    best = CPFactorization.of(conv.weight, conv.groups, high)
+    while low < high:  # the narrowest width within tolerance, if the widest that still pays is
+        middle = (low + high) // 2
+        f = CPFactorization.of(conv.weight, conv.groups, middle)
+        if f.relative_error <= tolerance:
+            best, high = f, middle
+        else:
+            low = middle + 1
+    return best
 
 
 def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> _Choice:
     """Pick order and rank for one conv. For order='auto': lower weight error, ties to fewer MACs.
 
-    With rank='auto' every order meets the tolerance, so the cheaper pair wins.
+    With rank='auto' every order meets the tolerance (or is at its widest), so the cheaper pair wins.
     """
-    orders = ORDERS if order == "auto" else (order,)
+    if order != "auto":
+        orders: tuple[str, ...] = (order,)
+    else:
+        orders = ORDERS if rank == "auto" else SVD_ORDERS
     options = [_option(site, o, rank, tolerance) for o in orders]
+    if rank == "auto":  # the bottleneck may miss the tolerance even at its widest; the SVD orders never do
+        assert tolerance is not None  # checked by _checked_rank
+        options = [o for o in options if o.weight_error <= tolerance] or options
     best = options[0]
     for cand in options[1:]:
         tie = math.isclose(cand.weight_error, best.weight_error, rel_tol=1e-6, abs_tol=1e-6)

@@ -89,7 +89,7 @@ def test_image_folder_is_normalised(tmp_path) -> None:  # type: ignore[no-untype
 # -- the refit ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw", "pw-dw-pw"])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_refit_recovers_a_reachable_target_exactly(order: str, groups: int) -> None:
     # The teacher is itself a rank-2 pair, so the refit factor has an exact solution;
@@ -103,7 +103,7 @@ def test_refit_recovers_a_reachable_target_exactly(order: str, groups: int) -> N
         teacher_conv.bias.copy_(conv.bias.double())
     teacher = nn.Sequential(teacher_conv)
     student = nn.Sequential(copy.deepcopy(exact_pair))
-    last = student[0].conv_pw if order == "dw-pw" else student[0].conv_dw
+    last = student[0].last
     with torch.no_grad():
         last.weight.normal_()
         last.bias.normal_()
@@ -268,7 +268,7 @@ def test_distillation_needs_calibration(plain_net: nn.Module) -> None:
         sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill=10)
 
 
-@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw", "pw-dw-pw"])
 def test_refined_errors_predict_what_refinement_reaches(order: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, padding=1, groups=2).double()

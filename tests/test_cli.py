@@ -338,7 +338,7 @@ def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
         (["--rank", "zero"], "error: rank must be a positive integer, 'full' or 'auto', got 'zero'"),
         (["--input-shape", "1,3,a"], "'1,3,a' is not a shape; write it like 1,3,224,224"),
         (["--input-shape", "1,3:complex"], "unknown dtype 'complex'"),
-        (["--order", "sideways"], "'sideways' is not one of 'dw-pw', 'pw-dw', 'auto'"),
+        (["--order", "sideways"], "'sideways' is not one of 'dw-pw', 'pw-dw', 'pw-dw-pw', 'auto'"),
         (["--kwargs", "{oops"], "not valid JSON"),
     ],
 )

@@ -155,7 +155,7 @@ def test_detection_style_list_input(plain_net: nn.Module) -> None:
     [
         ({"rank": 0}, "rank must be a positive integer, 'full' or 'auto', got 0"),
         ({"rank": "max"}, "rank must be a positive integer, 'full' or 'auto', got 'max'"),
-        ({"order": "dw"}, "order must be 'dw-pw', 'pw-dw' or 'auto', got 'dw'"),
+        ({"order": "dw"}, "order must be 'dw-pw', 'pw-dw', 'pw-dw-pw' or 'auto', got 'dw'"),
         ({"rank": True}, "rank must be a positive integer, 'full' or 'auto', got True"),
         ({"distill": -1}, "distill must be an integer >= 0, got -1"),
         ({"timing": "yes"}, "timing must be a sepify.Timing or a bool, got str"),
@@ -209,3 +209,37 @@ def test_conversion_is_deterministic(plain_net: nn.Module, example_input: torch.
     a = sepify.convert(plain_net, example_input, rank=2).model.state_dict()
     b = sepify.convert(plain_net, example_input, rank=2).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pw_dw_pw_converts_plans_and_reloads(plain_net: nn.Module, example_input: torch.Tensor, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("safetensors")
+    from sepify.io.save import save_model
+
+    result = sepify.convert(plain_net, example_input, rank=4, order="pw-dw-pw")
+    assert {r.order for r in result.report.converted} == {"pw-dw-pw"}
+    for row in result.report.converted:
+        pair = result.model.get_submodule(row.name)
+        assert row.params_after == sum(p.numel() for p in pair.parameters())
+    plan = result.report.to_plan()
+    assert {lp.order for lp in plan.layers.values()} == {"pw-dw-pw"}
+    replanned = sepify.convert(plain_net, example_input, plan=sepify.Plan.from_json(plan.to_json()))
+    torch.testing.assert_close(replanned.model(example_input), result.model(example_input), rtol=0, atol=0)
+    out = tmp_path / "m.safetensors"
+    save_model(result.model, out, "safetensors", example_args=(example_input,), plan_json=plan.to_json())
+    fresh = copy.deepcopy(plain_net)
+    reloaded = sepify.load_converted(fresh, out)
+    torch.testing.assert_close(reloaded(example_input), result.model(example_input), rtol=1e-6, atol=1e-6)
+
+
+def test_rank_auto_picks_the_bottleneck_where_it_is_cheapest() -> None:
+    # a weight that is exactly two rank-one terms across (out, in, taps): width 2 is exact
+    a, b, k = torch.randn(32, 2), torch.randn(24, 2), torch.randn(9, 2)
+    conv = nn.Conv2d(24, 32, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("or,ir,kr->oik", a, b, k).reshape(32, 24, 3, 3))
+    report = sepify.convert(
+        nn.Sequential(conv), torch.randn(1, 24, 8, 8), rank="auto", tolerance=1e-3, order="auto"
+    ).report
+    (row,) = report.converted
+    assert (row.order, row.rank) == ("pw-dw-pw", 2) and row.weight_error is not None and row.weight_error < 1e-3
+    assert report.output_error is not None and report.output_error < 1e-3

@@ -38,7 +38,7 @@ def conv_configs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @settings(max_examples=80, deadline=None)
-@given(conv_configs(), st.sampled_from(["dw-pw", "pw-dw"]), st.sampled_from([torch.float32, torch.float64]))
+@given(conv_configs(), st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]), st.sampled_from([torch.float32, torch.float64]))
 def test_full_rank_reproduces_conv_output(cfg: dict[str, Any], order: str, dtype: torch.dtype) -> None:
     conv = nn.Conv2d(**cfg, dtype=dtype)
     x = torch.randn(2, cfg["in_channels"], 9, 10, dtype=dtype)
@@ -50,7 +50,7 @@ def test_full_rank_reproduces_conv_output(cfg: dict[str, Any], order: str, dtype
 
 
 @settings(max_examples=40, deadline=None)
-@given(conv_configs(), st.sampled_from(["dw-pw", "pw-dw"]), st.integers(1, 3))
+@given(conv_configs(), st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]), st.integers(1, 3))
 def test_pair_equals_conv_with_its_effective_weight(cfg: dict[str, Any], order: str, rank: int) -> None:
     # At any rank the pair computes a conv whose weight is the merged factors.
     conv = nn.Conv2d(**cfg, dtype=torch.float64)
@@ -65,6 +65,23 @@ def test_pair_equals_conv_with_its_effective_weight(cfg: dict[str, Any], order: 
     assert sum(p.numel() for p in sep.parameters()) == separable_params(
         cfg["in_channels"], cfg["out_channels"], cfg["kernel_size"], cfg["groups"], sep.rank, order, cfg["bias"]
     )
+
+
+def test_pw_dw_pw_is_a_bottleneck() -> None:
+    conv = nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2)
+    sep = SeparableConv2d.from_conv(conv, rank=3, order="pw-dw-pw")
+    assert [tuple(c.weight.shape) for c in sep.convs] == [(6, 3, 1, 1), (6, 1, 3, 3), (8, 3, 1, 1)]
+    assert [c.groups for c in sep.convs] == [2, 6, 2] and sep.last is sep.conv_pwl
+    x = torch.randn(1, 6, 8, 8)
+    manual = F.conv2d(
+        F.conv2d(F.conv2d(x, sep.conv_pw.weight, groups=2), sep.conv_dw.weight, stride=2, padding=1, groups=6),
+        sep.conv_pwl.weight,
+        conv.bias,
+        groups=2,
+    )
+    torch.testing.assert_close(sep(x), manual)
+    assert list(sep.state_dict()) == ["conv_pw.weight", "conv_dw.weight", "conv_pwl.weight", "conv_pwl.bias"]
+    assert sep.in_channels == 6 and sep.out_channels == 8 and sep.layouts == ("grouped",)
 
 
 def test_dw_pw_is_depthwise_then_pointwise() -> None:

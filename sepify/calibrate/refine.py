@@ -20,7 +20,7 @@ a refit that is worse there than the closed-form initialisation is not kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +104,7 @@ def _refit(pair: SeparableConv2d, train: NormalEquations, held: NormalEquations)
     current = current_weights(pair).to(train.gram.device if train.gram is not None else "cpu")
     before = max(held.error(current), 0.0) ** 0.5 / norm
     best_w, best_err = current, before
-    free_last = (pair.conv_pw if pair.order == "dw-pw" else pair.conv_dw).bias is not None
+    free_last = pair.last.bias is not None
     for ridge in RIDGES:
         w = solve_ridge(train, ridge, free_last)
         if w is None:  # not positive definite at this ridge: try a larger one
@@ -124,16 +124,46 @@ def refined_errors(
     ranks: Sequence[int],
     ridge: float = 1e-6,
     factorization: Factorization | None = None,
+    pairs: Mapping[int, SeparableConv2d] | None = None,
 ) -> dict[int, float]:
     """Relative output error of the pair after a local refit of its last factor, for each rank.
 
     Inputs ``x`` and targets ``conv(x)`` both come from the original model, so
-    this predicts what :func:`refine_pairs` can reach at each rank without
-    building each pair: the first factors are nested across ranks (the top-r
-    singular vectors), so one Gram matrix at the largest rank serves all of
-    them. Returns {} when that Gram matrix would be too large. Pass the
-    weight's ``factorization`` in ``order`` if it is already computed.
+    this predicts what :func:`refine_pairs` can reach at each rank. For the
+    depth-multiplier orders the first factors are nested across ranks (the
+    top-r singular vectors), so one Gram matrix at the largest rank serves all
+    of them (pass the weight's ``factorization`` in ``order`` if it is already
+    computed); pw-dw-pw bottlenecks are refit one by one (pass ``pairs`` by
+    rank if they are built). Ranks whose Gram matrices would be too large are
+    left out.
     """
+    if order == "pw-dw-pw":
+        built = pairs or {r: SeparableConv2d.from_conv(conv, r, order) for r in ranks}
+        found = {r: _refit_error(conv, x, built[r].to(dtype=x.dtype), ridge) for r in ranks}
+        return {r: e for r, e in found.items() if e is not None}
+    return _nested_refined_errors(conv, x, order, ranks, ridge, factorization)
+
+
+def _refit_error(conv: nn.Conv2d, x: Tensor, pair: SeparableConv2d, ridge: float) -> float | None:
+    """The relative output error of ``pair`` after the ridge refit of its last factor on ``x``."""
+    if gram_bytes(pair) > GRAM_BYTES:
+        return None
+    with torch.no_grad():
+        y = conv2d_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
+        normal = NormalEquations()
+        add_to_normals(normal, pair, x, y)
+    assert normal.yy is not None
+    total = float(normal.yy.sum())
+    if total <= 0:
+        return 0.0
+    w = solve_ridge(normal, ridge, pair.last.bias is not None)
+    return None if w is None else max(normal.error(w), 0.0) ** 0.5 / total**0.5
+
+
+def _nested_refined_errors(
+    conv: nn.Conv2d, x: Tensor, order: str, ranks: Sequence[int], ridge: float, factorization: Factorization | None
+) -> dict[int, float]:
+    """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others."""
     top = max(ranks)
     pair = SeparableConv2d.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank

@@ -69,12 +69,12 @@ def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tenso
 
 
 def _pw_features(pair: SeparableConv2d, x: Tensor) -> tuple[Tensor, int]:
-    """dw-pw: per group, pixels x (depthwise channels [+ 1]); returns (B=groups, M, f) and f."""
-    z = pair.conv_dw(x)  # (N, Cin*r, H', W')
+    """dw-pw and pw-dw-pw (last conv pointwise): per group, pixels x (its input channels [+ 1]); (B=groups, M, f), f."""
+    z = pair.before_last(x)  # (N, channels, H', W')
     g = pair.groups
     n, ch = z.shape[:2]
     feats = z.reshape(n, g, ch // g, -1).permute(1, 0, 3, 2).reshape(g, -1, ch // g)
-    if pair.conv_pw.bias is not None:
+    if pair.last.bias is not None:
         feats = torch.cat([feats, torch.ones_like(feats[..., :1])], dim=-1)
     return feats, ch // g
 
@@ -106,15 +106,19 @@ def _dw_targets(y: Tensor) -> Tensor:
     return y.reshape(n, cout, -1).permute(1, 0, 2).reshape(cout, -1, 1)
 
 
+def _pointwise_last(pair: SeparableConv2d) -> bool:
+    return pair.order in ("dw-pw", "pw-dw-pw")
+
+
 def current_weights(pair: SeparableConv2d) -> Tensor:
     """The refit factor's current weights in regression layout (B, f, o)."""
-    if pair.order == "dw-pw":
-        w = pair.conv_pw.weight.detach()  # (Cout, Cin*r/g, 1, 1)
+    if _pointwise_last(pair):
+        w = pair.last.weight.detach()  # (Cout, channels/g, 1, 1)
         g = pair.groups
         cout, f = w.shape[:2]
         w = w.reshape(g, cout // g, f).transpose(1, 2)
-        if pair.conv_pw.bias is not None:
-            b = pair.conv_pw.bias.detach().reshape(g, 1, cout // g)
+        if pair.last.bias is not None:
+            b = pair.last.bias.detach().reshape(g, 1, cout // g)
             w = torch.cat([w, b], dim=1)
         return w.double()
     w = pair.conv_dw.weight.detach()  # (Cout, r, kh, kw)
@@ -127,8 +131,8 @@ def current_weights(pair: SeparableConv2d) -> Tensor:
 
 def set_weights(pair: SeparableConv2d, w: Tensor) -> None:
     with torch.no_grad():
-        if pair.order == "dw-pw":
-            conv = pair.conv_pw
+        if _pointwise_last(pair):
+            conv = pair.last
             if conv.bias is not None:
                 conv.bias.copy_(w[:, -1, :].reshape(-1))
                 w = w[:, :-1, :]
@@ -143,7 +147,7 @@ def set_weights(pair: SeparableConv2d, w: Tensor) -> None:
 
 def add_to_normals(normal: NormalEquations, pair: SeparableConv2d, x: Tensor, y: Tensor) -> None:
     """One batch of the pair's regression: its input ``x`` and the original layer's output ``y``."""
-    if pair.order == "dw-pw":
+    if _pointwise_last(pair):
         feats, _ = _pw_features(pair, x)
         normal.add(feats, _pw_targets(pair, y))
     else:
@@ -152,8 +156,8 @@ def add_to_normals(normal: NormalEquations, pair: SeparableConv2d, x: Tensor, y:
 
 def gram_bytes(pair: SeparableConv2d) -> int:
     """Bytes of the float64 Gram matrices the refit of ``pair`` accumulates."""
-    if pair.order == "dw-pw":
-        f = pair.conv_pw.in_channels // pair.groups + 1
+    if _pointwise_last(pair):
+        f = pair.last.in_channels // pair.groups + 1
         return pair.groups * f * f * 8
     f = (
         pair.conv_dw.in_channels

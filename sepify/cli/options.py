@@ -18,6 +18,7 @@ MODEL, CONVERSION, CALIBRATION, TIMING, OUTPUT = "Model", "Conversion", "Calibra
 class Order(str, enum.Enum):
     dw_pw = "dw-pw"
     pw_dw = "pw-dw"
+    pw_dw_pw = "pw-dw-pw"
     auto = "auto"
 
 

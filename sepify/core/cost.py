@@ -11,7 +11,13 @@ from math import prod
 
 from sepify.errors import ConfigError
 
+# dw-pw: depthwise then pointwise (MobileNet); pw-dw: pointwise then depthwise (blueprint);
+# pw-dw-pw: the bottleneck 1x1 -> depthwise -> 1x1 (a CP decomposition). ``rank`` is the depth
+# multiplier for the first two and the bottleneck width per group for the third.
+ORDERS = ("dw-pw", "pw-dw", "pw-dw-pw")
+
 __all__ = [
+    "ORDERS",
     "conv_params",
     "conv_macs",
     "separable_params",
@@ -56,12 +62,21 @@ def exact_rank(in_channels: int, out_channels: int, kernel_size: tuple[int, ...]
     9
     >>> exact_rank(3, 64, (7, 7), groups=1, order="pw-dw")
     3
+
+    For pw-dw-pw it is the bottleneck width (per group) that holds every
+    rank-one term of the better per-channel order:
+
+    >>> exact_rank(64, 128, (3, 3), groups=1, order="pw-dw-pw")
+    576
     """
     area = prod(kernel_size)
+    cin, cout = in_channels // groups, out_channels // groups
     if order == "dw-pw":
-        return min(out_channels // groups, area)
+        return min(cout, area)
     if order == "pw-dw":
-        return min(in_channels // groups, area)
+        return min(cin, area)
+    if order == "pw-dw-pw":
+        return min(cin * min(cout, area), cout * min(cin, area))
     raise ConfigError(f"unknown order {order!r}")
 
 
@@ -86,6 +101,9 @@ def separable_params(
     elif order == "pw-dw":
         # pointwise: Cout*r x (Cin/g); depthwise: Cout filters over r channels of K taps
         dense = out_channels * rank * (in_channels // groups) + out_channels * rank * area
+    elif order == "pw-dw-pw":
+        # pointwise: g*R x (Cin/g); depthwise: g*R filters of K taps; pointwise: Cout x R
+        dense = rank * (in_channels + groups * area + out_channels)
     else:
         raise ConfigError(f"unknown order {order!r}")
     return dense + (out_channels if bias else 0)
@@ -105,7 +123,7 @@ def separable_macs(
     """MACs of the separable pair; ``input_size``/``output_size`` are spatial dims.
 
     The strided spatial step always sits in the depthwise conv, so in pw-dw
-    order the pointwise conv runs at the *input* resolution.
+    and pw-dw-pw order the first pointwise conv runs at the *input* resolution.
 
     >>> separable_macs(64, 128, (3, 3), 1, 1, "dw-pw", (56, 56), (56, 56))
     27496448
@@ -114,9 +132,11 @@ def separable_macs(
     out_pixels = batch * prod(output_size)
     if order == "dw-pw":
         return out_pixels * (in_channels * rank * area + out_channels * (in_channels * rank // groups))
+    in_pixels = batch * prod(input_size)
     if order == "pw-dw":
-        in_pixels = batch * prod(input_size)
         return in_pixels * out_channels * rank * (in_channels // groups) + out_pixels * out_channels * rank * area
+    if order == "pw-dw-pw":
+        return in_pixels * rank * in_channels + out_pixels * rank * (groups * area + out_channels)
     raise ConfigError(f"unknown order {order!r}")
 
 

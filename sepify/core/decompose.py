@@ -29,7 +29,7 @@ from torch import Tensor
 from sepify.errors import ConfigError
 
 __all__ = [
-    "ORDERS",
+    "SVD_ORDERS",
     "Factorization",
     "channel_matrices",
     "singular_values",
@@ -38,12 +38,12 @@ __all__ = [
     "merge_separable_weight",
 ]
 
-ORDERS = ("dw-pw", "pw-dw")
+SVD_ORDERS = ("dw-pw", "pw-dw")  # the orders a per-channel SVD factorises
 
 
 def _check_order(order: str) -> None:
-    if order not in ORDERS:
-        raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
+    if order not in SVD_ORDERS:
+        raise ConfigError(f"order must be one of {SVD_ORDERS}, got {order!r}")
 
 
 def channel_matrices(weight: Tensor, groups: int, order: str) -> Tensor:

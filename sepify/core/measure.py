@@ -12,7 +12,7 @@ from sepify.core.decompose import Factorization
 from sepify.core.functional import conv2d_like
 from sepify.core.modules import SeparableConv2d
 
-__all__ = ["layer_output_errors"]
+__all__ = ["layer_output_errors", "pair_output_error"]
 
 
 def layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization, max_rank: int) -> list[float]:
@@ -60,3 +60,11 @@ def _rank_components(conv: nn.Conv2d, pair: SeparableConv2d, x: Tensor) -> Itera
         for k in range(top):
             u = F.conv2d(x, w_pw[:, k], None, 1, 0, 1, groups)
             yield conv2d_like(dw, u, dw.weight[:, k : k + 1], None)  # depthwise, groups=Cout
+
+
+def pair_output_error(conv: nn.Conv2d, pair: SeparableConv2d, x: Tensor) -> float:
+    """``||pair(x) - conv(x)|| / ||conv(x)||`` (0.0 when the conv's output is all zeros)."""
+    with torch.no_grad():
+        y = conv2d_like(conv, x, conv.weight, conv.bias).double()
+        norm = float(y.norm())
+        return float((pair(x).double() - y).norm()) / norm if norm > 0 else 0.0

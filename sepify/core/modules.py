@@ -1,4 +1,4 @@
-"""``SeparableConv2d``: the depthwise + pointwise pair that replaces a ``Conv2d``."""
+"""``SeparableConv2d``: the depthwise + pointwise structure that replaces a ``Conv2d``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sepify.core.cost import exact_rank
-from sepify.core.decompose import ORDERS, Factorization, merge_separable_weight
+from sepify.core.cost import ORDERS, exact_rank
+from sepify.core.cp import CPFactorization
+from sepify.core.decompose import Factorization, merge_separable_weight
 from sepify.core.functional import conv2d_like
 from sepify.errors import ConfigError
 
@@ -19,11 +20,11 @@ LAYOUTS = ("grouped", "rank-major")
 
 
 class SeparableConv2d(nn.Module):
-    """A depthwise conv and a pointwise (1x1) conv standing in for one ``nn.Conv2d``.
+    """Depthwise and pointwise (1x1) convs standing in for one ``nn.Conv2d``.
 
-    The children are always named ``conv_dw`` and ``conv_pw`` so that
-    state_dict keys read like ``layer1.0.conv1.conv_dw.weight``; ``order``
-    says which runs first:
+    The children are named ``conv_dw`` and ``conv_pw`` (and ``conv_pwl``, the
+    last pointwise conv of the bottleneck, as in timm) so that state_dict keys
+    read like ``layer1.0.conv1.conv_dw.weight``; ``order`` says which runs first:
 
     * ``"dw-pw"`` (MobileNet): ``conv_dw`` has ``Cin*rank`` outputs and
       ``groups=Cin`` and carries the original stride, padding, dilation and
@@ -33,6 +34,10 @@ class SeparableConv2d(nn.Module):
       with the original ``groups``; ``conv_dw`` reduces each run of ``rank``
       channels to one output (``groups=Cout``), carries the spatial settings
       and the bias.
+    * ``"pw-dw-pw"`` (bottleneck, a CP decomposition; :mod:`sepify.core.cp`):
+      ``conv_pw`` maps ``Cin`` to ``groups*rank`` channels, ``conv_dw`` is a
+      depthwise conv on them with the spatial settings, ``conv_pwl`` maps them
+      to ``Cout`` with the bias. ``rank`` is the bottleneck width per group.
 
     Build one from a trained conv with :meth:`from_conv`.
 
@@ -89,9 +94,14 @@ class SeparableConv2d(nn.Module):
         if order == "dw-pw":
             self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
             self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
-        else:
+        elif order == "pw-dw":
             self.conv_pw = nn.Conv2d(in_channels, out_channels * rank, 1, groups=groups, bias=False, **dd)
             self.conv_dw = nn.Conv2d(out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial, **dd)
+        else:
+            width = groups * rank
+            self.conv_pw = nn.Conv2d(in_channels, width, 1, groups=groups, bias=False, **dd)
+            self.conv_dw = nn.Conv2d(width, width, groups=width, bias=False, **spatial, **dd)
+            self.conv_pwl = nn.Conv2d(width, out_channels, 1, groups=groups, bias=bias, **dd)
 
     @classmethod
     def from_conv(
@@ -100,9 +110,9 @@ class SeparableConv2d(nn.Module):
         rank: int | str = 1,
         order: str = "dw-pw",
         *,
-        factorization: Factorization | None = None,
+        factorization: Factorization | CPFactorization | None = None,
     ) -> SeparableConv2d:
-        """Build the pair that best approximates ``conv`` at depth multiplier ``rank``.
+        """Build the structure that best approximates ``conv`` at ``rank``.
 
         Args:
             conv: a ``nn.Conv2d`` (any stride, padding incl. ``"same"``,
@@ -110,9 +120,10 @@ class SeparableConv2d(nn.Module):
             rank: an int ``>= 1`` (capped at the exact rank for ``order``) or
                 ``"full"`` for the exact rank, where the pair reproduces the
                 conv's output to float tolerance.
-            order: ``"dw-pw"`` or ``"pw-dw"``.
-            factorization: the weight's :class:`Factorization` in ``order`` if
-                the caller already computed it (saves a second SVD).
+            order: ``"dw-pw"``, ``"pw-dw"`` or ``"pw-dw-pw"``.
+            factorization: the weight's :class:`Factorization` in ``order``
+                (or, for pw-dw-pw, its :class:`CPFactorization` at ``rank``)
+                if the caller already computed it.
 
         Returns:
             A pair on ``conv``'s device and dtype, in its train/eval mode, with
@@ -130,16 +141,12 @@ class SeparableConv2d(nn.Module):
             raise ConfigError(f"rank must be a positive int or 'full', got {rank!r}")
         weight = conv.weight
         sep = cls.shaped_like(conv, r, order)
-        if factorization is None:
-            factorization = Factorization.of(weight, conv.groups, order)
-        depthwise, pointwise = factorization.factors(r)
         with torch.no_grad():
-            sep.conv_dw.weight.copy_(depthwise)
-            sep.conv_pw.weight.copy_(pointwise)
-            last = sep.conv_pw if order == "dw-pw" else sep.conv_dw
+            for child, value in zip(sep._factor_convs(), _factor_weights(conv, r, order, factorization)):
+                child.weight.copy_(value)
             if conv.bias is not None:
-                assert last.bias is not None  # built with bias above
-                last.bias.copy_(conv.bias)
+                assert sep.last.bias is not None  # built with bias above
+                sep.last.bias.copy_(conv.bias)
         for p in sep.parameters():
             p.requires_grad_(weight.requires_grad)
         return sep
@@ -170,21 +177,50 @@ class SeparableConv2d(nn.Module):
         return sep
 
     @property
+    def convs(self) -> tuple[nn.Conv2d, ...]:
+        """The children in the order they run."""
+        if self.order == "dw-pw":
+            return (self.conv_dw, self.conv_pw)
+        if self.order == "pw-dw":
+            return (self.conv_pw, self.conv_dw)
+        return (self.conv_pw, self.conv_dw, self.conv_pwl)
+
+    def _factor_convs(self) -> tuple[nn.Conv2d, ...]:
+        """The children in the order :func:`_factor_weights` returns their weights."""
+        return self.convs if self.order == "pw-dw-pw" else (self.conv_dw, self.conv_pw)
+
+    @property
+    def last(self) -> nn.Conv2d:
+        """The conv that runs last and holds the bias (the one refinement refits)."""
+        return self.convs[-1]
+
+    def before_last(self, x: Tensor) -> Tensor:
+        """The input of :attr:`last` for the pair's input ``x``."""
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return x
+
+    @property
     def in_channels(self) -> int:
-        first = self.conv_dw if self.order == "dw-pw" else self.conv_pw
-        return first.in_channels
+        return self.convs[0].in_channels
 
     @property
     def out_channels(self) -> int:
-        last = self.conv_pw if self.order == "dw-pw" else self.conv_dw
-        return last.out_channels
+        return self.last.out_channels
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.conv_dw.kernel_size)
 
     def effective_weight(self) -> Tensor:
-        """The dense ``(Cout, Cin/g, kh, kw)`` weight this pair computes."""
+        """The dense ``(Cout, Cin/g, kh, kw)`` weight this structure computes (float64 sums, its dtype)."""
+        if self.order == "pw-dw-pw":
+            g, r = self.groups, self.rank
+            first = self.conv_pw.weight.detach().double().reshape(g, r, -1)  # (g, R, Cin/g)
+            taps = self.conv_dw.weight.detach().double().reshape(g, r, -1)  # (g, R, K)
+            last = self.conv_pwl.weight.detach().double().reshape(g, -1, r)  # (g, Cout/g, R)
+            merged = torch.einsum("gor,gri,grk->goik", last, first, taps)
+            return merged.reshape(self.out_channels, -1, *self.kernel_size).to(self.conv_dw.weight.dtype)
         return merge_separable_weight(
             self.conv_dw.weight, self.conv_pw.weight, groups=self.groups, rank=self.rank, order=self.order
         )
@@ -192,9 +228,9 @@ class SeparableConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._layout == "rank-major":
             return self._forward_split(x) if self.order == "dw-pw" else self._forward_rank_major(x)
-        first, second = (self.conv_dw, self.conv_pw) if self.order == "dw-pw" else (self.conv_pw, self.conv_dw)
-        y: Tensor = second(first(x))
-        return y
+        for conv in self.convs:
+            x = conv(x)
+        return x
 
     def _forward_split(self, x: Tensor) -> Tensor:
         """dw-pw at rank r > 1 as r true depthwise convs (depth multiplier 1) and one pointwise conv.
@@ -256,7 +292,7 @@ class SeparableConv2d(nn.Module):
         component); :func:`sepify.core.timing.time_pair` measures both at a
         real input shape.
         """
-        if self.rank > 1 and self.groups == 1:
+        if self.rank > 1 and self.groups == 1 and self.order != "pw-dw-pw":
             return LAYOUTS
         return LAYOUTS[:1]
 
@@ -268,3 +304,16 @@ class SeparableConv2d(nn.Module):
     def extra_repr(self) -> str:
         layout = f", layout={self.layout!r}" if self.layout != self.default_layout else ""
         return f"order={self.order!r}, rank={self.rank}{layout}"
+
+
+def _factor_weights(
+    conv: nn.Conv2d, rank: int, order: str, factorization: Factorization | CPFactorization | None
+) -> tuple[Tensor, ...]:
+    """The children's weights in :meth:`SeparableConv2d._factor_convs` order."""
+    if order == "pw-dw-pw":
+        if not isinstance(factorization, CPFactorization) or factorization.rank != rank:
+            factorization = CPFactorization.of(conv.weight, conv.groups, rank)
+        return factorization.weights()
+    if not isinstance(factorization, Factorization):
+        factorization = Factorization.of(conv.weight, conv.groups, order)
+    return factorization.factors(rank)

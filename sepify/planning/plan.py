@@ -21,7 +21,7 @@ __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
 PLAN_FORMAT = "sepify.plan"
 PLAN_VERSION = 1
-_ORDERS = ("dw-pw", "pw-dw")
+_ORDERS = ("dw-pw", "pw-dw", "pw-dw-pw")  # sepify.core.cost.ORDERS; plan.py stays free of torch
 _LAYOUTS = ("grouped", "rank-major")  # sepify.core.modules.LAYOUTS; plan.py stays free of torch
 
 
@@ -42,7 +42,7 @@ class LayerPlan:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise PlanError(f"a plan's rank must be a positive integer, got {self.rank!r}")
         if self.order not in _ORDERS:
-            raise PlanError(f"a plan's order must be 'dw-pw' or 'pw-dw', got {self.order!r}")
+            raise PlanError(f"a plan's order must be one of {_ORDERS}, got {self.order!r}")
         if self.layout is not None and self.layout not in _LAYOUTS:
             raise PlanError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
         if self.layout is not None and self.rank == 1:

@@ -85,8 +85,8 @@ class AuditLayer:
 
     @property
     def break_even_rank(self) -> int | None:
-        """Largest rank listed (the pair is still smaller there), over both orders."""
-        return max((o.rank for o in self.options), default=None)
+        """Largest depth multiplier listed (the pair is still smaller there), over dw-pw and pw-dw."""
+        return max((o.rank for o in self.options if o.order != "pw-dw-pw"), default=None)
 
     def to_dict(self) -> dict[str, Any]:
         d = tuples_as_lists({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"})

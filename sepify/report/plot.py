@@ -26,7 +26,7 @@ def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | N
         raise OutputError("the audit chart needs matplotlib; pip install 'sepify[plot]'") from e
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     for layer in report.candidates:
-        for order, marker in (("dw-pw", "o"), ("pw-dw", "s")):
+        for order, marker in (("dw-pw", "o"), ("pw-dw", "s"), ("pw-dw-pw", "^")):
             opts = sorted((o for o in layer.options if o.order == order), key=lambda o: o.rank)
             if not opts:
                 continue
@@ -44,7 +44,9 @@ def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | N
             ax.scatter([saved], [err], s=80, facecolors="none", edgecolors="black", linewidths=1.2)
     ax.set_xlabel("share of the model's MACs saved by this layer (%)")
     ax.set_ylabel("layer output error ||y_r - y|| / ||y||")
-    ax.set_title(f"sepify audit: {len(report.candidates)} candidate convs (o dw-pw, s pw-dw; rank grows leftward)")
+    ax.set_title(
+        f"sepify audit: {len(report.candidates)} candidate convs (o dw-pw, s pw-dw, ^ pw-dw-pw; rank grows leftward)"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -1,0 +1,239 @@
+"""The pointwise-depthwise-pointwise bottleneck: a CP decomposition of a conv weight.
+
+A conv weight seen per group as a 3-way tensor ``W[o, i, k]`` (output channel,
+input channel, kernel tap) is approximated by ``R`` rank-one terms
+``W_hat[o, i, k] = sum_r A[o, r] * C[r, k] * B[r, i]`` (CANDECOMP/PARAFAC;
+Lebedev et al. 2015). As layers: a 1x1 conv ``B`` (Cin -> R), a depthwise
+conv ``C`` on R channels with the original kernel, stride, padding and
+dilation, and a 1x1 conv ``A`` (R -> Cout) with the bias.
+
+The per-channel SVD pairs are special cases: dw-pw at depth multiplier r is
+this structure with ``R = Cin * r`` and ``B`` a channel selector, pw-dw with
+``R = Cout * r`` and ``A`` a selector. So one start is taken from them: of all
+rank-one terms of the per-channel SVDs in the better order, the R with the
+largest singular values (the most energy any R of them can hold, since terms
+of different channels are orthogonal). A second start takes each factor from
+the leading singular vectors of the weight unfolded along that factor's mode
+(HOSVD; cycled where R exceeds the mode's size), which finds narrow
+bottlenecks that per-channel terms miss. Alternating least squares (ALS,
+float64) improves all three factors from each start; each sweep solves three
+small linear systems and never increases the error, and the better result is
+kept, so it is never worse than the per-channel pair of the same width.
+Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sepify.core.cost import exact_rank
+from sepify.core.decompose import Factorization
+from sepify.errors import ConfigError
+
+__all__ = ["CPFactorization", "CPByRank", "cp_ranks"]
+
+_SWEEPS = 30  # ALS sweeps at most; they stop earlier once a sweep gains less than _TOL
+_TOL = 1e-5  # of the squared error relative to ||W||^2
+# Multiply-adds one factorization may spend on sweeps (about 2 s on one CPU core in float64): a sweep
+# costs 3 g*O*I*K*R, so large layers at large ranks get fewer sweeps (at least one).
+_WORK = 2 * 10**10
+
+
+def cp_ranks(limit: int, count: int = 12) -> list[int]:
+    """About ``count`` ranks from 1 to ``limit``, spaced geometrically (the audit's grid).
+
+    >>> cp_ranks(40, 8)
+    [1, 2, 3, 5, 8, 14, 24, 40]
+    """
+    if limit <= count:
+        return list(range(1, limit + 1))
+    ranks = {max(1, round(limit ** (k / (count - 1)))) for k in range(count)}
+    return sorted(ranks)
+
+
+@dataclass(frozen=True)
+class CPFactorization:
+    """Factors of one weight at one rank, per group (float64), and their relative error.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> f = CPFactorization.of(w, groups=1, rank=32)  # exact_rank(4, 8, (3, 3), 1, "pw-dw-pw")
+        >>> round(f.relative_error, 6)
+        0.0
+        >>> f.first.shape, f.kernel.shape, f.last.shape
+        (torch.Size([1, 32, 4]), torch.Size([1, 32, 9]), torch.Size([1, 8, 32]))
+    """
+
+    first: Tensor  # (g, R, Cin/g): the 1x1 conv Cin -> R
+    kernel: Tensor  # (g, R, K): the depthwise taps
+    last: Tensor  # (g, Cout/g, R): the 1x1 conv R -> Cout
+    relative_error: float  # ||W - W_hat||_F / ||W||_F
+    weight_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return int(self.kernel.shape[1])
+
+    @classmethod
+    def of(cls, weight: Tensor, groups: int, rank: int, sweeps: int | None = None) -> CPFactorization:
+        """The rank-``rank`` (per group) CP factors of ``weight``; see the module docstring.
+
+        ``sweeps`` caps the ALS sweeps (default: up to 30, fewer where a sweep
+        is expensive; 0 keeps the start).
+        """
+        out_channels, in_per_group = weight.shape[:2]
+        area = math.prod(weight.shape[2:])
+        limit = exact_rank(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups, "pw-dw-pw")
+        if not 1 <= rank <= limit:
+            raise ConfigError(f"a pw-dw-pw rank must be in [1, {limit}] for this weight, got {rank}")
+        w = weight.detach().to(torch.float64).reshape(groups, out_channels // groups, in_per_group, area)
+        if sweeps is None:  # the work is shared by the two starts
+            sweeps = max(1, min(_SWEEPS, _WORK // (6 * w.numel() * rank)))
+        found = [_als(w, *start, sweeps) for start in (_start(weight, groups, rank), _hosvd_start(w, rank))]
+        errors = [_relative_error(w, *factors) for factors in found]
+        best = min(range(len(found)), key=errors.__getitem__)
+        a, b, c = _balanced(*found[best])
+        error = errors[best]
+        return cls(b.transpose(1, 2), c.transpose(1, 2), a, error, tuple(weight.shape), weight.dtype, weight.device)
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(conv_pw, conv_dw, conv_pwl)`` weights in the original dtype and device.
+
+        Shapes: ``(g*R, Cin/g, 1, 1)``, ``(g*R, 1, kh, kw)``, ``(Cout, R, 1, 1)``.
+        """
+        kernel = self.weight_shape[2:]
+        g, r = self.kernel.shape[:2]
+        first = self.first.reshape(g * r, -1, 1, 1)
+        taps = self.kernel.reshape(g * r, 1, *kernel)
+        last = self.last.reshape(-1, r, 1, 1)
+        return tuple(t.to(device=self.device, dtype=self.dtype).contiguous() for t in (first, taps, last))  # type: ignore[return-value]
+
+
+def _start(weight: Tensor, groups: int, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The R strongest rank-one terms of the per-channel SVDs, from the order whose R terms hold more energy.
+
+    Returns ``A (g, O, R)``, ``B (g, I, R)``, ``C (g, K, R)`` in float64.
+    """
+    out_channels, in_per_group = weight.shape[:2]
+    o, i = out_channels // groups, in_per_group
+    best: tuple[float, tuple[Tensor, Tensor, Tensor]] | None = None
+    for order in ("dw-pw", "pw-dw"):
+        f = Factorization.of(weight, groups, order)
+        # terms of channel j: u (m), s, v (K); per group, j runs over that group's channels
+        channels = i if order == "dw-pw" else o
+        s = f.s.reshape(groups, channels * f.max_rank)
+        top = s.topk(min(rank, s.shape[1]), dim=1)
+        energy = float(top.values.square().sum())
+        if best is not None and energy <= best[0]:
+            continue
+        u = f.u.reshape(groups, channels, -1, f.max_rank).permute(0, 1, 3, 2).reshape(groups, channels * f.max_rank, -1)
+        v = f.vh.reshape(groups, channels * f.max_rank, -1)
+        idx = top.indices
+        picked_u = torch.gather(u, 1, idx[..., None].expand(-1, -1, u.shape[-1]))  # (g, R', m)
+        picked_v = torch.gather(v, 1, idx[..., None].expand(-1, -1, v.shape[-1]))  # (g, R', K)
+        select = torch.nn.functional.one_hot(idx // f.max_rank, channels).to(torch.float64)  # (g, R', channels)
+        weighted = picked_u * top.values[..., None]
+        a, b = (weighted, select) if order == "dw-pw" else (select, weighted)
+        best = (
+            energy,
+            (_pad(a, rank).transpose(1, 2), _pad(b, rank).transpose(1, 2), _pad(picked_v, rank).transpose(1, 2)),
+        )
+    assert best is not None
+    return best[1]
+
+
+def _hosvd_start(w: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each factor from the leading left singular vectors of ``w`` unfolded along its mode, cycled up to ``rank``."""
+    factors = []
+    for mode in (1, 2, 3):  # output channels, input channels, kernel taps
+        unfolded = w.movedim(mode, 1).reshape(w.shape[0], w.shape[mode], -1)
+        _, vectors = torch.linalg.eigh(unfolded @ unfolded.transpose(1, 2))  # ascending eigenvalues
+        leading = vectors.flip(-1)
+        factors.append(leading[..., [r % leading.shape[-1] for r in range(rank)]])
+    return factors[0], factors[1], factors[2]
+
+
+def _pad(t: Tensor, rank: int) -> Tensor:
+    """Extra zero terms where a group has fewer SVD terms than ``rank`` (ALS then leaves them at zero)."""
+    missing = rank - t.shape[1]
+    return t if missing <= 0 else torch.cat([t, t.new_zeros(t.shape[0], missing, t.shape[2])], dim=1)
+
+
+def _als(w: Tensor, a: Tensor, b: Tensor, c: Tensor, sweeps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Alternating least squares on ``w (g, O, I, K)``; stops when a sweep gains less than ``_TOL``.
+
+    The error after each sweep comes from the last update's products, at no extra cost:
+    ``||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2``.
+    """
+    norm = float(w.square().sum()) or 1.0
+    previous = math.inf
+    for _ in range(sweeps):
+        a = _solve(torch.einsum("goik,gir,gkr->gor", w, b, c), _gram(b) * _gram(c))
+        b = _solve(torch.einsum("goik,gor,gkr->gir", w, a, c), _gram(a) * _gram(c))
+        products = torch.einsum("goik,gor,gir->gkr", w, a, b)
+        gab = _gram(a) * _gram(b)
+        c = _solve(products, gab)
+        error = norm - 2 * float((c * products).sum()) + float((gab * _gram(c)).sum())
+        if previous - error < _TOL * norm:
+            break
+        previous = error
+    return a, b, c
+
+
+def _gram(f: Tensor) -> Tensor:
+    return f.transpose(1, 2) @ f
+
+
+def _solve(rhs: Tensor, gram: Tensor) -> Tensor:
+    """``rhs @ gram^-1`` with a tiny ridge, so terms that are zero (padding) stay zero instead of failing."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None]
+    solved: Tensor = torch.linalg.solve(gram + 1e-12 * scale * eye, rhs.transpose(1, 2)).transpose(1, 2)
+    return solved
+
+
+def _squared_error(w: Tensor, a: Tensor, b: Tensor, c: Tensor) -> float:
+    return float((w - torch.einsum("gor,gir,gkr->goik", a, b, c)).square().sum())
+
+
+def _relative_error(w: Tensor, a: Tensor, b: Tensor, c: Tensor) -> float:
+    total = float(w.square().sum())
+    return math.sqrt(_squared_error(w, a, b, c) / total) if total > 0 else 0.0
+
+
+def _balanced(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Give each term's three factors the same norm, so no factor's magnitude overflows float16/bfloat16."""
+    norms = [f.norm(dim=1, keepdim=True) for f in (a, b, c)]
+    scale = (norms[0] * norms[1] * norms[2]).pow(1 / 3)
+    return tuple(torch.where(n > 0, f / n.clamp_min(1e-300) * scale, f) for f, n in zip((a, b, c), norms))  # type: ignore[return-value]
+
+
+class CPByRank:
+    """The CP factorizations of one weight at any ranks asked for, each computed once.
+
+    Quacks like :class:`~sepify.core.decompose.Factorization` where the audit
+    needs it: ``order``, ``max_rank``, ``relative_error(rank)``; ``at(rank)``
+    gives the factors.
+    """
+
+    order = "pw-dw-pw"
+
+    def __init__(self, weight: Tensor, groups: int) -> None:
+        self.weight, self.groups = weight, groups
+        out_channels, in_per_group = weight.shape[:2]
+        self.max_rank = exact_rank(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups, self.order)
+        self._found: dict[int, CPFactorization] = {}
+
+    def at(self, rank: int) -> CPFactorization:
+        if rank not in self._found:
+            self._found[rank] = CPFactorization.of(self.weight, self.groups, rank)
+        return self._found[rank]
+
+    def relative_error(self, rank: int) -> float:
+        return self.at(rank).relative_error

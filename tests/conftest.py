@@ -36,7 +36,7 @@ class PlainNet(nn.Module):
 
 
 class SkipNet(nn.Module):
-    """One conv per skip reason that a model can trigger, plus one eligible conv."""
+    """One conv per skip reason that a model can trigger, plus eligible convs."""
 
     class MyConv(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ class SkipNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.gray = nn.Conv2d(1, 4, 3, padding=1)  # single-input-channel
+        self.gray = nn.Conv2d(1, 4, 3, padding=1)  # eligible: one input channel, four filters
         self.widen = nn.Conv2d(4, 8, 3, padding=1)  # eligible
         self.shared = nn.Conv2d(8, 8, 3, padding=1)  # called twice
         self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)

@@ -23,7 +23,6 @@ class SkipReason(str, enum.Enum):
 
     DEPTHWISE = "depthwise"  # groups == in_channels: nothing to separate
     POINTWISE = "pointwise"  # 1x1 kernel: nothing to separate
-    SINGLE_INPUT_CHANNEL = "single-input-channel"  # in_channels == 1
     SUBCLASS = "subclass"  # a Conv2d subclass may change forward
     SHARED = "shared"  # called from several places, and skip_shared was asked for
     NOT_CALLED = "not-called"  # never ran on the example inputs
@@ -73,9 +72,10 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
         return SkipReason.SHARED
     if math.prod(conv.kernel_size) == 1:
         return SkipReason.POINTWISE
-    if conv.in_channels == 1:
-        return SkipReason.SINGLE_INPUT_CHANNEL
-    if conv.groups == conv.in_channels:
+    # One input channel: the conv is a bank of Cout filters, and factoring that
+    # (Cout, K) matrix (a few filters, then a 1x1 mix) is a real saving; it is
+    # depthwise only in the degenerate sense that groups == in_channels.
+    if conv.groups == conv.in_channels and conv.in_channels > 1:
         return SkipReason.DEPTHWISE
     return None
 

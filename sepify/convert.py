@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from sepify.calibrate.data import calibration_batches
-from sepify.calibrate.stages import FidelityStage, calibrate_pairs
+from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
 from sepify.calibrate.verify import output_error, top1_agreement
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
@@ -432,6 +432,7 @@ def _calibrate(
         limit=calibration.samples,
         heldout_fraction=calibration.heldout,
         device=param.device if param is not None else None,
+        group_by=grouped_by_outputs(teacher),
     )
     calls = {name: call.calls for name, call in analysis.before.convs.items()}
     return calibrate_pairs(teacher, analysis.target, pairs, calls, data, calibration, distillation, progress)

@@ -8,12 +8,17 @@ hash of its bytes); samples are put in key order, the held-out share is the
 samples with the smallest keys (a pseudo-random sample across the whole set),
 and a ``limit`` on a tensor keeps the samples with the smallest keys. The
 same samples in any order give the same batches, bit for bit.
+
+Near-duplicates (frames of one recording) are held out together when the
+caller can tell them apart (``group_by``; convert groups samples whose
+original outputs are nearly identical), so that the held-out error measures
+how a layer does on recordings it was not fit on.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +27,7 @@ from torch import Tensor
 
 from sepify.errors import CalibrationError
 
-__all__ = ["CalibrationData", "calibration_batches"]
+__all__ = ["CalibrationData", "calibration_batches", "canonical_order", "near_duplicate_groups"]
 
 _DEFAULT_BATCH = 32
 
@@ -67,6 +72,7 @@ def calibration_batches(
     limit: int | None = None,
     heldout_fraction: float = 0.2,
     device: torch.device | None = None,
+    group_by: Callable[[tuple[Tensor, ...]], list[int]] | None = None,
 ) -> CalibrationData:
     """Turn ``calibration`` into fit and held-out batches.
 
@@ -82,6 +88,8 @@ def calibration_batches(
             distillation (at least one sample when there are two or more),
             chosen by content key, not by position.
         device: move batches here.
+        group_by: given the samples (in canonical order), a group id per
+            sample; whole groups are then held out (see the module docstring).
 
     Raises:
         CalibrationError: empty or malformed calibration data.
@@ -91,10 +99,58 @@ def calibration_batches(
     if limit is not None:
         order = order[:limit]
     keep = max(1, round(len(order) * heldout_fraction)) if len(order) >= 2 and heldout_fraction > 0 else 0
-    fit = _batched(samples, order[keep:], device)
     if not keep:
+        fit = _batched(samples, order, device)
         return CalibrationData(fit, fit)  # too little to split: judge on the fit data
-    return CalibrationData(fit, _batched(samples, order[:keep], device))
+    held = set(range(keep))
+    if group_by is not None:
+        index = torch.tensor(order, dtype=torch.long)
+        held = _whole_groups(group_by(tuple(a.index_select(0, index.to(a.device)) for a in samples)), keep)
+    fit_order = [i for p, i in enumerate(order) if p not in held]
+    return CalibrationData(
+        _batched(samples, fit_order, device), _batched(samples, [i for p, i in enumerate(order) if p in held], device)
+    )
+
+
+def _whole_groups(ids: list[int], keep: int) -> set[int]:
+    """Positions of whole groups, taken in order of their first member, until at least ``keep`` are held out.
+
+    Falls back to the first ``keep`` positions when whole groups would leave nothing to fit on.
+    """
+    members: dict[int, list[int]] = {}
+    for position, group in enumerate(ids):
+        members.setdefault(group, []).append(position)
+    held: set[int] = set()
+    for positions in members.values():
+        if len(held) >= keep:
+            break
+        held.update(positions)
+    return held if len(held) < len(ids) else set(range(keep))
+
+
+def near_duplicate_groups(vectors: Tensor, threshold: float = 0.999) -> list[int]:
+    """Group ids joining rows whose cosine similarity exceeds ``threshold`` (transitively).
+
+    >>> v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.001], [-1.0, 0.0]])
+    >>> near_duplicate_groups(v)
+    [0, 1, 0, 3]
+    """
+    unit = vectors.double() / vectors.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
+    parent = list(range(len(unit)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, len(unit), 1024):  # row blocks keep the similarity matrix small
+        similar = (unit[start : start + 1024] @ unit.T) > threshold
+        for a, b in similar.nonzero().tolist():
+            ra, rb = root(start + a), root(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return [root(i) for i in range(len(unit))]
 
 
 def canonical_order(samples: tuple[Tensor, ...]) -> list[int]:

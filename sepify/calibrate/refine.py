@@ -10,6 +10,13 @@ factor is refit by ridge regression (:mod:`sepify.calibrate.regression`):
 * pw-dw: the depthwise conv (and its bias) from the unfolded pointwise
   outputs, one small regression per output channel.
 
+Narrow data (a few recordings cut into many samples) must not pull a layer
+far from what its weights say: the data's normal equations are blended with
+the data-free ones (those of white input, whose solution is the closed-form
+initialisation), the share and the ridge chosen on held-out samples, and
+near-duplicate samples are held out together (:mod:`sepify.calibrate.data`),
+so the held-out error is that of unseen recordings.
+
 Targets are captured for a window of layers per pass of the original model,
 and each batch's forward through the converted model resumes from the
 previous pair (:mod:`sepify.calibrate.capture`): about one forward pass of
@@ -33,6 +40,7 @@ from sepify.calibrate.regression import (
     NormalEquations,
     add_to_normals,
     current_weights,
+    data_free_normals,
     gram_bytes,
     set_weights,
     solve_ridge,
@@ -48,6 +56,9 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
 TARGET_BYTES = 1 << 28  # original convs' outputs held at once for several layers (at least one layer's)
+# How much of the data-free equations (what the weights alone say; regression.data_free_normals) is blended
+# into the data's, relative to the data's target energy; chosen per layer on the held-out samples.
+DATA_FREE_SHARES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 RESUME_BYTES = 1 << 28  # converted-model states kept to resume each batch's forward from the previous pair
 
 
@@ -90,31 +101,42 @@ def refine_pairs(
             for k, args in enumerate(batches):
                 x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
                 add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
-        results[name] = _refit(pair, train, held)
+        conv = teacher.get_submodule(name)
+        free = data_free_normals(pair, conv.weight, conv.bias)  # type: ignore[arg-type]
+        results[name] = _refit(pair, train, held, free)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
     if progress is not None:
         progress("refining layers", len(pairs), len(pairs))
     return RefineResult(results, skipped)
 
 
-def _refit(pair: SeparableConv2d, train: NormalEquations, held: NormalEquations) -> tuple[float, float]:
-    """Keep the ridge solution that is best on held-out data, if it beats the current weights."""
+def _refit(
+    pair: SeparableConv2d, train: NormalEquations, held: NormalEquations, free: NormalEquations
+) -> tuple[float, float]:
+    """Keep the solution best on held-out data over data-free shares and ridges, if it beats the current weights.
+
+    Returns the held-out relative layer error before and after.
+    """
     assert held.yy is not None
-    norm = float(held.yy.sum()) ** 0.5 or 1.0
+    held_energy = float(held.yy.sum()) or 1.0
     current = current_weights(pair).to(train.gram.device if train.gram is not None else "cpu")
-    before = max(held.error(current), 0.0) ** 0.5 / norm
-    best_w, best_err = current, before
+
+    def score(w: Tensor) -> float:
+        return max(held.error(w), 0.0) / held_energy
+
+    best_w, best_score = current, score(current)
     free_last = pair.last.bias is not None
-    for ridge in RIDGES:
-        w = solve_ridge(train, ridge, free_last)
-        if w is None:  # not positive definite at this ridge: try a larger one
-            continue
-        err = max(held.error(w), 0.0) ** 0.5 / norm
-        if err < best_err:
-            best_w, best_err = w, err
+    for share in DATA_FREE_SHARES:
+        blended = train.blended(free, share) if share else train
+        for ridge in RIDGES:
+            w = solve_ridge(blended, ridge, free_last)
+            if w is None:  # not positive definite at this ridge: try a larger one
+                continue
+            if (value := score(w)) < best_score:
+                best_w, best_score = w, value
     if best_w is not current:
         set_weights(pair, best_w.to(pair.conv_dw.weight.dtype))
-    return before, best_err
+    return score(current) ** 0.5, best_score**0.5
 
 
 def refined_errors(

@@ -5,6 +5,8 @@ float64 normal equations (one small regression per group or per output channel).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,7 @@ __all__ = [
     "current_weights",
     "set_weights",
     "gram_bytes",
+    "data_free_normals",
 ]
 
 RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
@@ -40,6 +43,20 @@ class NormalEquations:
         self.gram = g if self.gram is None else self.gram + g
         self.cross = c if self.cross is None else self.cross + c
         self.yy = t if self.yy is None else self.yy + t
+
+    def blended(self, other: NormalEquations, share: float) -> NormalEquations:
+        """These equations plus ``other``'s, scaled so that ``other``'s targets carry ``share`` of this energy.
+
+        Each regression is scaled on its own (its target energies matched).
+        """
+        assert self.gram is not None and self.cross is not None and self.yy is not None
+        assert other.gram is not None and other.cross is not None and other.yy is not None
+        scale = share * self.yy / other.yy.clamp_min(1e-300)
+        out = NormalEquations()
+        out.gram = self.gram + scale[:, None, None] * other.gram
+        out.cross = self.cross + scale[:, None, None] * other.cross
+        out.yy = self.yy + scale * other.yy
+        return out
 
     def error(self, w: Tensor) -> float:
         """Total squared residual ||X W - Y||^2 of weights ``w`` (B, f, o)."""
@@ -167,3 +184,55 @@ def gram_bytes(pair: SeparableConv2d) -> int:
         + 1
     )
     return pair.conv_dw.out_channels * f * f * 8
+
+
+def data_free_normals(pair: SeparableConv2d, weight: Tensor, bias: Tensor | None) -> NormalEquations:
+    """The normal equations of the pair's refit for white input: what the weights alone say.
+
+    For input patches with identity covariance (and zero mean), the best last
+    factor reproduces ``weight`` as closely as the first factors allow, which
+    is the closed-form initialisation. Blending these equations into the
+    data's (:meth:`NormalEquations.blended`) keeps the directions that the
+    calibration data hardly covers where the weights put them, so that narrow
+    data cannot pull a layer far from what the weights say.
+    """
+    w = weight.detach().double()
+    g = pair.groups
+    normal = NormalEquations()
+    if _pointwise_last(pair):
+        first = _before_last_map(pair)  # (g, f, Cin/g * K): the linear map from a patch to the last conv's input
+        target = w.reshape(g, w.shape[0] // g, -1)  # (g, Cout/g, Cin/g * K)
+        normal.gram, normal.cross = first @ first.transpose(1, 2), first @ target.transpose(1, 2)
+        normal.yy = target.square().sum((1, 2))
+        last_bias = bias.detach().double().reshape(g, 1, -1) if bias is not None else None
+    else:  # pw-dw: per output channel o, features (k, t) = sum_i P[o*r+k, i] x[i, t]
+        cout, r = pair.conv_dw.out_channels, pair.rank
+        taps = math.prod(pair.kernel_size)
+        p = pair.conv_pw.weight.detach().double().reshape(cout, r, -1)  # (Cout, r, Cin/g)
+        eye = torch.eye(taps, dtype=torch.float64, device=p.device)
+        normal.gram = torch.einsum("oki,oli,tu->oktlu", p, p, eye).reshape(cout, r * taps, r * taps)
+        normal.cross = torch.einsum("oki,oit->okt", p, w.reshape(cout, -1, taps)).reshape(cout, r * taps, 1)
+        normal.yy = w.reshape(cout, -1).square().sum(1)
+        last_bias = bias.detach().double().reshape(cout, 1, 1) if bias is not None else None
+    if pair.last.bias is not None:  # the constant feature: mean 0 against white input, so only the bias fits it
+        gram, cross = normal.gram, normal.cross
+        b = last_bias if last_bias is not None else cross.new_zeros(cross.shape[0], 1, cross.shape[2])
+        normal.gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
+        normal.gram[:, -1, -1] = 1.0
+        normal.cross = torch.cat([cross, b], dim=1)
+        normal.yy = normal.yy + b.square().sum((1, 2))
+    return normal
+
+
+def _before_last_map(pair: SeparableConv2d) -> Tensor:
+    """Per group, the linear map from an input patch (Cin/g channels x K taps) to the last conv's input channels."""
+    g, taps = pair.groups, math.prod(pair.kernel_size)
+    dw = pair.conv_dw.weight.detach().double().reshape(-1, taps)  # one row of taps per depthwise channel
+    if pair.order == "pw-dw-pw":
+        pw = pair.conv_pw.weight.detach().double().reshape(g, pair.rank, -1)  # (g, R, Cin/g)
+        return torch.einsum("gri,grt->grit", pw, dw.reshape(g, pair.rank, taps)).reshape(g, pair.rank, -1)
+    cin, r = pair.conv_dw.in_channels, pair.rank  # dw-pw: channel i*r + k filters input channel i
+    per_group = cin // g
+    rows = dw.reshape(g, per_group, r, taps)
+    eye = torch.eye(per_group, dtype=torch.float64, device=dw.device)
+    return torch.einsum("gikt,ij->gikjt", rows, eye).reshape(g, per_group * r, per_group * taps)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from sepify.calibrate.batchnorm import refresh_batchnorm
-from sepify.calibrate.data import CalibrationData
+from sepify.calibrate.data import CalibrationData, near_duplicate_groups
 from sepify.calibrate.distill import distill
 from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
@@ -26,7 +27,7 @@ from sepify.errors import CalibrationError
 from sepify.graph.probe import describe_inputs
 from sepify.options import Calibration, Distill
 
-__all__ = ["FidelityStage", "calibrate_pairs"]
+__all__ = ["FidelityStage", "calibrate_pairs", "grouped_by_outputs"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -42,6 +43,41 @@ class FidelityStage:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_SKETCH = 512  # dimensions of the output sketches compared to find near-duplicate samples
+
+
+def grouped_by_outputs(model: nn.Module, batch: int = 32) -> Callable[[tuple[Tensor, ...]], list[int]]:
+    """A ``group_by`` for :func:`calibration_batches`: samples whose outputs from ``model`` nearly coincide.
+
+    Frames cut from one recording, or crops of one photo, make the original
+    model answer (nearly) the same; holding such groups out whole makes the
+    held-out error a measure of unseen recordings. Outputs are compared as
+    fixed random sketches (count sketch, 512 numbers), so large outputs cost
+    little memory.
+    """
+
+    def group(samples: tuple[Tensor, ...]) -> list[int]:
+        sketches = []
+        with _eval_mode(model), torch.no_grad():
+            for i in range(0, samples[0].shape[0], batch):
+                outputs = _run_on_calibration(model, tuple(a[i : i + batch] for a in samples))
+                leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
+                flat = torch.cat([t.reshape(t.shape[0], -1).double() for t in leaves if t.is_floating_point()], dim=1)
+                sketches.append(_count_sketch(flat))
+        return near_duplicate_groups(torch.cat(sketches))
+
+    return group
+
+
+def _count_sketch(rows: Tensor) -> Tensor:
+    """Each row summed into ``_SKETCH`` buckets with fixed signs: cosine similarities are about kept."""
+    gen = torch.Generator().manual_seed(0)
+    signs = (torch.randint(0, 2, (rows.shape[1],), generator=gen) * 2 - 1).to(rows)
+    buckets = (torch.arange(rows.shape[1]) % _SKETCH).to(rows.device)
+    out = rows.new_zeros(rows.shape[0], _SKETCH)
+    return out.index_add_(1, buckets, rows * signs)
 
 
 def calibrate_pairs(
@@ -140,15 +176,19 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
 def _check_batches(teacher: nn.Module, data: CalibrationData) -> None:
     """Fail with a sentence, not a traceback from deep inside the model, if calibration data does not fit."""
     for args in (data.fit[0], data.heldout[0]):
-        try:
-            with torch.no_grad():
-                teacher(*args)
-        except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CalibrationError(
-                f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: {first_line}; pass "
-                "calibration samples shaped like the example inputs"
-            ) from e
+        with torch.no_grad():
+            _run_on_calibration(teacher, args)
+
+
+def _run_on_calibration(model: nn.Module, args: tuple[Any, ...]) -> Any:
+    try:
+        return model(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CalibrationError(
+            f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: {first_line}; pass "
+            "calibration samples shaped like the example inputs"
+        ) from e
 
 
 def _worse(a: FidelityStage, b: FidelityStage) -> bool:

@@ -173,13 +173,13 @@ def _als(w: Tensor, a: Tensor, b: Tensor, c: Tensor, sweeps: int) -> tuple[Tenso
     """
     norm = float(w.square().sum()) or 1.0
     previous = math.inf
-    for _ in range(sweeps):
-        a = _solve(torch.einsum("goik,gir,gkr->gor", w, b, c), _gram(b) * _gram(c))
+    for _ in range(sweeps):  # A last: the 1x1 conv with the bias is then the best for the other two
         b = _solve(torch.einsum("goik,gor,gkr->gir", w, a, c), _gram(a) * _gram(c))
-        products = torch.einsum("goik,gor,gir->gkr", w, a, b)
-        gab = _gram(a) * _gram(b)
-        c = _solve(products, gab)
-        error = norm - 2 * float((c * products).sum()) + float((gab * _gram(c)).sum())
+        c = _solve(torch.einsum("goik,gor,gir->gkr", w, a, b), _gram(a) * _gram(b))
+        products = torch.einsum("goik,gir,gkr->gor", w, b, c)
+        gbc = _gram(b) * _gram(c)
+        a = _solve(products, gbc)
+        error = norm - 2 * float((a * products).sum()) + float((gbc * _gram(a)).sum())
         if previous - error < _TOL * norm:
             break
         previous = error

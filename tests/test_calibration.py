@@ -357,3 +357,14 @@ def test_a_few_recordings_do_not_pull_a_layer_off_its_weights() -> None:
         before = float((plain(broad) - net(broad)).norm() / net(broad).norm())
         after = float((refined(broad) - net(broad)).norm() / net(broad).norm())
     assert after < before  # and it still helps: what the held-out recordings confirm carries over
+
+
+def test_narrow_calibration_is_reported() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3)).eval()  # no padding: every patch of a flat image is the same
+    channels = torch.randn(64, 2) @ torch.randn(2, 16)  # flat images whose channels lie in one 2-D subspace
+    narrow = channels[:, :, None, None].expand(64, 16, 6, 6).contiguous()
+    notes = sepify.convert(net, narrow[:1], rank=2, calibration=narrow).report.notes
+    assert any(n.startswith("calibration covers little of 0's input space (coverage 0.0") for n in notes), notes
+    broad = sepify.convert(net, narrow[:1], rank=2, calibration=torch.randn(64, 16, 6, 6)).report.notes
+    assert not any("covers little" in n for n in broad)

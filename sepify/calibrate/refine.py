@@ -39,6 +39,7 @@ from sepify.calibrate.regression import (
     RIDGES,
     NormalEquations,
     add_to_normals,
+    coverage,
     current_weights,
     data_free_normals,
     gram_bytes,
@@ -68,6 +69,7 @@ class RefineResult:
 
     layers: dict[str, tuple[float, float]]
     skipped: dict[str, str]
+    coverage: dict[str, float]  # how much of each layer's input space the fit data spans (regression.coverage)
 
 
 def refine_pairs(
@@ -85,6 +87,7 @@ def refine_pairs(
     """
     results: dict[str, tuple[float, float]] = {}
     skipped: dict[str, str] = {}
+    spans: dict[str, float] = {}
     batches = [*fit, *heldout]
     wanted = [name for name, pair in pairs if gram_bytes(pair) <= GRAM_BYTES]
     targets = TeacherOutputs(teacher, wanted, batches, TARGET_BYTES)
@@ -103,11 +106,12 @@ def refine_pairs(
                 add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
         conv = teacher.get_submodule(name)
         free = data_free_normals(pair, conv.weight, conv.bias)  # type: ignore[arg-type]
+        spans[name] = coverage(train, free, pair.last.bias is not None)
         results[name] = _refit(pair, train, held, free)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
     if progress is not None:
         progress("refining layers", len(pairs), len(pairs))
-    return RefineResult(results, skipped)
+    return RefineResult(results, skipped, spans)
 
 
 def _refit(

@@ -23,6 +23,7 @@ __all__ = [
     "set_weights",
     "gram_bytes",
     "data_free_normals",
+    "coverage",
 ]
 
 RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
@@ -236,3 +237,25 @@ def _before_last_map(pair: SeparableConv2d) -> Tensor:
     rows = dw.reshape(g, per_group, r, taps)
     eye = torch.eye(per_group, dtype=torch.float64, device=dw.device)
     return torch.einsum("gikt,ij->gikjt", rows, eye).reshape(g, per_group * r, per_group * taps)
+
+
+def coverage(data: NormalEquations, free: NormalEquations, bias: bool) -> float:
+    """How much of a layer's input space the calibration data spans: 1.0 for white input, near 0 for narrow data.
+
+    The data's Gram matrix is whitened by the data-free one (white input), and
+    the effective rank (exponential of the entropy) of its normalised
+    eigenvalues is divided by the number of features; bias features are left
+    out (``bias``: the last feature is the constant one). The mean over the
+    layer's regressions (groups or channels).
+    """
+    assert data.gram is not None and free.gram is not None
+    n = free.gram.shape[-1] - (1 if bias else 0)
+    g_data, g_free = data.gram[:, :n, :n], free.gram[:, :n, :n]
+    jitter = torch.diagonal(g_free, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[:, None, None] * 1e-9
+    factor, _ = torch.linalg.cholesky_ex(g_free + jitter * torch.eye(n, dtype=g_free.dtype, device=g_free.device))
+    inner = torch.linalg.solve_triangular(factor, g_data, upper=False)
+    whitened = torch.linalg.solve_triangular(factor, inner.transpose(1, 2), upper=False)
+    values = torch.linalg.eigvalsh((whitened + whitened.transpose(1, 2)) / 2).clamp_min(0)
+    p = values / values.sum(-1, keepdim=True).clamp_min(1e-300)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    return float((entropy.exp() / n).mean())

@@ -45,6 +45,7 @@ class FidelityStage:
         return dataclasses.asdict(self)
 
 
+COVERAGE_NOTE = 0.1  # a layer whose calibration coverage is below this gets a note (natural activations: 0.1-0.7)
 _SKETCH = 512  # dimensions of the output sketches compared to find near-duplicate samples
 
 
@@ -133,6 +134,12 @@ class _Run:
         data = self.data
         result = refine_pairs(self.teacher, self.student, order, data.fit, data.heldout, self.progress)
         self.notes += [f"did not refine {name}: {why}" for name, why in result.skipped.items()]
+        self.notes += [
+            f"calibration covers little of {name}'s input space (coverage {span:.3f}, 1.0 for white input): its "
+            "refinement leaned on the weights; more varied samples would let the data correct more"
+            for name, span in result.coverage.items()
+            if span < COVERAGE_NOTE
+        ]
         self.measure("refined")
 
     def refresh_bn(self) -> None:

@@ -42,6 +42,9 @@ ProgressFn = Callable[[str, int, int], None]
 Options = dict[str, list[tuple[str, int, int, int]]]  # qualname -> (order, rank, params_after, macs_after)
 Factorizations = dict[tuple[str, str], Factorization | CPByRank]  # (qualname, order) -> SVD, or CP by rank
 _CP_GRID = 8  # bottleneck widths audited per layer, spaced geometrically up to break-even
+# ALS multiply-adds per audited width: small layers get the sweeps convert will run, large ones their
+# start (the strongest per-channel SVD terms), an upper bound of the error convert reaches.
+_CP_WORK = 2 * 10**8
 _AUDIT_SAMPLES = 32  # calibration samples the layer errors are measured on
 
 
@@ -197,9 +200,9 @@ def _useful_options(
 
 
 def _factorization(conv: nn.Conv2d, order: str) -> Factorization | CPByRank:
-    return (
-        CPByRank(conv.weight, conv.groups) if order == "pw-dw-pw" else Factorization.of(conv.weight, conv.groups, order)
-    )
+    if order == "pw-dw-pw":
+        return CPByRank(conv.weight, conv.groups, work=_CP_WORK)
+    return Factorization.of(conv.weight, conv.groups, order)
 
 
 def _pair(conv: nn.Conv2d, rank: int, factorization: Factorization | CPByRank) -> SeparableConv2d:

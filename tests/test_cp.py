@@ -36,7 +36,7 @@ def test_never_worse_than_the_per_channel_pair_of_the_same_structure(r: int) -> 
     pw_dw = Factorization.of(weight, 1, "pw-dw").relative_error(r)
     assert CPFactorization.of(weight, 1, 5 * r).relative_error <= dw_pw + 1e-9
     assert CPFactorization.of(weight, 1, 12 * r).relative_error <= pw_dw + 1e-9
-    start = CPFactorization.of(weight, 1, 5 * r, sweeps=0).relative_error
+    start = CPFactorization.of(weight, 1, 5 * r, work=0).relative_error
     assert start <= dw_pw + 1e-9  # the start is the strongest terms, at least as good as dw-pw's
     assert CPFactorization.of(weight, 1, 5 * r).relative_error < start  # and the sweeps improve on it
 

@@ -34,12 +34,12 @@ from sepify.core.cost import exact_rank
 from sepify.core.decompose import Factorization
 from sepify.errors import ConfigError
 
-__all__ = ["CPFactorization", "CPByRank", "cp_ranks"]
+__all__ = ["CPFactorization", "CPByRank", "CPStarts", "cp_ranks"]
 
 _SWEEPS = 30  # ALS sweeps at most; they stop earlier once a sweep gains less than _TOL
 _TOL = 1e-5  # of the squared error relative to ||W||^2
-# Multiply-adds one factorization may spend on sweeps (about 2 s on one CPU core in float64): a sweep
-# costs 3 g*O*I*K*R, so large layers at large ranks get fewer sweeps (at least one).
+# Multiply-adds one factorization may spend on ALS sweeps (about 2 s on one CPU core in float64): a sweep
+# costs 3 g*O*I*K*R per start, so large layers at large ranks get fewer sweeps.
 _WORK = 2 * 10**10
 
 
@@ -53,6 +53,59 @@ def cp_ranks(limit: int, count: int = 12) -> list[int]:
         return list(range(1, limit + 1))
     ranks = {max(1, round(limit ** (k / (count - 1)))) for k in range(count)}
     return sorted(ranks)
+
+
+class CPStarts:
+    """What every rank's starts of one weight share, computed once: the per-channel SVDs and the HOSVD bases."""
+
+    def __init__(self, weight: Tensor, groups: int) -> None:
+        out_channels, in_per_group = weight.shape[:2]
+        self.weight, self.groups = weight, groups
+        self.w = weight.detach().to(torch.float64).reshape(groups, out_channels // groups, in_per_group, -1)
+        self.limit = exact_rank(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups, "pw-dw-pw")
+        self.energy = float(self.w.square().sum())
+        self.svds = {order: Factorization.of(weight, groups, order) for order in ("dw-pw", "pw-dw")}
+        self._bases: list[Tensor] | None = None
+
+    def strongest_terms(self, rank: int) -> tuple[tuple[Tensor, Tensor, Tensor], float]:
+        """The R strongest rank-one terms of the per-channel SVDs, from the order whose R terms hold more energy.
+
+        Returns ``(A (g, O, R), B (g, I, R), C (g, K, R))`` in float64 and their relative error, exact
+        from the singular values (terms of different channels are orthogonal).
+        """
+        groups = self.groups
+        best: tuple[float, tuple[Tensor, Tensor, Tensor]] | None = None
+        for order, f in self.svds.items():
+            channels = self.w.shape[2] if order == "dw-pw" else self.w.shape[1]  # terms of channel j: u, s, v
+            s = f.s.reshape(groups, channels * f.max_rank)
+            top = s.topk(min(rank, s.shape[1]), dim=1)
+            energy = float(top.values.square().sum())
+            if best is not None and energy <= best[0]:
+                continue
+            u = f.u.reshape(groups, channels, -1, f.max_rank).permute(0, 1, 3, 2)
+            u = u.reshape(groups, channels * f.max_rank, -1)
+            v = f.vh.reshape(groups, channels * f.max_rank, -1)
+            idx = top.indices
+            picked_u = torch.gather(u, 1, idx[..., None].expand(-1, -1, u.shape[-1]))  # (g, R', m)
+            picked_v = torch.gather(v, 1, idx[..., None].expand(-1, -1, v.shape[-1]))  # (g, R', K)
+            select = torch.nn.functional.one_hot(idx // f.max_rank, channels).to(torch.float64)  # (g, R', channels)
+            weighted = picked_u * top.values[..., None]
+            a, b = (weighted, select) if order == "dw-pw" else (select, weighted)
+            best = (energy, tuple(_pad(t, rank).transpose(1, 2) for t in (a, b, picked_v)))  # type: ignore[assignment]
+        assert best is not None
+        error = math.sqrt(max(self.energy - best[0], 0.0) / self.energy) if self.energy > 0 else 0.0
+        return best[1], error
+
+    def hosvd(self, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Each factor from the leading left singular vectors of the weight unfolded along its mode, cycled up to R."""
+        if self._bases is None:
+            self._bases = []
+            for mode in (1, 2, 3):  # output channels, input channels, kernel taps
+                unfolded = self.w.movedim(mode, 1).reshape(self.w.shape[0], self.w.shape[mode], -1)
+                _, vectors = torch.linalg.eigh(unfolded @ unfolded.transpose(1, 2))  # ascending eigenvalues
+                self._bases.append(vectors.flip(-1))
+        a, b, c = (basis[..., [r % basis.shape[-1] for r in range(rank)]] for basis in self._bases)
+        return a, b, c
 
 
 @dataclass(frozen=True)
@@ -81,25 +134,31 @@ class CPFactorization:
         return int(self.kernel.shape[1])
 
     @classmethod
-    def of(cls, weight: Tensor, groups: int, rank: int, sweeps: int | None = None) -> CPFactorization:
+    def of(
+        cls, weight: Tensor, groups: int, rank: int, work: int = _WORK, starts: CPStarts | None = None
+    ) -> CPFactorization:
         """The rank-``rank`` (per group) CP factors of ``weight``; see the module docstring.
 
-        ``sweeps`` caps the ALS sweeps (default: up to 30, fewer where a sweep
-        is expensive; 0 keeps the start).
+        ``work`` bounds the multiply-adds spent on ALS sweeps (each costs
+        about ``3 * weight.numel() * max(rank, 16)`` per start); with too
+        little for one sweep of both starts the strongest SVD terms are kept
+        as they are.
+        Pass ``starts`` to share the SVDs between ranks of one weight.
         """
-        out_channels, in_per_group = weight.shape[:2]
-        area = math.prod(weight.shape[2:])
-        limit = exact_rank(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups, "pw-dw-pw")
-        if not 1 <= rank <= limit:
-            raise ConfigError(f"a pw-dw-pw rank must be in [1, {limit}] for this weight, got {rank}")
-        w = weight.detach().to(torch.float64).reshape(groups, out_channels // groups, in_per_group, area)
-        if sweeps is None:  # the work is shared by the two starts
-            sweeps = max(1, min(_SWEEPS, _WORK // (6 * w.numel() * rank)))
-        found = [_als(w, *start, sweeps) for start in (_start(weight, groups, rank), _hosvd_start(w, rank))]
-        errors = [_relative_error(w, *factors) for factors in found]
-        best = min(range(len(found)), key=errors.__getitem__)
-        a, b, c = _balanced(*found[best])
-        error = errors[best]
+        starts = starts or CPStarts(weight, groups)
+        if not 1 <= rank <= starts.limit:
+            raise ConfigError(f"a pw-dw-pw rank must be in [1, {starts.limit}] for this weight, got {rank}")
+        w = starts.w
+        sweeps = min(_SWEEPS, work // (6 * w.numel() * max(rank, 16)))  # narrow ranks cost about as much as R=16
+        terms, error = starts.strongest_terms(rank)
+        if sweeps == 0 or error < 1e-12:  # no budget, or already exact (every term of a channel order)
+            a, b, c = terms
+        else:
+            found = [_als(w, *start, sweeps) for start in (terms, starts.hosvd(rank))]
+            errors = [_relative_error(w, *factors) for factors in found]
+            best = min(range(len(found)), key=errors.__getitem__)
+            (a, b, c), error = found[best], errors[best]
+        a, b, c = _balanced(a, b, c)
         return cls(b.transpose(1, 2), c.transpose(1, 2), a, error, tuple(weight.shape), weight.dtype, weight.device)
 
     def weights(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,50 +172,6 @@ class CPFactorization:
         taps = self.kernel.reshape(g * r, 1, *kernel)
         last = self.last.reshape(-1, r, 1, 1)
         return tuple(t.to(device=self.device, dtype=self.dtype).contiguous() for t in (first, taps, last))  # type: ignore[return-value]
-
-
-def _start(weight: Tensor, groups: int, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The R strongest rank-one terms of the per-channel SVDs, from the order whose R terms hold more energy.
-
-    Returns ``A (g, O, R)``, ``B (g, I, R)``, ``C (g, K, R)`` in float64.
-    """
-    out_channels, in_per_group = weight.shape[:2]
-    o, i = out_channels // groups, in_per_group
-    best: tuple[float, tuple[Tensor, Tensor, Tensor]] | None = None
-    for order in ("dw-pw", "pw-dw"):
-        f = Factorization.of(weight, groups, order)
-        # terms of channel j: u (m), s, v (K); per group, j runs over that group's channels
-        channels = i if order == "dw-pw" else o
-        s = f.s.reshape(groups, channels * f.max_rank)
-        top = s.topk(min(rank, s.shape[1]), dim=1)
-        energy = float(top.values.square().sum())
-        if best is not None and energy <= best[0]:
-            continue
-        u = f.u.reshape(groups, channels, -1, f.max_rank).permute(0, 1, 3, 2).reshape(groups, channels * f.max_rank, -1)
-        v = f.vh.reshape(groups, channels * f.max_rank, -1)
-        idx = top.indices
-        picked_u = torch.gather(u, 1, idx[..., None].expand(-1, -1, u.shape[-1]))  # (g, R', m)
-        picked_v = torch.gather(v, 1, idx[..., None].expand(-1, -1, v.shape[-1]))  # (g, R', K)
-        select = torch.nn.functional.one_hot(idx // f.max_rank, channels).to(torch.float64)  # (g, R', channels)
-        weighted = picked_u * top.values[..., None]
-        a, b = (weighted, select) if order == "dw-pw" else (select, weighted)
-        best = (
-            energy,
-            (_pad(a, rank).transpose(1, 2), _pad(b, rank).transpose(1, 2), _pad(picked_v, rank).transpose(1, 2)),
-        )
-    assert best is not None
-    return best[1]
-
-
-def _hosvd_start(w: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each factor from the leading left singular vectors of ``w`` unfolded along its mode, cycled up to ``rank``."""
-    factors = []
-    for mode in (1, 2, 3):  # output channels, input channels, kernel taps
-        unfolded = w.movedim(mode, 1).reshape(w.shape[0], w.shape[mode], -1)
-        _, vectors = torch.linalg.eigh(unfolded @ unfolded.transpose(1, 2))  # ascending eigenvalues
-        leading = vectors.flip(-1)
-        factors.append(leading[..., [r % leading.shape[-1] for r in range(rank)]])
-    return factors[0], factors[1], factors[2]
 
 
 def _pad(t: Tensor, rank: int) -> Tensor:
@@ -215,24 +230,26 @@ def _balanced(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class CPByRank:
-    """The CP factorizations of one weight at any ranks asked for, each computed once.
+    """The CP factorizations of one weight at any ranks asked for, each computed once, sharing one :class:`CPStarts`.
 
     Quacks like :class:`~sepify.core.decompose.Factorization` where the audit
     needs it: ``order``, ``max_rank``, ``relative_error(rank)``; ``at(rank)``
-    gives the factors.
+    gives the factors. ``work`` is each rank's ALS budget (see :meth:`CPFactorization.of`).
     """
 
     order = "pw-dw-pw"
 
-    def __init__(self, weight: Tensor, groups: int) -> None:
-        self.weight, self.groups = weight, groups
+    def __init__(self, weight: Tensor, groups: int, work: int = _WORK) -> None:
+        self.weight, self.groups, self.work = weight, groups, work
+        self._starts: CPStarts | None = None
         out_channels, in_per_group = weight.shape[:2]
         self.max_rank = exact_rank(in_per_group * groups, out_channels, tuple(weight.shape[2:]), groups, self.order)
         self._found: dict[int, CPFactorization] = {}
 
     def at(self, rank: int) -> CPFactorization:
         if rank not in self._found:
-            self._found[rank] = CPFactorization.of(self.weight, self.groups, rank)
+            self._starts = self._starts or CPStarts(self.weight, self.groups)
+            self._found[rank] = CPFactorization.of(self.weight, self.groups, rank, self.work, self._starts)
         return self._found[rank]
 
     def relative_error(self, rank: int) -> float:

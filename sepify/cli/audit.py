@@ -29,48 +29,52 @@ def _budget(flag: str, what: str) -> object:
     return typer.Option(flag, help=what, show_default=False, rich_help_panel=PLANNING)
 
 
+TimeOpt = Annotated[
+    bool, typer.Option("--latency", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING)
+]
+MaxMacOpt = Annotated[float | None, _budget("--max-mac-ratio", "Plan: MACs <= R x original, least predicted error.")]
+MaxParamOpt = Annotated[float | None, _budget("--max-param-ratio", "Plan: params <= R x original.")]
+MaxLatencyOpt = Annotated[
+    float | None, _budget("--max-latency-ratio", "Plan: latency <= R x original (needs --latency).")
+]
+MaxErrorOpt = Annotated[float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.")]
+PlanOutOpt = Annotated[Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.")]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).",
+        show_default=False,
+        rich_help_panel=o.OUTPUT,
+    ),
+]
+AuditFormatOpt = Annotated[
+    o.AuditFormat, typer.Option("--format", help="How to print the audit.", rich_help_panel=o.OUTPUT)
+]
+RanksOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ranks",
+        help="Only these ranks, e.g. 1,2,4 (default: every useful rank).",
+        show_default=False,
+        rich_help_panel=o.CONVERSION,
+    ),
+]
+
+
 @app.command()
 def audit(
     model: o.ModelArg,
     input_shape: o.InputShapeOpt = None,
-    latency: Annotated[
-        bool,
-        typer.Option("--latency", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING),
-    ] = False,
-    max_mac_ratio: Annotated[
-        float | None, _budget("--max-mac-ratio", "Plan: whole-model MACs <= R x original, least predicted error.")
-    ] = None,
-    max_param_ratio: Annotated[float | None, _budget("--max-param-ratio", "Plan: params <= R x original.")] = None,
-    max_latency_ratio: Annotated[
-        float | None, _budget("--max-latency-ratio", "Plan: latency <= R x original (needs --latency).")
-    ] = None,
-    max_error: Annotated[
-        float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.")
-    ] = None,
-    plan_out: Annotated[
-        Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.")
-    ] = None,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).",
-            show_default=False,
-            rich_help_panel=o.OUTPUT,
-        ),
-    ] = None,
-    fmt: Annotated[
-        o.AuditFormat, typer.Option("--format", help="How to print the audit.", rich_help_panel=o.OUTPUT)
-    ] = o.AuditFormat.table,
-    ranks: Annotated[
-        str | None,
-        typer.Option(
-            "--ranks",
-            help="Only these ranks, e.g. 1,2,4 (default: every useful rank).",
-            show_default=False,
-            rich_help_panel=o.CONVERSION,
-        ),
-    ] = None,
+    latency: TimeOpt = False,
+    max_mac_ratio: MaxMacOpt = None,
+    max_param_ratio: MaxParamOpt = None,
+    max_latency_ratio: MaxLatencyOpt = None,
+    max_error: MaxErrorOpt = None,
+    plan_out: PlanOutOpt = None,
+    plot: PlotOpt = None,
+    fmt: AuditFormatOpt = o.AuditFormat.table,
+    ranks: RanksOpt = None,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     calibration: o.CalibrationOpt = None,

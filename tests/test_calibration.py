@@ -368,3 +368,24 @@ def test_narrow_calibration_is_reported() -> None:
     assert any(n.startswith("calibration covers little of 0's input space (coverage 0.0") for n in notes), notes
     broad = sepify.convert(net, narrow[:1], rank=2, calibration=torch.randn(64, 16, 6, 6)).report.notes
     assert not any("covers little" in n for n in broad)
+
+
+def test_outputs_that_are_not_batched_per_sample_skip_the_grouping() -> None:
+    from sepify.calibrate.stages import grouped_by_outputs
+
+    class Detections(nn.Module):
+        """Returns a variable number of 'boxes' for the whole batch, as detectors do."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            y = self.conv(x)
+            return [y.flatten()[:7], torch.arange(3)]
+
+    x = torch.randn(10, 3, 8, 8)
+    assert grouped_by_outputs(Detections())((x,)) == list(range(10))
+    duplicates = x[:2].repeat(5, 1, 1, 1)
+    conv = nn.Conv2d(3, 4, 3)
+    assert len(set(grouped_by_outputs(conv)((duplicates,)))) == 2

@@ -136,21 +136,17 @@ def near_duplicate_groups(vectors: Tensor, threshold: float = 0.999) -> list[int
     [0, 1, 0, 3]
     """
     unit = vectors.double() / vectors.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
-    parent = list(range(len(unit)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for start in range(0, len(unit), 1024):  # row blocks keep the similarity matrix small
-        similar = (unit[start : start + 1024] @ unit.T) > threshold
-        for a, b in similar.nonzero().tolist():
-            ra, rb = root(start + a), root(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    return [root(i) for i in range(len(unit))]
+    n = len(unit)
+    labels = torch.arange(n)
+    while True:  # each row takes the smallest label among its near-duplicates, until nothing changes
+        new = labels.clone()
+        for start in range(0, n, 1024):  # row blocks keep the similarity matrix small
+            similar = (unit[start : start + 1024] @ unit.T) > threshold
+            nearest = torch.where(similar, labels[None, :].to(similar.device), n).min(dim=1).values
+            new[start : start + 1024] = torch.minimum(new[start : start + 1024], nearest.cpu())
+        if torch.equal(new, labels):
+            return [int(label) for label in labels]
+        labels = new
 
 
 def canonical_order(samples: tuple[Tensor, ...]) -> list[int]:

@@ -60,13 +60,17 @@ def grouped_by_outputs(model: nn.Module, batch: int = 32) -> Callable[[tuple[Ten
     """
 
     def group(samples: tuple[Tensor, ...]) -> list[int]:
+        count = samples[0].shape[0]
         sketches = []
         with _eval_mode(model), torch.no_grad():
-            for i in range(0, samples[0].shape[0], batch):
-                outputs = _run_on_calibration(model, tuple(a[i : i + batch] for a in samples))
-                leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
-                flat = torch.cat([t.reshape(t.shape[0], -1).double() for t in leaves if t.is_floating_point()], dim=1)
-                sketches.append(_count_sketch(flat))
+            for i in range(0, count, batch):
+                args = tuple(a[i : i + batch] for a in samples)
+                outputs = _run_on_calibration(model, args)
+                size = args[0].shape[0]
+                leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor) and t.is_floating_point()]
+                if not leaves or any(t.dim() == 0 or t.shape[0] != size for t in leaves):
+                    return list(range(count))  # outputs not batched per sample (detections...): every sample alone
+                sketches.append(_count_sketch(torch.cat([t.reshape(size, -1).double() for t in leaves], dim=1)))
         return near_duplicate_groups(torch.cat(sketches))
 
     return group

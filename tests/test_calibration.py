@@ -389,3 +389,14 @@ def test_outputs_that_are_not_batched_per_sample_skip_the_grouping() -> None:
     duplicates = x[:2].repeat(5, 1, 1, 1)
     conv = nn.Conv2d(3, 4, 3)
     assert len(set(grouped_by_outputs(conv)((duplicates,)))) == 2
+
+
+def test_batches_of_different_sizes_stay_whole_in_any_order() -> None:
+    # an image pyramid: a fully convolutional net takes every size, so every batch is kept as it is
+    pyramid = [torch.randn(4, 3, s, s) for s in (12, 10, 8, 6, 5)]
+    a, b = calibration_batches(pyramid), calibration_batches(pyramid[::-1])
+    assert [x[0].shape for x in a.fit + a.heldout] == [x[0].shape for x in b.fit + b.heldout]
+    assert len(a.heldout) == 1 and len(a.fit) == 4 and a.samples == 20
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    report = sepify.convert(net, pyramid[0][:1], rank=1, calibration=pyramid).report
+    assert [s.stage for s in report.fidelity][:2] == ["init", "refined"]

@@ -94,7 +94,11 @@ def calibration_batches(
     Raises:
         CalibrationError: empty or malformed calibration data.
     """
-    samples = _take(_items(calibration, None if isinstance(calibration, Tensor) else limit), n_args, None)
+    is_tensor = isinstance(calibration, Tensor)
+    parts = _take(_items(calibration, None), n_args, None if is_tensor else limit)
+    if len({tuple(tuple(a.shape[1:]) for a in part) for part in parts}) > 1:
+        return _by_batch(parts, heldout_fraction, device)  # sizes differ (an image pyramid): whole batches
+    samples = tuple(torch.cat([part[k] for part in parts]) for k in range(len(parts[0])))
     order = canonical_order(samples)
     if limit is not None:
         order = order[:limit]
@@ -159,13 +163,28 @@ def canonical_order(samples: tuple[Tensor, ...]) -> list[int]:
     >>> [perm[j] for j in canonical_order((x[perm],))] == canonical_order((x,))
     True
     """
-    keys = []
-    for i in range(samples[0].shape[0]):
-        digest = hashlib.blake2b(digest_size=8)
-        for a in samples:
-            digest.update(a[i].detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes())
-        keys.append((digest.digest(), i))
+    keys = [(_content_key(a[i] for a in samples), i) for i in range(samples[0].shape[0])]
     return [i for _, i in sorted(keys)]
+
+
+def _content_key(tensors: Iterable[Tensor]) -> bytes:
+    digest = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+def _by_batch(parts: list[tuple[Tensor, ...]], heldout_fraction: float, device: torch.device | None) -> CalibrationData:
+    """Batches of different sample sizes stay whole: in content-key order, the held-out share by whole batches."""
+    moved = [tuple(a.to(device) if device is not None else a for a in part) for part in parts]
+    ordered = [moved[i] for _, i in sorted((_content_key(part), i) for i, part in enumerate(parts))]
+    keep = max(1, round(sum(_batch_size(part) for part in ordered) * heldout_fraction))
+    if len(ordered) < 2 or heldout_fraction <= 0:
+        return CalibrationData(tuple(ordered), tuple(ordered))
+    held = 0
+    while held + 1 < len(ordered) and sum(_batch_size(part) for part in ordered[:held]) < keep:
+        held += 1
+    return CalibrationData(tuple(ordered[held:]), tuple(ordered[:held]))
 
 
 def _batched(
@@ -195,8 +214,8 @@ def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
     )
 
 
-def _take(items: Iterable[Any], n_args: int, limit: int | None) -> tuple[Tensor, ...]:
-    """The model arguments of every sample read (at most ``limit``), concatenated along dim 0."""
+def _take(items: Iterable[Any], n_args: int, limit: int | None) -> list[tuple[Tensor, ...]]:
+    """The model arguments of every batch read, at most ``limit`` samples in all (the iterable is read no further)."""
     parts: list[tuple[Any, ...]] = []
     count = 0
     for item in items:
@@ -212,11 +231,4 @@ def _take(items: Iterable[Any], n_args: int, limit: int | None) -> tuple[Tensor,
             break
     if not parts:
         raise CalibrationError("calibration data is empty; pass at least one batch")
-    try:
-        return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
-    except RuntimeError as e:
-        shapes = sorted({tuple(p[0].shape[1:]) for p in parts})
-        raise CalibrationError(
-            f"calibration batches hold samples of different shapes ({', '.join(map(str, shapes[:3]))}); "
-            "pass samples of one shape (resize images to one size)"
-        ) from e
+    return parts

@@ -111,14 +111,15 @@ def audit(
     reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
     model_latency = time_forwards([analysis.target], args, timed.reps)[0] if timed else None
     rows = []
+    total_params = count_params(analysis.target)
     for i, site in enumerate(analysis.sites):
         report_progress("auditing layers", i, len(analysis.sites))
-        rows.append(_audit_layer(analysis, site, options, factors, errors, timed, data_args, reference))
+        rows.append(_audit_layer(analysis, site, options, factors, errors, timed, data_args, reference, total_params))
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
     return AuditReport(
         layers=tuple(rows),
-        params=count_params(analysis.target),
+        params=total_params,
         macs=analysis.before.macs,
         inputs=describe_inputs(args),
         mode=analysis.outcome.mode,
@@ -136,12 +137,13 @@ def _audit_layer(
     timing: Timing | None,
     args: tuple[Any, ...],
     reference: Any,
+    total_params: int,
 ) -> AuditLayer:
     """One conv's row: its cost, and for a candidate every option, measured."""
     conv = site.module
     kernel = tuple(conv.kernel_size)
     params = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
-    macs, total_macs, total_params = site_macs(site), analysis.before.macs, count_params(analysis.target)
+    macs, total_macs = site_macs(site), analysis.before.macs
     opts: list[AuditOption] = []
     model_err = sens_order = None
     if site.eligible:

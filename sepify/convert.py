@@ -7,17 +7,21 @@ verify, report. Each stage lives in its subpackage.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
 import operator
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
@@ -27,13 +31,13 @@ from sepify.core.cp import CPFactorization
 from sepify.core.decompose import SVD_ORDERS, Factorization
 from sepify.core.modules import SeparableConv2d
 from sepify.core.timing import time_pair
-from sepify.errors import ConfigError, PlanError
+from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
-from sepify.graph.candidates import ConvSite, SkipReason
-from sepify.graph.probe import describe_inputs, probe, time_forwards
+from sepify.graph.candidates import ConvSite, SkipReason, matches_any
+from sepify.graph.probe import ProbeResult, describe_inputs, probe, time_forwards
 from sepify.graph.rewrite import replace_submodule, swap_modules
-from sepify.io.load import load_weights_into
-from sepify.io.save import plan_path
+from sepify.io.load import load_weights_into, safetensors_metadata
+from sepify.io.save import PLAN_METADATA_KEY, plan_path
 from sepify.options import Calibration, Distill, Selection, Timing
 from sepify.planning.plan import Plan
 from sepify.report.conversion import ConversionReport, LayerReport
@@ -156,7 +160,7 @@ def convert(
     teacher = copy.deepcopy(analysis.target) if calib is not None and pairs else None
     _swap(analysis, pairs, chooser.meta)
     stages, notes = _calibrate(analysis, teacher, pairs, calib, distillation, progress)
-    after = probe(analysis.target, args, what="converted model")
+    after = _probe_converted(analysis, args)
     times, timing_notes = _time_models(model if not inplace else teacher, analysis.target, args, timed)
 
     report = ConversionReport(
@@ -177,7 +181,49 @@ def convert(
         latency_after=times[1],
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
+    _warn_if_unselected(rows, select, plan)
     return ConversionResult(model=analysis.target, report=report)
+
+
+def _probe_converted(analysis: Analysis, args: tuple[Any, ...]) -> ProbeResult:
+    """Run the converted model once; a failure or a non-finite output here is sepify's to explain, not the inputs'."""
+    try:
+        after = probe(analysis.target, args, what="converted model")
+    except InputShapeError as e:
+        cause = e.__cause__ or e
+        raise ModelError(
+            f"the converted model failed where the original ran on the same inputs ({type(cause).__name__}: "
+            f"{str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ''}); the forward probably uses "
+            "a conv's attributes directly (e.g. its .weight): leave that conv out with exclude=[...]"
+        ) from cause
+    leaves = [t for t in pytree.tree_leaves(after.output) if isinstance(t, Tensor) and t.is_floating_point()]
+    if any(not bool(torch.isfinite(t).all()) for t in leaves):
+        raise ModelError(
+            "the converted model's outputs on the example inputs hold NaN or infinite values where the original's "
+            "are finite, so no model is returned; try without calibration or at a higher rank, and report this"
+        )
+    return after
+
+
+def _warn_if_unselected(rows: list[LayerReport], select: Selection | None, plan: Plan | None) -> None:
+    """Converting nothing is never silent; neither is a pattern that matches no conv."""
+    names = [row.name for row in rows]
+    for kind, patterns in (
+        ("include", select.include if select else None),
+        ("exclude", select.exclude if select else None),
+    ):
+        for pattern in patterns or ():
+            if plan is None and not any(matches_any(name, [pattern]) for name in names):
+                example = ", ".join(repr(n) for n in names[:3]) or "none"
+                warnings.warn(
+                    f"{kind} pattern {pattern!r} matches no conv of the model (its convs are named like {example})",
+                    SepifyWarning,
+                    stacklevel=3,
+                )
+    if not any(row.converted for row in rows):
+        counts = collections.Counter(str(row.skip_reason) for row in rows)
+        why = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "the model has no Conv2d"
+        warnings.warn(f"no conv was converted ({why}); the model is unchanged", SepifyWarning, stacklevel=3)
 
 
 def _checked_rank(rank: Rank, tolerance: float | None) -> Rank:
@@ -464,11 +510,11 @@ def load_converted(
 
     Args:
         model: a fresh instance of the *original* architecture (it is modified
-            in place and returned).
+            in place and returned; on any error it is left as it was).
         weights_path: the ``.safetensors`` file ``sepify convert --format
             safetensors`` wrote.
-        plan: the plan, or its path; defaults to ``<name>.plan.json`` beside
-            the weights.
+        plan: the plan, or its path; defaults to the plan stored in the
+            weights file's metadata, else ``<name>.plan.json`` beside it.
 
     Raises:
         PlanError: the plan cannot be read or does not fit ``model``.
@@ -479,11 +525,10 @@ def load_converted(
         model = sepify.load_converted(torchvision.models.resnet18(), "resnet18.sep.safetensors")
     """
     weights_path = Path(weights_path)
-    if not isinstance(plan, Plan):
-        plan_file = Path(plan) if plan is not None else plan_path(weights_path)
-        if not plan_file.is_file():
-            raise PlanError(f"{plan_file}: no such plan file; it is written beside the weights by --format safetensors")
-        plan = Plan.from_json(plan_file)
+    if not weights_path.is_file():
+        raise ModelLoadError(f"{weights_path}: no such weights file; pass the .safetensors file sepify wrote")
+    plan = _plan_of(weights_path, plan)
+    pairs = {}
     for name, layer in plan.layers.items():
         try:
             conv = model.get_submodule(name)
@@ -493,9 +538,38 @@ def load_converted(
             ) from e
         if type(conv) is not nn.Conv2d:
             raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
+        limit = exact_rank(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, layer.order)
+        if layer.rank > limit:
+            raise PlanError(
+                f"the plan gives {name!r} rank {layer.rank}, above its exact rank {limit} for {layer.order}; "
+                "regenerate the plan for this model"
+            )
         pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
         if layer.layout is not None:
             _apply_planned_layout(pair, name, layer.layout)
+        pairs[name] = (conv, pair)
+    for name, (_, pair) in pairs.items():
         replace_submodule(model, name, pair)
-    load_weights_into(model, weights_path)
+    try:
+        load_weights_into(model, weights_path)
+    except BaseException:
+        for name, (conv, _) in pairs.items():  # leave the caller's model as it was
+            replace_submodule(model, name, conv)
+        raise
     return model
+
+
+def _plan_of(weights_path: Path, plan: Plan | str | os.PathLike[str] | None) -> Plan:
+    """The plan given, else the one in the weights' metadata, else the ``.plan.json`` beside them."""
+    if isinstance(plan, Plan):
+        return plan
+    if plan is None:
+        stored = safetensors_metadata(weights_path).get(PLAN_METADATA_KEY)
+        if stored is not None:
+            return Plan.from_json_text(stored, f"the plan stored in {weights_path}")
+    plan_file = Path(plan) if plan is not None else plan_path(weights_path)
+    if not plan_file.is_file():
+        raise PlanError(
+            f"{plan_file}: no such plan file, and {weights_path} stores none; pass the plan sepify wrote with it"
+        )
+    return Plan.from_json(plan_file)

@@ -16,7 +16,9 @@ __all__ = [
     "PlanError",
     "BudgetError",
     "ModelLoadError",
+    "ModelError",
     "OutputError",
+    "NothingConvertedError",
     "SepifyWarning",
 ]
 
@@ -49,8 +51,17 @@ class ModelLoadError(SepifyError):
     """A model or weights file cannot be read or does not fit the architecture."""
 
 
+class ModelError(SepifyError):
+    """The model itself cannot be converted as it is: non-finite parameters, it cannot be copied, or the
+    converted model fails (or gives non-finite outputs) where the original ran."""
+
+
 class OutputError(SepifyError):
     """An output (model, plan, report, chart) cannot be written where asked."""
+
+
+class NothingConvertedError(SepifyError):
+    """A run that must produce a converted model converted no conv (every one skipped, excluded or unmatched)."""
 
 
 class SepifyWarning(UserWarning):

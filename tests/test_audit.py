@@ -172,7 +172,7 @@ def test_plan_json_round_trip(net: nn.Module, x: torch.Tensor, tmp_path) -> None
         ),
         (
             '{"format": "sepify.plan", "version": 1, "layers": {"a": {"rank": 0, "order": "dw-pw"}}}',
-            "a plan's rank must be a positive integer, got 0",
+            "plan: layer 'a': a plan's rank must be a positive integer, got 0",
         ),
         (
             "{oops",

@@ -227,7 +227,7 @@ def test_input_is_never_the_output(pickled: Path) -> None:
     before = digest(pickled)
     result = run("convert", pickled, "--trust-pickle", *SMALL, "-o", pickled, "--force", "-q")
     assert result.exit_code == 1
-    assert "is the input model; sepify never overwrites its input" in result.output
+    assert result.output == f"error: {pickled}: is also the model input; sepify never overwrites what it reads, so choose another -o path\n"
     assert digest(pickled) == before
 
 
@@ -329,7 +329,7 @@ def test_wrong_input_shape(tmp_path: Path) -> None:
 def test_weights_that_do_not_fit(tmp_path: Path, weights: Path) -> None:
     result = run("convert", "torchvision.models:resnet34", "--weights", weights, *SMALL)
     assert result.exit_code == 1
-    assert f"{weights}: its keys do not match the model (" in result.output
+    assert f"{weights}: its tensors do not fit the model (" in result.output
 
 
 @pytest.mark.parametrize(
@@ -496,7 +496,8 @@ def test_tune_layout_flag(tmp_path: Path) -> None:
 
 
 def test_skip_slower_flag_reports_times_and_converts_only_faster_pairs(tmp_path: Path) -> None:
-    result = run("convert", TINY, *TINY_INPUT, "--rank", "2", "--skip-slower", "--report", "r.json")
+    argv = ("--rank", "2", "--skip-slower", "--report", "r.json", "--allow-unchanged")  # every pair may lose
+    result = run("convert", TINY, *TINY_INPUT, *argv)
     assert result.exit_code == 0, result.output
     assert "realisation" in result.output and "timed convs:" in result.output
     rows = json.loads((tmp_path / "r.json").read_text())["layers"]

@@ -214,6 +214,16 @@ def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
     )
 
 
+def _check_finite(args: tuple[Any, ...], first_sample: int) -> None:
+    for a in args:
+        if isinstance(a, Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            count = int((~torch.isfinite(a)).sum())
+            raise CalibrationError(
+                f"calibration samples from index {first_sample} hold {count} NaN or infinite value(s); they would "
+                "poison every statistic fitted on them, so drop or clean those samples"
+            )
+
+
 def _take(items: Iterable[Any], n_args: int, limit: int | None) -> list[tuple[Tensor, ...]]:
     """The model arguments of every batch read, at most ``limit`` samples in all (the iterable is read no further)."""
     parts: list[tuple[Any, ...]] = []
@@ -225,6 +235,7 @@ def _take(items: Iterable[Any], n_args: int, limit: int | None) -> list[tuple[Te
             args, size = _slice(args, 0, limit - count), limit - count
         if size <= 0:
             break
+        _check_finite(args, count)
         parts.append(args)
         count += size
         if limit is not None and count >= limit:

@@ -205,4 +205,4 @@ def _run_on_calibration(model: nn.Module, args: tuple[Any, ...]) -> Any:
 def _worse(a: FidelityStage, b: FidelityStage) -> bool:
     if a.output_error is None or b.output_error is None:
         return False
-    return a.output_error > b.output_error
+    return not a.output_error <= b.output_error  # a NaN error is worse than any number

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Annotated
@@ -38,14 +40,33 @@ def _exit_code(error: SepifyError) -> int:
     return next(EXIT_CODES[cls] for cls in type(error).__mro__ if cls in EXIT_CODES)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C does, so that every `finally` runs and no temp file is left behind.
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM (what `kill`, timeouts and job schedulers send) unwinds the stack."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def errors_as_exit_codes(debug: bool) -> Iterator[None]:
     """Sepify errors become ``error: <sentence>`` on stderr and their exit code; warnings ``warning: ...``.
 
-    ``--debug`` or ``SEPIFY_DEBUG=1`` re-raises instead, with the traceback.
+    ``--debug`` or ``SEPIFY_DEBUG=1`` re-raises instead, with the traceback. SIGTERM ends the
+    command with exit code 143 after removing its temp files, as Ctrl-C does with 130.
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _sigterm_unwinds(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SepifyWarning)
             try:
                 yield

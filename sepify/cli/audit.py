@@ -12,9 +12,9 @@ from sepify.audit import audit as audit_model
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
 from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
-from sepify.cli.output import check_writable, print_lines, progress_bar
+from sepify.cli.output import print_lines, progress_bar, run_inputs
 from sepify.errors import OutputError
-from sepify.io.load import is_import_spec
+from sepify.io.outputs import check_outputs
 from sepify.options import Calibration, Selection
 from sepify.planning.budget import check_budget
 from sepify.planning.plan import Plan
@@ -114,10 +114,8 @@ def audit(
             raise typer.BadParameter("--plan-out needs a budget, e.g. --max-mac-ratio 0.5", param_hint="--plan-out")
         if plot is not None:
             _check_matplotlib()
-        input_path = None if is_import_spec(model) else Path(model)
-        for path in (plan_out, plot):
-            if path is not None:
-                check_writable(path, force, input_path)
+        inputs = run_inputs(model, weights=weights, calibration=calibration)
+        check_outputs({"--plan-out": plan_out, "--plot": plot}, inputs, force=force)
         on = device(device_name)
         args = make_inputs(input_shape, on)
         calib = None
@@ -137,13 +135,13 @@ def audit(
         plan = report.plan(**given) if given else None
         _print(report, plan, fmt)
         if plan is not None and plan_out is not None:
-            plan.to_json(plan_out)
+            plan.to_json(plan_out, overwrite=force)
             if fmt is o.AuditFormat.table:
                 out.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
         if plot is not None:
             from sepify.report.plot import plot_audit
 
-            plot_audit(report, plot, plan)
+            plot_audit(report, plot, plan, overwrite=force)
             if fmt is o.AuditFormat.table:
                 out.print(f"wrote {plot}", highlight=False, soft_wrap=True)
 

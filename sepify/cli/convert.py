@@ -11,14 +11,19 @@ import typer
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
 from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_rank
-from sepify.cli.output import check_report_path, check_writable, print_lines, progress_bar, step, write_report
+from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
+from sepify.convert import ConversionResult
 from sepify.convert import convert as convert_model
-from sepify.io.load import default_output, is_import_spec
+from sepify.errors import NothingConvertedError, OutputError
+from sepify.io.load import default_output
+from sepify.io.outputs import check_outputs
 from sepify.io.save import plan_path, save_model
 from sepify.options import Calibration, Distill, Selection, Timing
 from sepify.planning.plan import Plan
 
 __all__ = ["convert"]
+
+Inputs = dict[str, Path | None]
 
 OutputOpt = Annotated[
     Path | None,
@@ -153,6 +158,7 @@ def convert(
     skip_slower: SkipSlowerOpt = False,
     memory_format: MemoryFormatOpt = o.MemoryFormat.preserve,
     force: o.ForceOpt = False,
+    allow_unchanged: o.AllowUnchangedOpt = False,
     quiet: o.QuietOpt = False,
     trust_pickle: o.TrustPickleOpt = False,
     kwargs: o.KwargsOpt = None,
@@ -173,7 +179,8 @@ def convert(
         distillation = Distill(steps=distill_steps, train_all=train_all) if distill_steps else None
         timed = latency or skip_slower or tune_layout
         timing = Timing(latency=latency, skip_slower=skip_slower, tune_layout=tune_layout) if timed else None
-        chosen, target = _checked_outputs(model, output, fmt, report, force)
+        inputs = run_inputs(model, weights=weights, calibration=calibration, plan=plan)
+        chosen, target = _checked_outputs(model, output, fmt, report, force, inputs)
         calib = None
         if calibration is not None:
             data = calibration_tensor(calibration, args, calibration_samples, image_size, mean, std)
@@ -195,30 +202,53 @@ def convert(
             )
         if not quiet:
             print_lines(str(result.report))
+        if not result.report.converted and not allow_unchanged:
+            raise NothingConvertedError(
+                f"no conv of {model} was converted ({result.report.skip_summary()}), so nothing was written; "
+                "change the selection, or pass --allow-unchanged to write the unchanged copy"
+            )
         if memory_format is o.MemoryFormat.channels_last:
             result.model.to(memory_format=torch.channels_last)
-        with step(f"writing {target}", quiet):
-            written = save_model(
-                result.model, target, chosen, example_args=args, plan_json=result.report.to_plan().to_json()
-            )
-        if report is not None:
-            write_report(result.report, report)
-            written.append(report)
+        written = _write(result, target, chosen, args, report, force, quiet)
         if not quiet:
             for path in written:
                 out.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+def _write(
+    result: ConversionResult,
+    target: Path,
+    fmt: str,
+    args: tuple[torch.Tensor, ...],
+    report: Path | None,
+    force: bool,
+    quiet: bool,
+) -> list[Path]:
+    """The model, then the report; the report is written even when the model cannot be (it says what was done)."""
+    try:
+        with step(f"writing {target}", quiet):
+            plan_json = result.report.to_plan().to_json()
+            written = save_model(result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=force)
+    except OutputError as e:
+        if report is None:
+            raise
+        write_report(result.report, report, overwrite=force)
+        raise OutputError(f"{e} (the conversion report was written to {report})") from e
+    if report is not None:
+        write_report(result.report, report, overwrite=force)
+        written.append(report)
+    return written
+
+
 def _checked_outputs(
-    model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool
+    model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool, inputs: Inputs
 ) -> tuple[str, Path]:
     """The format and model path to write; every output path is checked before any slow work."""
-    input_path = None if is_import_spec(model) else Path(model)
+    input_path = inputs["model"]
     chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
     target = output or default_output(model, chosen)
-    outputs = [target] + ([plan_path(target)] if chosen == "safetensors" else []) + ([report] if report else [])
     if report is not None:
         check_report_path(report)
-    for path in outputs:
-        check_writable(path, force, input_path)
+    outputs = {"-o": target, "plan (beside -o)": plan_path(target) if chosen == "safetensors" else None}
+    check_outputs({**outputs, "--report": report}, inputs, force=force)
     return chosen, target

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
+from torch import nn
 
 from sepify.cli.output import step
 from sepify.errors import ConfigError
@@ -40,6 +43,16 @@ _DTYPES = {
     "bool": torch.bool,
 }
 _INT_HIGH = 10  # integer example inputs are drawn from [0, 10): valid ids/indices for most models
+_MAX_DIM = 2**31
+_INPUT_SHARE_OF_MEMORY = 8  # inputs above 1/8 of this machine's memory leave no room for the activations
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -49,8 +62,10 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
         shape = tuple(int(s) for s in shape_part.replace("x", ",").split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224") from None
-    if not shape or any(d < 0 for d in shape):
-        raise typer.BadParameter(f"{text!r} is not a shape; write it like 1,3,224,224")
+    if not shape or any(d < 1 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape of positive sizes; write it like 1,3,224,224")
+    if any(d >= _MAX_DIM for d in shape):
+        raise typer.BadParameter(f"{text!r} has a size of 2^31 or more; no model input is that large")
     dtype_name = dtype_part.strip().lower() or "float32"
     if dtype_name not in _DTYPES:
         raise typer.BadParameter(f"unknown dtype {dtype_part!r} in {text!r}; use one of {', '.join(sorted(_DTYPES))}")
@@ -60,9 +75,17 @@ def parse_input_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
 def make_inputs(shapes: list[str] | None, on: torch.device) -> tuple[torch.Tensor, ...]:
     """Seeded example inputs: Gaussian floats, integers in [0, 10)."""
     gen = torch.Generator().manual_seed(0)
+    parsed = [parse_input_shape(text) for text in shapes or ["1,3,224,224"]]
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in parsed)
+    memory = _memory_bytes()
+    if memory is not None and needed * _INPUT_SHARE_OF_MEMORY > memory:
+        raise typer.BadParameter(
+            f"the example inputs alone would take {needed / 2**30:.1f} GiB of this machine's "
+            f"{memory / 2**30:.0f} GiB, and one forward pass needs many times that; use a smaller batch or size",
+            param_hint="--input-shape",
+        )
     tensors = []
-    for text in shapes or ["1,3,224,224"]:
-        shape, dtype = parse_input_shape(text)
+    for shape, dtype in parsed:
         if dtype.is_floating_point:
             t = torch.randn(shape, generator=gen).to(dtype)
         else:
@@ -76,9 +99,22 @@ def device(name: str) -> torch.device:
         found = torch.device(name)
     except RuntimeError:
         raise typer.BadParameter(f"unknown device {name!r}; use cpu or cuda", param_hint="--device") from None
-    if found.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
+    if found.type not in _DEVICE_TYPES:
+        raise typer.BadParameter(
+            f"{name!r} holds no data to compute with; use one of {', '.join(_DEVICE_TYPES)}", param_hint="--device"
+        )
+    if not _available(found.type):
+        raise ConfigError(
+            f"--device {name} was asked for, but torch sees no {found.type} device here; use --device cpu"
+        )
     return found
+
+
+def _available(kind: str) -> bool:
+    if kind == "cpu":
+        return True
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    return bool(backend is not None and backend.is_available())
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -153,5 +189,7 @@ def load(
         if train:
             raise ConfigError(f"{model}: a torch.export program has its mode fixed at export; drop --train")
         return loaded
-    loaded.model.train(train)
+    # nn.Module.train itself: wrappers such as ultralytics' YOLO override
+    # train() to start a training run.
+    nn.Module.train(loaded.model, train)
     return loaded

@@ -125,6 +125,7 @@ CalibrationSamplesOpt = Annotated[
     int | None,
     typer.Option(
         "--calibration-samples",
+        min=1,
         help="Use at most N calibration samples (default: all; 256 for 'random').",
         show_default=False,
         rich_help_panel=CALIBRATION,
@@ -170,5 +171,13 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outp
 QuietOpt = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="Print only results and errors (no progress).", rich_help_panel=OUTPUT),
+]
+AllowUnchangedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unchanged",
+        help="Write the model even when no conv was converted (otherwise that is an error, exit 1).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of sepify errors.", rich_help_panel=OUTPUT)]

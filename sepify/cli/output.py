@@ -14,7 +14,7 @@ from sepify.io.atomic import write_text_atomic
 __all__ = [
     "step",
     "progress_bar",
-    "check_writable",
+    "run_inputs",
     "check_report_path",
     "write_report",
     "print_lines",
@@ -53,14 +53,18 @@ def progress_bar(first_step: str, quiet: bool) -> Iterator[ProgressFn | None]:
         yield progress
 
 
-def check_writable(path: Path, force: bool, protected: Path | None) -> None:
-    """Fail before any work if ``path`` is the input, exists without ``--force``, or has no folder."""
-    if protected is not None and protected.exists() and path.resolve() == protected.resolve():
-        raise OutputError(f"{path}: is the input model; sepify never overwrites its input, so choose another -o path")
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists; pass --force to overwrite it, or -o to choose another path")
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: its folder {path.parent} does not exist; create it or choose another -o path")
+def run_inputs(
+    model: str, *, weights: Path | None = None, calibration: str | None = None, plan: Path | None = None
+) -> dict[str, Path | None]:
+    """The files a run reads, by the option that names them (what no output may overwrite)."""
+    from sepify.io.load import is_import_spec
+
+    return {
+        "model": None if is_import_spec(model) else Path(model),
+        "--weights": weights,
+        "--calibration": Path(calibration) if calibration not in (None, "random") else None,
+        "--plan": plan,
+    }
 
 
 def check_report_path(path: Path) -> None:
@@ -68,16 +72,12 @@ def check_report_path(path: Path) -> None:
         raise OutputError(f"{path}: unknown report format {path.suffix or '(no extension)'!r}; use .json, .csv or .md")
 
 
-def write_report(report: Any, path: Path) -> None:
+def write_report(report: Any, path: Path, *, overwrite: bool) -> None:
     """A conversion or audit report as JSON, CSV or Markdown, by ``path``'s extension."""
     check_report_path(path)
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        report.to_json(path)
-    elif suffix == ".csv":
-        report.to_csv(path)
-    else:
-        write_text_atomic(path, report.to_markdown())
+    text = report.to_json() if suffix == ".json" else report.to_csv() if suffix == ".csv" else report.to_markdown()
+    write_text_atomic(path, text, overwrite=overwrite)
 
 
 def print_lines(text: str, end: str = "\n") -> None:

@@ -11,10 +11,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from sepify.core.cost import conv_macs, separable_macs
-from sepify.errors import ConfigError, InputShapeError
+from sepify.errors import ConfigError, InputShapeError, ModelError
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
 from sepify.graph.probe import ProbeResult, probe
@@ -29,6 +31,7 @@ __all__ = [
     "site_macs",
     "pair_macs",
     "spatial",
+    "check_finite_parameters",
 ]
 
 
@@ -115,6 +118,44 @@ def _trace_and_probe(
         return TraceOutcome(graph_module=None, error=reason), work, result, []
 
 
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuse a model whose floating parameters or buffers hold NaN or infinity, naming the first one."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, value in named:
+            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+                count = int((~torch.isfinite(value)).sum())
+                raise ModelError(
+                    f"{kind} {name} holds {count} NaN or infinite value(s) of {value.numel()}: the model is broken "
+                    "before any conversion; load intact weights (check the checkpoint, or how it was trained)"
+                )
+
+
+def _check_finite_output(output: Any) -> None:
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if any(not bool(torch.isfinite(t).all()) for t in leaves):
+        raise ModelError(
+            "the original model's outputs on the example inputs hold NaN or infinite values, so fidelity cannot be "
+            "measured; pass example inputs it handles (real samples, or the dtype and value range it expects)"
+        )
+
+
+def _copied(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - deepcopy fails on locks, generators, legacy weight_norm, ...
+        raise ModelError(
+            f"the model cannot be deep-copied ({type(e).__name__}: {str(e).strip()[:120]}), and sepify converts a "
+            "copy to leave yours untouched; pass inplace=True to convert the model itself"
+        ) from e
+
+
+def _params_read(model: nn.Module) -> frozenset[str]:
+    """Modules whose parameters a traced graph reads directly (``get_attr`` nodes such as ``conv.weight``)."""
+    if not isinstance(model, fx.GraphModule):
+        return frozenset()
+    return frozenset(str(node.target).rpartition(".")[0] for node in model.graph.nodes if node.op == "get_attr")
+
+
 def analyze(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -125,16 +166,28 @@ def analyze(
     """Copy, trace and probe ``model`` and classify its convs; see the module docstring."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(
+            f"the model is a TorchScript {type(model).__name__}: torch.fx cannot trace it and TorchScript ignores "
+            "swapped submodules; convert the Python model it was scripted from"
+        )
+    check_finite_parameters(model)
     # Deep-copy before tracing: fuse() does, and some models (timm's levit)
     # keep tracing state that breaks a second trace of the caller's object.
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copied(model)
     # Lifting moves parameters out of the modules that own them; the
     # GraphModule shares those modules with `work`, so only lift in a copy.
     outcome, target, before, lifted = _trace_and_probe(work, args, lift=not inplace)
     # Sites come from the module that is converted: a GraphModule carries every
     # submodule of the original (see tracing) plus convs lifted from F.conv2d.
     select = select or Selection()
+    _check_finite_output(before.output)
     sites = find_conv_sites(
-        target, before.convs, include=select.include, exclude=select.exclude, skip_shared=select.skip_shared
+        target,
+        before.convs,
+        include=select.include,
+        exclude=select.exclude,
+        skip_shared=select.skip_shared,
+        params_read=_params_read(target),
     )
     return Analysis(work, outcome, target, before, sites, args, lifted)

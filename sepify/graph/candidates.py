@@ -15,7 +15,7 @@ from torch import nn
 
 from sepify.graph.probe import ConvCall
 
-__all__ = ["SkipReason", "ConvSite", "skip_reason_for", "find_conv_sites", "matches_any"]
+__all__ = ["SkipReason", "ConvSite", "skip_reason_for", "find_conv_sites", "matches_any", "has_hooks"]
 
 
 class SkipReason(str, enum.Enum):
@@ -30,6 +30,8 @@ class SkipReason(str, enum.Enum):
     NOT_PLANNED = "not-planned"  # a plan was given and does not list it
     NO_SAVING = "no-saving"  # rank="auto": the pair meeting the tolerance is not smaller
     SLOWER = "slower"  # skip_slower: the pair was timed no faster than the conv at its input shape
+    HOOKED = "hooked"  # has forward/backward hooks, which would see a different module after the swap
+    PARAMS_READ = "params-read"  # the forward reads its weight or bias directly, which a pair does not have
 
     def __str__(self) -> str:
         return self.value
@@ -66,6 +68,8 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
     # Conv2dSame has its own forward that a swap would silently drop.
     if type(conv) is not nn.Conv2d:
         return SkipReason.SUBCLASS
+    if has_hooks(conv):
+        return SkipReason.HOOKED
     if calls == 0:
         return SkipReason.NOT_CALLED
     if calls > 1 and skip_shared:
@@ -80,6 +84,12 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
     return None
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (forward, pre-forward, backward, state-dict hooks aside)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(bool(getattr(module, name, None)) for name in hooks)
+
+
 def matches_any(qualname: str, patterns: Sequence[str]) -> bool:
     """fnmatch ``qualname`` against glob patterns (``layer1.*``, ``*.conv2``)."""
     return any(fnmatch.fnmatchcase(qualname, p) for p in patterns)
@@ -92,6 +102,7 @@ def find_conv_sites(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     skip_shared: bool = False,
+    params_read: frozenset[str] = frozenset(),
 ) -> list[ConvSite]:
     """Every ``nn.Conv2d`` instance of ``model`` in definition order, classified.
 
@@ -101,6 +112,8 @@ def find_conv_sites(
         include: if given, only convs matching one of these globs are eligible.
         exclude: convs matching any of these globs are skipped as excluded.
         skip_shared: skip convs called more than once (see :func:`skip_reason_for`).
+        params_read: qualnames of convs whose parameters the forward reads
+            directly (fx ``get_attr`` nodes): a pair would break that read.
     """
     sites = []
     for name, m in model.named_modules():
@@ -108,6 +121,8 @@ def find_conv_sites(
             continue
         call = calls.get(name, ConvCall())
         reason = skip_reason_for(m, call.calls, skip_shared=skip_shared)
+        if reason is None and name in params_read:
+            reason = SkipReason.PARAMS_READ
         if reason is None:
             if (include is not None and not matches_any(name, include)) or (exclude and matches_any(name, exclude)):
                 reason = SkipReason.EXCLUDED

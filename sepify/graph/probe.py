@@ -109,8 +109,10 @@ def probe(module: nn.Module, args: tuple[Any, ...], *, what: str = "model") -> P
     handles = []
 
     def hook(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        record = convs.setdefault(names[id(m)], ConvCall())
-        record.shapes.append((tuple(inputs[0].shape), tuple(output.shape)))
+        # Never raise from here: a failure would be blamed on the user's inputs.
+        name = names.get(id(m))
+        if name is not None and inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
+            convs.setdefault(name, ConvCall()).shapes.append((tuple(inputs[0].shape), tuple(output.shape)))
 
     for name, m in module.named_modules():
         if names.get(id(m)) == name:

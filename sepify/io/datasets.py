@@ -19,6 +19,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _check_finite(source: str, data: Tensor) -> Tensor:
+    """NaN or infinite samples would poison every statistic fitted on them: refuse them, saying where."""
+    bad = ~torch.isfinite(data.reshape(data.shape[0], -1)).all(dim=1) if data.is_floating_point() else None
+    if bad is not None and bool(bad.any()):
+        where = bad.nonzero().flatten()
+        count = int((~torch.isfinite(data)).sum())
+        raise CalibrationError(
+            f"{source}: {count} value(s) are NaN or infinite, in {len(where)} of {data.shape[0]} samples (first: "
+            f"sample {int(where[0])}); drop or clean those samples (with images: check that --std has no zeros)"
+        )
+    return data
+
+
 def _check_shape(source: str, data: Tensor, sample_shape: Sequence[int]) -> Tensor:
     """Samples must have the input's rank and channel count; spatial sizes may differ (convs don't mind)."""
     if data.dim() == 0 or data.shape[0] == 0:
@@ -56,17 +69,44 @@ def _load_images(
     std = std if std is not None else (IMAGENET_STD if channels == 3 else (0.5,))
     if len(mean) != channels or len(std) != channels:
         raise CalibrationError(f"--mean and --std need {channels} value(s) each for {channels}-channel images")
+    if height < 1 or width < 1:
+        raise CalibrationError(f"images cannot be resized to {height}x{width}; pass a positive --image-size H,W")
+    if any(not (v > 0 and v < float("inf")) for v in std):
+        raise CalibrationError(f"--std must be positive and finite for every channel, got {list(std)}")
     tensors = []
     for path in files[:limit]:
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB" if channels == 3 else "L").resize((width, height), Image.Resampling.BILINEAR)
                 data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
             raise CalibrationError(f"{path}: cannot be read as an image ({e}); remove or replace it") from e
         tensors.append(data.reshape(height, width, channels).permute(2, 0, 1).float() / 255.0)
     batch = torch.stack(tensors)
     return (batch - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def _load_npy(path: Path, samples: int | None) -> Tensor:
+    """A numeric .npy array, read through a memory map so that only the samples used are read.
+
+    The header is checked against the file's size first: a header that claims
+    more data than the file holds is a truncated or forged file, not a reason
+    to allocate it.
+    """
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise CalibrationError(f"{path}: is not a readable .npy array ({e}); re-save it with numpy.save") from e
+    if array.dtype.kind not in "biuf":
+        raise CalibrationError(
+            f"{path}: holds {array.dtype} values, not numbers; save a numeric array (e.g. float32) of samples"
+        )
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise CalibrationError(f"{path}: holds no samples; pass at least one")
+    array = array[:samples] if samples is not None else array
+    return torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype.kind != "f" else array.dtype)).float()
 
 
 def load_calibration(
@@ -103,21 +143,19 @@ def load_calibration(
     path = Path(source)
     if not path.exists():
         raise CalibrationError(f"{path}: no such file or folder; pass an image folder, a .pt/.npy file or 'random'")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise CalibrationError(f"samples must be a positive integer, got {samples!r}")
     if path.is_dir():
         shape = list(sample_shape)
         if image_size is not None and len(shape) == 3:
+            if len(image_size) != 2:
+                raise CalibrationError(f"--image-size takes two numbers, H,W; got {list(image_size)}")
             shape[1:] = list(image_size)
         data = _load_images(path, shape, mean, std, samples)
-        return _check_shape(str(path), data, sample_shape)
+        return _check_finite(str(path), _check_shape(str(path), data, sample_shape))
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        import numpy as np
-
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise CalibrationError(f"{path}: is not a readable .npy array ({e}); re-save it with numpy.save") from e
-        data = torch.from_numpy(np.ascontiguousarray(array)).float()
+        data = _load_npy(path, samples)
     elif suffix in (".pt", ".pth"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,10 +165,12 @@ def load_calibration(
             ) from e
         if not isinstance(obj, Tensor):
             raise CalibrationError(f"{path}: holds a {type(obj).__name__}, not a tensor of samples")
+        if obj.is_complex() or obj.dtype == torch.bool:
+            raise CalibrationError(f"{path}: holds {obj.dtype} values, not real numbers; save float samples")
         data = obj.float() if not obj.is_floating_point() else obj
     else:
         raise CalibrationError(
             f"{path}: unknown calibration file type; pass an image folder, a .pt/.npy file or 'random'"
         )
     data = data[:samples] if samples is not None else data
-    return _check_shape(str(path), data, sample_shape)
+    return _check_finite(str(path), _check_shape(str(path), data, sample_shape))

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import pickle
+import pickletools
 import struct
 import sys
 import zipfile
@@ -33,6 +34,7 @@ __all__ = [
     "is_import_spec",
     "load_state_dict_file",
     "load_weights_into",
+    "safetensors_metadata",
 ]
 
 _SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
@@ -85,11 +87,82 @@ def detect_kind(path: Path) -> str:
     return "unknown"
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(path: Path, kind: str) -> list[str]:
+    """The globals a pickle would import that torch's weights-only loader does not allow (no code runs)."""
+    if kind == "torch-save":
+        try:
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - only used to word a message
+            return []
+    found: set[str] = set()
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - only used to word a message
-        return []
+        with path.open("rb") as f:
+            while True:  # a legacy torch.save file is several pickles in a row
+                strings: list[str] = []
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.add(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.add(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+                    if op.name == "STOP":
+                        break
+                else:
+                    break
+    except Exception:  # noqa: BLE001 - the tail of a legacy file is raw storage bytes, not pickle
+        pass
+    return sorted(g for g in found if not g.startswith(("torch.", "collections.OrderedDict")))
+
+
+# Globals that are code, not data: unpickling a file that names them runs
+# commands, evaluates strings or opens files. No model needs any of them.
+_CODE_MODULES = (
+    "os.",
+    "posix.",
+    "nt.",
+    "subprocess.",
+    "sys.",
+    "shutil.",
+    "socket.",
+    "pty.",
+    "runpy.",
+    "importlib.",
+    "pickle.",
+    "marshal.",
+    "ctypes.",
+    "code.",
+    "webbrowser.",
+    "torch.hub.",
+    "commands.",
+    "platform.",
+)
+_CODE_BUILTINS = {
+    f"builtins.{name}" for name in ("exec", "eval", "compile", "__import__", "open", "breakpoint", "input", "apply")
+} | {f"__builtin__.{name}" for name in ("exec", "eval", "compile", "__import__", "open", "apply")}
+
+
+def _refusal(path: Path, kind: str) -> str:
+    """Why a pickle was refused, naming what it would import."""
+    found = _unsafe_globals(path, kind)
+    code = [g for g in found if g in _CODE_BUILTINS or g.startswith(_CODE_MODULES) or g.endswith(".system")]
+    if code:
+        return (
+            f"{path}: unpickling it would call {', '.join(code[:3])}{', ...' if len(code) > 3 else ''}, which runs "
+            f"commands or code, not a model; do not load it unless you made it yourself (then --trust-pickle), "
+            f"or {_SAFE_ROUTE}"
+        )
+    classes = [g for g in found if not g.startswith(("collections.", "builtins."))]
+    classes = [g for g in classes if not g.startswith("torch.")] or classes  # the user's own classes first
+    what = (
+        f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})"
+        if classes
+        else "unknown pickled code"
+    )
+    return (
+        f"{path}: holds {what}, and loading it runs code from the file; re-run with --trust-pickle if you "
+        f"trust its source, or {_SAFE_ROUTE}"
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -120,17 +193,7 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:
         if not trust_pickle:
-            found = sorted(_unsafe_globals(path)) if kind == "torch-save" else []
-            classes = [g for g in found if not g.startswith(("torch.", "collections.", "builtins."))]
-            what = (
-                f"a pickled object ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})"
-                if classes
-                else ("a pickled nn.Module")
-            )
-            raise ModelLoadError(
-                f"{path}: holds {what}, and loading it runs code from the file; re-run with --trust-pickle "
-                f"if you trust its source, or {_SAFE_ROUTE}"
-            ) from refused
+            raise ModelLoadError(_refusal(path, kind)) from refused
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - arbitrary unpickling code may raise anything
@@ -232,6 +295,8 @@ def _import_callable(spec: str) -> Any:
         raise
     except ImportError as e:
         raise ModelLoadError(f"{spec!r}: cannot import {module_part} ({e}); install it or fix the name") from e
+    except Exception as e:  # noqa: BLE001 - importing runs the module's code, which may raise anything
+        raise ModelLoadError(f"{spec!r}: importing {module_part} raised {_one_line(e)}; fix that module") from e
     fn = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -240,6 +305,11 @@ def _import_callable(spec: str) -> Any:
     if not callable(fn):
         raise ModelLoadError(f"{spec!r}: {attr} is a {type(fn).__name__}, not a callable that builds a model")
     return fn
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__} ({text.splitlines()[0][:160]})" if text else type(e).__name__
 
 
 def is_import_spec(text: str) -> bool:
@@ -270,6 +340,11 @@ def load_model(
             model = fn(**dict(kwargs or {}))
         except TypeError as e:
             raise ModelLoadError(f"{source!r}: calling it failed ({e}); check --kwargs") from e
+        except Exception as e:  # noqa: BLE001 - a model factory may raise anything (a download offline, ...)
+            raise ModelLoadError(
+                f"{source!r}: building the model raised {_one_line(e)}; pass --kwargs that avoid it (e.g. no "
+                "pretrained-weight download offline) or fix the code it runs"
+            ) from e
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"{source!r}: returned a {type(model).__name__}, not an nn.Module")
         if weights is not None:
@@ -313,17 +388,47 @@ def _describe_unusable(path: Path, kind: str) -> str:
     )
 
 
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (empty if it has none or is another kind of file)."""
+    path = Path(path)
+    if not path.is_file() or detect_kind(path) != "safetensors":
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable metadata is reported when the weights are read
+        return {}
+
+
 def load_weights_into(model: nn.Module, path: Path) -> None:
-    """Load a state_dict file into ``model``; keys that do not match are one sentence naming one."""
+    """Load a state_dict file into ``model``; keys or shapes that do not match are one sentence naming one.
+
+    Nothing is loaded unless everything fits: the model is untouched on error.
+    """
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
     problems = []
-    if result.missing_keys:
-        problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
-    if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(
+            f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+            f"{tuple(expected[k].shape)} in the model)"
+        )
     if problems:
         raise ModelLoadError(
-            f"{path}: its keys do not match the model ({'; '.join(problems)}); pass weights saved from this "
+            f"{path}: its tensors do not fit the model ({'; '.join(problems)}); pass weights saved from this "
             "architecture, or the --kwargs it was built with"
         )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. a dtype torch cannot copy across
+        raise ModelLoadError(f"{path}: loading into the model failed ({str(e).splitlines()[0][:160]})") from e

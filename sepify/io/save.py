@@ -2,11 +2,15 @@
 
 Every file is written atomically (:mod:`sepify.io.atomic`); every problem is an
 :class:`~sepify.errors.OutputError` naming the path, the cause and the fix.
+A safetensors file carries its plan in its own metadata (``sepify.plan``), so
+the weights never depend on the ``.plan.json`` beside them, which is written
+first and is there for people and tools that read JSON.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,17 @@ from torch import Tensor, nn
 from sepify.errors import OutputError, SepifyError
 from sepify.io.atomic import atomic_path, write_text_atomic
 
-__all__ = ["FORMATS", "save_model", "plan_path"]
+__all__ = ["FORMATS", "save_model", "plan_path", "PLAN_METADATA_KEY"]
 
 FORMATS = ("pt", "pt2", "onnx", "safetensors")
+PLAN_METADATA_KEY = "sepify.plan"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short plain line (exporters put colour codes and pages of context in theirs)."""
+    text = _ANSI.sub("", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
 def plan_path(weights_path: Path) -> Path:
@@ -33,16 +45,18 @@ def save_model(
     *,
     example_args: tuple[Any, ...],
     plan_json: str,
+    overwrite: bool = True,
 ) -> list[Path]:
     """Write ``model`` to ``path`` in ``fmt`` atomically; returns the files written.
 
-    ``safetensors`` also writes ``plan_json`` to ``<name>.plan.json`` beside
-    the weights, so that :func:`sepify.load_converted` can rebuild the model
-    without pickle.
+    ``safetensors`` stores ``plan_json`` in the file's metadata and also
+    writes it to ``<name>.plan.json`` beside the weights (first), so that
+    :func:`sepify.load_converted` can rebuild the model without pickle.
+    With ``overwrite=False`` no existing file is replaced.
     """
     path = Path(path)
     if fmt == "pt":
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             torch.save(model, tmp)
         return [path]
     if fmt == "pt2":
@@ -50,25 +64,26 @@ def save_model(
             program = torch.export.export(model, example_args)
         except Exception as e:  # noqa: BLE001 - export failures are many and specific
             raise OutputError(
-                f"{path}: torch.export could not export the converted model ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:160]}); save as --format pt or safetensors instead"
+                f"{path}: torch.export could not export the converted model ({_first_line(e)}); save as "
+                "--format pt or safetensors instead"
             ) from e
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             torch.export.save(program, tmp)
         return [path]
     if fmt == "onnx":
-        return [_save_onnx(model, path, example_args)]
+        return [_save_onnx(model, path, example_args, overwrite)]
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError as e:
             raise OutputError("--format safetensors needs the safetensors package; pip install 'sepify[io]'") from e
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(_dedupe_shared(state), str(tmp), metadata={"format": "sepify", "plan": plan_path(path).name})
         plan_file = plan_path(path)
-        write_text_atomic(plan_file, plan_json)
-        return [path, plan_file]
+        write_text_atomic(plan_file, plan_json, overwrite=overwrite)
+        metadata = {"format": "sepify", "plan": plan_file.name, PLAN_METADATA_KEY: plan_json}
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            save_file(_dedupe_shared(state), str(tmp), metadata=metadata)
+        return [plan_file, path]
     raise OutputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
@@ -83,27 +98,22 @@ def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...]) -> Path:
+def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> Path:
     try:
         import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise OutputError("--format onnx needs the onnx and onnxscript packages; pip install 'sepify[onnx]'") from e
     try:
-        with atomic_path(path) as tmp:
-            onnx_path = tmp.with_suffix(".onnx")
-            try:
-                program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
-                assert program is not None
-                program.save(str(onnx_path))
-                os.replace(onnx_path, tmp)
-            finally:
-                onnx_path.unlink(missing_ok=True)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
+            assert program is not None
+            program.save(str(tmp))  # the temp name ends in the target's extension
     except SepifyError:
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures are many and specific
         raise OutputError(
-            f"{path}: ONNX export failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
-            "save as --format pt2 or pt instead"
+            f"{path}: ONNX export failed ({_first_line(e)}); save as --format pt or safetensors instead "
+            "(both keep every module as it is)"
         ) from e
     return path

@@ -109,29 +109,44 @@ class Plan(JsonExportable):
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
             raise PlanError(f'{source} has no "layers" mapping')
+        meta = data.get("meta", {})
+        if not isinstance(meta, Mapping):
+            raise PlanError(f'{source}: "meta" must be a mapping, got {type(meta).__name__}')
         parsed = {}
         for name, spec in layers.items():
             if not isinstance(spec, Mapping) or "rank" not in spec or "order" not in spec:
                 raise PlanError(f'{source}: layer {name!r} needs a "rank" and an "order"')
-            parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout"))
-        return cls(parsed, dict(data.get("meta", {})))
+            try:
+                parsed[str(name)] = LayerPlan(spec["rank"], spec["order"], spec.get("layout"))
+            except PlanError as e:
+                raise PlanError(f"{source}: layer {name!r}: {e}") from None
+        return cls(parsed, dict(meta))
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike[str]) -> Plan:
-        """Read a plan from JSON text or from a file path."""
-        text = str(text_or_path)
-        source = "plan"
-        if not text.lstrip().startswith("{"):
-            path = Path(text_or_path)
-            source = str(path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise PlanError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
+        """Read a plan from JSON text (a string starting with ``{``) or from a file path."""
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+            return cls.from_json_text(text_or_path)
+        path = Path(text_or_path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PlanError(f"{path}: is not UTF-8 text, so not a plan; regenerate it with sepify audit") from e
+        return cls.from_json_text(text, str(path))
+
+    @classmethod
+    def from_json_text(cls, text: str, source: str = "plan") -> Plan:
+        """Read a plan from JSON text; ``source`` names it in error messages."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
+        except RecursionError as e:
+            raise PlanError(f"{source} is nested too deeply to be a plan; regenerate it") from e
         return cls.from_dict(data, source)
 
 

@@ -7,6 +7,7 @@ Counts are raw integers everywhere except in the human-readable forms
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -159,6 +160,19 @@ class ConversionReport(JsonExportable):
     @property
     def skipped(self) -> tuple[LayerReport, ...]:
         return tuple(layer for layer in self.layers if not layer.converted)
+
+    def skip_summary(self) -> str:
+        """Why the skipped convs were skipped, counted by reason: ``"3 excluded, 1 pointwise"``.
+
+        Example:
+            >>> ConversionReport(layers=(), params_before=0, params_after=0, macs_before=0, macs_after=0,
+            ...                  inputs="", mode="fx").skip_summary()
+            'the model has no Conv2d'
+        """
+        if not self.layers:
+            return "the model has no Conv2d"
+        counts = collections.Counter(str(layer.skip_reason) for layer in self.skipped)
+        return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none skipped"
 
     def to_plan(self) -> Plan:
         """The plan that reproduces this conversion (converted layers only)."""

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 __all__ = ["plot_audit"]
 
 
-def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | None = None) -> None:
+def plot_audit(
+    report: AuditReport, path: str | os.PathLike[str], plan: Plan | None = None, *, overwrite: bool = True
+) -> None:
     """Per candidate: MACs saved (x) vs output error (y) at every rank; planned picks ringed."""
     try:
         import matplotlib
@@ -49,6 +51,6 @@ def plot_audit(report: AuditReport, path: str | os.PathLike[str], plan: Plan | N
     )
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

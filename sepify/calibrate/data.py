@@ -215,12 +215,15 @@ def _items(calibration: Any, limit: int | None) -> Iterable[Any]:
 
 
 def _check_finite(args: tuple[Any, ...], first_sample: int) -> None:
+    """NaN or infinite samples would poison every statistic fitted on them: refuse them, naming the first."""
     for a in args:
         if isinstance(a, Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
             count = int((~torch.isfinite(a)).sum())
+            per_sample = ~torch.isfinite(a.reshape(a.shape[0], -1)).all(dim=1) if a.dim() > 1 else None
+            where = first_sample + int(per_sample.nonzero()[0]) if per_sample is not None else first_sample
             raise CalibrationError(
-                f"calibration samples from index {first_sample} hold {count} NaN or infinite value(s); they would "
-                "poison every statistic fitted on them, so drop or clean those samples"
+                f"calibration sample {where} holds NaN or infinite values ({count} in its batch); they would "
+                "poison every statistic fitted on them, so drop or clean such samples"
             )
 
 

@@ -8,6 +8,7 @@ measured on the held-out batches and recorded as a :class:`FidelityStage`.
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -205,4 +206,6 @@ def _run_on_calibration(model: nn.Module, args: tuple[Any, ...]) -> Any:
 def _worse(a: FidelityStage, b: FidelityStage) -> bool:
     if a.output_error is None or b.output_error is None:
         return False
-    return not a.output_error <= b.output_error  # a NaN error is worse than any number
+    if math.isnan(a.output_error) or math.isnan(b.output_error):
+        return math.isnan(a.output_error) and not math.isnan(b.output_error)  # NaN is worse than any number
+    return a.output_error > b.output_error

@@ -29,6 +29,11 @@ def _param_of(gm: fx.GraphModule, node: Any) -> nn.Parameter | None:
     return value if isinstance(value, nn.Parameter) else None
 
 
+def _inside_called(target: str, called: set[str]) -> bool:
+    owner = target.rpartition(".")[0]
+    return any(owner == m or owner.startswith(m + ".") for m in called)
+
+
 def _fresh_name(gm: fx.GraphModule, target: str) -> str:
     owner, _, attr = target.rpartition(".")
     base = f"{owner}.conv" if owner and attr == "weight" else f"{target}_conv"
@@ -52,9 +57,11 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
     ``F.conv2d`` on their own parameters and in ``torch.export`` programs
     (``aten.conv2d``). The new module holds the same Parameter objects; the
     old attributes are removed when nothing else reads them, so no weight is
-    stored twice. Returns the qualnames of the new modules, in graph order.
+    stored twice. Parameters of modules the graph also calls are left alone
+    (the module needs them). Returns the qualnames of the new modules, in graph order.
     """
     lifted = []
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _CONV2D_FUNCTIONS:
             continue
@@ -66,6 +73,8 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
         constants = [bound[k] for k in ("stride", "padding", "dilation", "groups")]
         if weight is None or weight.dim() != 4 or (bound["bias"] is not None and bias is None):
             continue  # computed or non-parameter weights stay functional
+        if _inside_called(str(bound["weight"].target), called):
+            continue  # a module the graph also calls owns it: moving it would break that call
         if any(isinstance(a, fx.Node) for c in constants for a in (c if isinstance(c, (list, tuple)) else [c])):
             continue
         stride, padding, dilation, groups = constants

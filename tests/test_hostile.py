@@ -354,6 +354,7 @@ def test_a_model_that_cannot_be_copied_says_inplace() -> None:
     assert len(result.report.converted) == 2 and result.report.output_error < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_script_modules_are_refused() -> None:
     with pytest.raises(sepify.ModelError, match="^the model is a TorchScript RecursiveScriptModule: torch.fx"):
         sepify.convert(torch.jit.script(net()), X)

@@ -227,7 +227,10 @@ def test_input_is_never_the_output(pickled: Path) -> None:
     before = digest(pickled)
     result = run("convert", pickled, "--trust-pickle", *SMALL, "-o", pickled, "--force", "-q")
     assert result.exit_code == 1
-    assert result.output == f"error: {pickled}: is also the model input; sepify never overwrites what it reads, so choose another -o path\n"
+    assert (
+        result.output
+        == f"error: {pickled}: is also the model input; sepify never overwrites what it reads, so choose another -o path\n"
+    )
     assert digest(pickled) == before
 
 

@@ -94,6 +94,8 @@ def _folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "latin1.json").write_bytes(b'{"format": "sepify.plan\xe9"}')
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "cut.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
+    torch.save(torch.randn(4, 3, 16, 16).to(torch.complex64), tmp_path / "complex.pt")
 
 
 class RunsCode:
@@ -215,6 +217,18 @@ SENTENCES = [
         "error: --image-size takes two numbers, H,W; got [8, 8, 8]",
     ),
     (
+        [*B, "--calibration", "imgs", "--mean", "nan,0,0"],
+        "error: --mean must be finite for every channel, got [nan, 0.0, 0.0]",
+    ),
+    (
+        [*B, "--weights", "cut.safetensors"],
+        "error: cut.safetensors: is a truncated safetensors file (its header runs past the end); re-save it",
+    ),
+    (
+        [*B, "--calibration", "complex.pt"],
+        "error: complex.pt: holds torch.complex64 values, not real numbers; save float samples",
+    ),
+    (
         [*B, "--plan", "deep.json"],
         "error: deep.json is nested too deeply to be a plan; regenerate it",
     ),
@@ -305,10 +319,15 @@ X = torch.randn(1, 3, 16, 16)
 def test_non_finite_calibration_tensor_is_refused() -> None:
     data = torch.randn(16, 3, 16, 16)
     data[9, 1, 2, 3] = float("nan")
-    with pytest.raises(CalibrationError, match=r"^calibration sample 9 holds NaN or infinite values \(1 in its batch\); they would poison"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"^calibration sample 9 holds NaN or infinite values \(1 in its batch\); they would poison",
+    ):
         sepify.convert(net(), X, calibration=data)
     batches = [torch.randn(4, 3, 16, 16), torch.full((4, 3, 16, 16), float("inf"))]
-    with pytest.raises(CalibrationError, match=r"^calibration sample 4 holds NaN or infinite values \(3072 in its batch\)"):
+    with pytest.raises(
+        CalibrationError, match=r"^calibration sample 4 holds NaN or infinite values \(3072 in its batch\)"
+    ):
         calibration_batches(batches, n_args=1, limit=None, heldout_fraction=0.25)
 
 
@@ -439,7 +458,9 @@ def _plan_json(ranks: dict[str, int]) -> str:
 
 
 def test_plan_from_a_path_string_reads_the_file(tmp_path: Path) -> None:
-    with pytest.raises(PlanError, match=r"^x.json: cannot read the plan \(No such file or directory\); check the path$"):
+    with pytest.raises(
+        PlanError, match=r"^x.json: cannot read the plan \(No such file or directory\); check the path$"
+    ):
         sepify.Plan.from_json("x.json")
 
 
@@ -457,7 +478,10 @@ layer_specs = st.dictionaries(
 )
 plans = st.fixed_dictionaries(
     {"format": st.sampled_from(["sepify.plan", "other"]), "version": st.sampled_from([1, 2, "1"])},
-    optional={"layers": st.dictionaries(st.text(max_size=6), layer_specs | json_values, max_size=3), "meta": json_values},
+    optional={
+        "layers": st.dictionaries(st.text(max_size=6), layer_specs | json_values, max_size=3),
+        "meta": json_values,
+    },
 )
 
 
@@ -570,3 +594,14 @@ def test_io_faults_become_one_sentence(tmp_path: Path) -> None:
         "or write elsewhere"
     )
     assert not (tmp_path / "m.pt").exists() and not temp_files_of(tmp_path / "m.pt")
+
+
+def test_a_decompression_bomb_is_a_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 20x20 photo is then "4x over the limit"
+    with pytest.raises(CalibrationError) as info:
+        load_calibration(tmp_path / "imgs", (3, 16, 16))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'imgs' / 'a.png'}: cannot be read as an image (Image size (400 pixels)")
+    assert message.endswith("; remove or replace it")

@@ -121,7 +121,7 @@ def test_two_concurrent_runs_without_force_one_wins_cleanly(folder: Path) -> Non
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results
     loser = next(err for code, err in results if code == 1).strip()
-    assert loser.startswith(f"error: out.pt: already exists; pass --force") or (
+    assert loser.startswith("error: out.pt: already exists; pass --force") or (
         "was created by someone else while sepify worked (another run?); it was left as it is" in loser
     ), loser
     assert_absent_or_complete(folder / "out.pt")

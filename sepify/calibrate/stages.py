@@ -8,8 +8,8 @@ measured on the held-out batches and recorded as a :class:`FidelityStage`.
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -71,6 +72,8 @@ def _load_images(
         raise CalibrationError(f"--mean and --std need {channels} value(s) each for {channels}-channel images")
     if height < 1 or width < 1:
         raise CalibrationError(f"images cannot be resized to {height}x{width}; pass a positive --image-size H,W")
+    if any(not math.isfinite(v) for v in mean):
+        raise CalibrationError(f"--mean must be finite for every channel, got {list(mean)}")
     if any(not (v > 0 and v < float("inf")) for v in std):
         raise CalibrationError(f"--std must be positive and finite for every channel, got {list(std)}")
     tensors = []

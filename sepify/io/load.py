@@ -54,8 +54,8 @@ class LoadedModel:
 
 def detect_kind(path: Path) -> str:
     """Classify a file by its bytes: ``torch-save``, ``torchscript``, ``pt2``,
-    ``legacy-pickle``, ``safetensors``, ``onnx``, ``empty``, ``corrupt-zip``
-    or ``unknown``. Reads headers and zip member names only.
+    ``legacy-pickle``, ``safetensors``, ``truncated-safetensors``, ``onnx``,
+    ``empty``, ``corrupt-zip`` or ``unknown``. Reads headers and zip member names only.
     """
     size = path.stat().st_size
     if size == 0:
@@ -82,6 +82,7 @@ def detect_kind(path: Path) -> str:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len <= size - 8:
             return "safetensors"
+        return "truncated-safetensors"
     if path.suffix.lower() == ".onnx":
         return "onnx"
     return "unknown"
@@ -256,6 +257,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             return dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001 - the parser's own errors
             raise ModelLoadError(f"{path}: is not a readable safetensors file ({e}); re-save it") from e
+    if kind == "truncated-safetensors":
+        raise ModelLoadError(f"{path}: is a truncated safetensors file (its header runs past the end); re-save it")
     if kind not in ("torch-save", "legacy-pickle"):
         raise ModelLoadError(
             f"{path}: is not a weights file (found: {kind}); pass a .safetensors or a torch.save'd state_dict"
@@ -373,6 +376,11 @@ def _describe_unusable(path: Path, kind: str) -> str:
         return f"{path}: the file is empty; re-save the model"
     if kind == "corrupt-zip":
         return f"{path}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+    if kind == "truncated-safetensors":
+        return (
+            f"{path}: is a truncated safetensors file (its header runs past the end); re-save it, and pass it as "
+            "--weights beside an import spec (safetensors hold no architecture)"
+        )
     if kind == "torchscript":
         return _torchscript_message(path)
     if kind == "safetensors":

@@ -251,7 +251,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             from safetensors.torch import load_file
         except ImportError as e:
             raise ModelLoadError(
-                f"{path}: reading .safetensors needs the safetensors package; pip install 'sepify[io]'"
+                f"{path}: reading .safetensors needs the safetensors package; pip install safetensors"
             ) from e
         try:
             return dict(load_file(str(path)))

@@ -76,7 +76,7 @@ def save_model(
         try:
             from safetensors.torch import save_file
         except ImportError as e:
-            raise OutputError("--format safetensors needs the safetensors package; pip install 'sepify[io]'") from e
+            raise OutputError("--format safetensors needs the safetensors package; pip install safetensors") from e
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         plan_file = plan_path(path)
         write_text_atomic(plan_file, plan_json, overwrite=overwrite)
@@ -103,7 +103,7 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
         import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise OutputError("--format onnx needs the onnx and onnxscript packages; pip install 'sepify[onnx]'") from e
+        raise OutputError("--format onnx needs the onnx and onnxscript packages; pip install onnx onnxscript") from e
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
             program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)

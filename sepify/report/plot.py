@@ -25,7 +25,7 @@ def plot_audit(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise OutputError("the audit chart needs matplotlib; pip install 'sepify[plot]'") from e
+        raise OutputError("the audit chart needs matplotlib; pip install matplotlib") from e
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     for layer in report.candidates:
         for order, marker in (("dw-pw", "o"), ("pw-dw", "s"), ("pw-dw-pw", "^")):

@@ -16,11 +16,10 @@ The package is laid out by pipeline stage (README, "Project layout"):
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+from typing import TYPE_CHECKING, Any
 
-from sepify.audit import audit
-from sepify.convert import ConversionResult, convert, load_converted
-from sepify.core.modules import SeparableConv2d
 from sepify.errors import (
     BudgetError,
     CalibrationError,
@@ -34,13 +33,56 @@ from sepify.errors import (
     SepifyError,
     SepifyWarning,
 )
-from sepify.graph.candidates import SkipReason
-from sepify.graph.tracing import register_leaf_module
-from sepify.options import Calibration, Distill, Selection, Timing
-from sepify.planning.plan import LayerPlan, Plan
-from sepify.report.audit import AuditLayer, AuditOption, AuditReport
-from sepify.report.conversion import ConversionReport, LayerReport
-from sepify.report.render import format_count
+
+if TYPE_CHECKING:
+    from sepify.core.modules import SeparableConv2d
+    from sepify.graph.candidates import SkipReason
+    from sepify.graph.tracing import register_leaf_module
+    from sepify.options import Calibration, Distill, Selection, Timing
+    from sepify.pipeline.audit import audit
+    from sepify.pipeline.convert import ConversionResult, convert, load_converted
+    from sepify.planning.plan import LayerPlan, Plan
+    from sepify.report.audit import AuditLayer, AuditOption, AuditReport
+    from sepify.report.conversion import ConversionReport, LayerReport
+    from sepify.report.render import format_count
+
+# Public names and the modules that define them, imported on first use: the
+# CLI's --help and the error classes need no torch, and torch takes seconds.
+_LAZY = {
+    "convert": "sepify.pipeline.convert",
+    "load_converted": "sepify.pipeline.convert",
+    "ConversionResult": "sepify.pipeline.convert",
+    "audit": "sepify.pipeline.audit",
+    "SeparableConv2d": "sepify.core.modules",
+    "SkipReason": "sepify.graph.candidates",
+    "register_leaf_module": "sepify.graph.tracing",
+    "Calibration": "sepify.options",
+    "Distill": "sepify.options",
+    "Selection": "sepify.options",
+    "Timing": "sepify.options",
+    "LayerPlan": "sepify.planning.plan",
+    "Plan": "sepify.planning.plan",
+    "AuditLayer": "sepify.report.audit",
+    "AuditOption": "sepify.report.audit",
+    "AuditReport": "sepify.report.audit",
+    "ConversionReport": "sepify.report.conversion",
+    "LayerReport": "sepify.report.conversion",
+    "format_count": "sepify.report.render",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sepify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 try:
     __version__: str = importlib.metadata.version("sepify")

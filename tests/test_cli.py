@@ -526,3 +526,17 @@ def test_unknown_report_format_fails_before_any_work(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.strip() == "error: r.txt: unknown report format '.txt'; use .json, .csv or .md"
     assert not (tmp_path / "build.sep.pt").exists()
+
+
+def test_help_does_not_import_torch() -> None:
+    """`sepify --help` and `sepify convert --help` stay fast: torch (seconds to import) loads only for real work."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from sepify.cli import app\n"
+        "for argv in (['--help'], ['convert', '--help'], ['audit', '--help']):\n"
+        "    assert CliRunner().invoke(app, argv).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'sepify.pipeline.convert') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stderr

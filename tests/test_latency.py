@@ -44,7 +44,7 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
         chosen = layout if len(pair.layouts) > 1 else None  # the real contract: None where there is no choice
         return PairTiming(chosen, pair_s[pair.order], 1.0 if against is not None else None)
 
-    for module in ("sepify.convert", "sepify.audit"):
+    for module in ("sepify.pipeline.convert", "sepify.pipeline.audit"):
         monkeypatch.setattr(importlib.import_module(module), "time_pair", fake)
     return calls
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sepify.audit import audit as audit_model
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
-from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
 from sepify.cli.output import print_lines, progress_bar, run_inputs
 from sepify.errors import OutputError
 from sepify.io.outputs import check_outputs
-from sepify.options import Calibration, Selection
-from sepify.planning.budget import check_budget
-from sepify.planning.plan import Plan
-from sepify.report.audit import AuditReport
+
+if TYPE_CHECKING:
+    from sepify.planning.plan import Plan
+    from sepify.report.audit import AuditReport
 
 __all__ = ["audit"]
 
@@ -100,6 +98,12 @@ def audit(
     refinement that `convert --calibration` applies.
     """
     with errors_as_exit_codes(debug):
+        # torch and the pipeline load here, not at import: `sepify --help` stays fast
+        from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
+        from sepify.options import Calibration, Selection
+        from sepify.pipeline.audit import audit as audit_model
+        from sepify.planning.budget import check_budget
+
         rank_list = [int(r) for r in parse_numbers(ranks, "--ranks", int) or []] or None
         budget = {
             "max_mac_ratio": max_mac_ratio,

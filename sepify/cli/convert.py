@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
-from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_rank
 from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
-from sepify.convert import ConversionResult
-from sepify.convert import convert as convert_model
 from sepify.errors import NothingConvertedError, OutputError
-from sepify.io.load import default_output
 from sepify.io.outputs import check_outputs
-from sepify.io.save import plan_path, save_model
-from sepify.options import Calibration, Distill, Selection, Timing
-from sepify.planning.plan import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from sepify.pipeline.convert import ConversionResult
 
 __all__ = ["convert"]
 
@@ -173,6 +170,14 @@ def convert(
     error) and writes the converted model; the input is never modified.
     """
     with errors_as_exit_codes(debug):
+        # torch and the pipeline load here, not at import: `sepify --help` stays fast
+        import torch
+
+        from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_rank
+        from sepify.options import Calibration, Distill, Selection, Timing
+        from sepify.pipeline.convert import convert as convert_model
+        from sepify.planning.plan import Plan
+
         on = device(device_name)
         args = make_inputs(input_shape, on)
         the_plan = Plan.from_json(plan) if plan is not None else None
@@ -225,6 +230,8 @@ def _write(
     quiet: bool,
 ) -> list[Path]:
     """The model, then the report; the report is written even when the model cannot be (it says what was done)."""
+    from sepify.io.save import save_model
+
     try:
         with step(f"writing {target}", quiet):
             plan_json = result.report.to_plan().to_json()
@@ -244,6 +251,9 @@ def _checked_outputs(
     model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool, inputs: Inputs
 ) -> tuple[str, Path]:
     """The format and model path to write; every output path is checked before any slow work."""
+    from sepify.io.load import default_output
+    from sepify.io.save import plan_path
+
     input_path = inputs["model"]
     chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
     target = output or default_output(model, chosen)

@@ -113,8 +113,10 @@ def test_pickled_model_with_trust(pickled: Path) -> None:
     before = digest(pickled)
     result = run("convert", pickled, "--trust-pickle", *SMALL, "-q")
     assert result.exit_code == 0, result.output
-    assert result.output == ""  # --quiet
-    assert (pickled.parent / "resnet.sep.pt").is_file()
+    out = pickled.parent / "resnet.sep.pt"
+    assert result.output.splitlines()[0] == f"wrote {out}"  # --quiet: what was written and one summary line
+    assert result.output.splitlines()[1].startswith("converted 17 of 20 convs; MACs 0.")
+    assert len(result.output.splitlines()) == 2 and out.is_file()
     assert digest(pickled) == before  # the input is never modified
 
 
@@ -380,8 +382,8 @@ def test_environment_debug_flag(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_audit_plan_out_then_convert_with_plan(tmp_path: Path) -> None:
     result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.7", "--plan-out", "plan.json", "-q")
     assert result.exit_code == 0, result.output
-    assert "3 of 4 convs are candidates" in result.output
-    assert "plan: " in result.output and "wrote plan.json" in result.output
+    lines = result.output.splitlines()  # -q: the plan's one line and what was written
+    assert len(lines) == 2 and lines[0].startswith("plan: ") and lines[1] == "wrote plan.json"
     plan = sepify.Plan.from_json(tmp_path / "plan.json")
     assert plan.meta["mac_ratio"] <= 0.7
     result = run("convert", TINY, *TINY_INPUT, "--plan", "plan.json", "--report", "r.json", "-q")
@@ -399,11 +401,13 @@ def test_audit_json_format_parses() -> None:
     assert len(data["layers"]) == 4
 
 
-def test_audit_unreachable_budget_is_one_sentence() -> None:
+def test_audit_unreachable_budget_is_one_sentence_after_the_audit() -> None:
     result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.05")
     assert result.exit_code == 1
-    assert result.output.startswith("error: no plan reaches MACs <= 0.05x the original: ")
-    assert "relax the budget to at least 0." in result.output
+    assert result.output.startswith("3 of 4 convs are candidates")  # the finished audit is not thrown away
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("error: no plan reaches MACs <= 0.05x the original: ")
+    assert "relax the budget to at least 0." in error
 
 
 def test_audit_budgets_are_exclusive() -> None:
@@ -540,3 +544,29 @@ def test_help_does_not_import_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(tmp_path: Path) -> None:
+    (tmp_path / "long.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    inner = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1))\n"
+        "    outer = torch.nn.Sequential()\n"
+        "    outer.add_module('a_very_long_module_name_that_goes_on_and_on_' * 3, inner)\n"
+        "    return outer.eval()\n"
+    )
+    result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "--rank", "2", "-o", "a.pt")
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100
+    assert "skipped 1 conv: 1 pointwise (a_very_long…on_and_on_.1) (--all lists them)" in result.output
+    row = next(line for line in result.output.splitlines() if "3->8 3x3" in line)
+    assert row.startswith("a_very_long_module_…at_goes_on_and_on_.0  3->8 3x3     2 dw-pw  13.82K -> 6.53K")
+    wide = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "--rank", "2", "-o", "a.pt", "--force", "--wide")
+    assert "a_very_long_module_name_that_goes_on_and_on_" * 3 + ".1" in wide.output  # --wide: names whole
+    result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "-o", "b.pt", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 2
+    result = run("audit", "long.py:build", "--input-shape", "1,3,8,8", "--json", "--max-mac-ratio", "0.9")
+    assert json.loads(result.stdout)["plan"]["format"] == "sepify.plan"

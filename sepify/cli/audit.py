@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.app import app, err, errors_as_exit_codes, out
 from sepify.cli.output import print_lines, progress_bar, run_inputs
-from sepify.errors import OutputError
+from sepify.errors import BudgetError, OutputError
 from sepify.io.outputs import check_outputs
+from sepify.report.render import plan_summary
 
 if TYPE_CHECKING:
     from sepify.planning.plan import Plan
@@ -82,6 +83,9 @@ def audit(
     std: o.StdOpt = None,
     force: o.ForceOpt = False,
     quiet: o.QuietOpt = False,
+    wide: o.WideOpt = False,
+    all_rows: o.AllRowsOpt = False,
+    as_json: o.JsonOpt = False,
     trust_pickle: o.TrustPickleOpt = False,
     kwargs: o.KwargsOpt = None,
     weights: o.WeightsOpt = None,
@@ -136,18 +140,26 @@ def audit(
                 timing=latency,
                 progress=progress,
             )
-        plan = report.plan(**given) if given else None
-        _print(report, plan, fmt)
+        fmt = o.AuditFormat.json if as_json else fmt
+        try:
+            plan = report.plan(**given) if given else None
+        except BudgetError:
+            if not quiet:  # the finished audit is worth showing, and says what is reachable
+                _print(report, None, fmt, wide=wide, all_rows=all_rows)
+            raise
+        if not quiet:
+            _print(report, plan, fmt, wide=wide, all_rows=all_rows)
+        elif plan is not None:
+            print_lines("\n".join(plan_summary(plan)[:1]))
+        console = out if fmt is o.AuditFormat.table else err  # machine-readable stdout stays clean
         if plan is not None and plan_out is not None:
             plan.to_json(plan_out, overwrite=force)
-            if fmt is o.AuditFormat.table:
-                out.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
+            console.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
         if plot is not None:
             from sepify.report.plot import plot_audit
 
             plot_audit(report, plot, plan, overwrite=force)
-            if fmt is o.AuditFormat.table:
-                out.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+            console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
 
 
 def _check_matplotlib() -> None:
@@ -157,21 +169,15 @@ def _check_matplotlib() -> None:
         raise OutputError("--plot needs matplotlib; pip install matplotlib") from None
 
 
-def _print(report: AuditReport, plan: Plan | None, fmt: o.AuditFormat) -> None:
+def _print(report: AuditReport, plan: Plan | None, fmt: o.AuditFormat, *, wide: bool, all_rows: bool) -> None:
     if fmt is o.AuditFormat.json:
         data = report.to_dict()
         if plan is not None:
             data["plan"] = plan.to_dict()
-        out.print_json(json.dumps(data))
+        print_lines(json.dumps(data, indent=2))
     elif fmt is o.AuditFormat.csv:
         print_lines(report.to_csv(), end="")
     elif fmt is o.AuditFormat.md:
         print_lines(report.to_markdown(), end="")
     else:
-        print_lines(str(report))
-        if plan is not None:
-            meta = plan.meta
-            print_lines(
-                f"plan: {len(plan)} convs; MACs {meta['mac_ratio']:.3f}x, params {meta['param_ratio']:.3f}x, "
-                f"predicted output error {meta['predicted_error']:.3g}"
-            )
+        print_lines(report.to_text(plan, wide=wide, all_rows=all_rows))

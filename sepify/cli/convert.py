@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.app import app, err, errors_as_exit_codes, out
 from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
 from sepify.errors import NothingConvertedError, OutputError
 from sepify.io.outputs import check_outputs
@@ -157,6 +157,9 @@ def convert(
     force: o.ForceOpt = False,
     allow_unchanged: o.AllowUnchangedOpt = False,
     quiet: o.QuietOpt = False,
+    wide: o.WideOpt = False,
+    all_rows: o.AllRowsOpt = False,
+    as_json: o.JsonOpt = False,
     trust_pickle: o.TrustPickleOpt = False,
     kwargs: o.KwargsOpt = None,
     weights: o.WeightsOpt = None,
@@ -205,8 +208,10 @@ def convert(
                 timing=timing,
                 progress=progress,
             )
-        if not quiet:
-            print_lines(str(result.report))
+        if as_json:
+            print_lines(result.report.to_json(), end="")
+        elif not quiet:
+            print_lines(result.report.to_text(wide=wide, all_rows=all_rows))
         if not result.report.converted and not allow_unchanged:
             raise NothingConvertedError(
                 f"no conv of {model} was converted ({result.report.skip_summary()}), so nothing was written; "
@@ -214,10 +219,13 @@ def convert(
             )
         if memory_format is o.MemoryFormat.channels_last:
             result.model.to(memory_format=torch.channels_last)
-        written = _write(result, target, chosen, args, report, force, quiet)
-        if not quiet:
-            for path in written:
-                out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        written = _write(result, target, chosen, args, report, force, quiet or as_json)
+        # with --json stdout holds the JSON alone; what was written goes to stderr
+        console = err if as_json else out
+        for path in written:
+            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        if quiet and not as_json:
+            print_lines(result.report.summary_line())
 
 
 def _write(

@@ -170,7 +170,28 @@ LatencyOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT)]
 QuietOpt = Annotated[
     bool,
-    typer.Option("--quiet", "-q", help="Print only results and errors (no progress).", rich_help_panel=OUTPUT),
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="Print only what was written and one summary line (no table, no progress).",
+        rich_help_panel=OUTPUT,
+    ),
+]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide", help="Print the full table (every column) instead of the compact one.", rich_help_panel=OUTPUT
+    ),
+]
+AllRowsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--all", help="List skipped convs in the table too, not only as a summary line.", rich_help_panel=OUTPUT
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the report as JSON on stdout (and nothing else there).", rich_help_panel=OUTPUT),
 ]
 AllowUnchangedOpt = Annotated[
     bool,

@@ -340,7 +340,11 @@ def load_model(
     if is_import_spec(source):
         fn = _import_callable(source)
         try:
-            model = fn(**dict(kwargs or {}))
+            # Seeded, so that random-weight architectures are the same model in every run
+            # (an audit's plan must fit the model a later convert builds); the caller's RNG is left alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = fn(**dict(kwargs or {}))
         except TypeError as e:
             raise ModelLoadError(f"{source!r}: calling it failed ({e}); check --kwargs") from e
         except Exception as e:  # noqa: BLE001 - a model factory may raise anything (a download offline, ...)

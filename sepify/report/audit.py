@@ -187,5 +187,14 @@ class AuditReport(JsonExportable):
         lines = render.markdown_table(*render.audit_table(self))
         return "\n".join([*lines, "", *(f"- {s}" for s in render.audit_summary(self))]) + "\n"
 
+    def to_text(
+        self, plan: Plan | None = None, *, wide: bool = True, all_rows: bool = False, width: int = render.TERMINAL_WIDTH
+    ) -> str:
+        """The audit as text: the full table (``wide``), or the compact view with ``plan``'s pick per layer."""
+        if not wide:
+            return "\n".join(render.audit_compact(self, plan, all_rows=all_rows, width=width))
+        lines = [*render.text_table(*render.audit_table(self)), "", *render.audit_summary(self)]
+        return "\n".join(lines + (render.plan_summary(plan) if plan is not None else []))
+
     def __str__(self) -> str:
-        return "\n".join([*render.text_table(*render.audit_table(self)), "", *render.audit_summary(self)])
+        return self.to_text()

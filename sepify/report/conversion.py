@@ -226,8 +226,21 @@ class ConversionReport(JsonExportable):
         lines += ["", *(f"- {line}" for line in render.conversion_summary(self))]
         return "\n".join(lines) + "\n"
 
-    def __str__(self) -> str:
+    def to_text(self, *, wide: bool = True, all_rows: bool = False, width: int = render.TERMINAL_WIDTH) -> str:
+        """The report as text: the full table (``wide``), or the compact terminal view that fits ``width``."""
+        if not wide:
+            return "\n".join(render.conversion_compact(self, all_rows=all_rows, width=width))
         return "\n".join([*render.text_table(*render.conversion_table(self)), "", *render.conversion_summary(self)])
+
+    def summary_line(self) -> str:
+        """One line: ``converted 2 of 3 convs; MACs 0.245x, params 0.370x; output error 1.31e-01``."""
+        error = "-" if self.output_error is None else f"{self.output_error:.3g}"
+        macs = "-" if self.mac_ratio is None else f"{self.mac_ratio:.3f}x"
+        params = "-" if self.param_ratio is None else f"{self.param_ratio:.3f}x"
+        return f"converted {len(self.converted)} of {len(self.layers)} convs; MACs {macs}, params {params}; output error {error}"
+
+    def __str__(self) -> str:
+        return self.to_text()
 
 
 def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:

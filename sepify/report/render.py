@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sepify.planning.plan import Plan
     from sepify.report.audit import AuditReport
     from sepify.report.conversion import ConversionReport
 
@@ -28,7 +30,15 @@ __all__ = [
     "audit_summary",
     "audit_csv",
     "conversion_csv",
+    "shorten",
+    "conversion_compact",
+    "audit_compact",
+    "plan_summary",
+    "TERMINAL_WIDTH",
 ]
+
+TERMINAL_WIDTH = 100  # the compact views fit this many columns
+_MIN_NAME = 12
 
 
 def format_count(n: float | int | None) -> str:
@@ -250,3 +260,172 @@ def conversion_csv(report: ConversionReport) -> str:
     """One row per conv, every field of :meth:`LayerReport.to_dict`."""
     rows = [layer.to_dict() for layer in report.layers]
     return csv_text(list(rows[0]) if rows else ["name"], rows)
+
+
+# -- compact terminal views ------------------------------------------------------------------------------------------
+
+
+def shorten(name: str, width: int) -> str:
+    """``name`` cut in the middle to at most ``width`` characters, keeping both ends (where layer names differ).
+
+    >>> shorten("features.denseblock4.denselayer16.conv2", 24)
+    'features.de…ayer16.conv2'
+    >>> shorten("layer1.0.conv1", 24)
+    'layer1.0.conv1'
+    """
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
+
+
+def _fit(header: list[str], rows: list[list[str]], width: int) -> list[str]:
+    """A text table whose first column (names) is shortened in the middle until the table fits ``width``."""
+    other = sum(max(len(c) for c in col) for col in zip(header[1:], *(r[1:] for r in rows))) + 2 * (len(header) - 1)
+    names = max([len(header[0]), *(len(r[0]) for r in rows)])
+    room = max(_MIN_NAME, min(names, width - other - 2))
+    return text_table(header, [[shorten(r[0], room), *r[1:]] for r in rows], left=1)
+
+
+def _conv(in_channels: int, out_channels: int, kernel: tuple[int, ...], stride: tuple[int, ...], groups: int) -> str:
+    text = f"{in_channels}->{out_channels} {'x'.join(map(str, kernel))}"
+    if any(s != 1 for s in stride):
+        text += "/" + "x".join(map(str, stride)) if len(set(stride)) > 1 else f"/{stride[0]}"
+    return text + (f" g{groups}" if groups > 1 else "")
+
+
+def _arrow(before: int, after: int) -> str:
+    return f"{format_count(before)} -> {format_count(after)}"
+
+
+def _skipped_line(reasons: list[tuple[str, str]], what: str) -> list[str]:
+    """``skipped 36 convs: 36 pointwise`` (with the names when there are few)."""
+    if not reasons:
+        return []
+    counts: dict[str, list[str]] = {}
+    for name, reason in reasons:
+        counts.setdefault(reason, []).append(name)
+    parts = []
+    for reason, names in sorted(counts.items(), key=lambda kv: -len(kv[1])):
+        listed = f" ({', '.join(shorten(n, 24) for n in names)})" if len(names) <= 3 else ""
+        parts.append(f"{len(names)} {reason}{listed}")
+    return [f"{what} {len(reasons)} conv{'s' if len(reasons) > 1 else ''}: {'; '.join(parts)} (--all lists them)"]
+
+
+def conversion_compact(report: ConversionReport, *, all_rows: bool = False, width: int = TERMINAL_WIDTH) -> list[str]:
+    """The terminal view of a conversion: totals first, one row per converted conv, skipped convs in one line.
+
+    Columns: layer, conv (``Cin->Cout kernel/stride gGroups``), rank and order (``*``: capped at the exact rank),
+    MACs and params before -> after, weight error, and pair/conv time when measured. ``all_rows`` lists skipped
+    convs too. Names are shortened in the middle so that the table fits ``width`` columns.
+    """
+    lines = conversion_summary(report)
+    totals, rest = lines[:4], lines[4:]
+    timed = any(r.latency_ratio is not None for r in report.layers)
+    header = ["layer", "conv", "rank order", "MACs", "params", "w err"] + (["time"] if timed else [])
+    rows, skipped = [], []
+    for r in report.layers:
+        if not r.converted and not all_rows:
+            skipped.append((r.name or "(root)", str(r.skip_reason)))
+            continue
+        structure = f"{r.rank}{'*' if r.rank_capped else ''} {r.order}" if r.converted else f"skip: {r.skip_reason}"
+        row = [
+            r.name or "(root)",
+            _conv(r.in_channels, r.out_channels, r.kernel_size, r.stride, r.groups),
+            structure + (" (larger)" if r.larger_than_original else ""),
+            _arrow(r.macs_before, r.macs_after) if r.converted else format_count(r.macs_before),
+            _arrow(r.params_before, r.params_after) if r.converted else format_count(r.params_before),
+            "-" if r.weight_error is None else f"{r.weight_error:.3f}",
+        ]
+        if timed:
+            row.append("-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x")
+        rows.append(row)
+    table = _fit(header, rows, width) if rows else []
+    prose = _wrapped([*_skipped_line(skipped, "skipped"), *([""] if rest else []), *rest], width)
+    return [*_wrapped(totals, width), "", *table, *prose]
+
+
+def plan_summary(plan: Plan) -> list[str]:
+    """What a plan does and what its predicted error means."""
+    meta = plan.meta
+    lines = [f"plan: {len(plan)} convs; MACs {meta['mac_ratio']:.3f}x, params {meta['param_ratio']:.3f}x"]
+    if "latency_ratio" in meta and meta["latency_ratio"] is not None:
+        lines[0] += f", latency {meta['latency_ratio']:.3f}x"
+    error = meta["predicted_error"]
+    lines[0] += f"; predicted output error {error:.3g}"
+    lines.append(
+        "  (||y_slim - y|| / ||y|| on the example inputs, from each planned layer's measured error and how much of "
+        "it reached the output when that layer alone was converted, added in energy"
+        + (
+            "; above 1 the outputs move by more than their own size: expect the task to suffer unless calibration "
+            "recovers it, or relax the budget)"
+            if error > 1
+            else ")"
+        )
+    )
+    return lines
+
+
+def audit_compact(
+    report: AuditReport, plan: Plan | None = None, *, all_rows: bool = False, width: int = TERMINAL_WIDTH
+) -> list[str]:
+    """The terminal view of an audit: candidates by MACs with their rank-1 option, the plan's pick per layer.
+
+    Columns: layer, conv, MACs and share of the model, the rank-1 order with the lower error and that error (the
+    layer's own output error when measured, else its weight error), the whole-model error with only that layer at
+    rank 1, and with a plan the rank and order it picked and the MACs after. Skipped convs are one line unless
+    ``all_rows``.
+    """
+    header = ["layer", "conv", "MACs (share)", "r1 order", "r1 err", "model err"] + (["plan"] if plan else [])
+    rows, skipped = [], []
+    for layer in sorted(report.layers, key=lambda x: (not x.candidate, -x.macs)):
+        if not layer.candidate and not all_rows:
+            skipped.append((layer.name, str(layer.skip_reason)))
+            continue
+        best = layer.best_at(1)
+        err = None if best is None else (best.output_error if best.output_error is not None else best.weight_error)
+        row = [
+            layer.name,
+            _conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.groups),
+            f"{format_count(layer.macs)} ({100 * layer.mac_share:.1f}%)",
+            best.order if best else f"skip: {layer.skip_reason}",
+            "-" if err is None else f"{err:.3f}",
+            "-" if layer.model_error_rank1 is None else f"{layer.model_error_rank1:.3f}",
+        ]
+        if plan is not None:
+            pick = plan.layers.get(layer.name)
+            if pick is None:
+                row.append("-")
+            else:
+                chosen = layer.option(pick.rank, pick.order)
+                row.append(f"{pick.rank} {pick.order} -> {format_count(chosen.macs_after)}")
+        rows.append(row)
+    cands = report.candidates
+    share = sum(layer.mac_share for layer in cands)
+    head = [
+        f"{len(cands)} of {len(report.layers)} convs are candidates, {100 * share:.1f}% of the model's "
+        f"{format_count(report.macs)} MACs (mode: {report.mode}; inputs: {report.inputs})",
+        *(plan_summary(plan) if plan is not None else []),
+    ]
+    tail = [
+        *_skipped_line(skipped, "skipped"),
+        "",
+        "r1 err = the layer's own output error at rank 1 (weight error where not measured); model err = whole-model "
+        "output error with only that layer at rank 1" + ("; plan = rank order -> MACs after" if plan else ""),
+    ]
+    if report.model_latency is not None:
+        tail.append(f"model latency {1e3 * report.model_latency:.2f} ms (median)")
+    table = _fit(header, rows, width) if rows else []
+    return [*_wrapped(head, width), "", *table, *_wrapped(tail + list(report.notes), width)]
+
+
+def _wrapped(lines: list[str], width: int) -> list[str]:
+    """Prose lines wrapped at ``width`` (continuations indented)."""
+    out: list[str] = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+        else:
+            indent = len(line) - len(line.lstrip())
+            out += textwrap.wrap(line, width, subsequent_indent=" " * (indent + 2), break_on_hyphens=False)
+    return out

@@ -22,38 +22,59 @@ if TYPE_CHECKING:
 __all__ = ["audit"]
 
 PLANNING = "Planning"
+AUDIT_EXAMPLES = [
+    ("which layers are worth slimming", "sepify audit torchvision.models:resnet50 --input-shape 1,3,224,224"),
+    (
+        "plan for half the MACs, then convert",
+        "sepify audit torchvision.models:resnet50 --max-mac-ratio 0.5 --plan-out plan.json",
+    ),
+    (
+        "errors measured after calibration",
+        "sepify audit sepify.zoo:digits_cnn --input-shape 1,1,16,16 --calibration digits_calibration.npy",
+    ),
+]
 
 
-def _budget(flag: str, what: str) -> object:
-    return typer.Option(flag, help=what, show_default=False, rich_help_panel=PLANNING)
+def _budget(flag: str, what: str, metavar: str = "RATIO") -> object:
+    return typer.Option(flag, metavar=metavar, help=what, show_default=False, rich_help_panel=PLANNING)
 
 
 TimeOpt = Annotated[
-    bool, typer.Option("--latency", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING)
+    bool,
+    typer.Option(
+        "--latency", metavar="", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING
+    ),
 ]
 MaxMacOpt = Annotated[float | None, _budget("--max-mac-ratio", "Plan: MACs <= R x original, least predicted error.")]
 MaxParamOpt = Annotated[float | None, _budget("--max-param-ratio", "Plan: params <= R x original.")]
 MaxLatencyOpt = Annotated[
     float | None, _budget("--max-latency-ratio", "Plan: latency <= R x original (needs --latency).")
 ]
-MaxErrorOpt = Annotated[float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.")]
-PlanOutOpt = Annotated[Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.")]
+MaxErrorOpt = Annotated[
+    float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.", "ERROR")
+]
+PlanOutOpt = Annotated[Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.", "FILE")]
 PlotOpt = Annotated[
     Path | None,
     typer.Option(
         "--plot",
+        metavar="FILE.png",
         help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).",
         show_default=False,
         rich_help_panel=o.OUTPUT,
     ),
 ]
 AuditFormatOpt = Annotated[
-    o.AuditFormat, typer.Option("--format", help="How to print the audit.", rich_help_panel=o.OUTPUT)
+    o.AuditFormat,
+    typer.Option(
+        "--format", metavar="FORMAT", help="How to print the audit: table, json, csv or md.", rich_help_panel=o.OUTPUT
+    ),
 ]
 RanksOpt = Annotated[
     str | None,
     typer.Option(
         "--ranks",
+        metavar="R,R,...",
         help="Only these ranks, e.g. 1,2,4 (default: every useful rank).",
         show_default=False,
         rich_help_panel=o.CONVERSION,
@@ -61,37 +82,44 @@ RanksOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(add_help_option=False, epilog=o.epilog(AUDIT_EXAMPLES))
 def audit(
     model: o.ModelArg,
+    # Model
     input_shape: o.InputShapeOpt = None,
-    latency: TimeOpt = False,
+    weights: o.WeightsOpt = None,
+    kwargs: o.KwargsOpt = None,
+    trust_pickle: o.TrustPickleOpt = False,
+    device_name: o.DeviceOpt = "cpu",
+    train: o.TrainOpt = False,
+    # Planning
     max_mac_ratio: MaxMacOpt = None,
     max_param_ratio: MaxParamOpt = None,
     max_latency_ratio: MaxLatencyOpt = None,
     max_error: MaxErrorOpt = None,
     plan_out: PlanOutOpt = None,
-    plot: PlotOpt = None,
-    fmt: AuditFormatOpt = o.AuditFormat.table,
+    # Conversion
     ranks: RanksOpt = None,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
+    # Calibration
     calibration: o.CalibrationOpt = None,
     calibration_samples: o.CalibrationSamplesOpt = None,
     image_size: o.ImageSizeOpt = None,
     mean: o.MeanOpt = None,
     std: o.StdOpt = None,
+    # Timing
+    latency: TimeOpt = False,
+    # Output
+    fmt: AuditFormatOpt = o.AuditFormat.table,
+    plot: PlotOpt = None,
     force: o.ForceOpt = False,
     quiet: o.QuietOpt = False,
     wide: o.WideOpt = False,
     all_rows: o.AllRowsOpt = False,
     as_json: o.JsonOpt = False,
-    trust_pickle: o.TrustPickleOpt = False,
-    kwargs: o.KwargsOpt = None,
-    weights: o.WeightsOpt = None,
-    device_name: o.DeviceOpt = "cpu",
-    train: o.TrainOpt = False,
     debug: o.DebugOpt = False,
+    _help: o.HelpOpt = False,
 ) -> None:
     """Show which convs are worth slimming: cost, savings and error at every useful rank.
 

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
 
 __all__ = ["convert"]
 
+CONVERT_EXAMPLES = [
+    (
+        "exact (rank 'full'), to check the pipeline",
+        "sepify convert sepify.zoo:digits_cnn --input-shape 1,1,16,16 --rank full",
+    ),
+    (
+        "a torchvision model from your checkpoint",
+        "sepify convert torchvision.models:resnet18 --weights ckpt.pt -o slim.pt",
+    ),
+    ("calibrated on your own images", "sepify convert torchvision.models:resnet18 --calibration photos/ --rank 2"),
+    ("a plan from `sepify audit`", "sepify convert torchvision.models:resnet50 --plan plan.json --report r.json"),
+]
+
 Inputs = dict[str, Path | None]
 
 OutputOpt = Annotated[
@@ -27,6 +40,7 @@ OutputOpt = Annotated[
     typer.Option(
         "-o",
         "--output",
+        metavar="FILE",
         help="Where to write the converted model. Default: <stem>.sep<ext> beside the input (for an import spec: "
         "<callable>.sep.pt here).",
         show_default=False,
@@ -37,6 +51,7 @@ RankOpt = Annotated[
     str,
     typer.Option(
         "--rank",
+        metavar="N|full|auto",
         help="Depth multiplier: a positive integer, 'full' (exact), or 'auto' (per layer the smallest rank within "
         "--tolerance).",
         rich_help_panel=o.CONVERSION,
@@ -46,18 +61,27 @@ ToleranceOpt = Annotated[
     float | None,
     typer.Option(
         "--tolerance",
+        metavar="ERROR",
         help="With --rank auto: the largest relative weight error to accept per layer, e.g. 0.1.",
         show_default=False,
         rich_help_panel=o.CONVERSION,
     ),
 ]
 OrderOpt = Annotated[
-    o.Order, typer.Option("--order", help="Per-layer structure; auto: the lower error.", rich_help_panel=o.CONVERSION)
+    o.Order,
+    typer.Option(
+        "--order",
+        metavar="ORDER",
+        help="Per-layer structure: dw-pw (MobileNet), pw-dw, pw-dw-pw (CP bottleneck; rank = its width) or auto "
+        "(the lower error).",
+        rich_help_panel=o.CONVERSION,
+    ),
 ]
 PlanOpt = Annotated[
     Path | None,
     typer.Option(
         "--plan",
+        metavar="FILE",
         help="Apply a plan file (from `sepify audit --plan-out`).",
         show_default=False,
         rich_help_panel=o.CONVERSION,
@@ -66,14 +90,20 @@ PlanOpt = Annotated[
 ReportOpt = Annotated[
     Path | None,
     typer.Option(
-        "--report", help="Also write the report: .json, .csv or .md.", show_default=False, rich_help_panel=o.OUTPUT
+        "--report",
+        metavar="FILE",
+        help="Also write the report: .json, .csv or .md.",
+        show_default=False,
+        rich_help_panel=o.OUTPUT,
     ),
 ]
 FormatOpt = Annotated[
     o.ModelFormat | None,
     typer.Option(
         "--format",
-        help="Output format (safetensors writes a .plan.json beside it). Default: pt2 for a .pt2 input, else pt.",
+        metavar="FORMAT",
+        help="pt, pt2, onnx or safetensors (which writes a .plan.json beside it). Default: pt2 for a .pt2 input, "
+        "else pt.",
         show_default=False,
         rich_help_panel=o.OUTPUT,
     ),
@@ -82,6 +112,7 @@ DistillStepsOpt = Annotated[
     int,
     typer.Option(
         "--distill-steps",
+        metavar="N",
         help="Knowledge-distillation steps after the closed-form refinement (needs --calibration).",
         rich_help_panel=o.CALIBRATION,
     ),
@@ -89,13 +120,17 @@ DistillStepsOpt = Annotated[
 TrainAllOpt = Annotated[
     bool,
     typer.Option(
-        "--train-all", help="Distill every parameter, not only the converted layers.", rich_help_panel=o.CALIBRATION
+        "--train-all",
+        metavar="",
+        help="Distill every parameter, not only the converted layers.",
+        rich_help_panel=o.CALIBRATION,
     ),
 ]
 NoRefineOpt = Annotated[
     bool,
     typer.Option(
         "--no-refine",
+        metavar="",
         help="Skip the closed-form refinement (init only, then distillation if asked).",
         rich_help_panel=o.CALIBRATION,
     ),
@@ -104,6 +139,7 @@ TuneLayoutOpt = Annotated[
     bool,
     typer.Option(
         "--tune-layout",
+        metavar="",
         help="Time the equivalent layouts of each pair at rank > 1 on this machine and keep the faster (outputs then "
         "depend on timing, at float rounding level).",
         rich_help_panel=o.TIMING,
@@ -113,6 +149,7 @@ SkipSlowerOpt = Annotated[
     bool,
     typer.Option(
         "--skip-slower",
+        metavar="",
         help="Leave a conv alone when its pair was timed no faster (implies --latency).",
         rich_help_panel=o.TIMING,
     ),
@@ -121,38 +158,49 @@ MemoryFormatOpt = Annotated[
     o.MemoryFormat,
     typer.Option(
         "--memory-format",
-        help="Store the converted model's conv weights as channels_last (often faster on CPUs for depthwise convs; "
-        "see docs/benchmarks.md) or keep them.",
+        metavar="LAYOUT",
+        help="preserve, or channels_last: store the conv weights channels-last (often faster on CPUs for "
+        "depthwise convs; see docs/benchmarks.md).",
         rich_help_panel=o.OUTPUT,
     ),
 ]
 
 
-@app.command()
+@app.command(add_help_option=False, epilog=o.epilog(CONVERT_EXAMPLES))
 def convert(
     model: o.ModelArg,
-    output: OutputOpt = None,
+    # Model
     input_shape: o.InputShapeOpt = None,
+    weights: o.WeightsOpt = None,
+    kwargs: o.KwargsOpt = None,
+    trust_pickle: o.TrustPickleOpt = False,
+    device_name: o.DeviceOpt = "cpu",
+    train: o.TrainOpt = False,
+    # Conversion
     rank: RankOpt = "1",
-    tolerance: ToleranceOpt = None,
     order: OrderOpt = o.Order.dw_pw,
+    tolerance: ToleranceOpt = None,
+    plan: PlanOpt = None,
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
-    plan: PlanOpt = None,
     skip_shared: o.SkipSharedOpt = False,
-    report: ReportOpt = None,
-    fmt: FormatOpt = None,
+    # Calibration
     calibration: o.CalibrationOpt = None,
     calibration_samples: o.CalibrationSamplesOpt = None,
     image_size: o.ImageSizeOpt = None,
     mean: o.MeanOpt = None,
     std: o.StdOpt = None,
+    no_refine: NoRefineOpt = False,
     distill_steps: DistillStepsOpt = 0,
     train_all: TrainAllOpt = False,
-    no_refine: NoRefineOpt = False,
-    tune_layout: TuneLayoutOpt = False,
+    # Timing
     latency: o.LatencyOpt = False,
     skip_slower: SkipSlowerOpt = False,
+    tune_layout: TuneLayoutOpt = False,
+    # Output
+    output: OutputOpt = None,
+    fmt: FormatOpt = None,
+    report: ReportOpt = None,
     memory_format: MemoryFormatOpt = o.MemoryFormat.preserve,
     force: o.ForceOpt = False,
     allow_unchanged: o.AllowUnchangedOpt = False,
@@ -160,12 +208,8 @@ def convert(
     wide: o.WideOpt = False,
     all_rows: o.AllRowsOpt = False,
     as_json: o.JsonOpt = False,
-    trust_pickle: o.TrustPickleOpt = False,
-    kwargs: o.KwargsOpt = None,
-    weights: o.WeightsOpt = None,
-    device_name: o.DeviceOpt = "cpu",
-    train: o.TrainOpt = False,
     debug: o.DebugOpt = False,
+    _help: o.HelpOpt = False,
 ) -> None:
     """Convert a model's Conv2d layers into depthwise + pointwise pairs and save it.
 

@@ -15,6 +15,33 @@ import typer
 MODEL, CONVERSION, CALIBRATION, TIMING, OUTPUT = "Model", "Conversion", "Calibration", "Timing", "Output"
 
 
+def epilog(examples: list[tuple[str, str]]) -> str:
+    """A command's help epilog: each example is a comment line saying what it does, then the command."""
+    return "[bold]Examples[/]\n\n" + "\n\n".join(f"  [dim]# {what}[/]\n  {command}" for what, command in examples)
+
+
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), nl=False)
+        raise typer.Exit()
+
+
+# Declared by each command (with add_help_option=False) so that it sits in the Output panel without a type.
+HelpOpt = Annotated[
+    bool,
+    typer.Option(
+        "--help",
+        "-h",
+        metavar="",
+        is_eager=True,
+        expose_value=True,
+        callback=_show_help,
+        help="Show this message and exit.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+
+
 class Order(str, enum.Enum):
     dw_pw = "dw-pw"
     pw_dw = "pw-dw"
@@ -44,6 +71,7 @@ class AuditFormat(str, enum.Enum):
 ModelArg = Annotated[
     str,
     typer.Argument(
+        metavar="MODEL",
         help="A model file saved with torch.save(model) or torch.export (.pt2), or an import spec such as "
         "[bold]torchvision.models:resnet18[/] or [bold]path/to/file.py:build[/] (safest: no pickle).",
         show_default=False,
@@ -53,6 +81,7 @@ InputShapeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--input-shape",
+        metavar="SHAPE",
         help="Shape of one example input, e.g. 1,3,224,224; add :int64 (or another dtype) for integer inputs, "
         "which are drawn from [0, 10). Repeat for models with several inputs. Default 1,3,224,224.",
         show_default=False,
@@ -63,6 +92,7 @@ TrustPickleOpt = Annotated[
     bool,
     typer.Option(
         "--trust-pickle",
+        metavar="",
         help="Allow loading a pickled model or .pt2 archive (runs code from the file).",
         rich_help_panel=MODEL,
     ),
@@ -71,6 +101,7 @@ KwargsOpt = Annotated[
     str | None,
     typer.Option(
         "--kwargs",
+        metavar="JSON",
         help="JSON keyword arguments for an import spec, e.g. '{\"num_classes\": 10}'.",
         rich_help_panel=MODEL,
     ),
@@ -79,17 +110,22 @@ WeightsOpt = Annotated[
     Path | None,
     typer.Option(
         "--weights",
+        metavar="FILE",
         help="A state_dict (.pt/.pth, read with weights_only=True) or .safetensors.",
         rich_help_panel=MODEL,
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="Device to load and convert on: cpu or cuda.", rich_help_panel=MODEL)
+    str,
+    typer.Option(
+        "--device", metavar="DEVICE", help="Device to load and convert on: cpu or cuda.", rich_help_panel=MODEL
+    ),
 ]
 TrainOpt = Annotated[
     bool,
     typer.Option(
         "--train",
+        metavar="",
         help="Trace and convert in training mode (default: eval mode, as the model is deployed).",
         rich_help_panel=MODEL,
     ),
@@ -97,25 +133,34 @@ TrainOpt = Annotated[
 IncludeOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--include", help="Only convs matching this glob (repeatable).", show_default=False, rich_help_panel=CONVERSION
+        "--include",
+        metavar="GLOB",
+        help="Only convs matching this glob (repeatable).",
+        show_default=False,
+        rich_help_panel=CONVERSION,
     ),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--exclude",
+        metavar="GLOB",
         help="Leave convs matching this glob alone (repeatable).",
         show_default=False,
         rich_help_panel=CONVERSION,
     ),
 ]
 SkipSharedOpt = Annotated[
-    bool, typer.Option("--skip-shared", help="Leave convs called more than once alone.", rich_help_panel=CONVERSION)
+    bool,
+    typer.Option(
+        "--skip-shared", metavar="", help="Leave convs called more than once alone.", rich_help_panel=CONVERSION
+    ),
 ]
 CalibrationOpt = Annotated[
     str | None,
     typer.Option(
         "--calibration",
+        metavar="PATH|random",
         help="Unlabelled inputs: an image folder, a .pt/.npy tensor file, or 'random'.",
         show_default=False,
         rich_help_panel=CALIBRATION,
@@ -125,6 +170,7 @@ CalibrationSamplesOpt = Annotated[
     int | None,
     typer.Option(
         "--calibration-samples",
+        metavar="N",
         min=1,
         help="Use at most N calibration samples (default: all; 256 for 'random').",
         show_default=False,
@@ -135,6 +181,7 @@ ImageSizeOpt = Annotated[
     str | None,
     typer.Option(
         "--image-size",
+        metavar="H,W",
         help="Resize calibration images to H,W (default: the input's H,W).",
         show_default=False,
         rich_help_panel=CALIBRATION,
@@ -144,6 +191,7 @@ MeanOpt = Annotated[
     str | None,
     typer.Option(
         "--mean",
+        metavar="M,M,M",
         help="Per-channel mean for images (default ImageNet's for RGB, 0.5 for grayscale).",
         show_default=False,
         rich_help_panel=CALIBRATION,
@@ -153,6 +201,7 @@ StdOpt = Annotated[
     str | None,
     typer.Option(
         "--std",
+        metavar="S,S,S",
         help="Per-channel std for images (default ImageNet's for RGB, 0.5 for grayscale).",
         show_default=False,
         rich_help_panel=CALIBRATION,
@@ -162,17 +211,21 @@ LatencyOpt = Annotated[
     bool,
     typer.Option(
         "--latency",
+        metavar="",
         help="Time each pair against the conv it replaces at the layer's input shape (this machine, "
         "--input-shape's batch), every layout, the fastest kept; and the whole model.",
         rich_help_panel=TIMING,
     ),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.", rich_help_panel=OUTPUT)]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", metavar="", help="Overwrite existing output files.", rich_help_panel=OUTPUT)
+]
 QuietOpt = Annotated[
     bool,
     typer.Option(
         "--quiet",
         "-q",
+        metavar="",
         help="Print only what was written and one summary line (no table, no progress).",
         rich_help_panel=OUTPUT,
     ),
@@ -180,25 +233,39 @@ QuietOpt = Annotated[
 WideOpt = Annotated[
     bool,
     typer.Option(
-        "--wide", help="Print the full table (every column) instead of the compact one.", rich_help_panel=OUTPUT
+        "--wide",
+        metavar="",
+        help="Print the full table (every column) instead of the compact one.",
+        rich_help_panel=OUTPUT,
     ),
 ]
 AllRowsOpt = Annotated[
     bool,
     typer.Option(
-        "--all", help="List skipped convs in the table too, not only as a summary line.", rich_help_panel=OUTPUT
+        "--all",
+        metavar="",
+        help="List skipped convs in the table too, not only as a summary line.",
+        rich_help_panel=OUTPUT,
     ),
 ]
 JsonOpt = Annotated[
     bool,
-    typer.Option("--json", help="Print the report as JSON on stdout (and nothing else there).", rich_help_panel=OUTPUT),
+    typer.Option(
+        "--json",
+        metavar="",
+        help="Print the report as JSON on stdout (and nothing else there).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 AllowUnchangedOpt = Annotated[
     bool,
     typer.Option(
         "--allow-unchanged",
+        metavar="",
         help="Write the model even when no conv was converted (otherwise that is an error, exit 1).",
         rich_help_panel=OUTPUT,
     ),
 ]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of sepify errors.", rich_help_panel=OUTPUT)]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", metavar="", help="Show the traceback of sepify errors.", rich_help_panel=OUTPUT)
+]

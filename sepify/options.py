@@ -53,7 +53,7 @@ class Selection:
             heads, recurrent blocks) alone; by default one pair replaces them
             at every call site.
 
-    Example:
+    Examples:
         >>> Selection(include="layer1.*").include
         ('layer1.*',)
     """
@@ -117,7 +117,7 @@ class Distill:
         train_all: train every parameter, not only the converted pairs'.
         seed: seeds dropout and data order, for reproducible results.
 
-    Example:
+    Examples:
         >>> Distill.of(300)
         Distill(steps=300, lr=0.001, loss='mse', train_all=False, seed=0)
     """

@@ -112,7 +112,7 @@ class CPStarts:
 class CPFactorization:
     """Factors of one weight at one rank, per group (float64), and their relative error.
 
-    Example:
+    Examples:
         >>> w = torch.randn(8, 4, 3, 3)
         >>> f = CPFactorization.of(w, groups=1, rank=32)  # exact_rank(4, 8, (3, 3), 1, "pw-dw-pw")
         >>> round(f.relative_error, 6)

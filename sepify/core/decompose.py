@@ -122,7 +122,7 @@ def relative_error_from_singular_values(sv: Tensor, rank: int) -> float:
 class Factorization:
     """The per-channel SVD of one conv weight in one order, reusable across ranks.
 
-    Example:
+    Examples:
         >>> f = Factorization.of(torch.randn(8, 4, 3, 3), groups=1, order="dw-pw")
         >>> f.max_rank, round(f.relative_error(f.max_rank), 6)
         (8, 0.0)
@@ -197,7 +197,7 @@ def split_conv_weight(weight: Tensor, groups: int, rank: int, order: str) -> tup
         ``(Cout*r, Cin/g, 1, 1)`` (``groups=g``), depthwise ``(Cout, r, kh, kw)``
         (``groups=Cout``).
 
-    Example:
+    Examples:
         >>> w = torch.randn(8, 4, 3, 3)
         >>> dw, pw = split_conv_weight(w, groups=1, rank=8, order="dw-pw")
         >>> dw.shape, pw.shape

@@ -23,7 +23,7 @@ def layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization
     so every rank costs about as much as one pair at ``max_rank`` (not
     ``max_rank`` dense convs), and only one component's activations are held.
 
-    Example:
+    Examples:
         >>> conv = nn.Conv2d(4, 8, 3)
         >>> f = Factorization.of(conv.weight, 1, "dw-pw")
         >>> errors = layer_output_errors(conv, torch.randn(1, 4, 8, 8), f, f.max_rank)

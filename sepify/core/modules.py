@@ -41,7 +41,7 @@ class SeparableConv2d(nn.Module):
 
     Build one from a trained conv with :meth:`from_conv`.
 
-    Example:
+    Examples:
         >>> conv = nn.Conv2d(16, 32, 3, padding=1)
         >>> sep = SeparableConv2d.from_conv(conv, rank="full")
         >>> x = torch.randn(2, 16, 8, 8)

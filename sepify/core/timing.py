@@ -65,7 +65,7 @@ def time_pair(
     ``reps`` calls after warm-up is compared, so a machine that slows down
     during the measurement slows all of them alike.
 
-    Example:
+    Examples:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
         >>> pair = SeparableConv2d.from_conv(conv, rank=2, order="pw-dw")
         >>> timing = time_pair(pair, (1, 8, 16, 16), reps=3, against=conv)

@@ -45,7 +45,7 @@ def register_leaf_module(cls: M) -> M:
     Use it for modules whose forward torch.fx cannot trace; convs inside them
     are still converted, by swapping modules.
 
-    Example:
+    Examples:
         >>> @register_leaf_module
         ... class Dynamic(nn.Module):
         ...     def forward(self, x):

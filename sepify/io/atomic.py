@@ -138,7 +138,7 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
     umask), not the owner-only mode of ``mkstemp``. With ``overwrite=False``
     an existing ``path`` is never replaced (see the module docstring).
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> with atomic_path(folder / "a.txt") as tmp:

@@ -74,7 +74,7 @@ def check_outputs(
         inputs: role -> path of every file the run reads.
         force: whether existing regular files may be replaced.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> folder = pathlib.Path(tempfile.mkdtemp())
         >>> (folder / "m.pt").write_bytes(b"x")

@@ -82,7 +82,7 @@ def audit(
     Returns:
         An :class:`AuditReport`; ``report.plan(max_mac_ratio=0.5)`` picks layers.
 
-    Example:
+    Examples:
         >>> import torch, sepify
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3))
         >>> report = sepify.audit(net, torch.randn(1, 3, 16, 16))

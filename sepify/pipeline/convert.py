@@ -131,7 +131,7 @@ def convert(
         InputShapeError: the model's forward fails on ``example_inputs``.
         CalibrationError: the calibration data is malformed or the model fails on it.
 
-    Example:
+    Examples:
         >>> import torch, sepify
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3))
         >>> result = sepify.convert(net, torch.randn(1, 3, 16, 16), rank="full")
@@ -520,9 +520,12 @@ def load_converted(
         PlanError: the plan cannot be read or does not fit ``model``.
         ModelLoadError: the weights cannot be read or do not fit.
 
-    Example (after ``sepify convert torchvision.models:resnet18 --format safetensors``)::
+    Examples:
+        After ``sepify convert torchvision.models:resnet18 --format safetensors``:
 
+        ```python
         model = sepify.load_converted(torchvision.models.resnet18(), "resnet18.sep.safetensors")
+        ```
     """
     weights_path = Path(weights_path)
     if not weights_path.is_file():

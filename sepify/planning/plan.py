@@ -53,7 +53,7 @@ class LayerPlan:
 class Plan(JsonExportable):
     """Layer qualname -> :class:`LayerPlan`; convs not listed are left alone.
 
-    Example:
+    Examples:
         >>> plan = Plan({"layer1.0.conv1": LayerPlan(2, "dw-pw")})
         >>> Plan.from_json(plan.to_json()) == plan
         True

@@ -145,7 +145,7 @@ class AuditReport(JsonExportable):
             ConfigError: not exactly one budget, or a ratio outside (0, 1].
             BudgetError: the budget cannot be met; says the smallest reachable ratio.
 
-        Example:
+        Examples:
             >>> import torch, sepify
             >>> net = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3), torch.nn.Conv2d(32, 32, 3))
             >>> report = sepify.audit(net, torch.randn(1, 8, 12, 12))

@@ -164,7 +164,7 @@ class ConversionReport(JsonExportable):
     def skip_summary(self) -> str:
         """Why the skipped convs were skipped, counted by reason: ``"3 excluded, 1 pointwise"``.
 
-        Example:
+        Examples:
             >>> ConversionReport(layers=(), params_before=0, params_after=0, macs_before=0, macs_after=0,
             ...                  inputs="", mode="fx").skip_summary()
             'the model has no Conv2d'

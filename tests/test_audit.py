@@ -222,5 +222,15 @@ def test_audit_report_renders(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     from sepify.report.plot import plot_audit
 
     png = tmp_path / "audit.png"
-    plot_audit(report, png, report.plan(max_mac_ratio=0.7))
+    plan = report.plan(max_mac_ratio=0.7)
+    plot_audit(report, png, plan)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from sepify.report.plot import audit_figure
+
+    left, right = audit_figure(report, plan).axes
+    names = [t.get_text() for t in left.get_yticklabels()]
+    by_macs = [la.name for la in sorted(report.candidates, key=lambda la: -la.macs)]
+    assert names == by_macs  # one row per candidate, largest first
+    bars = [b for b in left.patches if b.get_facecolor()[:3] != (0.8156862745098039,) * 3]
+    assert len(bars) == len(plan) and all(b.get_width() >= 0 for b in left.patches)  # picks coloured, none negative
+    assert {t.get_text() for t in left.texts} == {f"{p.rank} {p.order}" for p in plan.layers.values()}

@@ -37,6 +37,7 @@ from sepify.errors import (
 if TYPE_CHECKING:
     from sepify.core.modules import SeparableConv2d
     from sepify.graph.candidates import SkipReason
+    from sepify.graph.conv_kinds import register_conv
     from sepify.graph.tracing import register_leaf_module
     from sepify.options import Calibration, Distill, Selection, Timing
     from sepify.pipeline.audit import audit
@@ -56,6 +57,7 @@ _LAZY = {
     "SeparableConv2d": "sepify.core.modules",
     "SkipReason": "sepify.graph.candidates",
     "register_leaf_module": "sepify.graph.tracing",
+    "register_conv": "sepify.graph.conv_kinds",
     "Calibration": "sepify.options",
     "Distill": "sepify.options",
     "Selection": "sepify.options",
@@ -114,6 +116,7 @@ __all__ = [
     # building blocks
     "SeparableConv2d",
     "register_leaf_module",
+    "register_conv",
     # errors (every class of sepify.errors, listed so that tools see the public names)
     "SepifyError",
     "ConfigError",

@@ -399,20 +399,37 @@ def test_a_conv_whose_weight_is_read_directly_is_skipped() -> None:
     torch.testing.assert_close(result.model(X), model(X), rtol=1e-4, atol=1e-4)
 
 
-def test_a_converted_model_failing_is_not_blamed_on_the_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Untraceable(ReadsItsWeight):
+def test_a_converted_model_failing_is_not_blamed_on_the_inputs() -> None:
+    class ReadsAnAttribute(ReadsItsWeight):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if float(x.sum()) > -1e9:  # data-dependent: fx gives up, modules are swapped
-                return super().forward(x)
+                return self.d(self.c(x)) + len(self.c.output_padding)  # a Conv2d attribute pairs do not have
             return x
 
     with pytest.raises(sepify.ModelError) as info:
-        sepify.convert(Untraceable().eval(), X)
+        sepify.convert(ReadsAnAttribute().eval(), X)
     assert str(info.value) == (
         "the converted model failed where the original ran on the same inputs (AttributeError: 'SeparableConv2d' "
-        "object has no attribute 'weight'); the forward probably uses a conv's attributes directly (e.g. its "
-        ".weight): leave that conv out with exclude=[...]"
+        "object has no attribute 'output_padding'); the forward probably uses a conv's attributes directly (e.g. "
+        "its .weight): leave that conv out with exclude=[...]"
     )
+
+
+def test_a_pair_answers_what_code_reads_from_its_conv() -> None:
+    class Untraceable(ReadsItsWeight):  # reads self.c.weight in F.conv2d, in swap mode
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.c.weight.dtype)  # as Hugging Face's patch embeddings do
+            return super().forward(x) if float(x.sum()) > -1e9 else x
+
+    model = Untraceable().eval()
+    result = sepify.convert(model, X, rank="full")
+    assert result.report.mode == "swap" and len(result.report.converted) == 2
+    torch.testing.assert_close(result.model(X), model(X), rtol=1e-4, atol=1e-4)
+    pair, conv = result.model.c, model.c
+    assert (pair.in_channels, pair.out_channels, pair.kernel_size) == (3, 8, (3, 3))
+    assert (pair.stride, pair.padding, pair.dilation, pair.padding_mode) == ((1, 1), (1, 1), (1, 1), "zeros")
+    torch.testing.assert_close(pair.weight, conv.weight, rtol=1e-5, atol=1e-6)  # the dense kernel it computes
+    assert pair.bias is pair.last.bias and "weight" not in dict(pair.named_parameters())
 
 
 def test_numpy_integer_ranks_are_ranks() -> None:

@@ -49,6 +49,7 @@ from sepify.calibrate.regression import (
 from sepify.core.decompose import Factorization
 from sepify.core.functional import conv2d_like
 from sepify.core.modules import SeparableConv2d
+from sepify.graph.candidates import dense_weight
 
 __all__ = ["refine_pairs", "refined_errors", "RefineResult"]
 
@@ -105,7 +106,7 @@ def refine_pairs(
                 x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
                 add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
         conv = teacher.get_submodule(name)
-        free = data_free_normals(pair, conv.weight, conv.bias)  # type: ignore[arg-type]
+        free = data_free_normals(pair, dense_weight(conv), conv.bias)  # type: ignore[arg-type]
         spans[name] = coverage(train, free, pair.last.bias is not None)
         results[name] = _refit(pair, train, held, free)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])

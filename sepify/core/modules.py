@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from sepify.core.cost import ORDERS, exact_rank
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
-from sepify.core.functional import conv2d_like
+from sepify.core.functional import SameConv2d, conv2d_like
 from sepify.errors import ConfigError
 
 __all__ = ["SeparableConv2d", "LAYOUTS"]
@@ -65,6 +65,7 @@ class SeparableConv2d(nn.Module):
         *,
         rank: int = 1,
         order: str = "dw-pw",
+        same_padding: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -91,16 +92,23 @@ class SeparableConv2d(nn.Module):
         # How the depthwise step runs at rank > 1 (see `layouts`). Not a
         # parameter: state_dict is the same for every layout.
         self._layout = self.default_layout
+        # With TF-style dynamic "SAME" padding (timm's Conv2dSame) only the spatial conv pads: a bias-free 1x1 conv
+        # before it commutes with zero padding, so every order stays exact.
+        spatial_conv = SameConv2d if same_padding else nn.Conv2d
         if order == "dw-pw":
-            self.conv_dw = nn.Conv2d(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd)
+            self.conv_dw = spatial_conv(
+                in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd
+            )
             self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
         elif order == "pw-dw":
             self.conv_pw = nn.Conv2d(in_channels, out_channels * rank, 1, groups=groups, bias=False, **dd)
-            self.conv_dw = nn.Conv2d(out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial, **dd)
+            self.conv_dw = spatial_conv(
+                out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial, **dd
+            )
         else:
             width = groups * rank
             self.conv_pw = nn.Conv2d(in_channels, width, 1, groups=groups, bias=False, **dd)
-            self.conv_dw = nn.Conv2d(width, width, groups=width, bias=False, **spatial, **dd)
+            self.conv_dw = spatial_conv(width, width, groups=width, bias=False, **spatial, **dd)
             self.conv_pwl = nn.Conv2d(width, out_channels, 1, groups=groups, bias=bias, **dd)
 
     @classmethod
@@ -170,6 +178,7 @@ class SeparableConv2d(nn.Module):
             padding_mode=conv.padding_mode,
             rank=rank,
             order=order,
+            same_padding=isinstance(conv, SameConv2d),
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -211,6 +220,37 @@ class SeparableConv2d(nn.Module):
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.conv_dw.kernel_size)
+
+    # What code commonly reads from the conv a pair replaced (HF's patch embeddings read `projection.weight.dtype`,
+    # builders read `out_channels` or `stride`): the spatial settings are the depthwise conv's, and `weight` is the
+    # dense kernel the pair computes. It is a computed, detached tensor, not a parameter: reading it is exact,
+    # training it does nothing; state_dict and parameters() hold only the factors.
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return tuple(self.conv_dw.stride)
+
+    @property
+    def padding(self) -> str | tuple[int, ...]:
+        return self.conv_dw.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return tuple(self.conv_dw.dilation)
+
+    @property
+    def padding_mode(self) -> str:
+        return self.conv_dw.padding_mode
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(Cout, Cin/g, kh, kw)`` kernel this pair computes (:meth:`effective_weight`; read-only)."""
+        return self.effective_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias, held by :attr:`last`."""
+        return self.last.bias
 
     def effective_weight(self) -> Tensor:
         """The dense ``(Cout, Cin/g, kh, kw)`` weight this structure computes (float64 sums, its dtype)."""

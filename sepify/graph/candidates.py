@@ -11,11 +11,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from sepify.core.functional import SameConv2d
+from sepify.graph.conv_kinds import class_name, legacy_weight_norm, plain_view
 from sepify.graph.probe import ConvCall
 
-__all__ = ["SkipReason", "ConvSite", "skip_reason_for", "find_conv_sites", "matches_any", "has_hooks"]
+__all__ = [
+    "SkipReason",
+    "ConvSite",
+    "skip_reason_for",
+    "find_conv_sites",
+    "matches_any",
+    "has_hooks",
+    "dense_weight",
+    "kind_notes",
+]
 
 
 class SkipReason(str, enum.Enum):
@@ -39,12 +51,18 @@ class SkipReason(str, enum.Enum):
 
 @dataclass
 class ConvSite:
-    """One ``nn.Conv2d`` (or subclass) of the model, with the shapes it ran at."""
+    """One ``nn.Conv2d`` (or subclass) of the model, with the shapes it ran at.
+
+    For a known subclass (:mod:`sepify.graph.conv_kinds`) ``module`` is a plain
+    ``nn.Conv2d`` holding its effective weight and ``kind`` names the class;
+    an unknown subclass keeps its module, ``kind`` and reason ``subclass``.
+    """
 
     qualname: str
     module: nn.Conv2d
     call: ConvCall = field(default_factory=ConvCall)
     skip_reason: SkipReason | None = None
+    kind: str | None = None  # the class, when it is not nn.Conv2d itself (or it carries legacy weight norm)
 
     @property
     def eligible(self) -> bool:
@@ -66,7 +84,7 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
     """
     # Exact type test (as torch.fx's fuse does): a subclass such as timm's
     # Conv2dSame has its own forward that a swap would silently drop.
-    if type(conv) is not nn.Conv2d:
+    if type(conv) not in (nn.Conv2d, SameConv2d):
         return SkipReason.SUBCLASS
     if has_hooks(conv):
         return SkipReason.HOOKED
@@ -85,9 +103,54 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether hooks are registered on ``module`` itself (forward, pre-forward, backward, state-dict hooks aside)."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(bool(getattr(module, name, None)) for name in hooks)
+    """Whether hooks are registered on ``module`` itself (forward, pre-forward, backward; state-dict hooks aside).
+
+    The legacy ``weight_norm`` pre-hook does not count: it computes the weight, which sepify reads instead.
+    """
+    norm = legacy_weight_norm(module)
+    pre = [h for h in getattr(module, "_forward_pre_hooks", {}).values() if h is not norm]
+    hooks = ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return bool(pre) or any(bool(getattr(module, name, None)) for name in hooks)
+
+
+def _kind(conv: nn.Conv2d) -> str | None:
+    """The class to name in reports, when ``conv`` is not a plain ``nn.Conv2d``."""
+    if type(conv) is not nn.Conv2d:
+        return class_name(conv)
+    return "torch.nn.utils.weight_norm (legacy)" if legacy_weight_norm(conv) is not None else None
+
+
+def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
+    """Report notes on convs of other classes: which were read through their effective weight, which were left."""
+    known: dict[str, int] = {}
+    unknown: dict[str, int] = {}
+    for site in sites:
+        if site.kind is not None:
+            bucket = unknown if site.skip_reason is SkipReason.SUBCLASS else known
+            bucket[site.kind] = bucket.get(site.kind, 0) + 1
+
+    def listed(counts: dict[str, int]) -> str:
+        return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    notes = []
+    if known:
+        notes.append(
+            f"{sum(known.values())} conv(s) of other classes were read through their effective weight at this moment: "
+            f"{listed(known)}; their pairs hold that weight's factors (in training the original would recompute it "
+            "from its parameters every step)"
+        )
+    if unknown:
+        notes.append(
+            f"left {sum(unknown.values())} conv(s) of Conv2d subclasses sepify does not know alone: {listed(unknown)}; "
+            "if such a forward is a plain conv of an effective weight, teach it with sepify.register_conv"
+        )
+    return notes
+
+
+def dense_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight ``conv`` convolves with: its effective weight for a known subclass, else ``conv.weight``."""
+    view = plain_view(conv) if _kind(conv) is not None else None
+    return view.weight if view is not None else conv.weight
 
 
 def matches_any(qualname: str, patterns: Sequence[str]) -> bool:
@@ -120,11 +183,17 @@ def find_conv_sites(
         if not isinstance(m, nn.Conv2d):
             continue
         call = calls.get(name, ConvCall())
+        kind = _kind(m)
+        if has_hooks(m):  # checked on the module itself: a view has no hooks
+            sites.append(ConvSite(name, m, call, SkipReason.HOOKED, kind))
+            continue
+        view = plain_view(m) if kind is not None else None
+        m = view if view is not None else m
         reason = skip_reason_for(m, call.calls, skip_shared=skip_shared)
         if reason is None and name in params_read:
             reason = SkipReason.PARAMS_READ
         if reason is None:
             if (include is not None and not matches_any(name, include)) or (exclude and matches_any(name, exclude)):
                 reason = SkipReason.EXCLUDED
-        sites.append(ConvSite(name, m, call, reason))
+        sites.append(ConvSite(name, m, call, reason, kind))
     return sites

@@ -153,6 +153,30 @@ def _attach_unused_modules(gm: fx.GraphModule, model: nn.Module) -> None:
             continue  # its parent was attached whole, or is not a module path in gm
         if child not in parent._modules:
             parent.add_module(child, module)
+    _attach_unused_tensors(gm, model)
+
+
+def _attach_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm``'s copies of traced-through modules the parameters and buffers the graph never reads.
+
+    fx copies into a traced-through module only the attributes its graph reads
+    (e.g. a BatchNorm whose forward was traced keeps its running statistics
+    but loses ``num_batches_tracked``), so without this its state_dict would
+    miss keys the original has and safetensors round trips would not fit.
+    """
+    for name, module in model.named_modules():
+        try:
+            copy = gm.get_submodule(name)
+        except AttributeError:
+            continue
+        if copy is module:
+            continue
+        for attr, param in module._parameters.items():
+            if param is not None and attr not in copy._parameters and not hasattr(copy, attr):
+                copy.register_parameter(attr, param)
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and attr not in copy._buffers and not hasattr(copy, attr):
+                copy.register_buffer(attr, buffer, persistent=attr not in module._non_persistent_buffers_set)
 
 
 def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) -> TraceOutcome:

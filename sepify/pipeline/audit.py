@@ -29,7 +29,7 @@ from sepify.core.modules import SeparableConv2d
 from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
-from sepify.graph.candidates import ConvSite
+from sepify.graph.candidates import ConvSite, kind_notes
 from sepify.graph.probe import describe_inputs, preserved_state, time_forwards
 from sepify.graph.rewrite import temporarily_replaced
 from sepify.options import Calibration, Selection, Timing, as_int
@@ -124,7 +124,7 @@ def audit(
         inputs=describe_inputs(args),
         mode=analysis.outcome.mode,
         model_latency=model_latency,
-        notes=tuple(notes),
+        notes=tuple(notes + kind_notes(analysis.sites)),
     )
 
 

@@ -33,7 +33,8 @@ from sepify.core.modules import SeparableConv2d
 from sepify.core.timing import time_pair
 from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
-from sepify.graph.candidates import ConvSite, SkipReason, matches_any
+from sepify.graph.candidates import ConvSite, SkipReason, kind_notes, matches_any
+from sepify.graph.conv_kinds import plain_view
 from sepify.graph.probe import ProbeResult, describe_inputs, probe, time_forwards
 from sepify.graph.rewrite import replace_submodule, swap_modules
 from sepify.io.load import load_weights_into, safetensors_metadata
@@ -175,7 +176,7 @@ def convert(
         leaves=dict(analysis.outcome.leaves),
         output_error=output_error(analysis.before.output, after.output),
         top1_agreement=top1_agreement(analysis.before.output, after.output),
-        notes=tuple(_lifted_note(analysis) + notes + timing_notes),
+        notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + notes + timing_notes),
         fidelity=stages,
         latency_before=times[0],
         latency_after=times[1],
@@ -539,8 +540,13 @@ def load_converted(
             raise PlanError(
                 f"the plan names {name!r}, which this model does not have; pass the original architecture"
             ) from e
-        if type(conv) is not nn.Conv2d:
+        if not isinstance(conv, nn.Conv2d):
             raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
+        if type(conv) is not nn.Conv2d:  # a known subclass converts through its plain view (same geometry)
+            view = plain_view(conv)
+            if view is None:
+                raise PlanError(f"the plan names {name!r}, a {type(conv).__name__} sepify does not know how to convert")
+            conv = view
         limit = exact_rank(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, layer.order)
         if layer.rank > limit:
             raise PlanError(

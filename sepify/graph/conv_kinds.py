@@ -1,0 +1,154 @@
+"""Conv2d subclasses whose forward is a plain convolution of an *effective* weight, and how to read that weight.
+
+A subclass may change ``forward``, so sepify converts only what it knows:
+``nn.Conv2d`` itself, convs whose weight is a parametrization
+(``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, any
+``parametrize.register_parametrization``), convs under the legacy
+``torch.nn.utils.weight_norm`` hook, timm's weight-standardised
+``StdConv2d``/``ScaledStdConv2d``, and classes registered with
+:func:`register_conv`. For each, :func:`plain_view` builds an ``nn.Conv2d``
+holding the effective weight at this moment, which the rest of the pipeline
+factorises as usual; the pair then replaces the original module. In training
+mode the original would recompute its weight from its parameters every step,
+while the pair trains its own factors: the report says so.
+
+timm's ``Conv2dSame`` and ``ScaledStdConv2dSame`` pad dynamically
+(TensorFlow's "SAME", depending on the input size); their view is a
+:class:`~sepify.core.functional.SameConv2d`, and the pair pads the same way.
+Other subclasses stay skipped as ``subclass``, with their class named in the
+report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sepify.core.functional import SameConv2d
+from sepify.errors import ConfigError
+
+__all__ = ["register_conv", "plain_view", "effective_weight_of", "class_name", "legacy_weight_norm"]
+
+EffectiveWeight = Callable[[nn.Conv2d], Tensor]
+_REGISTERED: dict[type[nn.Conv2d], EffectiveWeight] = {}
+
+
+def register_conv(cls: type[nn.Conv2d], *, effective_weight: EffectiveWeight) -> type[nn.Conv2d]:
+    """Teach sepify a ``Conv2d`` subclass whose forward is ``F.conv2d(x, effective_weight(self), self.bias, ...)``
+    with the module's own stride, padding, dilation and groups.
+
+    Examples:
+        >>> class Scaled(nn.Conv2d):
+        ...     def forward(self, x):
+        ...         return self._conv_forward(x, 2 * self.weight, self.bias)
+        >>> _ = register_conv(Scaled, effective_weight=lambda m: 2 * m.weight)
+        >>> conv = Scaled(3, 8, 3)
+        >>> view = plain_view(conv)
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> torch.allclose(view(x), conv(x))
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
+        raise ConfigError(f"register_conv expects an nn.Conv2d subclass, got {cls!r}")
+    if not callable(effective_weight):
+        raise ConfigError("register_conv needs effective_weight=a function of the module returning its weight")
+    _REGISTERED[cls] = effective_weight
+    return cls
+
+
+def class_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def legacy_weight_norm(conv: nn.Module) -> object | None:
+    """The ``torch.nn.utils.weight_norm`` hook on ``conv``, if that is how its weight is made."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = [h for h in conv._forward_pre_hooks.values() if isinstance(h, WeightNorm) and h.name == "weight"]
+    return hooks[0] if hooks else None
+
+
+def _timm_std(conv: nn.Conv2d) -> Tensor:
+    flat = conv.weight.reshape(1, conv.out_channels, -1)
+    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)  # type: ignore[arg-type]
+
+
+def _timm_scaled_std(conv: nn.Conv2d) -> Tensor:
+    flat = conv.weight.reshape(1, conv.out_channels, -1)
+    gain = (conv.gain * conv.scale).view(-1)  # type: ignore[operator]
+    out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)  # type: ignore[arg-type]
+    return out.reshape_as(conv.weight)
+
+
+def _plain(conv: nn.Conv2d) -> Tensor:
+    return conv.weight
+
+
+# timm's convs, recognised by name so that timm need not be installed
+_TIMM = {
+    "timm.layers.std_conv.StdConv2d": _timm_std,
+    "timm.layers.std_conv.ScaledStdConv2d": _timm_scaled_std,
+    "timm.layers.std_conv.StdConv2dSame": _timm_std,
+    "timm.layers.std_conv.ScaledStdConv2dSame": _timm_scaled_std,
+    "timm.layers.conv2d_same.Conv2dSame": _plain,
+}
+
+
+def _dynamic_same(conv: nn.Conv2d) -> bool:
+    """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``)."""
+    name = class_name(conv)
+    return name == "timm.layers.conv2d_same.Conv2dSame" or (
+        name.endswith("Same") and bool(getattr(conv, "same_pad", False))
+    )
+
+
+def effective_weight_of(conv: nn.Conv2d) -> EffectiveWeight | None:
+    """How to read ``conv``'s effective weight, or None when sepify does not know its forward."""
+    cls = type(conv)
+    for klass in cls.__mro__:
+        if klass in _REGISTERED:
+            return _REGISTERED[klass]
+    if class_name(conv) in _TIMM:
+        return _TIMM[class_name(conv)]
+    if parametrize.is_parametrized(conv) and cls.__bases__ == (nn.Conv2d,):
+        return lambda m: m.weight  # the parametrization computes it on access
+    if cls is nn.Conv2d and legacy_weight_norm(conv) is not None:
+        hook = legacy_weight_norm(conv)
+        return lambda m: hook.compute_weight(m)  # type: ignore[attr-defined]
+    return None
+
+
+def plain_view(conv: nn.Conv2d) -> nn.Conv2d | None:
+    """A plain ``nn.Conv2d`` computing what ``conv`` computes now (its effective weight, frozen), or None.
+
+    Shares nothing with ``conv``: the weight and bias are detached copies, on
+    its device and dtype, with ``requires_grad`` and the train/eval mode copied.
+    """
+    read = effective_weight_of(conv)
+    if read is None:
+        return None
+    with torch.no_grad():
+        weight = read(conv).detach().clone()
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+    view = (SameConv2d if _dynamic_same(conv) else nn.Conv2d)(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+    trainable = any(p.requires_grad for p in conv.parameters(recurse=False))
+    view.weight = nn.Parameter(weight, requires_grad=trainable)
+    view.bias = None if bias is None else nn.Parameter(bias, requires_grad=trainable)
+    view.train(conv.training)
+    return view

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -106,3 +107,39 @@ def test_every_conv_is_a_leaf_node() -> None:
     tracer = SepifyTracer()
     graph = tracer.trace(net)
     assert [n.target for n in graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+class DefaultsInForward(nn.Module):
+    """Like diffusers' UNet2DModel: a defaulted argument the example inputs do not pass steers control flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.emb = nn.Embedding(4, 8)
+
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None, return_dict: bool = True) -> object:
+        h = self.a(x)
+        if class_labels is not None:
+            h = h + self.emb(class_labels)[:, :, None, None]
+        out = self.b(h)
+        return {"sample": out} if return_dict else (out,)
+
+
+def test_unpassed_defaults_are_traced_as_constants() -> None:
+    model = DefaultsInForward().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = sepify.convert(model, x, rank="full")
+    assert result.report.mode == "fx" and len(result.report.converted) == 2  # was "swap": a Proxy in `if`
+    torch.testing.assert_close(result.model(x)["sample"], model(x)["sample"], rtol=1e-4, atol=1e-5)
+    assert result.report.notes[0] == (
+        "traced with class_labels=None, return_dict=True fixed (the example inputs do not pass them; as Proxies fx "
+        "could not trace the model): the converted model accepts only these values (fx asserts them); convert "
+        "with inputs that pass them, or use it as traced"
+    )
+    with pytest.raises(AssertionError, match="class_labels has been specialized to have value None"):
+        result.model(x, torch.tensor([1]))
+    labels = torch.tensor([1])
+    both = sepify.convert(model, (x, labels), rank="full")  # passed: a Proxy (`is not None` needs no value)
+    assert both.report.mode == "fx" and both.report.notes[0].startswith("traced with return_dict=True fixed")
+    torch.testing.assert_close(both.model(x, labels)["sample"], model(x, labels)["sample"], rtol=1e-4, atol=1e-5)

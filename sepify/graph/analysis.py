@@ -104,7 +104,7 @@ def pair_macs(site: ConvSite, rank: int, order: str) -> int:
 def _trace_and_probe(
     work: nn.Module, args: tuple[Any, ...], lift: bool
 ) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str]]:
-    outcome = trace_model(work)
+    outcome = trace_model(work, given=len(args))
     if outcome.graph_module is None:
         return outcome, work, probe(work, args), []
     lifted = lift_functional_convs(outcome.graph_module) if lift else []

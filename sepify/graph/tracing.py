@@ -10,6 +10,7 @@ and the caller falls back to swapping modules in the whole model.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "SepifyTracer",
     "TraceOutcome",
     "trace_model",
+    "unpassed_defaults",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class TraceOutcome:
     graph_module: fx.GraphModule | None
     leaves: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    constants: dict[str, Any] = field(default_factory=dict)  # forward parameters traced as fixed values
 
     @property
     def mode(self) -> str:
@@ -179,18 +182,67 @@ def _attach_unused_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
                 copy.register_buffer(attr, buffer, persistent=attr not in module._non_persistent_buffers_set)
 
 
-def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) -> TraceOutcome:
+_CONSTANT_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def unpassed_defaults(model: nn.Module, given: int) -> dict[str, Any]:
+    """Parameters of ``model.forward`` after the first ``given`` positional ones that have simple defaults.
+
+    The example inputs do not pass them, so the model runs with their
+    defaults; tracing them as constants (fx ``concrete_args``) rather than
+    Proxies keeps ``if class_labels is not None:`` branches traceable.
+
+    >>> class Net(nn.Module):
+    ...     def forward(self, x, labels=None, scale=1.0, *rest, flag=True, **extra):
+    ...         return x
+    >>> unpassed_defaults(Net(), given=1)
+    {'labels': None, 'scale': 1.0, 'flag': True}
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        p.name: p.default
+        for i, p in enumerate(params)
+        if i >= given
+        and p.kind in kinds
+        and p.default is not inspect.Parameter.empty
+        and isinstance(p.default, _CONSTANT_DEFAULTS)
+    }
+
+
+def trace_model(
+    model: nn.Module, extra_leaves: frozenset[str] = frozenset(), *, given: int | None = None
+) -> TraceOutcome:
     """Trace ``model`` with :class:`SepifyTracer`, turning failing submodules into leaves.
 
     The model is traced in its current train/eval mode. ``model`` itself is not
-    modified, but the returned GraphModule shares its submodules.
+    modified, but the returned GraphModule shares its submodules. With
+    ``given`` (how many positional example inputs the caller will pass),
+    defaulted parameters after those are traced as the constants they will be
+    (:func:`unpassed_defaults`); first as Proxies, which keeps the graph
+    general, and only when that fails.
     """
+    outcome = _trace(model, extra_leaves, None)
+    constants = unpassed_defaults(model, given) if given is not None else {}
+    if constants and (outcome.graph_module is None or outcome.leaves):
+        with_constants = _trace(model, extra_leaves, constants)
+        if with_constants.graph_module is not None and len(with_constants.leaves) < (
+            len(outcome.leaves) if outcome.graph_module is not None else _MAX_LEAVES + 1
+        ):
+            return with_constants
+    return outcome
+
+
+def _trace(model: nn.Module, extra_leaves: frozenset[str], concrete: dict[str, Any] | None) -> TraceOutcome:
     leaves: dict[str, str] = {}
     leaf_set = set(extra_leaves)
     while True:
         tracer = SepifyTracer(frozenset(leaf_set))
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete)
         except Exception as e:  # noqa: BLE001 - any fx failure means "not traceable"
             failed = tracer.failed_qualname
             reason = shorten_error(e)
@@ -216,4 +268,4 @@ def trace_model(model: nn.Module, extra_leaves: frozenset[str] = frozenset()) ->
             except AttributeError:
                 continue
         gm.graph.lint()
-        return TraceOutcome(graph_module=gm, leaves=leaves)
+        return TraceOutcome(graph_module=gm, leaves=leaves, constants=dict(concrete or {}))

@@ -173,7 +173,7 @@ def convert(
         inputs=describe_inputs(args),
         mode=analysis.outcome.mode,
         trace_error=analysis.outcome.error,
-        leaves=dict(analysis.outcome.leaves),
+        leaves=_leaves_with_convs(analysis),
         output_error=output_error(analysis.before.output, after.output),
         top1_agreement=top1_agreement(analysis.before.output, after.output),
         notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + notes + timing_notes),
@@ -497,11 +497,32 @@ def _time_models(
     return (before, after), []
 
 
+def _leaves_with_convs(analysis: Analysis) -> dict[str, str]:
+    """The fx leaves worth reporting: those with convs inside (their convs were swapped as modules)."""
+    found = {}
+    for name, why in analysis.outcome.leaves.items():
+        try:
+            leaf = analysis.work.get_submodule(name)
+        except AttributeError:
+            continue
+        if any(isinstance(m, nn.Conv2d) for m in leaf.modules()):
+            found[name] = why
+    return found
+
+
 def _lifted_note(analysis: Analysis) -> list[str]:
+    notes = []
+    if constants := analysis.outcome.constants:
+        fixed = ", ".join(f"{name}={value!r}" for name, value in constants.items())
+        notes.append(
+            f"traced with {fixed} fixed (the example inputs do not pass them; as Proxies fx could not trace the "
+            "model): the converted model accepts only these values (fx asserts them); convert with inputs that pass "
+            "them, or use it as traced"
+        )
     if not analysis.lifted:
-        return []
+        return notes
     names = ", ".join(analysis.lifted)
-    return [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"]
+    return notes + [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"]
 
 
 def load_converted(

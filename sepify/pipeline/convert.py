@@ -522,7 +522,9 @@ def _lifted_note(analysis: Analysis) -> list[str]:
     if not analysis.lifted:
         return notes
     names = ", ".join(analysis.lifted)
-    return notes + [f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"]
+    return notes + [
+        f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"
+    ]
 
 
 def load_converted(

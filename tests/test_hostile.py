@@ -622,3 +622,36 @@ def test_a_decompression_bomb_is_a_sentence(tmp_path: Path, monkeypatch: pytest.
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'imgs' / 'a.png'}: cannot be read as an image (Image size (400 pixels)")
     assert message.endswith("; remove or replace it")
+
+
+class Wrapper:
+    """Like ultralytics' YOLO: not an nn.Module, holds one, and its own train() would start a training run."""
+
+    def __init__(self) -> None:
+        self.model = net()
+
+    def train(self, *args: object) -> None:
+        raise AssertionError("the wrapper's train() must never be called")
+
+
+def test_a_wrapper_gets_a_sentence_naming_its_module(tmp_path: Path) -> None:
+    with pytest.raises(sepify.ConfigError, match=r"^model must be a torch.nn.Module, got Wrapper; it holds one at "
+                       r"\.model: pass that module$"):  # fmt: skip
+        sepify.convert(Wrapper(), X)  # type: ignore[arg-type]
+    (tmp_path / "wrapped.py").write_text(
+        "import torch\n"
+        "class Wrapper:\n"
+        "    def __init__(self):\n"
+        "        torch.manual_seed(0)\n"
+        "        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)).eval()\n"
+        "    def train(self, *args):\n"
+        "        raise AssertionError('never')\n"
+    )
+    argv = ["convert", "wrapped.py:Wrapper", "--input-shape", "1,3,16,16", "-q"]
+    code, output = _no_tracebacks_nothing_lost(tmp_path, argv)
+    assert code == 1 and output == (
+        "error: 'wrapped.py:Wrapper': returned a Wrapper, not an nn.Module; it holds one at .model: pass --attr model"
+    )
+    result = runner.invoke(app, [*argv, "--attr", "model"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "Wrapper.sep.pt").is_file()

@@ -89,6 +89,7 @@ def audit(
     input_shape: o.InputShapeOpt = None,
     weights: o.WeightsOpt = None,
     kwargs: o.KwargsOpt = None,
+    attr: o.AttrOpt = None,
     trust_pickle: o.TrustPickleOpt = False,
     device_name: o.DeviceOpt = "cpu",
     train: o.TrainOpt = False,
@@ -157,7 +158,9 @@ def audit(
         calib = None
         if calibration is not None:
             calib = Calibration(calibration_tensor(calibration, args, calibration_samples, image_size, mean, std))
-        loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
+        loaded = load(
+            model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train, attr=attr
+        )
         with progress_bar("tracing", quiet) as progress:
             report = audit_model(
                 loaded.model,

@@ -173,6 +173,7 @@ def convert(
     input_shape: o.InputShapeOpt = None,
     weights: o.WeightsOpt = None,
     kwargs: o.KwargsOpt = None,
+    attr: o.AttrOpt = None,
     trust_pickle: o.TrustPickleOpt = False,
     device_name: o.DeviceOpt = "cpu",
     train: o.TrainOpt = False,
@@ -237,7 +238,9 @@ def convert(
         if calibration is not None:
             data = calibration_tensor(calibration, args, calibration_samples, image_size, mean, std)
             calib = Calibration(data, refine=not no_refine)
-        loaded = load(model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train)
+        loaded = load(
+            model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train, attr=attr
+        )
         with progress_bar("converting", quiet) as progress:
             result = convert_model(
                 loaded.model,

@@ -176,10 +176,11 @@ def load(
     on: torch.device,
     quiet: bool,
     train: bool,
+    attr: str | None = None,
 ) -> LoadedModel:
     """Load MODEL and put it on ``on`` in the mode to convert in (eval unless ``train``)."""
     with step(f"loading {model}", quiet):
-        loaded = load_model(model, trust_pickle=trust_pickle, kwargs=parse_kwargs(kwargs), weights=weights)
+        loaded = load_model(model, trust_pickle=trust_pickle, kwargs=parse_kwargs(kwargs), weights=weights, attr=attr)
     # fx freezes `self.training` branches into the graph, so the mode is chosen
     # before tracing; deployment (eval) is what a converted model is for.
     loaded.model.to(on)

@@ -106,6 +106,16 @@ KwargsOpt = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
+AttrOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attr",
+        metavar="NAME",
+        help="The nn.Module inside what an import spec returns, for wrappers: e.g. ultralytics:YOLO --attr model.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
 WeightsOpt = Annotated[
     Path | None,
     typer.Option(

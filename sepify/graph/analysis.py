@@ -21,6 +21,7 @@ from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
 from sepify.graph.probe import ProbeResult, probe
 from sepify.graph.tracing import TraceOutcome, shorten_error, trace_model
+from sepify.io.load import wrapped_hint
 from sepify.options import Selection
 
 __all__ = [
@@ -165,7 +166,10 @@ def analyze(
 ) -> Analysis:
     """Copy, trace and probe ``model`` and classify its convs; see the module docstring."""
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        hint = wrapped_hint(model, flag="")
+        raise ConfigError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}{hint}{': pass that module' if hint else ''}"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(
             f"the model is a TorchScript {type(model).__name__}: torch.fx cannot trace it and TorchScript ignores "

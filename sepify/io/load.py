@@ -35,6 +35,7 @@ __all__ = [
     "load_state_dict_file",
     "load_weights_into",
     "safetensors_metadata",
+    "wrapped_hint",
 ]
 
 _SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
@@ -315,6 +316,32 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__} ({text.splitlines()[0][:160]})" if text else type(e).__name__
 
 
+WRAPPER_ATTRIBUTES = ("model", "module", "net", "network", "pipe")
+
+
+def wrapped_hint(obj: object, flag: str = "--attr") -> str:
+    """``"; it holds one at .model: pass --attr model"`` when ``obj`` wraps an nn.Module, else ``""``."""
+    for name in WRAPPER_ATTRIBUTES:
+        try:
+            inner = getattr(obj, name, None)
+        except Exception:  # noqa: BLE001 - a property of someone else's wrapper may raise anything
+            continue
+        if isinstance(inner, nn.Module):
+            return f"; it holds one at .{name}: pass {flag} {name}" if flag else f"; it holds one at .{name}"
+    return ""
+
+
+def _attribute(obj: object, dotted: str, source: str) -> Any:
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            raise ModelLoadError(
+                f"{source!r}: the {type(obj).__name__} it returned has no attribute {part!r} (from --attr {dotted})"
+                f"{wrapped_hint(obj)}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
 def is_import_spec(text: str) -> bool:
     """``package.module:callable`` or ``file.py:callable``; an existing path is a file."""
     return ":" in text and not Path(text).exists()
@@ -335,8 +362,13 @@ def load_model(
     trust_pickle: bool = False,
     kwargs: Mapping[str, Any] | None = None,
     weights: str | os.PathLike[str] | None = None,
+    attr: str | None = None,
 ) -> LoadedModel:
-    """Load a model from a file or an import spec; see the module docstring."""
+    """Load a model from a file or an import spec; see the module docstring.
+
+    ``attr`` (dotted) picks the nn.Module out of what an import spec returns,
+    for wrappers such as ultralytics' ``YOLO`` (``attr="model"``).
+    """
     if is_import_spec(source):
         fn = _import_callable(source)
         try:
@@ -352,13 +384,19 @@ def load_model(
                 f"{source!r}: building the model raised {_one_line(e)}; pass --kwargs that avoid it (e.g. no "
                 "pretrained-weight download offline) or fix the code it runs"
             ) from e
+        if attr is not None:
+            model = _attribute(model, attr, source)
         if not isinstance(model, nn.Module):
-            raise ModelLoadError(f"{source!r}: returned a {type(model).__name__}, not an nn.Module")
+            raise ModelLoadError(
+                f"{source!r}: returned a {type(model).__name__}, not an nn.Module{wrapped_hint(model)}"
+            )
         if weights is not None:
             load_weights_into(model, Path(weights))
         return LoadedModel(model, "import-spec", source)
     if kwargs:
         raise ModelLoadError(f"{source}: --kwargs applies only to an import spec (package.module:callable)")
+    if attr is not None:
+        raise ModelLoadError(f"{source}: --attr applies only to an import spec (package.module:callable)")
     path = Path(source)
     _check_file(path, "model")
     kind = detect_kind(path)

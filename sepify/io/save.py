@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sepify.errors import OutputError, SepifyError
+from sepify.errors import OutputError, SepifyError, SepifyWarning
 from sepify.io.atomic import atomic_path, write_text_atomic
 
 __all__ = ["FORMATS", "save_model", "plan_path", "PLAN_METADATA_KEY"]
@@ -98,6 +99,39 @@ def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _onnx_program(model: nn.Module, args: tuple[Any, ...]) -> Any:
+    """The ONNX program with a dynamic batch axis on every tensor input; a fixed batch when that cannot export.
+
+    torch.export specialises dimensions of size 1, so the trace runs on the
+    example inputs repeated to a batch of 2 (a deployed model sees many batch
+    sizes; the other dimensions stay as given).
+    """
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    dynamic_failure = None
+    if tensors and len(tensors) == len(args) and all(a.dim() >= 1 for a in tensors):
+        batch = torch.export.Dim("batch", min=1)
+        doubled = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in tensors)
+        try:
+            program = torch.onnx.export(
+                model, doubled, dynamo=True, verbose=False, external_data=False,
+                dynamic_shapes=tuple({0: batch} for _ in doubled),
+            )  # fmt: skip
+            if program is not None:
+                return program
+        except Exception as e:  # noqa: BLE001 - a batch-dependent model; try the fixed batch below
+            dynamic_failure = e
+    program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
+    assert program is not None
+    if dynamic_failure is not None:
+        warnings.warn(
+            f"the ONNX export has a fixed batch of {tensors[0].shape[0]}: a dynamic batch did not export "
+            f"({_first_line(dynamic_failure)})",
+            SepifyWarning,
+            stacklevel=4,
+        )
+    return program
+
+
 def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> Path:
     try:
         import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
@@ -106,8 +140,7 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
         raise OutputError("--format onnx needs the onnx and onnxscript packages; pip install onnx onnxscript") from e
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
-            program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
-            assert program is not None
+            program = _onnx_program(model, args)
             program.save(str(tmp))  # the temp name ends in the target's extension
     except SepifyError:
         raise

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from sepify.options import Calibration, Distill, Selection, Timing
     from sepify.pipeline.audit import audit
     from sepify.pipeline.convert import ConversionResult, convert, load_converted
+    from sepify.pipeline.distill import DistillResult, DistillStep, distill
     from sepify.planning.plan import LayerPlan, Plan
     from sepify.report.audit import AuditLayer, AuditOption, AuditReport
     from sepify.report.conversion import ConversionReport, LayerReport
@@ -54,6 +55,9 @@ _LAZY = {
     "load_converted": "sepify.pipeline.convert",
     "ConversionResult": "sepify.pipeline.convert",
     "audit": "sepify.pipeline.audit",
+    "distill": "sepify.pipeline.distill",
+    "DistillResult": "sepify.pipeline.distill",
+    "DistillStep": "sepify.pipeline.distill",
     "SeparableConv2d": "sepify.core.modules",
     "SkipReason": "sepify.graph.candidates",
     "register_leaf_module": "sepify.graph.tracing",
@@ -96,6 +100,7 @@ __all__ = [
     # the pipeline
     "convert",
     "audit",
+    "distill",
     "load_converted",
     # options
     "Selection",
@@ -104,6 +109,8 @@ __all__ = [
     "Timing",
     # results
     "ConversionResult",
+    "DistillResult",
+    "DistillStep",
     "ConversionReport",
     "LayerReport",
     "AuditReport",

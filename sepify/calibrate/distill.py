@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from sepify.errors import ConfigError
 from sepify.options import Distill
 
-__all__ = ["distill", "DistillResult"]
+__all__ = ["distill", "DistillOutcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ LossFn = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
-class DistillResult:
+class DistillOutcome:
     steps: int  # steps run (fewer than asked when stopped early)
     best_step: int  # the step whose weights were kept
     heldout_before: float
@@ -76,7 +76,7 @@ def distill(
     patience: int = 5,
     progress: ProgressFn | None = None,
     on_loss: LossFn | None = None,
-) -> DistillResult:
+) -> DistillOutcome:
     """Train ``params`` of ``student`` to match ``teacher``'s outputs; keeps the best held-out weights.
 
     The student runs in its own train/eval mode (eval freezes BatchNorm
@@ -137,7 +137,7 @@ def distill(
             with torch.no_grad():
                 for p, value in zip(trainable, best_state):
                     p.copy_(value)
-    return DistillResult(step, best_step, start, best, tuple(history))
+    return DistillOutcome(step, best_step, start, best, tuple(history))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,124 @@
+"""sepify.distill: streaming data, exact resume, torchrun equivalence, sentences for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+import sepify
+
+
+def teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+
+
+DATA = torch.randn(96, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+def student_of(model: nn.Module) -> nn.Module:
+    return sepify.convert(model, DATA[:1], rank=1).model
+
+
+class Labelled(Dataset[tuple[torch.Tensor, int]]):
+    """A map-style dataset of (input, label): the label is ignored."""
+
+    def __len__(self) -> int:
+        return len(DATA)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return DATA[i], i % 3
+
+
+class Stream(IterableDataset[torch.Tensor]):
+    """An iterable that never materialises: samples made on the fly."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(2)
+        while True:
+            yield torch.randn(3, 12, 12, generator=gen)
+
+
+@pytest.mark.parametrize("data", [DATA, Labelled(), Stream()], ids=["tensor", "dataset", "iterable"])
+def test_distillation_lowers_the_loss_on_any_kind_of_data(data: object, tmp_path: Path) -> None:
+    t = teacher()
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    log = tmp_path / "log.jsonl"
+    result = sepify.distill(student_of(t), t, data, steps=40, batch_size=16, lr=1e-2, eval_every=10, log=log)
+    assert result.history[-1].loss < 0.75 * result.history[0].loss
+    assert all(torch.equal(v, before[k]) for k, v in t.state_dict().items())  # the teacher never changes
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [entry["step"] for entry in lines] == [1, 10, 20, 30, 40]
+    assert set(lines[0]) == {"step", "loss", "lr", "samples_per_s", "eval_loss"}
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    t = teacher()
+    options = {"steps": 24, "batch_size": 16, "lr": 1e-2, "checkpoint_every": 5, "eval_data": DATA[:32]}
+    whole = sepify.distill(student_of(t), t, DATA, **options).model.state_dict()
+
+    def interrupt(step: str, done: int, total: int) -> None:
+        if done == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, progress=interrupt, **options)
+    resumed = sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, resume=True, **options)
+    assert resumed.resumed_from == 13
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, whole[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(sepify.ConfigError, match=r"the checkpoint is from another run"):
+        sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, resume=True, **{**options, "lr": 0.1})
+
+
+def test_bad_input_is_a_sentence() -> None:
+    t = teacher()
+    other = nn.Sequential(nn.Conv2d(3, 5, 3)).eval()
+    with pytest.raises(sepify.ModelError, match=r"^the student's outputs do not match the teacher's"):
+        sepify.distill(student_of(t), other, DATA, steps=2, batch_size=8)
+    with pytest.raises(sepify.CalibrationError, match=r"^distillation data yields str samples"):
+        sepify.distill(student_of(t), t, ["a", "b"], steps=2, batch_size=2)
+    with pytest.raises(sepify.ConfigError, match=r"^batch_size 200 is larger than the 96 samples given$"):
+        sepify.distill(student_of(t), t, DATA, steps=2, batch_size=200)
+    with pytest.raises(sepify.ConfigError, match=r"^nothing to distill: the student has no converted layers"):
+        sepify.distill(t, t, DATA, steps=2, batch_size=8)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, sepify
+import torch.distributed as dist
+torch.set_num_threads(1)
+torch.manual_seed(0)
+teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+student = sepify.convert(teacher, torch.randn(1, 3, 12, 12), rank=1).model
+data = torch.randn(128, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+result = sepify.distill(student, teacher, data, steps=30, batch_size=16, lr=1e-2, log=sys.argv[2])
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save(result.model.state_dict(), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_step_like_one_with_the_whole_batch(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), "one.pt", "one.jsonl"], cwd=tmp_path, capture_output=True)
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = subprocess.run([*torchrun, str(script), "two.pt", "two.jsonl"], cwd=tmp_path, capture_output=True)
+    assert two.returncode == 0, two.stderr.decode()[-2000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    one_log = [json.loads(line)["loss"] for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two_log = [json.loads(line)["loss"] for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert two_log == pytest.approx(one_log, rel=1e-4)  # rank 0 logs the global batch's loss, alone
+    assert not (tmp_path / "run.jsonl").exists()

@@ -122,3 +122,40 @@ def test_two_processes_step_like_one_with_the_whole_batch(tmp_path: Path) -> Non
     two_log = [json.loads(line)["loss"] for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert two_log == pytest.approx(one_log, rel=1e-4)  # rank 0 logs the global batch's loss, alone
     assert not (tmp_path / "run.jsonl").exists()
+
+
+def test_the_command_distills_checkpoints_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from sepify.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets.py").write_text(
+        "import torch\n"
+        "def teacher():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()\n"
+    )
+    torch.save(DATA, tmp_path / "data.pt")
+    runner = CliRunner()
+    shape = ["--input-shape", "1,3,12,12"]
+    assert runner.invoke(app, ["convert", "nets.py:teacher", *shape, "-o", "slim.pt", "-q"]).exit_code == 0
+    argv = ["distill", "slim.pt", "--trust-pickle", "--teacher", "nets.py:teacher", "--data", "data.pt", *shape,
+            "--steps", "12", "--batch-size", "16", "--lr", "0.01", "--checkpoint-dir", "ckpt", "--checkpoint-every", "4"]  # fmt: skip
+    result = runner.invoke(app, [*argv, "-o", "whole.pt", "--log", "log.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert "distilled 12 steps, global batch 16 on 1 process(es); final loss " in result.output
+    assert (tmp_path / "ckpt" / "checkpoint.pt").is_file()  # the step-8 checkpoint
+    resumed = runner.invoke(app, [*argv, "-o", "resumed.pt", "--resume"])  # from step 8 to 12
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from step 8" in resumed.output
+    a = torch.load(tmp_path / "whole.pt", weights_only=False).state_dict()
+    b = torch.load(tmp_path / "resumed.pt", weights_only=False).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+    again = runner.invoke(app, [*argv, "-o", "whole.pt"])
+    assert again.exit_code == 1 and "whole.pt: already exists; pass --force" in again.output
+    bad = runner.invoke(app, [*argv[:5], "--data", "nowhere.npy", *argv[7:], "-o", "x.pt"])
+    assert bad.exit_code == 1 and bad.output.strip().endswith(
+        "nowhere.npy: no such file or folder; pass an image folder, a .pt/.npy file or 'random'"
+    )

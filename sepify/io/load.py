@@ -36,6 +36,7 @@ __all__ = [
     "load_weights_into",
     "safetensors_metadata",
     "wrapped_hint",
+    "import_callable",
 ]
 
 _SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weights FILE (no pickle)"
@@ -279,7 +280,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _import_callable(spec: str) -> Any:
+def import_callable(spec: str) -> Any:
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
         raise ModelLoadError(f"{spec!r}: an import spec looks like package.module:callable or path/to/file.py:callable")
@@ -370,7 +371,7 @@ def load_model(
     for wrappers such as ultralytics' ``YOLO`` (``attr="model"``).
     """
     if is_import_spec(source):
-        fn = _import_callable(source)
+        fn = import_callable(source)
         try:
             # Seeded, so that random-weight architectures are the same model in every run
             # (an audit's plan must fit the model a later convert builds); the caller's RNG is left alone.

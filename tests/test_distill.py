@@ -159,3 +159,25 @@ def test_the_command_distills_checkpoints_and_resumes(tmp_path: Path, monkeypatc
     assert bad.exit_code == 1 and bad.output.strip().endswith(
         "nowhere.npy: no such file or folder; pass an image folder, a .pt/.npy file or 'random'"
     )
+
+
+def test_feature_matching_augmentation_and_csv_log(tmp_path: Path) -> None:
+    t = teacher()
+    seen: list[torch.Tensor] = []
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x)
+        return x + 0.01 * torch.randn_like(x)
+
+    log = tmp_path / "log.csv"
+    options = {"steps": 30, "batch_size": 16, "lr": 1e-2, "eval_every": 10, "eval_data": DATA[:32]}
+    result = sepify.distill(student_of(t), t, DATA, loss="feature", augment=augment, log=log, **options)
+    assert len(seen) == 30 and seen[0].shape == (16, 3, 12, 12)
+    assert result.history[-1].loss < result.history[0].loss  # the feature loss falls
+    lines = log.read_text().splitlines()
+    assert lines[0] == "step,loss,lr,samples_per_s,eval_loss" and len(lines) == 1 + 4
+    both = sepify.distill(student_of(t), t, DATA, loss="both", **options)
+    out_only = sepify.distill(student_of(t), t, DATA, loss="mse", **options)
+    assert both.history[0].loss > out_only.history[0].loss  # both adds the feature term to the same output loss
+    with pytest.raises(sepify.ConfigError, match=r"^loss must be one of mse, kl, feature, both, got 'l1'$"):
+        sepify.distill(student_of(t), t, DATA, loss="l1", steps=2, batch_size=8)

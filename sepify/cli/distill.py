@@ -27,6 +27,10 @@ DISTILL_EXAMPLES = [
         "--input-shape 1,1,16,16 -o digits.distilled.pt",
     ),
     (
+        "match the converted layers' outputs too",
+        "sepify distill slim.pt --trust-pickle --teacher sepify.zoo:digits_cnn --data x.npy --loss both -o d.pt",
+    ),
+    (
         "two processes on one machine (torch.distributed, gloo on CPU)",
         "torchrun --standalone --nproc-per-node 2 -m sepify distill slim.pt --trust-pickle --teacher ... --data ...",
     ),
@@ -150,7 +154,7 @@ def distill(
     steps: StepsOpt = 1000,
     batch_size: BatchOpt = 32,
     lr: LrOpt = 1e-3,
-    loss: LossOpt = "mse",
+    loss: LossOpt = "output",
     train_all: TrainAllOpt = False,
     checkpoint_dir: CheckpointOpt = None,
     checkpoint_every: CheckpointEveryOpt = 100,
@@ -202,7 +206,7 @@ def distill(
                 steps=steps,
                 batch_size=batch_size,
                 lr=lr,
-                loss=loss,
+                loss="mse" if loss == "output" else loss,
                 train_all=train_all,
                 eval_data=held,
                 checkpoint_dir=checkpoint_dir,

@@ -19,6 +19,7 @@ converted pairs train unless ``train_all``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ __all__ = ["distill", "DistillResult", "DistillStep"]
 
 ProgressFn = Callable[[str, int, int], None]
 CHECKPOINT_FORMAT = "sepify.distill-checkpoint"
+LOSSES = ("mse", "kl", "feature", "both")  # both: mse on the outputs + feature matching
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,45 @@ def _loss(student_out: Any, teacher_out: Any, kind: str, temperature: float) -> 
     return sum((F.mse_loss(a, b) for a, b in zip(s, t)), start=s[0].new_zeros(()))
 
 
+class _FeatureTaps:
+    """Outputs of the student's pairs and of the teacher's convs at the same qualnames, captured by forward hooks.
+
+    The feature loss is the mean over those layers of the mean squared difference (a per-sample mean, as the
+    output loss). Pairs without a teacher counterpart (convs lifted from ``F.conv2d``) are left out.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
+        names = dict(teacher.named_modules())
+        self.pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv2d) and n in names}
+        if not self.pairs:
+            raise ConfigError("feature matching needs converted layers whose qualnames the teacher has; use loss='mse'")
+        self.student_out: dict[str, Tensor] = {}
+        self.teacher_out: dict[str, Tensor] = {}
+        self.handles = [m.register_forward_hook(self._keep(self.student_out, n)) for n, m in self.pairs.items()]
+        self.handles += [names[n].register_forward_hook(self._keep(self.teacher_out, n)) for n in self.pairs]
+
+    @staticmethod
+    def _keep(store: dict[str, Tensor], name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                store[name] = output
+
+        return hook
+
+    def loss(self) -> Tensor:
+        names = [n for n in self.pairs if n in self.student_out and n in self.teacher_out]
+        if not names:
+            raise ModelError("no converted layer ran on the distillation batch, so features cannot be matched")
+        values = [F.mse_loss(self.student_out[n], self.teacher_out[n].detach()) for n in names]
+        self.student_out.clear()
+        self.teacher_out.clear()
+        return torch.stack(values).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _schedule(steps: int, warmup: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -242,6 +283,8 @@ def distill(
     log: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    augment: Callable[[Tensor], Tensor] | None = None,
+    tensorboard: str | os.PathLike[str] | None = None,
 ) -> DistillResult:
     """Train ``student`` to reproduce ``teacher``'s outputs on ``data`` (no labels needed).
 
@@ -252,13 +295,17 @@ def distill(
             or a tensor of samples along dim 0. A sample is a tensor, or ``(input, label)`` (label ignored).
         steps, batch_size: optimiser steps and the *global* batch (split across processes under torchrun).
         lr, weight_decay, warmup, clip: AdamW, linear warm-up (default steps/20) then cosine decay, gradient norm clip.
-        loss: ``"mse"`` on every floating output, or ``"kl"`` on logits with ``temperature``.
+        loss: ``"mse"`` on every floating output, ``"kl"`` on logits with ``temperature``, ``"feature"``: the
+            outputs of the converted layers against the teacher's convs at the same qualnames, or ``"both"``
+            (mse + feature).
+        augment: a callable applied to each batch of inputs before teacher and student see it (e.g. noise, crops).
         train_all: train every parameter, not only the converted pairs.
         bn_train: BatchNorm in train mode (statistics update); by default the student runs in eval mode.
         eval_data: held-out samples (same forms as ``data``); the weights with the lowest eval loss are kept.
         checkpoint_dir, checkpoint_every, resume: write ``checkpoint.pt`` atomically every so many steps (and when
             interrupted); ``resume=True`` continues from it and ends with the weights an uninterrupted run would.
-        log: a JSON-lines file, one line per logged step (rank 0 only).
+        log: one line per logged step (rank 0 only): JSON lines, or CSV when the name ends in ``.csv``.
+        tensorboard: a TensorBoard log directory (needs the tensorboard package).
 
     Examples:
         >>> import torch, sepify
@@ -305,17 +352,21 @@ def distill(
     if resume:
         start, history, best = _load_checkpoint(checkpoint, run, model, optimizer, scheduler, rank)
         notes.append(f"resumed from step {start}")
-    logger = _Log(log, rank, append=resume)
+    logger = _Log(log, rank, append=resume, tensorboard=tensorboard)
+    taps = _FeatureTaps(model, teacher) if loss in ("feature", "both") else None
     completed = start  # steps whose update is in the weights: what a checkpoint taken now holds
     try:
         t0, seen = time.perf_counter(), 0
         for step in range(start, steps):
             torch.manual_seed((seed * 1_000_003 + step) * 64 + rank)  # dropout etc.: a function of the step
             x = batches(step).to(_device(model))
-            with torch.no_grad():
+            if augment is not None:
+                x = augment(x)
+            with torch.no_grad(), _autocast(x):
                 target = teacher(x)
             optimizer.zero_grad(set_to_none=True)
-            value = _loss(wrapped(x), target, loss, temperature)
+            with _autocast(x):
+                value = _objective(wrapped(x), target, loss, temperature, taps)
             if not math.isfinite(float(value.detach())):
                 notes.append(f"the loss became {float(value)} at step {step + 1}; stopped there")
                 break
@@ -327,7 +378,7 @@ def distill(
             completed = done = step + 1
             seen += x.shape[0] * world
             if done % eval_every == 0 or done == steps or done == start + 1:
-                eval_loss = _eval_loss(model, teacher, evals, loss, temperature) if evals is not None else None
+                eval_loss = _eval_loss(model, teacher, evals, loss, temperature, taps) if evals is not None else None
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 entry = DistillStep(done, _mean_over_ranks(value), float(scheduler.get_last_lr()[0]), rate, eval_loss)
                 history.append(entry)
@@ -342,6 +393,10 @@ def distill(
         if checkpoint is not None and completed > start:
             _save_checkpoint(checkpoint, run, completed, model, optimizer, scheduler, history, best, rank)
         raise
+    finally:
+        if taps is not None:
+            taps.remove()
+        logger.close()
     if best[2] is not None:
         model.load_state_dict(best[2])
     model.eval()
@@ -379,11 +434,29 @@ def _check_options(steps: int, batch_size: int, lr: float, loss: str, eval_every
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if loss not in ("mse", "kl"):
-        raise ConfigError(f"loss must be 'mse' or 'kl', got {loss!r}")
+    if loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def _eval_loss(model: nn.Module, teacher: nn.Module, evals: _Batches, loss: str, temperature: float) -> float:
+def _objective(student_out: Any, teacher_out: Any, loss: str, temperature: float, taps: _FeatureTaps | None) -> Tensor:
+    """The training loss: output matching, feature matching, or their sum."""
+    if loss == "feature":
+        assert taps is not None
+        return taps.loss()
+    value = _loss(student_out, teacher_out, "mse" if loss == "both" else loss, temperature)
+    return value + taps.loss() if taps is not None else value
+
+
+def _autocast(x: Tensor) -> Any:
+    """bf16 autocast on CUDA where the device supports it; nothing elsewhere."""
+    if x.is_cuda and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _eval_loss(
+    model: nn.Module, teacher: nn.Module, evals: _Batches, loss: str, temperature: float, taps: _FeatureTaps | None
+) -> float:
     """The eval loss over the eval data (one pass, averaged over every process)."""
     flag = model.training
     model.eval()
@@ -391,7 +464,9 @@ def _eval_loss(model: nn.Module, teacher: nn.Module, evals: _Batches, loss: str,
     with torch.no_grad():
         for k in range(max(1, evals.length // evals.batch_size)):
             x = evals(k).to(_device(model))
-            total += float(_loss(model(x), teacher(x), loss, temperature)) * x.shape[0]
+            with _autocast(x):
+                value = _objective(model(x), teacher(x), loss, temperature, taps)
+            total += float(value) * x.shape[0]
             count += x.shape[0]
     model.train(flag)
     if dist.is_initialized():
@@ -402,17 +477,38 @@ def _eval_loss(model: nn.Module, teacher: nn.Module, evals: _Batches, loss: str,
 
 
 class _Log:
-    """JSON lines, rank 0 only, appended to on resume."""
+    """One record per logged step, rank 0 only: JSON lines (CSV for a .csv name), and TensorBoard when asked."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, rank: int, append: bool) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None, rank: int, append: bool, tensorboard: str | os.PathLike[str] | None
+    ) -> None:
         self.path = Path(path) if path is not None and rank == 0 else None
+        self.csv = self.path is not None and self.path.suffix.lower() == ".csv"
         if self.path is not None and not append:
-            self.path.write_text("")
+            self.path.write_text(",".join(DistillStep.__dataclass_fields__) + "\n" if self.csv else "")
+        self.board: Any = None
+        if tensorboard is not None and rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("tensorboard logging needs the tensorboard package; pip install tensorboard") from e
+            self.board = SummaryWriter(str(tensorboard))
 
     def write(self, entry: DistillStep) -> None:
         if self.path is not None:
+            row = asdict(entry)
+            line = ",".join("" if v is None else str(v) for v in row.values()) if self.csv else json.dumps(row)
             with self.path.open("a") as f:
-                f.write(json.dumps(asdict(entry)) + "\n")
+                f.write(line + "\n")
+        if self.board is not None:
+            for key in ("loss", "lr", "samples_per_s", "eval_loss"):
+                value = getattr(entry, key)
+                if value is not None:
+                    self.board.add_scalar(f"distill/{key}", value, entry.step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _save_checkpoint(

@@ -73,3 +73,29 @@ def test_markdown_table(report: ConversionReport) -> None:
 def test_layer_lookup_names_missing_conv(report: ConversionReport) -> None:
     with pytest.raises(KeyError, match="no conv named 'nope' in this report"):
         report.layer("nope")
+
+
+def test_output_error_is_the_worst_output_and_undefined_errors_say_why() -> None:
+    class TwoScales(torch.nn.Module):
+        """A large output beside a small one: one pooled ratio would be the large one's alone."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.c = torch.nn.Conv2d(3, 8, 3)
+            self.d = torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.d(self.c(x))
+            return 1000 * y.mean((2, 3)), y - y.mean((2, 3), keepdim=True)
+
+    x = torch.randn(1, 3, 12, 12)
+    report = sepify.convert(TwoScales().eval(), x, rank=1).report
+    first, second = report.output_errors
+    assert first is not None and second is not None and report.output_error == max(first, second)
+    assert report.to_dict()["verification"]["output_errors"] == [first, second]
+    assert f"(the worst of 2 outputs: {first:.2e}, {second:.2e})" in str(report)
+    zeros = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Conv2d(8, 4, 3, bias=False)).eval()
+    silent = sepify.convert(zeros, torch.zeros(1, 3, 12, 12), rank=1).report
+    assert silent.output_error is None
+    assert "output error: - (the original model's outputs on the example inputs are all zeros)" in str(silent)

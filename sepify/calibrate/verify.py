@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["output_error", "top1_agreement", "heldout_fidelity"]
+__all__ = ["output_error", "output_errors", "top1_agreement", "heldout_fidelity"]
 
 
 def _float_leaves(output: Any) -> list[Tensor]:
@@ -40,6 +40,42 @@ def output_error(reference: Any, converted: Any) -> float | None:
     if den == 0.0 or not math.isfinite(num):
         return None if den == 0.0 else math.inf
     return math.sqrt(num / den)
+
+
+def output_errors(reference: Any, converted: Any) -> tuple[list[float | None], str | None]:
+    """``||y_i' - y_i|| / ||y_i||`` for each floating output tensor, and why the comparison is undefined if it is.
+
+    Per output, so that a model whose outputs differ in scale (a detector's class scores beside its box
+    coordinates) cannot hide a large change in a small output. An all-zero reference output has no relative
+    error (None); the reason is the second element when no output could be compared.
+
+    >>> import torch
+    >>> y = (torch.ones(2, 3), torch.zeros(4))
+    >>> errors, why = output_errors(y, (torch.ones(2, 3) * 1.5, torch.zeros(4)))
+    >>> errors, why
+    ([0.5, None], None)
+    >>> output_errors(y, (torch.ones(2, 3),))
+    ([], 'the outputs do not line up (2 floating tensors in the original, 1 in the converted model)')
+    """
+    ref, out = _float_leaves(reference), _float_leaves(converted)
+    if not ref:
+        return [], "the original model has no floating-point output to compare"
+    if len(ref) != len(out):
+        return [], (
+            f"the outputs do not line up ({len(ref)} floating tensors in the original, {len(out)} in the converted "
+            "model)"
+        )
+    if any(a.shape != b.shape for a, b in zip(ref, out)):
+        shapes = next((tuple(a.shape), tuple(b.shape)) for a, b in zip(ref, out) if a.shape != b.shape)
+        return [], f"the outputs do not line up (shapes {shapes[0]} and {shapes[1]}; e.g. a detector's box counts)"
+    errors: list[float | None] = []
+    for a, b in zip(ref, out):
+        den = float(a.double().square().sum())
+        num = float((b.double() - a.double()).square().sum())
+        errors.append(None if den == 0.0 else (math.sqrt(num / den) if math.isfinite(num) else math.inf))
+    if all(e is None for e in errors):
+        return errors, "the original model's outputs on the example inputs are all zeros"
+    return errors, None
 
 
 def top1_agreement(reference: Any, converted: Any) -> float | None:

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
-from sepify.calibrate.verify import output_error, top1_agreement
+from sepify.calibrate.verify import output_errors, top1_agreement
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import SVD_ORDERS, Factorization
@@ -164,6 +164,7 @@ def convert(
     after = _probe_converted(analysis, args)
     times, timing_notes = _time_models(model if not inplace else teacher, analysis.target, args, timed)
 
+    errors, why = output_errors(analysis.before.output, after.output)
     report = ConversionReport(
         layers=tuple(rows),
         params_before=params_before,
@@ -174,7 +175,9 @@ def convert(
         mode=analysis.outcome.mode,
         trace_error=analysis.outcome.error,
         leaves=_leaves_with_convs(analysis),
-        output_error=output_error(analysis.before.output, after.output),
+        output_error=max((e for e in errors if e is not None), default=None),
+        output_errors=tuple(errors),
+        output_error_reason=why,
         top1_agreement=top1_agreement(analysis.before.output, after.output),
         notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + notes + timing_notes),
         fidelity=stages,

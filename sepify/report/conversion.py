@@ -116,7 +116,9 @@ class ConversionReport(JsonExportable):
     mode: str
     trace_error: str | None = None
     leaves: dict[str, str] = field(default_factory=dict)
-    output_error: float | None = None
+    output_error: float | None = None  # the worst of output_errors (relative, per floating output tensor)
+    output_errors: tuple[float | None, ...] = ()
+    output_error_reason: str | None = None  # why output_error is None, when it is
     top1_agreement: float | None = None
     notes: tuple[str, ...] = ()
     fidelity: tuple[FidelityStage, ...] = ()
@@ -209,7 +211,12 @@ class ConversionReport(JsonExportable):
                 "converted": len(self.converted),
                 "skipped": len(self.skipped),
             },
-            "verification": {"output_error": self.output_error, "top1_agreement": self.top1_agreement},
+            "verification": {
+                "output_error": self.output_error,
+                "output_errors": list(self.output_errors),
+                "output_error_reason": self.output_error_reason,
+                "top1_agreement": self.top1_agreement,
+            },
             "latency": {"before": self.latency_before, "after": self.latency_after, "ratio": self.latency_ratio},
             "fidelity": [stage.to_dict() for stage in self.fidelity],
             "notes": list(self.notes),

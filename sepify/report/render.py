@@ -142,6 +142,12 @@ def conversion_summary(report: ConversionReport) -> list[str]:
         f"{format_count(report.conv_macs_after)} ({pct(report.conv_macs_after, report.conv_macs_before)})",
     ]
     verify = "output error: " + ("-" if report.output_error is None else f"{report.output_error:.3e}")
+    if report.output_error is None and report.output_error_reason:
+        verify += f" ({report.output_error_reason})"
+    elif len(report.output_errors) > 1:
+        each = ", ".join("-" if e is None else f"{e:.2e}" for e in report.output_errors[:6])
+        more = ", ..." if len(report.output_errors) > 6 else ""
+        verify += f" (the worst of {len(report.output_errors)} outputs: {each}{more})"
     if report.top1_agreement is not None:
         verify += f"; top-1 agreement: {100 * report.top1_agreement:.1f}%"
     lines.append(verify)

@@ -52,6 +52,9 @@ class Selection:
         skip_shared: leave convs that run more than once per forward (shared
             heads, recurrent blocks) alone; by default one pair replaces them
             at every call site.
+        allow_larger: build a pair even where the integer rank asked for makes
+            it larger (more params or MACs) than its conv; by default such convs
+            are skipped as ``no-saving``. Rank ``"full"`` and plans always build.
 
     Examples:
         >>> Selection(include="layer1.*").include
@@ -61,6 +64,7 @@ class Selection:
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     skip_shared: bool = False
+    allow_larger: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _globs("include", self.include))

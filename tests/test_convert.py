@@ -108,23 +108,30 @@ def test_row_counts_match_hand_formulas(plain_net: nn.Module, example_input: tor
 
 def test_rank_is_capped_and_flagged() -> None:
     net = nn.Sequential(nn.Conv2d(16, 4, 3)).eval()  # dw-pw exact rank min(4, 9) = 4
-    row = sepify.convert(net, torch.randn(1, 16, 8, 8), rank=6).report.layer("0")
+    larger = sepify.Selection(allow_larger=True)  # the exact pair is larger than this conv
+    row = sepify.convert(net, torch.randn(1, 16, 8, 8), rank=6, select=larger).report.layer("0")
     assert (row.rank, row.requested_rank, row.rank_capped) == (4, 6, True)
     assert row.weight_error is not None and row.weight_error < 1e-6
 
 
-def test_larger_pair_is_honoured_and_flagged() -> None:
+def test_larger_pair_is_skipped_unless_forced() -> None:
     net = nn.Sequential(nn.Conv2d(4, 4, 3)).eval()  # rank 4: 4*4*9 + 4*16 > 4*4*9
-    report = sepify.convert(net, torch.randn(1, 4, 8, 8), rank=4).report
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.warns(sepify.SepifyWarning, match=r"no conv was converted \(1 no-saving\)"):
+        skipped = sepify.convert(net, x, rank=4).report.layer("0")
+    assert not skipped.converted and skipped.skip_reason is sepify.SkipReason.NO_SAVING
+    report = sepify.convert(net, x, rank=4, select=sepify.Selection(allow_larger=True)).report
     row = report.layer("0")
     assert row.converted and row.rank == 4 and row.larger_than_original
     assert "(larger)" in str(report)
+    assert sepify.convert(net, x, rank="full").report.layer("0").converted  # "full" asks for exactness: built
 
 
 def test_auto_picks_lower_error_then_fewer_macs() -> None:
     # Cin=3 (pw-dw exact at rank 3) vs Cout=64 (dw-pw needs rank 9): at rank 3 pw-dw wins on error.
     net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3)).eval()
-    report = sepify.convert(net, torch.randn(1, 3, 12, 12), rank=3, order="auto").report
+    larger = sepify.Selection(allow_larger=True)  # rank 3 on a 3-channel input is larger than the conv
+    report = sepify.convert(net, torch.randn(1, 3, 12, 12), rank=3, order="auto", select=larger).report
     first = report.layer("0")
     assert first.order == "pw-dw" and first.weight_error is not None and first.weight_error < 1e-6
     # at full rank both orders are exact: the tie goes to fewer MACs

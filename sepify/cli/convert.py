@@ -185,6 +185,7 @@ def convert(
     include: o.IncludeOpt = None,
     exclude: o.ExcludeOpt = None,
     skip_shared: o.SkipSharedOpt = False,
+    allow_larger: o.AllowLargerOpt = False,
     # Calibration
     calibration: o.CalibrationOpt = None,
     calibration_samples: o.CalibrationSamplesOpt = None,
@@ -249,7 +250,7 @@ def convert(
                 order=order.value,
                 tolerance=tolerance,
                 plan=the_plan,
-                select=Selection(include, exclude, skip_shared),
+                select=Selection(include, exclude, skip_shared, allow_larger=allow_larger),
                 calibration=calib,
                 distill=distillation,
                 timing=timing,

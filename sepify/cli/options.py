@@ -267,6 +267,15 @@ JsonOpt = Annotated[
         rich_help_panel=OUTPUT,
     ),
 ]
+AllowLargerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-larger",
+        metavar="",
+        help="Build a pair even where --rank makes it larger than its conv (default: skip it as no-saving).",
+        rich_help_panel=CONVERSION,
+    ),
+]
 AllowUnchangedOpt = Annotated[
     bool,
     typer.Option(

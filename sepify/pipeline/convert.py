@@ -155,7 +155,7 @@ def convert(
     params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
     if plan is not None:
         _apply_plan_selection(analysis.sites, plan)
-    chooser = _Chooser(rank, order, tolerance, plan, timed)
+    chooser = _Chooser(rank, order, tolerance, plan, timed, allow_larger=select.allow_larger if select else False)
     rows, pairs = chooser.build(analysis.sites)
     # the teacher for calibration: the traced model before any swap
     teacher = copy.deepcopy(analysis.target) if calib is not None and pairs else None
@@ -284,8 +284,17 @@ class _Choice:
 class _Chooser:
     """Picks rank and order per conv, builds its pair, and times it when asked."""
 
-    def __init__(self, rank: Rank, order: str, tolerance: float | None, plan: Plan | None, timing: Timing | None):
+    def __init__(
+        self,
+        rank: Rank,
+        order: str,
+        tolerance: float | None,
+        plan: Plan | None,
+        timing: Timing | None,
+        allow_larger: bool = False,
+    ):
         self.rank, self.order, self.tolerance, self.plan, self.timing = rank, order, tolerance, plan, timing
+        self.allow_larger = allow_larger
         self.meta: dict[str, dict[str, Any]] = {}  # node.meta["sepify"] of each converted conv
 
     def build(self, sites: list[ConvSite]) -> tuple[list[LayerReport], dict[str, SeparableConv2d]]:
@@ -305,6 +314,9 @@ class _Chooser:
         choice = _choose(site, wanted_rank, wanted_order, self.tolerance)
         if self.rank == "auto" and planned is None and not _smaller(site, choice):
             site.skip_reason = SkipReason.NO_SAVING
+            return _row(site), None
+        if isinstance(self.rank, int) and planned is None and not self.allow_larger and _larger(site, choice):
+            site.skip_reason = SkipReason.NO_SAVING  # the user asked for savings; Selection(allow_larger=True) forces
             return _row(site), None
         pair = SeparableConv2d.from_conv(site.module, choice.rank, choice.order, factorization=choice.factorization)
         if planned is not None and planned.layout is not None:
@@ -405,6 +417,15 @@ def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> 
         elif cand.weight_error < best.weight_error:
             best = cand
     return best
+
+
+def _larger(site: ConvSite, choice: _Choice) -> bool:
+    """Whether the chosen pair has more params or more MACs than the conv."""
+    conv = site.module
+    before = conv_params(
+        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, conv.bias is not None
+    )
+    return choice.params > before or choice.macs > site_macs(site)
 
 
 def _smaller(site: ConvSite, choice: _Choice) -> bool:

@@ -594,12 +594,13 @@ def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     dead = tmp_path / f".{target.name[:100]}.999999999-abcd1234{TEMP_MARK}.pt"
     alive = tmp_path / f".{target.name[:100]}.{os.getpid()}-abcd1234{TEMP_MARK}.pt"
     other = tmp_path / f".other.pt.999999999-abcd1234{TEMP_MARK}.pt"
-    for p in (dead, alive, other):
+    longer = tmp_path / f".{target.name[:100]}.x.999999999-abcd1234{TEMP_MARK}.pt"  # not ours: another target's
+    for p in (dead, alive, other, longer):
         p.write_bytes(b"partial")
     with atomic_path(target) as tmp:
         tmp.write_bytes(b"done")
         assert len(tmp.name) < 160
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert not dead.exists() and alive.exists() and other.exists() and longer.exists()
     assert target.read_bytes() == b"done"
 
 

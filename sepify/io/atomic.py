@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -55,22 +56,23 @@ def _temp_name(target: Path) -> str:
     return f"{_temp_stem(target)}{os.getpid()}-{secrets.token_hex(4)}{TEMP_MARK}{suffix}"
 
 
+def _pattern(target: Path) -> re.Pattern[str]:
+    """Temp names of ``target`` exactly: another target's (``a.pt.x`` beside ``a.pt``) never match."""
+    return re.compile(rf"{re.escape(_temp_stem(target))}(\d+)-[0-9a-f]{{8}}{re.escape(TEMP_MARK)}.*\Z")
+
+
 def temp_files_of(target: str | os.PathLike[str]) -> list[Path]:
     """The temp files any sepify process left (or is writing) for ``target``."""
     target = Path(target)
-    stem = _temp_stem(target)
+    pattern = _pattern(target)
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return []
-    return [p for p in entries if p.name.startswith(stem) and TEMP_MARK in p.name[len(stem) :]]
+    return [p for p in entries if pattern.match(p.name)]
 
 
-def _writer_alive(temp: Path, stem_length: int) -> bool:
-    pid_text = temp.name[stem_length:].split("-", 1)[0]
-    if not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
+def _writer_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -85,9 +87,13 @@ def _writer_alive(temp: Path, stem_length: int) -> bool:
 def sweep_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
     """Remove temp files left for ``target`` by sepify processes that no longer run; returns them."""
     target = Path(target)
-    stale = [p for p in temp_files_of(target) if not _writer_alive(p, len(_temp_stem(target)))]
-    for p in stale:
-        p.unlink(missing_ok=True)
+    pattern = _pattern(target)
+    stale = []
+    for p in temp_files_of(target):
+        found = pattern.match(p.name)
+        if found is not None and not _writer_alive(int(found.group(1))):
+            stale.append(p)
+            p.unlink(missing_ok=True)
     return stale
 
 

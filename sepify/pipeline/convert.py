@@ -77,9 +77,11 @@ def convert(
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
 
     The model is traced with torch.fx (in its current train/eval mode); every
-    ``call_module`` node whose module is exactly ``nn.Conv2d`` with something
-    to separate is replaced by a :class:`~sepify.SeparableConv2d` initialised
-    by per-channel truncated SVD of its weight. Submodules that fx cannot
+    ``call_module`` node whose module is an ``nn.Conv2d`` with something to
+    separate (or a known subclass: parametrized, weight-standardised, TF
+    "SAME"; see :func:`~sepify.register_conv`) is replaced by a
+    :class:`~sepify.SeparableConv2d` initialised by per-channel truncated SVD
+    of its (effective) weight. Submodules that fx cannot
     trace are kept as leaves and their convs swapped as modules; a model whose
     own forward is untraceable is converted entirely by swapping modules. The
     report says which mode was used.
@@ -90,7 +92,9 @@ def convert(
             or lists/dicts of tensors, e.g. ``([image],)`` for torchvision
             detectors). Used for shapes (hence MACs) and for verification.
         rank: depth multiplier ``r`` (capped per layer at its exact rank; the
-            report marks capped layers), ``"full"`` for the exact rank, or
+            report marks capped layers; a conv it would make larger is skipped
+            as ``no-saving`` unless ``Selection(allow_larger=True)``),
+            ``"full"`` for the exact rank, or
             ``"auto"``: per layer the smallest rank whose weight error is at
             most ``tolerance`` (layers where that pair would not be smaller
             than the conv are skipped as ``no-saving``).
@@ -106,7 +110,7 @@ def convert(
             rank, order and layout; ``rank``/``order`` are then ignored and
             unlisted convs are skipped as ``not-planned``.
         select: which convs may convert (:class:`~sepify.Selection`:
-            include/exclude globs, shared convs).
+            include/exclude globs, shared convs, larger pairs).
         calibration: unlabelled inputs, or a :class:`~sepify.Calibration`.
             A held-out share judges every stage and, in order: each pair's
             last factor is refined in closed form, BatchNorm statistics are
@@ -130,7 +134,9 @@ def convert(
         ConfigError: an argument is invalid.
         PlanError: the plan names a conv the model does not have or cannot convert.
         InputShapeError: the model's forward fails on ``example_inputs``.
-        CalibrationError: the calibration data is malformed or the model fails on it.
+        CalibrationError: the calibration data is malformed, non-finite, or the model fails on it.
+        ModelError: the model has non-finite weights, cannot be deep-copied (use ``inplace=True``),
+            is TorchScript, or the converted model fails or turns non-finite where the original ran.
 
     Examples:
         >>> import torch, sepify

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sepify.errors import CalibrationError
+from sepify.io.datasets import nonfinite_samples
 
 __all__ = ["CalibrationData", "calibration_batches", "canonical_order", "near_duplicate_groups"]
 
@@ -219,7 +220,7 @@ def _check_finite(args: tuple[Any, ...], first_sample: int) -> None:
     for a in args:
         if isinstance(a, Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
             count = int((~torch.isfinite(a)).sum())
-            per_sample = ~torch.isfinite(a.reshape(a.shape[0], -1)).all(dim=1) if a.dim() > 1 else None
+            per_sample = nonfinite_samples(a) if a.dim() > 1 else None
             where = first_sample + int(per_sample.nonzero()[0]) if per_sample is not None else first_sample
             raise CalibrationError(
                 f"calibration sample {where} holds NaN or infinite values ({count} in its batch); they would "

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from sepify.errors import ConfigError
+from sepify.graph.probe import float_leaves
 from sepify.options import Distill
 
-__all__ = ["distill", "DistillOutcome"]
+__all__ = ["distill", "DistillOutcome", "kl_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +40,23 @@ class DistillOutcome:
     history: tuple[tuple[int, float], ...]  # (step, held-out loss)
 
 
-def _leaves(out: Any) -> list[Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+def kl_loss(student: list[Tensor], teacher: list[Tensor], temperature: float) -> Tensor:
+    """KL divergence of softened logits (Hinton et al.), scaled by ``temperature**2``; a per-sample mean."""
+    if len(student) != 1 or student[0].dim() != 2:
+        raise ConfigError("loss='kl' needs a single (N, classes) logits output; use loss='mse'")
+    log_p = F.log_softmax(student[0] / temperature, dim=1)
+    q = F.softmax(teacher[0] / temperature, dim=1)
+    return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
 
 
 def _loss(student_out: Any, teacher_out: Any, kind: str, temperature: float) -> Tensor:
-    s, t = _leaves(student_out), _leaves(teacher_out)
+    s, t = float_leaves(student_out), float_leaves(teacher_out)
     if len(s) != len(t) or not s:
         raise ConfigError(
             "the student's outputs do not line up with the teacher's; distillation needs equal structures"
         )
     if kind == "kl":
-        if len(s) != 1 or s[0].dim() != 2:
-            raise ConfigError("loss='kl' needs a single (N, classes) logits output; use loss='mse'")
-        log_p = F.log_softmax(s[0] / temperature, dim=1)
-        q = F.softmax(t[0] / temperature, dim=1)
-        return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+        return kl_loss(s, t, temperature)
     # relative MSE per output tensor, so outputs of different scales weigh alike
     total = s[0].new_zeros(())
     for a, b in zip(s, t):

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from sepify.calibrate.batchnorm import refresh_batchnorm
 from sepify.calibrate.data import CalibrationData, near_duplicate_groups
@@ -25,7 +24,7 @@ from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
 from sepify.core.modules import SeparableConv2d
 from sepify.errors import CalibrationError
-from sepify.graph.probe import describe_inputs
+from sepify.graph.probe import describe_inputs, float_leaves
 from sepify.options import Calibration, Distill
 
 __all__ = ["FidelityStage", "calibrate_pairs", "grouped_by_outputs"]
@@ -68,7 +67,7 @@ def grouped_by_outputs(model: nn.Module, batch: int = 32) -> Callable[[tuple[Ten
                 args = tuple(a[i : i + batch] for a in samples)
                 outputs = _run_on_calibration(model, args)
                 size = args[0].shape[0]
-                leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor) and t.is_floating_point()]
+                leaves = float_leaves(outputs)
                 if not leaves or any(t.dim() == 0 or t.shape[0] != size for t in leaves):
                     return list(range(count))  # outputs not batched per sample (detections...): every sample alone
                 sketches.append(_count_sketch(torch.cat([t.reshape(size, -1).double() for t in leaves], dim=1)))

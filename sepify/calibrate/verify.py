@@ -7,18 +7,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
+
+from sepify.graph.probe import float_leaves
 
 __all__ = ["output_error", "output_errors", "top1_agreement", "heldout_fidelity"]
 
 
-def _float_leaves(output: Any) -> list[Tensor]:
-    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.is_floating_point()]
-
-
 def _error_energy(reference: Any, converted: Any) -> tuple[float, float] | None:
     """``(||y_converted - y||^2, ||y||^2)`` over all floating tensors, or None if the outputs do not line up."""
-    ref, out = _float_leaves(reference), _float_leaves(converted)
+    ref, out = float_leaves(reference), float_leaves(converted)
     if not ref or len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
         return None
     num = sum(float((b.double() - a.double()).square().sum()) for a, b in zip(ref, out))
@@ -57,7 +54,7 @@ def output_errors(reference: Any, converted: Any) -> tuple[list[float | None], s
     >>> output_errors(y, (torch.ones(2, 3),))
     ([], 'the outputs do not line up (2 floating tensors in the original, 1 in the converted model)')
     """
-    ref, out = _float_leaves(reference), _float_leaves(converted)
+    ref, out = float_leaves(reference), float_leaves(converted)
     if not ref:
         return [], "the original model has no floating-point output to compare"
     if len(ref) != len(out):

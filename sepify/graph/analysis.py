@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
 from sepify.core.cost import conv_macs, separable_macs
 from sepify.errors import ConfigError, InputShapeError, ModelError
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
-from sepify.graph.probe import ProbeResult, probe
+from sepify.graph.probe import ProbeResult, all_finite, probe
 from sepify.graph.tracing import TraceOutcome, shorten_error, trace_model
 from sepify.io.load import wrapped_hint
 from sepify.options import Selection
@@ -132,8 +131,7 @@ def check_finite_parameters(model: nn.Module) -> None:
 
 
 def _check_finite_output(output: Any) -> None:
-    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if any(not bool(torch.isfinite(t).all()) for t in leaves):
+    if not all_finite(output):
         raise ModelError(
             "the original model's outputs on the example inputs hold NaN or infinite values, so fidelity cannot be "
             "measured; pass example inputs it handles (real samples, or the dtype and value range it expects)"

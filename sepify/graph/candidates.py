@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sepify.core.functional import SameConv2d
-from sepify.graph.conv_kinds import class_name, legacy_weight_norm, plain_view
+from sepify.graph.conv_kinds import class_name, effective_weight_of, legacy_weight_norm, plain_view
 from sepify.graph.probe import ConvCall
 
 __all__ = [
@@ -149,8 +149,11 @@ def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
 
 def dense_weight(conv: nn.Conv2d) -> torch.Tensor:
     """The weight ``conv`` convolves with: its effective weight for a known subclass, else ``conv.weight``."""
-    view = plain_view(conv) if _kind(conv) is not None else None
-    return view.weight if view is not None else conv.weight
+    read = effective_weight_of(conv)
+    if read is None:
+        return conv.weight
+    with torch.no_grad():
+        return read(conv)
 
 
 def matches_any(qualname: str, patterns: Sequence[str]) -> bool:

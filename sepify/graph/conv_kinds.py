@@ -73,16 +73,19 @@ def legacy_weight_norm(conv: nn.Module) -> object | None:
     return hooks[0] if hooks else None
 
 
-def _timm_std(conv: nn.Conv2d) -> Tensor:
+def _standardised(conv: nn.Conv2d, gain: Tensor | None = None) -> Tensor:
+    """timm's weight standardisation: each output filter to zero mean and unit variance, times ``gain``."""
     flat = conv.weight.reshape(1, conv.out_channels, -1)
-    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)  # type: ignore[arg-type]
+    out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)  # type: ignore[arg-type]
+    return out.reshape_as(conv.weight)
+
+
+def _timm_std(conv: nn.Conv2d) -> Tensor:
+    return _standardised(conv)
 
 
 def _timm_scaled_std(conv: nn.Conv2d) -> Tensor:
-    flat = conv.weight.reshape(1, conv.out_channels, -1)
-    gain = (conv.gain * conv.scale).view(-1)  # type: ignore[operator]
-    out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)  # type: ignore[arg-type]
-    return out.reshape_as(conv.weight)
+    return _standardised(conv, (conv.gain * conv.scale).view(-1))  # type: ignore[operator]
 
 
 def _plain(conv: nn.Conv2d) -> Tensor:

@@ -18,12 +18,22 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from sepify.core.timing import interleaved_medians
 from sepify.errors import InputShapeError
 
-__all__ = ["ConvCall", "ProbeResult", "probe", "preserved_state", "describe_inputs", "time_forwards"]
+__all__ = [
+    "ConvCall",
+    "ProbeResult",
+    "probe",
+    "preserved_state",
+    "describe_inputs",
+    "time_forwards",
+    "float_leaves",
+    "all_finite",
+]
 
 
 @dataclass
@@ -78,6 +88,16 @@ def time_forwards(modules: Sequence[nn.Module], args: tuple[Any, ...], reps: int
         stack.enter_context(torch.no_grad())
         fns = [lambda m=m: m(*args) for m in modules]
         return interleaved_medians(fns, reps, device=param.device if param is not None else None)
+
+
+def float_leaves(output: Any) -> list[Tensor]:
+    """The floating-point tensors of a model's output, however nested (tuples, lists, dicts), in order."""
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def all_finite(output: Any) -> bool:
+    """Whether every floating-point value of a model's output is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in float_leaves(output))
 
 
 def describe_inputs(args: tuple[Any, ...]) -> str:

@@ -118,22 +118,23 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, target)  # atomic and exclusive: fails if the name exists
     except FileExistsError:
-        raise OutputError(
-            f"{target}: was created by someone else while sepify worked (another run?); it was left as it is, "
-            "so pass --force to overwrite it or choose another path"
-        ) from None
+        raise _taken(target) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         # No hard links here (some network and FAT filesystems): check, then rename.
         if target.exists():
-            raise OutputError(
-                f"{target}: was created by someone else while sepify worked; it was left as it is, so pass "
-                "--force to overwrite it or choose another path"
-            ) from None
+            raise _taken(target) from None
         os.replace(tmp, target)
         return
     tmp.unlink()
+
+
+def _taken(target: Path) -> OutputError:
+    return OutputError(
+        f"{target}: was created by someone else while sepify worked (another run?); it was left as it is, "
+        "so pass --force to overwrite it or choose another path"
+    )
 
 
 @contextlib.contextmanager

@@ -13,16 +13,21 @@ from torch import Tensor
 
 from sepify.errors import CalibrationError, SepifyWarning
 
-__all__ = ["load_calibration", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["load_calibration", "nonfinite_samples", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def nonfinite_samples(data: Tensor) -> Tensor:
+    """Per sample along dim 0: whether it holds a NaN or an infinity."""
+    return ~torch.isfinite(data.reshape(data.shape[0], -1)).all(dim=1)
+
+
 def _check_finite(source: str, data: Tensor) -> Tensor:
     """NaN or infinite samples would poison every statistic fitted on them: refuse them, saying where."""
-    bad = ~torch.isfinite(data.reshape(data.shape[0], -1)).all(dim=1) if data.is_floating_point() else None
+    bad = nonfinite_samples(data) if data.is_floating_point() else None
     if bad is not None and bool(bad.any()):
         where = bad.nonzero().flatten()
         count = int((~torch.isfinite(data)).sum())

@@ -100,10 +100,11 @@ def check_outputs(
                 f"{path}: is both the {seen[key]} and the {role} output of this run; choose different paths"
             )
         seen[key] = role
-        if len(path.name.encode()) > _name_max(path.parent) if path.parent.is_dir() else False:
+        limit = _name_max(path.parent) if path.parent.is_dir() else None
+        if limit is not None and len(path.name.encode()) > limit:
             raise OutputError(
                 f"{path}: the name is {len(path.name.encode())} bytes, longer than this filesystem allows "
-                f"({_name_max(path.parent)}); choose a shorter {role} name"
+                f"({limit}); choose a shorter {role} name"
             )
         if path.exists() or path.is_symlink():
             check_replaceable(path)

@@ -7,7 +7,6 @@ verify, report. Each stage lives in its subpackage.
 
 from __future__ import annotations
 
-import collections
 import copy
 import logging
 import math
@@ -19,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-from torch.utils import _pytree as pytree
+from torch import nn
 
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
@@ -35,7 +32,7 @@ from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadErr
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.graph.candidates import ConvSite, SkipReason, kind_notes, matches_any
 from sepify.graph.conv_kinds import plain_view
-from sepify.graph.probe import ProbeResult, describe_inputs, probe, time_forwards
+from sepify.graph.probe import ProbeResult, all_finite, describe_inputs, probe, time_forwards
 from sepify.graph.rewrite import replace_submodule, swap_modules
 from sepify.io.load import load_weights_into, safetensors_metadata
 from sepify.io.save import PLAN_METADATA_KEY, plan_path
@@ -191,7 +188,7 @@ def convert(
         latency_after=times[1],
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
-    _warn_if_unselected(rows, select, plan)
+    _warn_if_unselected(report, select, plan)
     return ConversionResult(model=analysis.target, report=report)
 
 
@@ -206,8 +203,7 @@ def _probe_converted(analysis: Analysis, args: tuple[Any, ...]) -> ProbeResult:
             f"{str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ''}); the forward probably uses "
             "a conv's attributes directly (e.g. its .weight): leave that conv out with exclude=[...]"
         ) from cause
-    leaves = [t for t in pytree.tree_leaves(after.output) if isinstance(t, Tensor) and t.is_floating_point()]
-    if any(not bool(torch.isfinite(t).all()) for t in leaves):
+    if not all_finite(after.output):
         raise ModelError(
             "the converted model's outputs on the example inputs hold NaN or infinite values where the original's "
             "are finite, so no model is returned; try without calibration or at a higher rank, and report this"
@@ -215,9 +211,9 @@ def _probe_converted(analysis: Analysis, args: tuple[Any, ...]) -> ProbeResult:
     return after
 
 
-def _warn_if_unselected(rows: list[LayerReport], select: Selection | None, plan: Plan | None) -> None:
+def _warn_if_unselected(report: ConversionReport, select: Selection | None, plan: Plan | None) -> None:
     """Converting nothing is never silent; neither is a pattern that matches no conv."""
-    names = [row.name for row in rows]
+    names = [row.name for row in report.layers]
     for kind, patterns in (
         ("include", select.include if select else None),
         ("exclude", select.exclude if select else None),
@@ -230,10 +226,10 @@ def _warn_if_unselected(rows: list[LayerReport], select: Selection | None, plan:
                     SepifyWarning,
                     stacklevel=3,
                 )
-    if not any(row.converted for row in rows):
-        counts = collections.Counter(str(row.skip_reason) for row in rows)
-        why = ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "the model has no Conv2d"
-        warnings.warn(f"no conv was converted ({why}); the model is unchanged", SepifyWarning, stacklevel=3)
+    if not report.converted:
+        warnings.warn(
+            f"no conv was converted ({report.skip_summary()}); the model is unchanged", SepifyWarning, stacklevel=3
+        )
 
 
 def _checked_rank(rank: Rank, tolerance: float | None) -> Rank:
@@ -425,29 +421,31 @@ def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> 
     return best
 
 
-def _larger(site: ConvSite, choice: _Choice) -> bool:
-    """Whether the chosen pair has more params or more MACs than the conv."""
+def _site_cost(site: ConvSite) -> tuple[int, int]:
+    """``(params, MACs)`` of the conv at ``site``, as its report row counts them."""
     conv = site.module
-    before = conv_params(
+    params = conv_params(
         conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, conv.bias is not None
     )
-    return choice.params > before or choice.macs > site_macs(site)
+    return params, site_macs(site)
+
+
+def _larger(site: ConvSite, choice: _Choice) -> bool:
+    """Whether the chosen pair has more params or more MACs than the conv."""
+    params, macs = _site_cost(site)
+    return choice.params > params or choice.macs > macs
 
 
 def _smaller(site: ConvSite, choice: _Choice) -> bool:
     """Whether the chosen pair has fewer params and fewer MACs than the conv."""
-    conv = site.module
-    before = conv_params(
-        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, conv.bias is not None
-    )
-    return choice.params < before and choice.macs < site_macs(site)
+    params, macs = _site_cost(site)
+    return choice.params < params and choice.macs < macs
 
 
 def _row(site: ConvSite, **after: Any) -> LayerReport:
     conv = site.module
     kernel = tuple(conv.kernel_size)
-    params = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
-    macs = site_macs(site)
+    params, macs = _site_cost(site)
     called = site.call.calls > 0
     fields: dict[str, Any] = {
         "name": site.qualname,

@@ -35,11 +35,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from sepify.calibrate.distill import kl_loss
 from sepify.core.modules import SeparableConv2d
 from sepify.errors import CalibrationError, ConfigError, ModelError, OutputError
+from sepify.graph.probe import float_leaves
 from sepify.io.atomic import atomic_path
 from sepify.pipeline.convert import ConversionResult
 
@@ -152,22 +153,15 @@ class _Batches:
 # -- loss, schedule -------------------------------------------------------------------------------------------------
 
 
-def _floats(out: Any) -> list[Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
-
-
 def _loss(student_out: Any, teacher_out: Any, kind: str, temperature: float) -> Tensor:
-    s, t = _floats(student_out), _floats(teacher_out)
+    s, t = float_leaves(student_out), float_leaves(teacher_out)
     if not s or len(s) != len(t) or any(a.shape != b.shape for a, b in zip(s, t)):
         raise ModelError(
             "the student's outputs do not match the teacher's (structure or shapes differ); pass the model the "
             "student was converted from as the teacher"
         )
     if kind == "kl":
-        if len(s) != 1 or s[0].dim() != 2:
-            raise ConfigError("loss='kl' needs a single (N, classes) logits output; use loss='mse'")
-        log_p = F.log_softmax(s[0] / temperature, dim=1)
-        return F.kl_div(log_p, F.softmax(t[0] / temperature, dim=1), reduction="batchmean") * temperature**2
+        return kl_loss(s, t, temperature)
     return sum((F.mse_loss(a, b) for a, b in zip(s, t)), start=s[0].new_zeros(()))
 
 

@@ -349,11 +349,12 @@ def distill(
     logger = _Log(log, rank, append=resume, tensorboard=tensorboard)
     taps = _FeatureTaps(model, teacher) if loss in ("feature", "both") else None
     completed = start  # steps whose update is in the weights: what a checkpoint taken now holds
+    device = _device(model)
     try:
         t0, seen = time.perf_counter(), 0
         for step in range(start, steps):
             torch.manual_seed((seed * 1_000_003 + step) * 64 + rank)  # dropout etc.: a function of the step
-            x = batches(step).to(_device(model))
+            x = batches(step).to(device)
             if augment is not None:
                 x = augment(x)
             with torch.no_grad(), _autocast(x):
@@ -361,8 +362,9 @@ def distill(
             optimizer.zero_grad(set_to_none=True)
             with _autocast(x):
                 value = _objective(wrapped(x), target, loss, temperature, taps)
-            if not math.isfinite(float(value.detach())):
-                notes.append(f"the loss became {float(value)} at step {step + 1}; stopped there")
+            loss_value = float(value.detach())  # one device sync per step
+            if not math.isfinite(loss_value):
+                notes.append(f"the loss became {loss_value} at step {step + 1}; stopped there")
                 break
             value.backward()  # type: ignore[no-untyped-call]
             if clip is not None:
@@ -380,7 +382,7 @@ def distill(
                 if eval_loss is not None and eval_loss < best[0]:
                     best = (eval_loss, done, {k: v.detach().clone() for k, v in model.state_dict().items()})
             if progress is not None and rank == 0:
-                progress(f"distilling (loss {float(value.detach()):.4g})", done, steps)
+                progress(f"distilling (loss {loss_value:.4g})", done, steps)
             if checkpoint is not None and done % checkpoint_every == 0 and done < steps:
                 _save_checkpoint(checkpoint, run, done, model, optimizer, scheduler, history, best, rank)
     except (KeyboardInterrupt, SystemExit):

@@ -35,7 +35,15 @@ from sepify.errors import (
 )
 
 if TYPE_CHECKING:
-    from sepify.core.modules import SeparableConv2d
+    from sepify.core.modules import (
+        SeparableConv,
+        SeparableConv1d,
+        SeparableConv2d,
+        SeparableConv3d,
+        SeparableConvTranspose1d,
+        SeparableConvTranspose2d,
+        SeparableConvTranspose3d,
+    )
     from sepify.graph.candidates import SkipReason
     from sepify.graph.conv_kinds import register_conv
     from sepify.graph.tracing import register_leaf_module
@@ -58,7 +66,13 @@ _LAZY = {
     "distill": "sepify.pipeline.distill",
     "DistillResult": "sepify.pipeline.distill",
     "DistillStep": "sepify.pipeline.distill",
+    "SeparableConv": "sepify.core.modules",
+    "SeparableConv1d": "sepify.core.modules",
     "SeparableConv2d": "sepify.core.modules",
+    "SeparableConv3d": "sepify.core.modules",
+    "SeparableConvTranspose1d": "sepify.core.modules",
+    "SeparableConvTranspose2d": "sepify.core.modules",
+    "SeparableConvTranspose3d": "sepify.core.modules",
     "SkipReason": "sepify.graph.candidates",
     "register_leaf_module": "sepify.graph.tracing",
     "register_conv": "sepify.graph.conv_kinds",
@@ -121,7 +135,13 @@ __all__ = [
     "LayerPlan",
     "format_count",
     # building blocks
+    "SeparableConv",
+    "SeparableConv1d",
     "SeparableConv2d",
+    "SeparableConv3d",
+    "SeparableConvTranspose1d",
+    "SeparableConvTranspose2d",
+    "SeparableConvTranspose3d",
     "register_leaf_module",
     "register_conv",
     # errors (every class of sepify.errors, listed so that tools see the public names)

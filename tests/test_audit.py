@@ -188,7 +188,7 @@ def test_bad_plans_are_sentences(text: str, message: str) -> None:
 
 
 def test_plan_naming_a_missing_or_ineligible_conv(net: nn.Module, x: torch.Tensor) -> None:
-    with pytest.raises(sepify.PlanError, match="the plan names 'nope', but the model has no Conv2d there"):
+    with pytest.raises(sepify.PlanError, match="the plan names 'nope', but the model has no convolution there"):
         sepify.convert(net, x, plan=sepify.Plan({"nope": sepify.LayerPlan(1, "dw-pw")}))
     with pytest.raises(sepify.PlanError, match=r"the plan names '6', which cannot be converted \(pointwise\)"):
         sepify.convert(net, x, plan=sepify.Plan({"6": sepify.LayerPlan(1, "dw-pw")}))
@@ -214,7 +214,7 @@ def test_audit_report_renders(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     report = sepify.audit(net, x)
     text = str(report)
     assert "3 of 4 convs are candidates" in text and "skip: pointwise" in text
-    assert report.to_markdown().startswith("| layer | status |")
+    assert report.to_markdown().startswith("| layer | kind | status |")
     rows = report.to_csv().splitlines()
     assert len(rows) == 1 + sum(max(1, len(la.options)) for la in report.layers)
     assert report.to_dict()["layers"][0]["options"][0]["rank"] == 1

@@ -128,7 +128,7 @@ def test_report_files_by_extension(tmp_path: Path) -> None:
     assert run("convert", TINY, *TINY_INPUT, "-q", "--force", "--report", "r.csv").exit_code == 0
     assert (tmp_path / "r.csv").read_text().startswith("name,converted,skip_reason,")
     assert run("convert", TINY, *TINY_INPUT, "-q", "--force", "--report", "r.md").exit_code == 0
-    assert (tmp_path / "r.md").read_text().startswith("| layer | status |")
+    assert (tmp_path / "r.md").read_text().startswith("| layer | kind | status |")
 
 
 def test_kwargs_and_several_outputs(tmp_path: Path) -> None:

@@ -403,14 +403,14 @@ def test_a_converted_model_failing_is_not_blamed_on_the_inputs() -> None:
     class ReadsAnAttribute(ReadsItsWeight):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if float(x.sum()) > -1e9:  # data-dependent: fx gives up, modules are swapped
-                return self.d(self.c(x)) + len(self.c.output_padding)  # a Conv2d attribute pairs do not have
+                return self.d(self.c(x)) + len(self.c._reversed_padding_repeated_twice)  # pairs do not have it
             return x
 
     with pytest.raises(sepify.ModelError) as info:
         sepify.convert(ReadsAnAttribute().eval(), X)
     assert str(info.value) == (
         "the converted model failed where the original ran on the same inputs (AttributeError: 'SeparableConv2d' "
-        "object has no attribute 'output_padding'); the forward probably uses a conv's attributes directly (e.g. "
+        "object has no attribute '_reversed_padding_repeated_twice'); the forward probably uses a conv's attributes directly (e.g. "
         "its .weight): leave that conv out with exclude=[...]"
     )
 

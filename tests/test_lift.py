@@ -31,7 +31,7 @@ def test_functional_conv_on_parameters_is_lifted_and_converted() -> None:
     assert [r.name for r in report.converted] == ["stem", "weight_conv"]
     row = report.layer("weight_conv")
     assert (row.in_channels, row.out_channels, row.groups, row.stride, row.output_size) == (8, 16, 2, (2, 2), (6, 6))
-    assert report.notes == ("lifted 1 functional conv2d call(s) on parameters into Conv2d modules: weight_conv",)
+    assert report.notes == ("lifted 1 functional conv call(s) on parameters into conv modules: weight_conv",)
     torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
     keys = set(result.model.state_dict())
     assert "weight" not in keys and "bias" not in keys  # the parameters moved into the pair, not duplicated

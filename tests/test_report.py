@@ -32,7 +32,7 @@ def test_format_count(n: int | None, text: str) -> None:
 def test_table_has_a_row_per_conv_and_totals(report: ConversionReport) -> None:
     text = str(report)
     lines = text.splitlines()
-    assert lines[0].split()[:4] == ["layer", "status", "Cin", "Cout"]
+    assert lines[0].split()[:5] == ["layer", "kind", "status", "Cin", "Cout"]
     body = lines[2 : 2 + len(report.layers)]
     assert [line.split()[0] for line in body] == [r.name for r in report.layers]
     assert "body.3    skip: pointwise" in text or "skip: pointwise" in body[3]
@@ -64,7 +64,7 @@ def test_csv_has_one_row_per_conv(report: ConversionReport) -> None:
 def test_markdown_table(report: ConversionReport) -> None:
     md = report.to_markdown()
     lines = md.splitlines()
-    assert lines[0].startswith("| layer | status |")
+    assert lines[0].startswith("| layer | kind | status |")
     assert lines[1].startswith("|---|")
     assert len([line for line in lines if line.startswith("| ")]) == 1 + len(report.layers)
     assert "- converted 3 of" in md

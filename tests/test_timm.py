@@ -59,7 +59,7 @@ def test_unknown_conv_subclasses_are_named() -> None:
     assert report.layer("0").skip_reason == sepify.SkipReason.SUBCLASS
     name = f"{Mystery.__module__}.{Mystery.__qualname__}"
     assert report.notes[0] == (
-        f"left 1 conv(s) of Conv2d subclasses sepify does not know alone: {name} (1); if such a forward is a plain "
+        f"left 1 conv(s) of conv subclasses sepify does not know alone: {name} (1); if such a forward is a plain "
         "conv of an effective weight, teach it with sepify.register_conv"
     )
 

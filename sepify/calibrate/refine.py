@@ -43,12 +43,13 @@ from sepify.calibrate.regression import (
     current_weights,
     data_free_normals,
     gram_bytes,
+    refit_unsupported,
     set_weights,
     solve_ridge,
 )
 from sepify.core.decompose import Factorization
-from sepify.core.functional import conv2d_like
-from sepify.core.modules import SeparableConv2d
+from sepify.core.functional import ConvLayer, canonical_weight, conv_like, is_transposed
+from sepify.core.modules import SeparableConv
 from sepify.graph.candidates import dense_weight
 
 __all__ = ["refine_pairs", "refined_errors", "RefineResult"]
@@ -76,7 +77,7 @@ class RefineResult:
 def refine_pairs(
     teacher: nn.Module,
     student: nn.Module,
-    pairs: Sequence[tuple[str, SeparableConv2d]],
+    pairs: Sequence[tuple[str, SeparableConv]],
     fit: Sequence[tuple[Any, ...]],
     heldout: Sequence[tuple[Any, ...]],
     progress: ProgressFn | None = None,
@@ -90,14 +91,15 @@ def refine_pairs(
     skipped: dict[str, str] = {}
     spans: dict[str, float] = {}
     batches = [*fit, *heldout]
-    wanted = [name for name, pair in pairs if gram_bytes(pair) <= GRAM_BYTES]
+    unsupported = {name: why for name, pair in pairs if (why := refit_unsupported(pair)) is not None}
+    wanted = [name for name, pair in pairs if name not in unsupported and gram_bytes(pair) <= GRAM_BYTES]
     targets = TeacherOutputs(teacher, wanted, batches, TARGET_BYTES)
     inputs = StudentInputs.for_model(student, wanted, batches, RESUME_BYTES)
     for i, (name, pair) in enumerate(pairs):
         if progress is not None:
             progress("refining layers", i, len(pairs))
         if name not in wanted:
-            skipped[name] = "its regression would need more than 512 MB of Gram matrices"
+            skipped[name] = unsupported.get(name, "its regression would need more than 512 MB of Gram matrices")
             continue
         ys = targets.take(name)[::-1]  # popped in batch order, so each target is freed once used
         train, held = NormalEquations(), NormalEquations()
@@ -106,7 +108,8 @@ def refine_pairs(
                 x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
                 add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
         conv = teacher.get_submodule(name)
-        free = data_free_normals(pair, dense_weight(conv), conv.bias)  # type: ignore[arg-type]
+        weight = canonical_weight(dense_weight(conv), is_transposed(conv), conv.groups)  # type: ignore[arg-type]
+        free = data_free_normals(pair, weight, conv.bias)  # type: ignore[arg-type]
         spans[name] = coverage(train, free, pair.last.bias is not None)
         results[name] = _refit(pair, train, held, free)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
@@ -116,7 +119,7 @@ def refine_pairs(
 
 
 def _refit(
-    pair: SeparableConv2d, train: NormalEquations, held: NormalEquations, free: NormalEquations
+    pair: SeparableConv, train: NormalEquations, held: NormalEquations, free: NormalEquations
 ) -> tuple[float, float]:
     """Keep the solution best on held-out data over data-free shares and ridges, if it beats the current weights.
 
@@ -145,13 +148,13 @@ def _refit(
 
 
 def refined_errors(
-    conv: nn.Conv2d,
+    conv: ConvLayer,
     x: Tensor,
     order: str,
     ranks: Sequence[int],
     ridge: float = 1e-6,
     factorization: Factorization | None = None,
-    pairs: Mapping[int, SeparableConv2d] | None = None,
+    pairs: Mapping[int, SeparableConv] | None = None,
 ) -> dict[int, float]:
     """Relative output error of the pair after a local refit of its last factor, for each rank.
 
@@ -161,22 +164,24 @@ def refined_errors(
     top-r singular vectors), so one Gram matrix at the largest rank serves all
     of them (pass the weight's ``factorization`` in ``order`` if it is already
     computed); pw-dw-pw bottlenecks are refit one by one (pass ``pairs`` by
-    rank if they are built). Ranks whose Gram matrices would be too large are
-    left out.
+    rank if they are built). Ranks whose Gram matrices would be too large, and
+    pairs the refit does not support (:func:`refit_unsupported`), are left out.
     """
+    if order == "pw-dw" and (is_transposed(conv) or len(conv.kernel_size) == 3):
+        return {}  # refit_unsupported: no unfold for these
     if order == "pw-dw-pw":
-        built = pairs or {r: SeparableConv2d.from_conv(conv, r, order) for r in ranks}
+        built = pairs or {r: SeparableConv.from_conv(conv, r, order) for r in ranks}
         found = {r: _refit_error(conv, x, built[r].to(dtype=x.dtype), ridge) for r in ranks}
         return {r: e for r, e in found.items() if e is not None}
     return _nested_refined_errors(conv, x, order, ranks, ridge, factorization)
 
 
-def _refit_error(conv: nn.Conv2d, x: Tensor, pair: SeparableConv2d, ridge: float) -> float | None:
+def _refit_error(conv: ConvLayer, x: Tensor, pair: SeparableConv, ridge: float) -> float | None:
     """The relative output error of ``pair`` after the ridge refit of its last factor on ``x``."""
     if gram_bytes(pair) > GRAM_BYTES:
         return None
     with torch.no_grad():
-        y = conv2d_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
+        y = conv_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
         normal = NormalEquations()
         add_to_normals(normal, pair, x, y)
     assert normal.yy is not None
@@ -188,16 +193,16 @@ def _refit_error(conv: nn.Conv2d, x: Tensor, pair: SeparableConv2d, ridge: float
 
 
 def _nested_refined_errors(
-    conv: nn.Conv2d, x: Tensor, order: str, ranks: Sequence[int], ridge: float, factorization: Factorization | None
+    conv: ConvLayer, x: Tensor, order: str, ranks: Sequence[int], ridge: float, factorization: Factorization | None
 ) -> dict[int, float]:
     """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others."""
     top = max(ranks)
-    pair = SeparableConv2d.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
+    pair = SeparableConv.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank
     if gram_bytes(pair) > GRAM_BYTES:
         return {}
     with torch.no_grad():
-        y = conv2d_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
+        y = conv_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
         normal = NormalEquations()
         add_to_normals(normal, pair, x, y)
     assert normal.gram is not None and normal.cross is not None and normal.yy is not None

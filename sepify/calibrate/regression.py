@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sepify.core.functional import pad_amounts
-from sepify.core.modules import SeparableConv2d
+from sepify.core.modules import SeparableConv
 
 __all__ = [
     "RIDGES",
@@ -22,6 +22,7 @@ __all__ = [
     "current_weights",
     "set_weights",
     "gram_bytes",
+    "refit_unsupported",
     "data_free_normals",
     "coverage",
 ]
@@ -86,7 +87,7 @@ def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tenso
 # -- features of each pair kind ------------------------------------------------------
 
 
-def _pw_features(pair: SeparableConv2d, x: Tensor) -> tuple[Tensor, int]:
+def _pw_features(pair: SeparableConv, x: Tensor) -> tuple[Tensor, int]:
     """dw-pw and pw-dw-pw (last conv pointwise): per group, pixels x (its input channels [+ 1]); (B=groups, M, f), f."""
     z = pair.before_last(x)  # (N, channels, H', W')
     g = pair.groups
@@ -97,20 +98,32 @@ def _pw_features(pair: SeparableConv2d, x: Tensor) -> tuple[Tensor, int]:
     return feats, ch // g
 
 
-def _pw_targets(pair: SeparableConv2d, y: Tensor) -> Tensor:
+def _pw_targets(pair: SeparableConv, y: Tensor) -> Tensor:
     g = pair.groups
     n, cout = y.shape[:2]
     return y.reshape(n, g, cout // g, -1).permute(1, 0, 3, 2).reshape(g, -1, cout // g)
 
 
-def _dw_features(pair: SeparableConv2d, x: Tensor) -> Tensor:
+def refit_unsupported(pair: SeparableConv) -> str | None:
+    """Why the refit cannot handle ``pair`` (None when it can): a pw-dw refit unfolds the input into patches,
+    which sepify does for 1-D and 2-D convs, not for 3-D or transposed ones."""
+    if _pointwise_last(pair) or (pair.dims in (1, 2) and not pair.transposed):
+        return None
+    kind = f"{'transposed ' if pair.transposed else ''}{pair.dims}-D"
+    return f"refitting a {kind} pw-dw pair is not supported (its closed-form initialisation is kept); dw-pw is"
+
+
+def _dw_features(pair: SeparableConv, x: Tensor) -> Tensor:
     """pw-dw: per output channel, output pixels x (r * kernel taps [+ 1]); (B=Cout, M, f)."""
     conv = pair.conv_dw
-    u = pair.conv_pw(x)  # (N, Cout*r, H, W)
+    u = pair.conv_pw(x)  # (N, Cout*r, H, W) or (N, Cout*r, L)
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         u = F.pad(u, pad_amounts(conv), mode=mode)
-    cols = F.unfold(u, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, Cout*r*K, L)
+    if pair.dims == 1:  # a 1-D conv is a 2-D conv over (1, L)
+        cols = F.unfold(u[:, :, None], (1, *conv.kernel_size), dilation=(1, *conv.dilation), stride=(1, *conv.stride))
+    else:
+        cols = F.unfold(u, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, Cout*r*K, L)
     cout = conv.out_channels
     n = cols.shape[0]
     feats = cols.reshape(n, cout, -1, cols.shape[-1]).permute(1, 0, 3, 2).reshape(cout, -1, cols.shape[1] // cout)
@@ -124,11 +137,11 @@ def _dw_targets(y: Tensor) -> Tensor:
     return y.reshape(n, cout, -1).permute(1, 0, 2).reshape(cout, -1, 1)
 
 
-def _pointwise_last(pair: SeparableConv2d) -> bool:
+def _pointwise_last(pair: SeparableConv) -> bool:
     return pair.order in ("dw-pw", "pw-dw-pw")
 
 
-def current_weights(pair: SeparableConv2d) -> Tensor:
+def current_weights(pair: SeparableConv) -> Tensor:
     """The refit factor's current weights in regression layout (B, f, o)."""
     if _pointwise_last(pair):
         w = pair.last.weight.detach()  # (Cout, channels/g, 1, 1)
@@ -139,7 +152,7 @@ def current_weights(pair: SeparableConv2d) -> Tensor:
             b = pair.last.bias.detach().reshape(g, 1, cout // g)
             w = torch.cat([w, b], dim=1)
         return w.double()
-    w = pair.conv_dw.weight.detach()  # (Cout, r, kh, kw)
+    w = pair.conv_dw.weight.detach()  # (Cout, r, *kernel)
     cout = w.shape[0]
     w = w.reshape(cout, -1, 1)
     if pair.conv_dw.bias is not None:
@@ -147,7 +160,7 @@ def current_weights(pair: SeparableConv2d) -> Tensor:
     return w.double()
 
 
-def set_weights(pair: SeparableConv2d, w: Tensor) -> None:
+def set_weights(pair: SeparableConv, w: Tensor) -> None:
     with torch.no_grad():
         if _pointwise_last(pair):
             conv = pair.last
@@ -163,7 +176,7 @@ def set_weights(pair: SeparableConv2d, w: Tensor) -> None:
             conv.weight.copy_(w.reshape(conv.weight.shape))
 
 
-def add_to_normals(normal: NormalEquations, pair: SeparableConv2d, x: Tensor, y: Tensor) -> None:
+def add_to_normals(normal: NormalEquations, pair: SeparableConv, x: Tensor, y: Tensor) -> None:
     """One batch of the pair's regression: its input ``x`` and the original layer's output ``y``."""
     if _pointwise_last(pair):
         feats, _ = _pw_features(pair, x)
@@ -172,22 +185,16 @@ def add_to_normals(normal: NormalEquations, pair: SeparableConv2d, x: Tensor, y:
         normal.add(_dw_features(pair, x), _dw_targets(y))
 
 
-def gram_bytes(pair: SeparableConv2d) -> int:
+def gram_bytes(pair: SeparableConv) -> int:
     """Bytes of the float64 Gram matrices the refit of ``pair`` accumulates."""
     if _pointwise_last(pair):
         f = pair.last.in_channels // pair.groups + 1
         return pair.groups * f * f * 8
-    f = (
-        pair.conv_dw.in_channels
-        // pair.conv_dw.out_channels
-        * pair.conv_dw.kernel_size[0]
-        * pair.conv_dw.kernel_size[1]
-        + 1
-    )
+    f = pair.conv_dw.in_channels // pair.conv_dw.out_channels * math.prod(pair.conv_dw.kernel_size) + 1
     return pair.conv_dw.out_channels * f * f * 8
 
 
-def data_free_normals(pair: SeparableConv2d, weight: Tensor, bias: Tensor | None) -> NormalEquations:
+def data_free_normals(pair: SeparableConv, weight: Tensor, bias: Tensor | None) -> NormalEquations:
     """The normal equations of the pair's refit for white input: what the weights alone say.
 
     For input patches with identity covariance (and zero mean), the best last
@@ -225,10 +232,10 @@ def data_free_normals(pair: SeparableConv2d, weight: Tensor, bias: Tensor | None
     return normal
 
 
-def _before_last_map(pair: SeparableConv2d) -> Tensor:
+def _before_last_map(pair: SeparableConv) -> Tensor:
     """Per group, the linear map from an input patch (Cin/g channels x K taps) to the last conv's input channels."""
     g, taps = pair.groups, math.prod(pair.kernel_size)
-    dw = pair.conv_dw.weight.detach().double().reshape(-1, taps)  # one row of taps per depthwise channel
+    dw = pair.depthwise_taps().detach().double().reshape(-1, taps)  # one row of taps per depthwise channel
     if pair.order == "pw-dw-pw":
         pw = pair.conv_pw.weight.detach().double().reshape(g, pair.rank, -1)  # (g, R, Cin/g)
         return torch.einsum("gri,grt->grit", pw, dw.reshape(g, pair.rank, taps)).reshape(g, pair.rank, -1)

@@ -22,7 +22,7 @@ from sepify.calibrate.data import CalibrationData, near_duplicate_groups
 from sepify.calibrate.distill import distill
 from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
-from sepify.core.modules import SeparableConv2d
+from sepify.core.modules import SeparableConv
 from sepify.errors import CalibrationError
 from sepify.graph.probe import describe_inputs, float_leaves
 from sepify.options import Calibration, Distill
@@ -88,7 +88,7 @@ def _count_sketch(rows: Tensor) -> Tensor:
 def calibrate_pairs(
     teacher: nn.Module,
     student: nn.Module,
-    pairs: Mapping[str, SeparableConv2d],
+    pairs: Mapping[str, SeparableConv],
     calls: Mapping[str, int],
     data: CalibrationData,
     options: Calibration,
@@ -130,7 +130,7 @@ class _Run:
         self.stages.append(FidelityStage(stage, err, top1, self.samples))
         return self.stages[-1]
 
-    def refine(self, pairs: Mapping[str, SeparableConv2d], calls: Mapping[str, int]) -> None:
+    def refine(self, pairs: Mapping[str, SeparableConv], calls: Mapping[str, int]) -> None:
         for name in pairs:
             if calls.get(name, 0) > 1:
                 self.notes.append(f"did not refine {name}: it runs at {calls[name]} call sites, and the refit fits one")
@@ -158,7 +158,7 @@ class _Run:
             self.stages.pop()
             self.notes.append("recomputed BatchNorm statistics were worse on held-out data; kept the original ones")
 
-    def distill(self, pairs: Mapping[str, SeparableConv2d], options: Distill) -> None:
+    def distill(self, pairs: Mapping[str, SeparableConv], options: Distill) -> None:
         student, data = self.student, self.data
         trainable = student.parameters() if options.train_all else (p for m in pairs.values() for p in m.parameters())
         outcome = distill(

@@ -3,6 +3,11 @@
 One MAC is one multiply-add; bias additions are not counted (the fvcore and
 ptflops convention). Parameter counts include the bias. Callers pass the
 spatial sizes, so nothing here needs a tensor or a module.
+
+Transposed convs follow fvcore's (and ``torch.utils.flop_counter``'s) rule:
+every *input* pixel multiplies the whole kernel, so their MACs scale with the
+input's spatial size, not the output's. The depthwise child of a transposed
+pair is itself a transposed conv and is counted the same way.
 """
 
 from __future__ import annotations
@@ -43,13 +48,29 @@ def conv_macs(
     groups: int,
     output_size: tuple[int, ...],
     batch: int = 1,
+    *,
+    transposed: bool = False,
+    input_size: tuple[int, ...] | None = None,
 ) -> int:
     """MACs of a convolution producing ``output_size`` (spatial dims) for ``batch`` inputs.
 
+    A transposed conv is counted at its ``input_size`` (see the module docstring).
+
     >>> conv_macs(64, 128, (3, 3), groups=1, output_size=(56, 56))
     231211008
+    >>> conv_macs(64, 32, (4, 4), groups=1, output_size=(56, 56), transposed=True, input_size=(28, 28))
+    25690112
     """
-    return batch * prod(output_size) * out_channels * (in_channels // groups) * prod(kernel_size)
+    pixels = prod(_size_counted(output_size, transposed, input_size))
+    return batch * pixels * out_channels * (in_channels // groups) * prod(kernel_size)
+
+
+def _size_counted(output_size: tuple[int, ...], transposed: bool, input_size: tuple[int, ...] | None) -> tuple[int, ...]:
+    if not transposed:
+        return output_size
+    if input_size is None:
+        raise ConfigError("a transposed conv's MACs need its input_size")
+    return input_size
 
 
 def exact_rank(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], groups: int, order: str) -> int:
@@ -119,24 +140,30 @@ def separable_macs(
     input_size: tuple[int, ...],
     output_size: tuple[int, ...],
     batch: int = 1,
+    *,
+    transposed: bool = False,
 ) -> int:
     """MACs of the separable pair; ``input_size``/``output_size`` are spatial dims.
 
     The strided spatial step always sits in the depthwise conv, so in pw-dw
-    and pw-dw-pw order the first pointwise conv runs at the *input* resolution.
+    and pw-dw-pw order the first pointwise conv runs at the *input* resolution
+    (and in dw-pw the pointwise conv at the output's). The depthwise step is
+    counted at the output resolution, or for a ``transposed`` conv at the
+    input's.
 
     >>> separable_macs(64, 128, (3, 3), 1, 1, "dw-pw", (56, 56), (56, 56))
     27496448
     """
     area = prod(kernel_size)
     out_pixels = batch * prod(output_size)
-    if order == "dw-pw":
-        return out_pixels * (in_channels * rank * area + out_channels * (in_channels * rank // groups))
     in_pixels = batch * prod(input_size)
+    dw_pixels = in_pixels if transposed else out_pixels
+    if order == "dw-pw":
+        return dw_pixels * in_channels * rank * area + out_pixels * out_channels * (in_channels * rank // groups)
     if order == "pw-dw":
-        return in_pixels * out_channels * rank * (in_channels // groups) + out_pixels * out_channels * rank * area
+        return in_pixels * out_channels * rank * (in_channels // groups) + dw_pixels * out_channels * rank * area
     if order == "pw-dw-pw":
-        return in_pixels * rank * in_channels + out_pixels * rank * (groups * area + out_channels)
+        return in_pixels * rank * in_channels + dw_pixels * rank * groups * area + out_pixels * rank * out_channels
     raise ConfigError(f"unknown order {order!r}")
 
 

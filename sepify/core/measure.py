@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from sepify.core.decompose import Factorization
-from sepify.core.functional import conv2d_like
-from sepify.core.modules import SeparableConv2d
+from sepify.core.functional import ConvLayer, conv_like, pointwise
+from sepify.core.modules import SeparableConv
 
 __all__ = ["layer_output_errors", "pair_output_error"]
 
 
-def layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization, max_rank: int) -> list[float]:
+def layer_output_errors(conv: ConvLayer, x: Tensor, factorization: Factorization, max_rank: int) -> list[float]:
     """Relative output error ``||y_r - y|| / ||y||`` of the rank-r pair for r = 1..max_rank.
 
     Runs the pair at the largest rank one rank component at a time and
@@ -24,21 +23,21 @@ def layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization
     ``max_rank`` dense convs), and only one component's activations are held.
 
     Examples:
-        >>> conv = nn.Conv2d(4, 8, 3)
+        >>> conv = torch.nn.Conv2d(4, 8, 3)
         >>> f = Factorization.of(conv.weight, 1, "dw-pw")
         >>> errors = layer_output_errors(conv, torch.randn(1, 4, 8, 8), f, f.max_rank)
         >>> errors[0] > errors[-1], errors[-1] < 1e-5
         (True, True)
     """
     with torch.no_grad():
-        y = conv2d_like(conv, x, conv.weight, conv.bias)
+        y = conv_like(conv, x, conv.weight, conv.bias)
         norm = float(y.double().norm())
         top = min(max_rank, factorization.max_rank)
-        pair = SeparableConv2d.from_conv(conv, top, factorization.order, factorization=factorization)
+        pair = SeparableConv.from_conv(conv, top, factorization.order, factorization=factorization)
         components = _rank_components(conv, pair, x)
         partial = torch.zeros_like(y)
         if conv.bias is not None:
-            partial += conv.bias.view(1, -1, 1, 1)
+            partial += conv.bias.view(1, -1, *(1,) * (y.dim() - 2))
         errors = []
         for component in components:  # one rank component at a time: small intermediates, exact sums
             partial += component
@@ -46,25 +45,35 @@ def layer_output_errors(conv: nn.Conv2d, x: Tensor, factorization: Factorization
         return errors
 
 
-def _rank_components(conv: nn.Conv2d, pair: SeparableConv2d, x: Tensor) -> Iterator[Tensor]:
-    """The pair's output (without bias) one rank component at a time."""
+def _rank_components(conv: ConvLayer, pair: SeparableConv, x: Tensor) -> Iterator[Tensor]:
+    """The pair's output (without bias) one rank component at a time.
+
+    Component ``k`` runs a true depthwise conv (one filter per channel) with
+    the ``k``-th filters; :meth:`SeparableConv.depthwise_taps` gives them in
+    the same layout for convs and transposed convs.
+    """
     dw, pw, top, groups = pair.conv_dw, pair.conv_pw, pair.rank, conv.groups
+    taps = pair.depthwise_taps()
+    kernel = taps.shape[2:]
+    ones = (1,) * len(kernel)
     if pair.order == "dw-pw":
-        w_dw = dw.weight.reshape(conv.in_channels, top, *dw.weight.shape[2:])  # channel i*R + k
-        w_pw = pw.weight.reshape(conv.out_channels, conv.in_channels // groups, top, 1, 1)  # input j*R + k
+        cin = conv.in_channels
+        w_dw = taps.reshape(cin, top, *kernel)  # channel i*R + k
+        w_pw = pw.weight.reshape(conv.out_channels, cin // groups, top, *ones)  # input j*R + k
         for k in range(top):
-            z = conv2d_like(dw, x, w_dw[:, k : k + 1], None)  # depthwise, groups=Cin
-            yield F.conv2d(z, w_pw[:, :, k], None, 1, 0, 1, groups)
+            z = conv_like(dw, x, w_dw[:, k : k + 1], None, groups=cin)
+            yield pointwise(z, w_pw[:, :, k], groups=groups)
     else:
-        w_pw = pw.weight.reshape(conv.out_channels, top, *pw.weight.shape[1:])  # channel o*R + k
+        cout = conv.out_channels
+        w_pw = pw.weight.reshape(cout, top, *pw.weight.shape[1:])  # channel o*R + k
         for k in range(top):
-            u = F.conv2d(x, w_pw[:, k], None, 1, 0, 1, groups)
-            yield conv2d_like(dw, u, dw.weight[:, k : k + 1], None)  # depthwise, groups=Cout
+            u = pointwise(x, w_pw[:, k], groups=groups)
+            yield conv_like(dw, u, taps[:, k : k + 1], None, groups=cout)
 
 
-def pair_output_error(conv: nn.Conv2d, pair: SeparableConv2d, x: Tensor) -> float:
+def pair_output_error(conv: ConvLayer, pair: SeparableConv, x: Tensor) -> float:
     """``||pair(x) - conv(x)|| / ||conv(x)||`` (0.0 when the conv's output is all zeros)."""
     with torch.no_grad():
-        y = conv2d_like(conv, x, conv.weight, conv.bias).double()
+        y = conv_like(conv, x, conv.weight, conv.bias).double()
         norm = float(y.norm())
         return float((pair(x).double() - y).norm()) / norm if norm > 0 else 0.0

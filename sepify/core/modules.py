@@ -1,9 +1,16 @@
-"""``SeparableConv2d``: the depthwise + pointwise structure that replaces a ``Conv2d``."""
+"""``SeparableConv``: the depthwise + pointwise structure that replaces a convolution of any kind.
+
+One class does the work for every dimensionality and for transposed convs;
+six thin subclasses name the kind (``SeparableConv1d`` ... ``SeparableConv3d``,
+``SeparableConvTranspose1d`` ... ``SeparableConvTranspose3d``) so that a
+printed model says what each pair replaced. :meth:`SeparableConv.from_conv`
+picks the subclass from the conv.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -11,16 +18,29 @@ from torch import Tensor, nn
 from sepify.core.cost import ORDERS, exact_rank
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
-from sepify.core.functional import SameConv2d, conv2d_like
+from sepify.core.functional import SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
 from sepify.errors import ConfigError
 
-__all__ = ["SeparableConv2d", "LAYOUTS"]
+__all__ = [
+    "SeparableConv",
+    "SeparableConv1d",
+    "SeparableConv2d",
+    "SeparableConv3d",
+    "SeparableConvTranspose1d",
+    "SeparableConvTranspose2d",
+    "SeparableConvTranspose3d",
+    "pair_class",
+    "LAYOUTS",
+]
 
 LAYOUTS = ("grouped", "rank-major")
 
+_CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONVS_T: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
-class SeparableConv2d(nn.Module):
-    """Depthwise and pointwise (1x1) convs standing in for one ``nn.Conv2d``.
+
+class SeparableConv(nn.Module):
+    """Depthwise and pointwise (1x1) convs standing in for one convolution.
 
     The children are named ``conv_dw`` and ``conv_pw`` (and ``conv_pwl``, the
     last pointwise conv of the bottleneck, as in timm) so that state_dict keys
@@ -39,30 +59,44 @@ class SeparableConv2d(nn.Module):
       depthwise conv on them with the spatial settings, ``conv_pwl`` maps them
       to ``Cout`` with the bias. ``rank`` is the bottleneck width per group.
 
+    For a transposed conv the depthwise child is a depthwise *transposed*
+    conv (with the stride, padding, output padding and dilation) and the
+    pointwise children are ordinary 1x1 convs; every order stays exact,
+    because a pointwise map commutes with a per-channel transposed conv.
+    ``forward`` then takes the transposed conv's optional ``output_size``.
+
     Build one from a trained conv with :meth:`from_conv`.
 
     Examples:
         >>> conv = nn.Conv2d(16, 32, 3, padding=1)
-        >>> sep = SeparableConv2d.from_conv(conv, rank="full")
+        >>> sep = SeparableConv.from_conv(conv, rank="full")
         >>> x = torch.randn(2, 16, 8, 8)
         >>> torch.allclose(sep(x), conv(x), atol=1e-5)
         True
-        >>> sep.rank, sep.conv_dw.weight.shape
-        (9, torch.Size([144, 1, 3, 3]))
+        >>> type(sep).__name__, sep.rank, sep.conv_dw.weight.shape
+        ('SeparableConv2d', 9, torch.Size([144, 1, 3, 3]))
+        >>> up = nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
+        >>> z = torch.randn(1, 8, 10)
+        >>> torch.allclose(SeparableConv.from_conv(up, "full")(z), up(z), atol=1e-5)
+        True
     """
+
+    dims: ClassVar[int] = 2
+    transposed: ClassVar[bool] = False
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: str | int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: str | int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
+        output_padding: int | tuple[int, ...] = 0,
         rank: int = 1,
         order: str = "dw-pw",
         same_padding: bool = False,
@@ -78,6 +112,8 @@ class SeparableConv2d(nn.Module):
             )
         if rank < 1:
             raise ConfigError(f"rank must be >= 1, got {rank}")
+        if same_padding and (self.dims != 2 or self.transposed):
+            raise ConfigError("same_padding (TensorFlow's dynamic SAME padding) is for 2-D convs only")
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
         spatial: dict[str, Any] = {
             "kernel_size": kernel_size,
@@ -86,6 +122,8 @@ class SeparableConv2d(nn.Module):
             "dilation": dilation,
             "padding_mode": padding_mode,
         }
+        if self.transposed:
+            spatial["output_padding"] = output_padding
         self.order = order
         self.rank = rank
         self.groups = groups
@@ -94,53 +132,58 @@ class SeparableConv2d(nn.Module):
         self._layout = self.default_layout
         # With TF-style dynamic "SAME" padding (timm's Conv2dSame) only the spatial conv pads: a bias-free 1x1 conv
         # before it commutes with zero padding, so every order stays exact.
-        spatial_conv = SameConv2d if same_padding else nn.Conv2d
+        spatial_conv: Any = (
+            _CONVS_T[self.dims] if self.transposed else SameConv2d if same_padding else _CONVS[self.dims]
+        )
+        point_conv: Any = _CONVS[self.dims]
         if order == "dw-pw":
             self.conv_dw = spatial_conv(
                 in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd
             )
-            self.conv_pw = nn.Conv2d(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
+            self.conv_pw = point_conv(in_channels * rank, out_channels, 1, groups=groups, bias=bias, **dd)
         elif order == "pw-dw":
-            self.conv_pw = nn.Conv2d(in_channels, out_channels * rank, 1, groups=groups, bias=False, **dd)
+            self.conv_pw = point_conv(in_channels, out_channels * rank, 1, groups=groups, bias=False, **dd)
             self.conv_dw = spatial_conv(
                 out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial, **dd
             )
         else:
             width = groups * rank
-            self.conv_pw = nn.Conv2d(in_channels, width, 1, groups=groups, bias=False, **dd)
+            self.conv_pw = point_conv(in_channels, width, 1, groups=groups, bias=False, **dd)
             self.conv_dw = spatial_conv(width, width, groups=width, bias=False, **spatial, **dd)
-            self.conv_pwl = nn.Conv2d(width, out_channels, 1, groups=groups, bias=bias, **dd)
+            self.conv_pwl = point_conv(width, out_channels, 1, groups=groups, bias=bias, **dd)
 
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Conv2d,
+        conv: nn.Module,
         rank: int | str = 1,
         order: str = "dw-pw",
         *,
         factorization: Factorization | CPFactorization | None = None,
-    ) -> SeparableConv2d:
+    ) -> SeparableConv:
         """Build the structure that best approximates ``conv`` at ``rank``.
 
         Args:
-            conv: a ``nn.Conv2d`` (any stride, padding incl. ``"same"``,
-                padding mode, dilation, groups, bias, floating dtype).
+            conv: a ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d`` (any
+                stride, padding incl. ``"same"``, padding mode, output
+                padding, dilation, groups, bias, floating dtype).
             rank: an int ``>= 1`` (capped at the exact rank for ``order``) or
                 ``"full"`` for the exact rank, where the pair reproduces the
                 conv's output to float tolerance.
             order: ``"dw-pw"``, ``"pw-dw"`` or ``"pw-dw-pw"``.
-            factorization: the weight's :class:`Factorization` in ``order``
-                (or, for pw-dw-pw, its :class:`CPFactorization` at ``rank``)
-                if the caller already computed it.
+            factorization: the canonical weight's :class:`Factorization` in
+                ``order`` (or, for pw-dw-pw, its :class:`CPFactorization` at
+                ``rank``) if the caller already computed it.
 
         Returns:
-            A pair on ``conv``'s device and dtype, in its train/eval mode, with
-            ``requires_grad`` copied from ``conv.weight``.
+            The pair class for ``conv``'s kind (:func:`pair_class`) on its
+            device and dtype, in its train/eval mode, with ``requires_grad``
+            copied from ``conv.weight``.
         """
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
-        kernel = tuple(conv.kernel_size)
-        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
+        kernel = tuple(conv.kernel_size)  # type: ignore[arg-type]
+        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)  # type: ignore[arg-type]
         if rank == "full":
             r = limit
         elif isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
@@ -148,45 +191,52 @@ class SeparableConv2d(nn.Module):
         else:
             raise ConfigError(f"rank must be a positive int or 'full', got {rank!r}")
         weight = conv.weight
+        assert isinstance(weight, Tensor)
         sep = cls.shaped_like(conv, r, order)
         with torch.no_grad():
             for child, value in zip(sep._factor_convs(), _factor_weights(conv, r, order, factorization)):
-                child.weight.copy_(value)
+                child.weight.copy_(value.reshape(child.weight.shape))
             if conv.bias is not None:
                 assert sep.last.bias is not None  # built with bias above
-                sep.last.bias.copy_(conv.bias)
+                sep.last.bias.copy_(conv.bias)  # type: ignore[arg-type]
         for p in sep.parameters():
             p.requires_grad_(weight.requires_grad)
         return sep
 
     @classmethod
-    def shaped_like(cls, conv: nn.Conv2d, rank: int, order: str) -> SeparableConv2d:
+    def shaped_like(cls, conv: nn.Module, rank: int, order: str) -> SeparableConv:
         """An uninitialised pair with ``conv``'s geometry, device, dtype and train/eval mode.
 
         For loading saved weights into; :meth:`from_conv` fills it from the conv.
         """
+        target = pair_class(conv)
+        if cls is not SeparableConv and cls is not target:
+            raise ConfigError(f"{cls.__name__} cannot stand in for a {type(conv).__name__}; use {target.__name__}")
         weight = conv.weight
-        sep = cls(
-            conv.in_channels,
-            conv.out_channels,
+        assert isinstance(weight, Tensor)
+        extra: dict[str, Any] = {"output_padding": tuple(conv.output_padding)} if target.transposed else {}  # type: ignore[arg-type]
+        sep = target(
+            conv.in_channels,  # type: ignore[arg-type]
+            conv.out_channels,  # type: ignore[arg-type]
             tuple(conv.kernel_size),  # type: ignore[arg-type]
             stride=tuple(conv.stride),  # type: ignore[arg-type]
             padding=conv.padding,  # type: ignore[arg-type]
             dilation=tuple(conv.dilation),  # type: ignore[arg-type]
-            groups=conv.groups,
+            groups=conv.groups,  # type: ignore[arg-type]
             bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
+            padding_mode=conv.padding_mode,  # type: ignore[arg-type]
             rank=rank,
             order=order,
             same_padding=isinstance(conv, SameConv2d),
             device=weight.device,
             dtype=weight.dtype,
+            **extra,
         )
         sep.train(conv.training)
         return sep
 
     @property
-    def convs(self) -> tuple[nn.Conv2d, ...]:
+    def convs(self) -> tuple[nn.Module, ...]:
         """The children in the order they run."""
         if self.order == "dw-pw":
             return (self.conv_dw, self.conv_pw)
@@ -194,12 +244,12 @@ class SeparableConv2d(nn.Module):
             return (self.conv_pw, self.conv_dw)
         return (self.conv_pw, self.conv_dw, self.conv_pwl)
 
-    def _factor_convs(self) -> tuple[nn.Conv2d, ...]:
+    def _factor_convs(self) -> tuple[nn.Module, ...]:
         """The children in the order :func:`_factor_weights` returns their weights."""
         return self.convs if self.order == "pw-dw-pw" else (self.conv_dw, self.conv_pw)
 
     @property
-    def last(self) -> nn.Conv2d:
+    def last(self) -> Any:
         """The conv that runs last and holds the bias (the one refinement refits)."""
         return self.convs[-1]
 
@@ -243,8 +293,13 @@ class SeparableConv2d(nn.Module):
         return self.conv_dw.padding_mode
 
     @property
+    def output_padding(self) -> tuple[int, ...]:
+        """A transposed conv's output padding (all zeros for a conv)."""
+        return tuple(self.conv_dw.output_padding) if self.transposed else (0,) * self.dims
+
+    @property
     def weight(self) -> Tensor:
-        """The dense ``(Cout, Cin/g, kh, kw)`` kernel this pair computes (:meth:`effective_weight`; read-only)."""
+        """The dense kernel this pair computes, in the replaced layer's layout (:meth:`effective_weight`; read-only)."""
         return self.effective_weight()
 
     @property
@@ -253,23 +308,40 @@ class SeparableConv2d(nn.Module):
         return self.last.bias
 
     def effective_weight(self) -> Tensor:
-        """The dense ``(Cout, Cin/g, kh, kw)`` weight this structure computes (float64 sums, its dtype)."""
+        """The dense weight this structure computes (float64 sums, its dtype), in the replaced layer's layout:
+        ``(Cout, Cin/g, *kernel)`` for a conv, ``(Cin, Cout/g, *kernel)`` for a transposed conv."""
+        dtype = self.conv_dw.weight.dtype
         if self.order == "pw-dw-pw":
             g, r = self.groups, self.rank
             first = self.conv_pw.weight.detach().double().reshape(g, r, -1)  # (g, R, Cin/g)
             taps = self.conv_dw.weight.detach().double().reshape(g, r, -1)  # (g, R, K)
             last = self.conv_pwl.weight.detach().double().reshape(g, -1, r)  # (g, Cout/g, R)
             merged = torch.einsum("gor,gri,grk->goik", last, first, taps)
-            return merged.reshape(self.out_channels, -1, *self.kernel_size).to(self.conv_dw.weight.dtype)
-        return merge_separable_weight(
-            self.conv_dw.weight, self.conv_pw.weight, groups=self.groups, rank=self.rank, order=self.order
-        )
+            canonical = merged.reshape(self.out_channels, -1, *self.kernel_size).to(dtype)
+        else:
+            canonical = merge_separable_weight(
+                self.depthwise_taps(), self.conv_pw.weight, groups=self.groups, rank=self.rank, order=self.order
+            )
+        return layer_weight(canonical, self.transposed, self.groups)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def depthwise_taps(self) -> Tensor:
+        """The depthwise weight in the canonical layout of a depthwise conv: dw-pw ``(Cin*r, 1, *kernel)``,
+        pw-dw ``(Cout, r, *kernel)``, pw-dw-pw ``(g*R, 1, *kernel)`` (a view; the same memory as
+        ``conv_dw.weight`` for transposed convs too)."""
+        w: Tensor = self.conv_dw.weight
+        if not self.transposed:
+            return w
+        if self.order == "pw-dw":
+            return w.view(self.out_channels, self.rank, *w.shape[2:])
+        return w.view(w.shape[0] * w.shape[1], 1, *w.shape[2:])
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is not None and not self.transposed:
+            raise TypeError(f"{type(self).__name__} takes no output_size (only transposed convs do)")
         if self._layout == "rank-major":
             return self._forward_split(x) if self.order == "dw-pw" else self._forward_rank_major(x)
         for conv in self.convs:
-            x = conv(x)
+            x = conv(x, output_size) if conv is self.conv_dw and output_size is not None else conv(x)
         return x
 
     def _forward_split(self, x: Tensor) -> Tensor:
@@ -283,22 +355,22 @@ class SeparableConv2d(nn.Module):
         dw, pw = self.conv_dw, self.conv_pw
         cin, r = dw.groups, self.rank
         taps = dw.weight.view(cin, r, 1, *dw.weight.shape[2:])
-        z = torch.cat([conv2d_like(dw, x, taps[:, k], None) for k in range(r)], dim=1)
-        mix = pw.weight.view(pw.out_channels, cin, r).transpose(1, 2).reshape(pw.out_channels, cin * r, 1, 1)
-        return conv2d_like(pw, z, mix, pw.bias)
+        z = torch.cat([conv_like(dw, x, taps[:, k], None) for k in range(r)], dim=1)
+        mix = pw.weight.view(pw.out_channels, cin, r).transpose(1, 2).reshape(pw.weight.shape)
+        return conv_like(pw, z, mix, pw.bias)
 
     def _forward_rank_major(self, x: Tensor) -> Tensor:
         """pw-dw at rank r > 1 as one pointwise conv and r true depthwise convs, summed."""
         pw, dw = self.conv_pw, self.conv_dw
         cout, r = dw.out_channels, self.rank
         rows = pw.weight.view(cout, r, *pw.weight.shape[1:]).transpose(0, 1).reshape(pw.weight.shape)
-        u = conv2d_like(pw, x, rows, None)  # channel k*Cout + o: rank component k of output o
-        y = conv2d_like(dw, u[:, :cout], dw.weight[:, :1], dw.bias)
+        u = conv_like(pw, x, rows, None)  # channel k*Cout + o: rank component k of output o
+        y = conv_like(dw, u[:, :cout], dw.weight[:, :1], dw.bias)
         for k in range(1, r):
-            y = y + conv2d_like(dw, u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
+            y = y + conv_like(dw, u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
         return y
 
-    def in_layout(self, layout: str) -> SeparableConv2d:
+    def in_layout(self, layout: str) -> SeparableConv:
         """A view of this pair that runs in ``layout``: same parameters, same children, this pair unchanged."""
         view = copy.copy(self)
         view.layout = layout
@@ -332,7 +404,7 @@ class SeparableConv2d(nn.Module):
         component); :func:`sepify.core.timing.time_pair` measures both at a
         real input shape.
         """
-        if self.rank > 1 and self.groups == 1 and self.order != "pw-dw-pw":
+        if self.rank > 1 and self.groups == 1 and self.order != "pw-dw-pw" and not self.transposed:
             return LAYOUTS
         return LAYOUTS[:1]
 
@@ -347,13 +419,79 @@ class SeparableConv2d(nn.Module):
 
 
 def _factor_weights(
-    conv: nn.Conv2d, rank: int, order: str, factorization: Factorization | CPFactorization | None
+    conv: nn.Module, rank: int, order: str, factorization: Factorization | CPFactorization | None
 ) -> tuple[Tensor, ...]:
-    """The children's weights in :meth:`SeparableConv2d._factor_convs` order."""
+    """The children's weights in :meth:`SeparableConv._factor_convs` order."""
     if order == "pw-dw-pw":
         if not isinstance(factorization, CPFactorization) or factorization.rank != rank:
-            factorization = CPFactorization.of(conv.weight, conv.groups, rank)
+            factorization = CPFactorization.of(weight_of(conv), conv.groups, rank)  # type: ignore[arg-type]
         return factorization.weights()
     if not isinstance(factorization, Factorization):
-        factorization = Factorization.of(conv.weight, conv.groups, order)
+        factorization = Factorization.of(weight_of(conv), conv.groups, order)  # type: ignore[arg-type]
     return factorization.factors(rank)
+
+
+def weight_of(conv: nn.Module) -> Tensor:
+    """``conv``'s weight in the canonical ``(Cout, Cin/g, *kernel)`` layout that every factorisation works on."""
+    weight = conv.weight
+    assert isinstance(weight, Tensor)
+    return canonical_weight(weight, is_transposed(conv), conv.groups)  # type: ignore[arg-type]
+
+
+def pair_class(conv: nn.Module) -> type[SeparableConv]:
+    """The :class:`SeparableConv` subclass that stands in for ``conv`` (by dimensionality and transposition).
+
+    >>> pair_class(nn.ConvTranspose2d(4, 4, 3)).__name__
+    'SeparableConvTranspose2d'
+    """
+    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+    return _PAIRS[(dims, is_transposed(conv))]
+
+
+class SeparableConv1d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.Conv1d``."""
+
+    dims = 1
+
+
+class SeparableConv2d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.Conv2d``."""
+
+    dims = 2
+
+
+class SeparableConv3d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.Conv3d``."""
+
+    dims = 3
+
+
+class SeparableConvTranspose1d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.ConvTranspose1d``."""
+
+    dims, transposed = 1, True
+
+
+class SeparableConvTranspose2d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.ConvTranspose2d``."""
+
+    dims, transposed = 2, True
+
+
+class SeparableConvTranspose3d(SeparableConv):
+    """:class:`SeparableConv` standing in for an ``nn.ConvTranspose3d``."""
+
+    dims, transposed = 3, True
+
+
+_PAIRS: dict[tuple[int, bool], type[SeparableConv]] = {
+    (c.dims, c.transposed): c
+    for c in (
+        SeparableConv1d,
+        SeparableConv2d,
+        SeparableConv3d,
+        SeparableConvTranspose1d,
+        SeparableConvTranspose2d,
+        SeparableConvTranspose3d,
+    )
+}

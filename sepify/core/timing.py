@@ -1,7 +1,7 @@
 """Wall-clock timing: interleaved medians, and a separable pair's fastest layout.
 
 Nothing here changes a pair: :func:`time_pair` times views of it
-(:meth:`SeparableConv2d.in_layout`) and returns the choice; the caller
+(:meth:`SeparableConv.in_layout`) and returns the choice; the caller
 applies it.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from sepify.core.modules import SeparableConv2d
+from sepify.core.modules import SeparableConv
 
 __all__ = ["interleaved_medians", "PairTiming", "time_pair"]
 
@@ -57,7 +57,7 @@ class PairTiming(NamedTuple):
 
 
 def time_pair(
-    pair: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None
+    pair: SeparableConv, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None
 ) -> PairTiming:
     """Time every layout of ``pair`` (and ``against``, the conv it replaces) at ``input_shape``.
 
@@ -67,11 +67,11 @@ def time_pair(
 
     Examples:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
-        >>> pair = SeparableConv2d.from_conv(conv, rank=2, order="pw-dw")
+        >>> pair = SeparableConv.from_conv(conv, rank=2, order="pw-dw")
         >>> timing = time_pair(pair, (1, 8, 16, 16), reps=3, against=conv)
         >>> timing.layout in pair.layouts, timing.pair > 0, timing.conv > 0, pair.layout
         (True, True, True, 'grouped')
-        >>> time_pair(SeparableConv2d.from_conv(conv, rank=1), (1, 8, 16, 16), reps=3).layout is None
+        >>> time_pair(SeparableConv.from_conv(conv, rank=1), (1, 8, 16, 16), reps=3).layout is None
         True
     """
     w = pair.conv_dw.weight

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sepify.core.functional import SameConv2d
+from sepify.core.functional import CONV_TYPES, ConvLayer, SameConv2d, kind_of
 from sepify.graph.conv_kinds import class_name, effective_weight_of, legacy_weight_norm, plain_view
 from sepify.graph.probe import ConvCall
 
@@ -35,7 +35,7 @@ class SkipReason(str, enum.Enum):
 
     DEPTHWISE = "depthwise"  # groups == in_channels: nothing to separate
     POINTWISE = "pointwise"  # 1x1 kernel: nothing to separate
-    SUBCLASS = "subclass"  # a Conv2d subclass may change forward
+    SUBCLASS = "subclass"  # a conv subclass may change forward
     SHARED = "shared"  # called from several places, and skip_shared was asked for
     NOT_CALLED = "not-called"  # never ran on the example inputs
     EXCLUDED = "excluded"  # by include/exclude patterns
@@ -51,25 +51,31 @@ class SkipReason(str, enum.Enum):
 
 @dataclass
 class ConvSite:
-    """One ``nn.Conv2d`` (or subclass) of the model, with the shapes it ran at.
+    """One conv of the model (any of :data:`~sepify.core.functional.CONV_TYPES`, or a subclass), with the shapes
+    it ran at.
 
     For a known subclass (:mod:`sepify.graph.conv_kinds`) ``module`` is a plain
-    ``nn.Conv2d`` holding its effective weight and ``kind`` names the class;
-    an unknown subclass keeps its module, ``kind`` and reason ``subclass``.
+    conv holding its effective weight and ``subclass`` names the class; an
+    unknown subclass keeps its module, ``subclass`` and reason ``subclass``.
     """
 
     qualname: str
-    module: nn.Conv2d
+    module: ConvLayer
     call: ConvCall = field(default_factory=ConvCall)
     skip_reason: SkipReason | None = None
-    kind: str | None = None  # the class, when it is not nn.Conv2d itself (or it carries legacy weight norm)
+    subclass: str | None = None  # the class, when it is not a torch conv class itself (or it carries legacy weight norm)
+
+    @property
+    def kind(self) -> str:
+        """``conv1d`` ... ``conv3d``, ``conv_transpose1d`` ... ``conv_transpose3d`` (the report's kind column)."""
+        return kind_of(self.module)
 
     @property
     def eligible(self) -> bool:
         return self.skip_reason is None
 
 
-def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -> SkipReason | None:
+def skip_reason_for(conv: ConvLayer, calls: int, *, skip_shared: bool = False) -> SkipReason | None:
     """Why ``conv`` (called ``calls`` times) cannot be separated; None if it can.
 
     A conv called from several places (an FPN head run on every pyramid
@@ -84,7 +90,7 @@ def skip_reason_for(conv: nn.Conv2d, calls: int, *, skip_shared: bool = False) -
     """
     # Exact type test (as torch.fx's fuse does): a subclass such as timm's
     # Conv2dSame has its own forward that a swap would silently drop.
-    if type(conv) not in (nn.Conv2d, SameConv2d):
+    if type(conv) not in (*CONV_TYPES, SameConv2d):
         return SkipReason.SUBCLASS
     if has_hooks(conv):
         return SkipReason.HOOKED
@@ -113,9 +119,9 @@ def has_hooks(module: nn.Module) -> bool:
     return bool(pre) or any(bool(getattr(module, name, None)) for name in hooks)
 
 
-def _kind(conv: nn.Conv2d) -> str | None:
-    """The class to name in reports, when ``conv`` is not a plain ``nn.Conv2d``."""
-    if type(conv) is not nn.Conv2d:
+def _subclass(conv: nn.Module) -> str | None:
+    """The class to name in reports, when ``conv`` is not a plain torch conv."""
+    if type(conv) not in CONV_TYPES:
         return class_name(conv)
     return "torch.nn.utils.weight_norm (legacy)" if legacy_weight_norm(conv) is not None else None
 
@@ -125,9 +131,9 @@ def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
     known: dict[str, int] = {}
     unknown: dict[str, int] = {}
     for site in sites:
-        if site.kind is not None:
+        if site.subclass is not None:
             bucket = unknown if site.skip_reason is SkipReason.SUBCLASS else known
-            bucket[site.kind] = bucket.get(site.kind, 0) + 1
+            bucket[site.subclass] = bucket.get(site.subclass, 0) + 1
 
     def listed(counts: dict[str, int]) -> str:
         return ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -141,13 +147,13 @@ def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
         )
     if unknown:
         notes.append(
-            f"left {sum(unknown.values())} conv(s) of Conv2d subclasses sepify does not know alone: {listed(unknown)}; "
+            f"left {sum(unknown.values())} conv(s) of conv subclasses sepify does not know alone: {listed(unknown)}; "
             "if such a forward is a plain conv of an effective weight, teach it with sepify.register_conv"
         )
     return notes
 
 
-def dense_weight(conv: nn.Conv2d) -> torch.Tensor:
+def dense_weight(conv: ConvLayer) -> torch.Tensor:
     """The weight ``conv`` convolves with: its effective weight for a known subclass, else ``conv.weight``."""
     read = effective_weight_of(conv)
     if read is None:
@@ -170,7 +176,8 @@ def find_conv_sites(
     skip_shared: bool = False,
     params_read: frozenset[str] = frozenset(),
 ) -> list[ConvSite]:
-    """Every ``nn.Conv2d`` instance of ``model`` in definition order, classified.
+    """Every conv (:data:`~sepify.core.functional.CONV_TYPES`, subclasses included) of ``model`` in definition
+    order, classified.
 
     Args:
         model: the model (its first path to each module is the qualname).
@@ -183,14 +190,14 @@ def find_conv_sites(
     """
     sites = []
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d):
+        if not isinstance(m, CONV_TYPES):
             continue
         call = calls.get(name, ConvCall())
-        kind = _kind(m)
+        subclass = _subclass(m)
         if has_hooks(m):  # checked on the module itself: a view has no hooks
-            sites.append(ConvSite(name, m, call, SkipReason.HOOKED, kind))
+            sites.append(ConvSite(name, m, call, SkipReason.HOOKED, subclass))
             continue
-        view = plain_view(m) if kind is not None else None
+        view = plain_view(m) if subclass is not None else None
         m = view if view is not None else m
         reason = skip_reason_for(m, call.calls, skip_shared=skip_shared)
         if reason is None and name in params_read:
@@ -198,5 +205,5 @@ def find_conv_sites(
         if reason is None:
             if (include is not None and not matches_any(name, include)) or (exclude and matches_any(name, exclude)):
                 reason = SkipReason.EXCLUDED
-        sites.append(ConvSite(name, m, call, reason, kind))
+        sites.append(ConvSite(name, m, call, reason, subclass))
     return sites

@@ -1,12 +1,13 @@
-"""Conv2d subclasses whose forward is a plain convolution of an *effective* weight, and how to read that weight.
+"""Conv subclasses whose forward is a plain convolution of an *effective* weight, and how to read that weight.
 
 A subclass may change ``forward``, so sepify converts only what it knows:
-``nn.Conv2d`` itself, convs whose weight is a parametrization
+the six torch conv classes themselves (``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d``), convs whose weight is a parametrization
 (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, any
 ``parametrize.register_parametrization``), convs under the legacy
 ``torch.nn.utils.weight_norm`` hook, timm's weight-standardised
 ``StdConv2d``/``ScaledStdConv2d``, and classes registered with
-:func:`register_conv`. For each, :func:`plain_view` builds an ``nn.Conv2d``
+:func:`register_conv`. For each, :func:`plain_view` builds a plain conv of the same torch class
 holding the effective weight at this moment, which the rest of the pipeline
 factorises as usual; the pair then replaces the original module. In training
 mode the original would recompute its weight from its parameters every step,
@@ -22,24 +23,26 @@ report.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sepify.core.functional import SameConv2d
+from sepify.core.functional import CONV_TYPES, SameConv2d, is_transposed
 from sepify.errors import ConfigError
 
 __all__ = ["register_conv", "plain_view", "effective_weight_of", "class_name", "legacy_weight_norm"]
 
-EffectiveWeight = Callable[[nn.Conv2d], Tensor]
-_REGISTERED: dict[type[nn.Conv2d], EffectiveWeight] = {}
+EffectiveWeight = Callable[[Any], Tensor]
+_REGISTERED: dict[type[nn.Module], EffectiveWeight] = {}
 
 
-def register_conv(cls: type[nn.Conv2d], *, effective_weight: EffectiveWeight) -> type[nn.Conv2d]:
-    """Teach sepify a ``Conv2d`` subclass whose forward is ``F.conv2d(x, effective_weight(self), self.bias, ...)``
-    with the module's own stride, padding, dilation and groups.
+def register_conv(cls: type[nn.Module], *, effective_weight: EffectiveWeight) -> type[nn.Module]:
+    """Teach sepify a conv subclass (of ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d``) whose forward is
+    ``F.convNd(x, effective_weight(self), self.bias, ...)`` with the module's own stride, padding, dilation and
+    groups (the weight in the base class's layout).
 
     Examples:
         >>> class Scaled(nn.Conv2d):
@@ -52,8 +55,8 @@ def register_conv(cls: type[nn.Conv2d], *, effective_weight: EffectiveWeight) ->
         >>> torch.allclose(view(x), conv(x))
         True
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Conv2d)):
-        raise ConfigError(f"register_conv expects an nn.Conv2d subclass, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, CONV_TYPES)):
+        raise ConfigError(f"register_conv expects a subclass of a torch conv class (e.g. nn.Conv2d), got {cls!r}")
     if not callable(effective_weight):
         raise ConfigError("register_conv needs effective_weight=a function of the module returning its weight")
     _REGISTERED[cls] = effective_weight
@@ -73,22 +76,22 @@ def legacy_weight_norm(conv: nn.Module) -> object | None:
     return hooks[0] if hooks else None
 
 
-def _standardised(conv: nn.Conv2d, gain: Tensor | None = None) -> Tensor:
+def _standardised(conv: nn.Module, gain: Tensor | None = None) -> Tensor:
     """timm's weight standardisation: each output filter to zero mean and unit variance, times ``gain``."""
     flat = conv.weight.reshape(1, conv.out_channels, -1)
     out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)  # type: ignore[arg-type]
     return out.reshape_as(conv.weight)
 
 
-def _timm_std(conv: nn.Conv2d) -> Tensor:
+def _timm_std(conv: nn.Module) -> Tensor:
     return _standardised(conv)
 
 
-def _timm_scaled_std(conv: nn.Conv2d) -> Tensor:
+def _timm_scaled_std(conv: nn.Module) -> Tensor:
     return _standardised(conv, (conv.gain * conv.scale).view(-1))  # type: ignore[operator]
 
 
-def _plain(conv: nn.Conv2d) -> Tensor:
+def _plain(conv: nn.Module) -> Tensor:
     return conv.weight
 
 
@@ -102,7 +105,7 @@ _TIMM = {
 }
 
 
-def _dynamic_same(conv: nn.Conv2d) -> bool:
+def _dynamic_same(conv: nn.Module) -> bool:
     """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``)."""
     name = class_name(conv)
     return name == "timm.layers.conv2d_same.Conv2dSame" or (
@@ -110,7 +113,7 @@ def _dynamic_same(conv: nn.Conv2d) -> bool:
     )
 
 
-def effective_weight_of(conv: nn.Conv2d) -> EffectiveWeight | None:
+def effective_weight_of(conv: nn.Module) -> EffectiveWeight | None:
     """How to read ``conv``'s effective weight, or None when sepify does not know its forward."""
     cls = type(conv)
     for klass in cls.__mro__:
@@ -118,16 +121,16 @@ def effective_weight_of(conv: nn.Conv2d) -> EffectiveWeight | None:
             return _REGISTERED[klass]
     if class_name(conv) in _TIMM:
         return _TIMM[class_name(conv)]
-    if parametrize.is_parametrized(conv) and cls.__bases__ == (nn.Conv2d,):
+    if parametrize.is_parametrized(conv) and len(cls.__bases__) == 1 and cls.__bases__[0] in CONV_TYPES:
         return lambda m: m.weight  # the parametrization computes it on access
-    if cls is nn.Conv2d and legacy_weight_norm(conv) is not None:
+    if cls in CONV_TYPES and legacy_weight_norm(conv) is not None:
         hook = legacy_weight_norm(conv)
         return lambda m: hook.compute_weight(m)  # type: ignore[attr-defined]
     return None
 
 
-def plain_view(conv: nn.Conv2d) -> nn.Conv2d | None:
-    """A plain ``nn.Conv2d`` computing what ``conv`` computes now (its effective weight, frozen), or None.
+def plain_view(conv: nn.Module) -> Any:
+    """A plain torch conv (or :class:`SameConv2d`) computing what ``conv`` computes now (its effective weight, frozen), or None.
 
     Shares nothing with ``conv``: the weight and bias are detached copies, on
     its device and dtype, with ``requires_grad`` and the train/eval mode copied.
@@ -138,7 +141,9 @@ def plain_view(conv: nn.Conv2d) -> nn.Conv2d | None:
     with torch.no_grad():
         weight = read(conv).detach().clone()
         bias = None if conv.bias is None else conv.bias.detach().clone()
-    view = (SameConv2d if _dynamic_same(conv) else nn.Conv2d)(
+    base = SameConv2d if _dynamic_same(conv) else _plain_class(conv)
+    extra: dict[str, Any] = {"output_padding": conv.output_padding} if is_transposed(conv) else {}
+    view = base(
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,  # type: ignore[arg-type]
@@ -149,9 +154,15 @@ def plain_view(conv: nn.Conv2d) -> nn.Conv2d | None:
         bias=bias is not None,
         padding_mode=conv.padding_mode,
         device="meta",
+        **extra,
     )
     trainable = any(p.requires_grad for p in conv.parameters(recurse=False))
     view.weight = nn.Parameter(weight, requires_grad=trainable)
     view.bias = None if bias is None else nn.Parameter(bias, requires_grad=trainable)
     view.train(conv.training)
     return view
+
+
+def _plain_class(conv: nn.Module) -> Any:
+    """The torch conv class that ``conv``'s class derives from (``nn.Conv2d`` for a parametrized ``Conv2d``)."""
+    return next(klass for klass in type(conv).__mro__ if klass in CONV_TYPES)

@@ -1,4 +1,7 @@
-"""Lifting functional convolutions on parameters into ``nn.Conv2d`` modules the graph pass can swap."""
+"""Lifting functional convolutions on parameters into ``nn.Conv1d/2d/3d`` modules the graph pass can swap.
+
+Transposed convolutions called functionally (``F.conv_transpose2d``) are left as they are.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ from torch import nn
 
 __all__ = ["lift_functional_convs"]
 
-_CONV2D_FUNCTIONS: tuple[Any, ...] = (
-    torch.conv2d,
-    F.conv2d,
-    torch.ops.aten.conv2d.default,
-    torch.ops.aten.conv2d.padding,
-)
-_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV2D_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+# each functional conv, and its number of spatial dimensions
+_FUNCTIONS: dict[Any, int] = {
+    **{f: 1 for f in (torch.conv1d, F.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)},
+    **{f: 2 for f in (torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding)},
+    **{f: 3 for f in (torch.conv3d, F.conv3d, torch.ops.aten.conv3d.default, torch.ops.aten.conv3d.padding)},
+}
+_MODULES: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 def _param_of(gm: fx.GraphModule, node: Any) -> nn.Parameter | None:
@@ -50,7 +54,7 @@ def _fresh_name(gm: fx.GraphModule, target: str) -> str:
 
 
 def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
-    """Turn ``F.conv2d(x, self.weight, self.bias, ...)`` calls into ``nn.Conv2d`` modules.
+    """Turn ``F.conv2d(x, self.weight, self.bias, ...)`` calls (and ``conv1d``/``conv3d``) into conv modules.
 
     Applies where the weight (and bias) are parameters read with ``get_attr``
     and every other argument is a constant, as in models that call
@@ -63,22 +67,23 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
     lifted = []
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _CONV2D_FUNCTIONS:
+        if node.op != "call_function" or node.target not in _FUNCTIONS:
             continue
-        bound = dict(_CONV2D_DEFAULTS)
-        bound.update(zip(_CONV2D_ARGS, node.args))
+        dims = _FUNCTIONS[node.target]
+        bound = dict(_CONV_DEFAULTS)
+        bound.update(zip(_CONV_ARGS, node.args))
         bound.update(node.kwargs)
         weight = _param_of(gm, bound["weight"])
         bias = _param_of(gm, bound["bias"]) if bound["bias"] is not None else None
         constants = [bound[k] for k in ("stride", "padding", "dilation", "groups")]
-        if weight is None or weight.dim() != 4 or (bound["bias"] is not None and bias is None):
+        if weight is None or weight.dim() != dims + 2 or (bound["bias"] is not None and bias is None):
             continue  # computed or non-parameter weights stay functional
         if _inside_called(str(bound["weight"].target), called):
             continue  # a module the graph also calls owns it: moving it would break that call
         if any(isinstance(a, fx.Node) for c in constants for a in (c if isinstance(c, (list, tuple)) else [c])):
             continue
         stride, padding, dilation, groups = constants
-        conv = nn.Conv2d(
+        conv = _MODULES[dims](
             weight.shape[1] * int(groups),
             weight.shape[0],
             tuple(weight.shape[2:]),  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from sepify.core.functional import CONV_TYPES
 from sepify.core.timing import interleaved_medians
 from sepify.errors import InputShapeError
 
@@ -123,7 +124,7 @@ def probe(module: nn.Module, args: tuple[Any, ...], *, what: str = "model") -> P
     """
     names: dict[int, str] = {}
     for name, m in module.named_modules():  # first path of each module object
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, CONV_TYPES):
             names.setdefault(id(m), name)
     convs: dict[str, ConvCall] = {}
     handles = []

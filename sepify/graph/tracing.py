@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch.fx as fx
 from torch import nn
 
+from sepify.core.functional import CONV_TYPES
 from sepify.errors import ConfigError
 
 __all__ = [
@@ -68,7 +69,7 @@ def is_registered_leaf(module: nn.Module) -> bool:
 class SepifyTracer(fx.Tracer):
     """An fx tracer whose leaves are convs, registered types and named qualnames.
 
-    Every ``nn.Conv2d`` instance (subclasses included) is a leaf, so each conv
+    Every conv (:data:`~sepify.core.functional.CONV_TYPES`, subclasses included) is a leaf, so each conv
     call is one ``call_module`` node: standard convs can be swapped, and
     subclasses are visible and reported instead of being traced through.
     The tracer also records the innermost submodule whose forward raised, so
@@ -81,7 +82,7 @@ class SepifyTracer(fx.Tracer):
         self.failed_qualname: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.Conv2d) or is_registered_leaf(m):
+        if isinstance(m, CONV_TYPES) or is_registered_leaf(m):
             return True
         if module_qualified_name in self.leaf_qualnames:
             return True

@@ -25,7 +25,8 @@ from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
 from sepify.core.measure import layer_output_errors, pair_output_error
-from sepify.core.modules import SeparableConv2d
+from sepify.core.functional import ConvLayer
+from sepify.core.modules import SeparableConv, weight_of
 from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
@@ -156,15 +157,16 @@ def _audit_layer(
     called = site.call.calls > 0
     return AuditLayer(
         name=site.qualname,
+        kind=site.kind,
         skip_reason=site.skip_reason,
         in_channels=conv.in_channels,
         out_channels=conv.out_channels,
-        kernel_size=(kernel[0], kernel[1]),
-        stride=(conv.stride[0], conv.stride[1]),
+        kernel_size=kernel,
+        stride=tuple(conv.stride),
         groups=conv.groups,
         calls=site.call.calls,
-        input_size=spatial(site.call.input_shape) if called else None,
-        output_size=spatial(site.call.output_shape) if called else None,
+        input_size=spatial(site.call.input_shape, len(kernel)) if called else None,
+        output_size=spatial(site.call.output_shape, len(kernel)) if called else None,
         params=params,
         macs=macs,
         mac_share=macs / total_macs if total_macs else 0.0,
@@ -201,16 +203,16 @@ def _useful_options(
     return found
 
 
-def _factorization(conv: nn.Conv2d, order: str) -> Factorization | CPByRank:
+def _factorization(conv: ConvLayer, order: str) -> Factorization | CPByRank:
     if order == "pw-dw-pw":
-        return CPByRank(conv.weight, conv.groups, work=_CP_WORK)
-    return Factorization.of(conv.weight, conv.groups, order)
+        return CPByRank(weight_of(conv), conv.groups, work=_CP_WORK)
+    return Factorization.of(weight_of(conv), conv.groups, order)
 
 
-def _pair(conv: nn.Conv2d, rank: int, factorization: Factorization | CPByRank) -> SeparableConv2d:
+def _pair(conv: ConvLayer, rank: int, factorization: Factorization | CPByRank) -> SeparableConv:
     """The pair at ``rank`` from an already computed factorization."""
     at = factorization.at(rank) if isinstance(factorization, CPByRank) else factorization
-    return SeparableConv2d.from_conv(conv, rank, factorization.order, factorization=at)
+    return SeparableConv.from_conv(conv, rank, factorization.order, factorization=at)
 
 
 class _LayerErrors:
@@ -235,7 +237,7 @@ class _LayerErrors:
         with preserved_state(analysis.target):
             first_inputs(analysis.target, args, list(by_module), on_input)
 
-    def _measure_one(self, name: str, conv: nn.Conv2d, x: Tensor) -> None:
+    def _measure_one(self, name: str, conv: ConvLayer, x: Tensor) -> None:
         for order in sorted({o for o, *_ in self.options[name]}):
             ranks = [r for o, r, *_ in self.options[name] if o == order]
             factorization = self.factors[(name, order)]

@@ -26,7 +26,8 @@ from sepify.calibrate.verify import output_errors, top1_agreement
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import SVD_ORDERS, Factorization
-from sepify.core.modules import SeparableConv2d
+from sepify.core.functional import CONV_TYPES
+from sepify.core.modules import SeparableConv, weight_of
 from sepify.core.timing import time_pair
 from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
@@ -74,10 +75,10 @@ def convert(
     """Rewrite a model's standard convs into depthwise + pointwise pairs.
 
     The model is traced with torch.fx (in its current train/eval mode); every
-    ``call_module`` node whose module is an ``nn.Conv2d`` with something to
+    ``call_module`` node whose module is a convolution with something to
     separate (or a known subclass: parametrized, weight-standardised, TF
     "SAME"; see :func:`~sepify.register_conv`) is replaced by a
-    :class:`~sepify.SeparableConv2d` initialised by per-channel truncated SVD
+    :class:`~sepify.SeparableConv` initialised by per-channel truncated SVD
     of its (effective) weight. Submodules that fx cannot
     trace are kept as leaves and their convs swapped as modules; a model whose
     own forward is untraceable is converted entirely by swapping modules. The
@@ -259,7 +260,7 @@ def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
     for name in plan:
         if name not in by_name:
             raise PlanError(
-                f"the plan names {name!r}, but the model has no Conv2d there; regenerate the plan for this model"
+                f"the plan names {name!r}, but the model has no convolution there; regenerate the plan for this model"
             )
         reason = by_name[name].skip_reason
         if reason is not None and reason is not SkipReason.EXCLUDED:
@@ -299,10 +300,10 @@ class _Chooser:
         self.allow_larger = allow_larger
         self.meta: dict[str, dict[str, Any]] = {}  # node.meta["sepify"] of each converted conv
 
-    def build(self, sites: list[ConvSite]) -> tuple[list[LayerReport], dict[str, SeparableConv2d]]:
+    def build(self, sites: list[ConvSite]) -> tuple[list[LayerReport], dict[str, SeparableConv]]:
         """One report row per conv, and the pair of each conv that converts."""
         rows: list[LayerReport] = []
-        pairs: dict[str, SeparableConv2d] = {}
+        pairs: dict[str, SeparableConv] = {}
         for site in sites:
             row, pair = self._convert(site) if site.eligible else (_row(site), None)
             rows.append(row)
@@ -310,7 +311,7 @@ class _Chooser:
                 pairs[site.qualname] = pair
         return rows, pairs
 
-    def _convert(self, site: ConvSite) -> tuple[LayerReport, SeparableConv2d | None]:
+    def _convert(self, site: ConvSite) -> tuple[LayerReport, SeparableConv | None]:
         planned = self.plan[site.qualname] if self.plan is not None else None
         wanted_rank, wanted_order = (planned.rank, planned.order) if planned else (self.rank, self.order)
         choice = _choose(site, wanted_rank, wanted_order, self.tolerance)
@@ -320,7 +321,7 @@ class _Chooser:
         if isinstance(self.rank, int) and planned is None and not self.allow_larger and _larger(site, choice):
             site.skip_reason = SkipReason.NO_SAVING  # the user asked for savings; Selection(allow_larger=True) forces
             return _row(site), None
-        pair = SeparableConv2d.from_conv(site.module, choice.rank, choice.order, factorization=choice.factorization)
+        pair = SeparableConv.from_conv(site.module, choice.rank, choice.order, factorization=choice.factorization)
         if planned is not None and planned.layout is not None:
             _apply_planned_layout(pair, site.qualname, planned.layout)
         timed = self._time(site, pair)
@@ -343,7 +344,7 @@ class _Chooser:
         )
         return row, pair
 
-    def _time(self, site: ConvSite, pair: SeparableConv2d) -> dict[str, Any]:
+    def _time(self, site: ConvSite, pair: SeparableConv) -> dict[str, Any]:
         """Time the pair against its conv (or only pick its fastest layout); the fastest layout is kept."""
         if self.timing is None or not (self.timing.latency or (self.timing.tune_layout and len(pair.layouts) > 1)):
             return {}
@@ -364,7 +365,7 @@ def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> 
         f = cp = _cp_factorization(site, rank, tolerance, limit)
         r, error = cp.rank, cp.relative_error
     else:
-        svd = f = Factorization.of(conv.weight, conv.groups, order)
+        svd = f = Factorization.of(weight_of(conv), conv.groups, order)
         if rank == "full":
             r = limit
         elif rank == "auto":
@@ -381,15 +382,15 @@ def _cp_factorization(site: ConvSite, rank: Rank, tolerance: float | None, limit
     """The bottleneck at a fixed width, or the narrowest one within tolerance (bisection up to break-even)."""
     conv = site.module
     if rank != "auto":
-        return CPFactorization.of(conv.weight, conv.groups, limit if rank == "full" else min(int(rank), limit))
+        return CPFactorization.of(weight_of(conv), conv.groups, limit if rank == "full" else min(int(rank), limit))
     assert tolerance is not None  # checked by _checked_rank
     area = math.prod(conv.kernel_size)
     dense = conv_params(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, False)
     low, high = 1, max(1, min(limit, dense // (conv.in_channels + conv.groups * area + conv.out_channels)))
-    best = CPFactorization.of(conv.weight, conv.groups, high)
+    best = CPFactorization.of(weight_of(conv), conv.groups, high)
     while low < high:  # the narrowest width within tolerance, if the widest that still pays is
         middle = (low + high) // 2
-        f = CPFactorization.of(conv.weight, conv.groups, middle)
+        f = CPFactorization.of(weight_of(conv), conv.groups, middle)
         if f.relative_error <= tolerance:
             best, high = f, middle
         else:
@@ -449,6 +450,7 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
     called = site.call.calls > 0
     fields: dict[str, Any] = {
         "name": site.qualname,
+        "kind": site.kind,
         "converted": False,
         "skip_reason": site.skip_reason,
         "in_channels": conv.in_channels,
@@ -461,8 +463,8 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
         "padding_mode": conv.padding_mode,
         "bias": conv.bias is not None,
         "calls": site.call.calls,
-        "input_size": spatial(site.call.input_shape) if called else None,
-        "output_size": spatial(site.call.output_shape) if called else None,
+        "input_size": spatial(site.call.input_shape, len(kernel)) if called else None,
+        "output_size": spatial(site.call.output_shape, len(kernel)) if called else None,
         "params_before": params,
         "params_after": params,
         "macs_before": macs,
@@ -472,14 +474,14 @@ def _row(site: ConvSite, **after: Any) -> LayerReport:
     return LayerReport(**fields)
 
 
-def _apply_planned_layout(pair: SeparableConv2d, name: str, layout: str) -> None:
+def _apply_planned_layout(pair: SeparableConv, name: str, layout: str) -> None:
     try:
         pair.layout = layout
     except ConfigError as e:
         raise PlanError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
 
 
-def _swap(analysis: Analysis, pairs: dict[str, SeparableConv2d], meta: dict[str, dict[str, Any]]) -> None:
+def _swap(analysis: Analysis, pairs: dict[str, SeparableConv], meta: dict[str, dict[str, Any]]) -> None:
     swap_modules(analysis.target, pairs, meta)
     if analysis.target is not analysis.work:
         # A GraphModule has its own containers; swap in `work` too so that
@@ -491,7 +493,7 @@ def _swap(analysis: Analysis, pairs: dict[str, SeparableConv2d], meta: dict[str,
 def _calibrate(
     analysis: Analysis,
     teacher: nn.Module | None,
-    pairs: dict[str, SeparableConv2d],
+    pairs: dict[str, SeparableConv],
     calibration: Calibration | None,
     distillation: Distill | None,
     progress: ProgressFn | None,
@@ -533,7 +535,7 @@ def _leaves_with_convs(analysis: Analysis) -> dict[str, str]:
             leaf = analysis.work.get_submodule(name)
         except AttributeError:
             continue
-        if any(isinstance(m, nn.Conv2d) for m in leaf.modules()):
+        if any(isinstance(m, CONV_TYPES) for m in leaf.modules()):
             found[name] = why
     return found
 
@@ -551,7 +553,7 @@ def _lifted_note(analysis: Analysis) -> list[str]:
         return notes
     names = ", ".join(analysis.lifted)
     return notes + [
-        f"lifted {len(analysis.lifted)} functional conv2d call(s) on parameters into Conv2d modules: {names}"
+        f"lifted {len(analysis.lifted)} functional conv call(s) on parameters into conv modules: {names}"
     ]
 
 
@@ -591,20 +593,22 @@ def load_converted(
             raise PlanError(
                 f"the plan names {name!r}, which this model does not have; pass the original architecture"
             ) from e
-        if not isinstance(conv, nn.Conv2d):
-            raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a Conv2d")
-        if type(conv) is not nn.Conv2d:  # a known subclass converts through its plain view (same geometry)
-            view = plain_view(conv)
-            if view is None:
+        if not isinstance(conv, CONV_TYPES):
+            raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a convolution")
+        geometry: Any = conv
+        if type(conv) not in CONV_TYPES:  # a known subclass converts through its plain view (same geometry)
+            geometry = plain_view(conv)
+            if geometry is None:
                 raise PlanError(f"the plan names {name!r}, a {type(conv).__name__} sepify does not know how to convert")
-            conv = view
-        limit = exact_rank(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, layer.order)
+        limit = exact_rank(
+            geometry.in_channels, geometry.out_channels, tuple(geometry.kernel_size), geometry.groups, layer.order
+        )
         if layer.rank > limit:
             raise PlanError(
                 f"the plan gives {name!r} rank {layer.rank}, above its exact rank {limit} for {layer.order}; "
                 "regenerate the plan for this model"
             )
-        pair = SeparableConv2d.shaped_like(conv, layer.rank, layer.order)
+        pair = SeparableConv.shaped_like(geometry, layer.rank, layer.order)
         if layer.layout is not None:
             _apply_planned_layout(pair, name, layer.layout)
         pairs[name] = (conv, pair)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sepify.calibrate.distill import kl_loss
-from sepify.core.modules import SeparableConv2d
+from sepify.core.modules import SeparableConv
 from sepify.errors import CalibrationError, ConfigError, ModelError, OutputError
 from sepify.graph.probe import float_leaves
 from sepify.io.atomic import atomic_path
@@ -174,7 +174,7 @@ class _FeatureTaps:
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         names = dict(teacher.named_modules())
-        self.pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv2d) and n in names}
+        self.pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv) and n in names}
         if not self.pairs:
             raise ConfigError("feature matching needs converted layers whose qualnames the teacher has; use loss='mse'")
         self.student_out: dict[str, Tensor] = {}
@@ -320,7 +320,7 @@ def distill(
         if eval_data is not None
         else None
     )
-    pairs = [m for m in model.modules() if isinstance(m, SeparableConv2d)]
+    pairs = [m for m in model.modules() if isinstance(m, SeparableConv)]
     trainable = list(model.parameters()) if train_all else [p for m in pairs for p in m.parameters()]
     if not trainable:
         raise ConfigError("nothing to distill: the student has no converted layers; pass train_all=True")

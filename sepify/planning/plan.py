@@ -30,7 +30,7 @@ class LayerPlan:
     """What to do with one conv: its depth multiplier, order and (optionally) layout.
 
     ``layout`` is ``"grouped"`` or ``"rank-major"`` for pairs at rank > 1
-    (see :attr:`SeparableConv2d.layouts`: same function, different speed);
+    (see :attr:`SeparableConv.layouts`: same function, different speed);
     None runs the pair's default layout.
     """
 

@@ -54,12 +54,12 @@ class AuditLayer:
     skip_reason: SkipReason | None
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
     groups: int
     calls: int
-    input_size: tuple[int, int] | None
-    output_size: tuple[int, int] | None
+    input_size: tuple[int, ...] | None
+    output_size: tuple[int, ...] | None
     params: int
     macs: int
     mac_share: float  # of the whole model's MACs
@@ -67,6 +67,7 @@ class AuditLayer:
     options: tuple[AuditOption, ...] = ()
     model_error_rank1: float | None = None  # whole-model output error, only this layer at rank 1
     sensitivity_order: str | None = None  # the order used for model_error_rank1
+    kind: str = "conv2d"  # conv1d ... conv3d, conv_transpose1d ... conv_transpose3d
 
     @property
     def candidate(self) -> bool:

@@ -29,8 +29,10 @@ class LayerReport:
 
     For a skipped conv ``rank``/``order``/``weight_error`` are None and the
     *after* counts equal the *before* counts. ``input_size``/``output_size``
-    are ``(H, W)`` at the first call (None if never called); ``calls`` counts
-    the calls on the example inputs and MACs sum over all of them.
+    are the spatial sizes (``(L,)``, ``(H, W)`` or ``(D, H, W)``) at the first
+    call (None if never called); ``calls`` counts the calls on the example
+    inputs and MACs sum over all of them. ``kind`` is ``conv1d`` ...
+    ``conv3d`` or ``conv_transpose1d`` ... ``conv_transpose3d``.
     """
 
     name: str
@@ -38,16 +40,16 @@ class LayerReport:
     skip_reason: SkipReason | None
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: str | tuple[int, int]
-    dilation: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
     padding_mode: str
     bias: bool
     calls: int
-    input_size: tuple[int, int] | None
-    output_size: tuple[int, int] | None
+    input_size: tuple[int, ...] | None
+    output_size: tuple[int, ...] | None
     params_before: int
     params_after: int
     macs_before: int
@@ -57,9 +59,10 @@ class LayerReport:
     rank_capped: bool = False
     order: str | None = None
     weight_error: float | None = None
-    layout: str | None = None  # how the pair runs, where it has a choice (SeparableConv2d.layouts)
+    layout: str | None = None  # how the pair runs, where it has a choice (SeparableConv.layouts)
     latency_before: float | None = None  # seconds, median, the conv at its input shape (latency=True)
     latency_after: float | None = None  # seconds, median, the pair, timed interleaved with the conv
+    kind: str = "conv2d"
 
     @property
     def latency_ratio(self) -> float | None:
@@ -169,10 +172,10 @@ class ConversionReport(JsonExportable):
         Examples:
             >>> ConversionReport(layers=(), params_before=0, params_after=0, macs_before=0, macs_after=0,
             ...                  inputs="", mode="fx").skip_summary()
-            'the model has no Conv2d'
+            'the model has no convolution'
         """
         if not self.layers:
-            return "the model has no Conv2d"
+            return "the model has no convolution"
         counts = collections.Counter(str(layer.skip_reason) for layer in self.skipped)
         return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none skipped"
 

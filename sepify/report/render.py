@@ -89,7 +89,7 @@ def _csv_cell(value: Any) -> Any:
 
 def conversion_table(report: ConversionReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-layer conversion table."""
-    header = "layer|status|Cin|Cout|kernel|stride|out|rank|order|params|params after|MACs|MACs after|weight err".split(
+    header = "layer|kind|status|Cin|Cout|kernel|stride|out|rank|order|params|params after|MACs|MACs after|weight err".split(
         "|"
     )
     timed = any(r.latency_ratio is not None for r in report.layers)
@@ -104,6 +104,7 @@ def conversion_table(report: ConversionReport) -> tuple[list[str], list[list[str
         rows.append(
             [
                 r.name or "(root)",
+                r.kind,
                 status,
                 str(r.in_channels),
                 str(r.out_channels),
@@ -181,7 +182,7 @@ def conversion_summary(report: ConversionReport) -> list[str]:
 
 def audit_table(report: AuditReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the audit table: candidates by MACs first, then skipped convs."""
-    header = "layer|status|Cin|Cout|kernel|MACs|share|r1 MACs|r1 order|r1 weight err|r1 out err|model err|max r".split(
+    header = "layer|kind|status|Cin|Cout|kernel|MACs|share|r1 MACs|r1 order|r1 weight err|r1 out err|model err|max r".split(
         "|"
     )
     latency = any(o.latency_ratio is not None for layer in report.layers for o in layer.options)
@@ -193,6 +194,7 @@ def audit_table(report: AuditReport) -> tuple[list[str], list[list[str]]]:
         status = "candidate" if layer.candidate else f"skip: {layer.skip_reason}"
         row = [
             layer.name,
+            layer.kind,
             status,
             str(layer.in_channels),
             str(layer.out_channels),
@@ -229,6 +231,7 @@ def audit_summary(report: AuditReport) -> list[str]:
 
 AUDIT_CSV_FIELDS = [
     "name",
+    "kind",
     "skip_reason",
     "in_channels",
     "out_channels",
@@ -293,8 +296,11 @@ def _fit(header: list[str], rows: list[list[str]], width: int) -> list[str]:
     return text_table(header, [[shorten(r[0], room), *r[1:]] for r in rows], left=1)
 
 
-def _conv(in_channels: int, out_channels: int, kernel: tuple[int, ...], stride: tuple[int, ...], groups: int) -> str:
-    text = f"{in_channels}->{out_channels} {'x'.join(map(str, kernel))}"
+def _conv(
+    in_channels: int, out_channels: int, kernel: tuple[int, ...], stride: tuple[int, ...], groups: int, kind: str
+) -> str:
+    """``64->128 3x3/2 g2``; kinds other than conv2d are named first (``conv_transpose1d 64->32 4/2``)."""
+    text = f"{'' if kind == 'conv2d' else kind + ' '}{in_channels}->{out_channels} {'x'.join(map(str, kernel))}"
     if any(s != 1 for s in stride):
         text += "/" + "x".join(map(str, stride)) if len(set(stride)) > 1 else f"/{stride[0]}"
     return text + (f" g{groups}" if groups > 1 else "")
@@ -337,7 +343,7 @@ def conversion_compact(report: ConversionReport, *, all_rows: bool = False, widt
         structure = f"{r.rank}{'*' if r.rank_capped else ''} {r.order}" if r.converted else f"skip: {r.skip_reason}"
         row = [
             r.name or "(root)",
-            _conv(r.in_channels, r.out_channels, r.kernel_size, r.stride, r.groups),
+            _conv(r.in_channels, r.out_channels, r.kernel_size, r.stride, r.groups, r.kind),
             structure + (" (larger)" if r.larger_than_original else ""),
             _arrow(r.macs_before, r.macs_after) if r.converted else format_count(r.macs_before),
             _arrow(r.params_before, r.params_after) if r.converted else format_count(r.params_before),
@@ -392,7 +398,7 @@ def audit_compact(
         err = None if best is None else (best.output_error if best.output_error is not None else best.weight_error)
         row = [
             layer.name,
-            _conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.groups),
+            _conv(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.groups, layer.kind),
             f"{format_count(layer.macs)} ({100 * layer.mac_share:.1f}%)",
             best.order if best else f"skip: {layer.skip_reason}",
             "-" if err is None else f"{err:.3f}",

@@ -110,3 +110,28 @@ def test_detection_model_converts_through_the_fallback() -> None:
     assert got["boxes"].shape[1] == 4 and got["scores"].shape == got["labels"].shape
     # exact at full rank: the backbone features agree, so do the detections
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-3, atol=1e-4)
+
+
+VIDEO_INPUTS = {"s3d": (16, 224), "mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "swin3d_t": (4, 64)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models.video))
+def test_every_video_model_is_exact_at_full_rank_and_runs_at_rank_1(name: str) -> None:
+    frames, size = VIDEO_INPUTS.get(name, VIDEO_INPUTS["swin3d_t"] if name.startswith("swin3d") else (4, 32))
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval().double()
+    x = torch.randn(1, 3, frames, size, size, dtype=torch.float64)
+    result = sepify.convert(model, x, rank="full")
+    report = result.report
+    assert report.mode == "fx" and len(report.converted) >= 1
+    assert {r.kind for r in report.layers} == {"conv3d"}
+    # what is left is 1x1x1 or depthwise, never an unknown class
+    assert {str(r.skip_reason) for r in report.skipped} <= {"pointwise", "depthwise"}
+    with torch.no_grad():
+        y, expected = result.model(x), model(x)
+    assert float((y - expected).norm() / expected.norm()) < 1e-10
+    slim = sepify.convert(model, x, rank=1)
+    assert slim.report.macs_after < slim.report.macs_before
+    with torch.no_grad():
+        assert slim.model(x).shape == expected.shape

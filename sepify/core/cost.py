@@ -65,7 +65,9 @@ def conv_macs(
     return batch * pixels * out_channels * (in_channels // groups) * prod(kernel_size)
 
 
-def _size_counted(output_size: tuple[int, ...], transposed: bool, input_size: tuple[int, ...] | None) -> tuple[int, ...]:
+def _size_counted(
+    output_size: tuple[int, ...], transposed: bool, input_size: tuple[int, ...] | None
+) -> tuple[int, ...]:
     if not transposed:
         return output_size
     if input_size is None:

@@ -43,8 +43,8 @@ __all__ = [
 # stride, padding, groups, weight, bias...); which modules sepify separates is decided by CONV_TYPES.
 ConvLayer = _ConvNd
 
-TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
+TRANSPOSED_TYPES: tuple[type[ConvLayer], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES: tuple[type[ConvLayer], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *TRANSPOSED_TYPES)
 
 _CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -55,13 +55,13 @@ def is_transposed(conv: nn.Module) -> bool:
     return isinstance(conv, TRANSPOSED_TYPES)
 
 
-def kind_of(conv: nn.Module) -> str:
+def kind_of(conv: ConvLayer) -> str:
     """The report's name for a conv's kind: ``conv1d`` ... ``conv3d``, ``conv_transpose1d`` ... ``conv_transpose3d``.
 
     >>> kind_of(nn.Conv1d(1, 1, 3)), kind_of(nn.ConvTranspose3d(1, 1, 3))
     ('conv1d', 'conv_transpose3d')
     """
-    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+    dims = len(conv.kernel_size)
     return f"conv_transpose{dims}d" if is_transposed(conv) else f"conv{dims}d"
 
 
@@ -93,7 +93,7 @@ def layer_weight(canonical: Tensor, transposed: bool, groups: int) -> Tensor:
     return w.reshape(groups * in_per_group, cout // groups, *kernel)
 
 
-def pad_amounts(conv: nn.Module) -> list[int]:
+def pad_amounts(conv: ConvLayer) -> list[int]:
     """``F.pad`` amounts (last dimension first, e.g. ``[left, right, top, bottom]``) equivalent to the conv's padding.
 
     >>> pad_amounts(nn.Conv2d(1, 1, 3, padding=(1, 2)))
@@ -102,7 +102,7 @@ def pad_amounts(conv: nn.Module) -> list[int]:
     [1, 2, 0, 1]
     """
     amounts: list[int] = []
-    for k, d, p in reversed(list(zip(conv.kernel_size, conv.dilation, _padding_tuple(conv)))):  # type: ignore[call-overload]
+    for k, d, p in reversed(list(zip(conv.kernel_size, conv.dilation, _padding_tuple(conv)))):
         if p is None:  # "same": torch puts the odd extra pixel on the right/bottom
             total = d * (k - 1)
             amounts += [total // 2, total - total // 2]
@@ -111,13 +111,13 @@ def pad_amounts(conv: nn.Module) -> list[int]:
     return amounts
 
 
-def _padding_tuple(conv: nn.Module) -> tuple[int | None, ...]:
-    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+def _padding_tuple(conv: ConvLayer) -> tuple[int | None, ...]:
+    dims = len(conv.kernel_size)
     if conv.padding == "same":
         return (None,) * dims
     if conv.padding == "valid":
         return (0,) * dims
-    return tuple(int(p) for p in conv.padding)  # type: ignore[union-attr]
+    return tuple(int(p) for p in conv.padding)
 
 
 class SameConv2d(nn.Conv2d):
@@ -145,7 +145,7 @@ def same_pad_amounts(conv: nn.Conv2d, x: Tensor) -> list[int]:
 
 
 def conv_like(
-    conv: nn.Module,
+    conv: ConvLayer,
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -166,7 +166,7 @@ def conv_like(
     >>> torch.equal(conv_like(conv, x, conv.weight, conv.bias), conv(x))
     True
     """
-    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+    dims = len(conv.kernel_size)
     if is_transposed(conv):
         g = conv.groups if groups is None else groups
         output_padding = conv.output_padding if output_size is None else _output_padding(conv, x, output_size)
@@ -176,29 +176,28 @@ def conv_like(
     if isinstance(conv, SameConv2d):
         return fn(F.pad(x, same_pad_amounts(conv, x)), weight, bias, conv.stride, 0, conv.dilation, g)
     if conv.padding_mode != "zeros":
-        padded = F.pad(x, pad_amounts(conv), mode=conv.padding_mode)  # type: ignore[arg-type]
+        padded = F.pad(x, pad_amounts(conv), mode=conv.padding_mode)
         return fn(padded, weight, bias, conv.stride, 0, conv.dilation, g)
     return fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, g)
 
 
-def _output_padding(conv: nn.Module, x: Tensor, output_size: list[int]) -> tuple[int, ...]:
+def _output_padding(conv: ConvLayer, x: Tensor, output_size: list[int]) -> tuple[int, ...]:
     """The output padding that makes a transposed conv produce ``output_size`` (its last dims are the spatial ones)."""
-    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+    dims = len(conv.kernel_size)
     wanted = list(output_size)[-dims:]
     amounts = []
     for d in range(dims):
         smallest = (
-            (x.shape[-dims + d] - 1) * conv.stride[d]  # type: ignore[index]
-            - 2 * conv.padding[d]  # type: ignore[index]
-            + conv.dilation[d] * (conv.kernel_size[d] - 1)  # type: ignore[index]
+            (x.shape[-dims + d] - 1) * conv.stride[d]
+            - 2 * int(conv.padding[d])  # a transposed conv's padding is always a tuple of ints
+            + conv.dilation[d] * (conv.kernel_size[d] - 1)
             + 1
         )
         extra = int(wanted[d]) - smallest
-        if not 0 <= extra < max(conv.stride[d], conv.dilation[d]):  # type: ignore[index]
+        if not 0 <= extra < max(conv.stride[d], conv.dilation[d]):
             raise ValueError(f"requested an output size of {wanted}, which this transposed conv cannot produce")
         amounts.append(extra)
     return tuple(amounts)
-
 
 
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None = None, groups: int = 1) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from sepify.core.cost import ORDERS, exact_rank
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
-from sepify.core.functional import SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
+from sepify.core.functional import ConvLayer, SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
 from sepify.errors import ConfigError
 
 __all__ = [
@@ -136,6 +136,9 @@ class SeparableConv(nn.Module):
             _CONVS_T[self.dims] if self.transposed else SameConv2d if same_padding else _CONVS[self.dims]
         )
         point_conv: Any = _CONVS[self.dims]
+        self.conv_dw: ConvLayer
+        self.conv_pw: ConvLayer
+        self.conv_pwl: ConvLayer
         if order == "dw-pw":
             self.conv_dw = spatial_conv(
                 in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial, **dd
@@ -155,7 +158,7 @@ class SeparableConv(nn.Module):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Module,
+        conv: ConvLayer,
         rank: int | str = 1,
         order: str = "dw-pw",
         *,
@@ -182,8 +185,8 @@ class SeparableConv(nn.Module):
         """
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
-        kernel = tuple(conv.kernel_size)  # type: ignore[arg-type]
-        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)  # type: ignore[arg-type]
+        kernel = tuple(conv.kernel_size)
+        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
         if rank == "full":
             r = limit
         elif isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
@@ -198,13 +201,13 @@ class SeparableConv(nn.Module):
                 child.weight.copy_(value.reshape(child.weight.shape))
             if conv.bias is not None:
                 assert sep.last.bias is not None  # built with bias above
-                sep.last.bias.copy_(conv.bias)  # type: ignore[arg-type]
+                sep.last.bias.copy_(conv.bias)
         for p in sep.parameters():
             p.requires_grad_(weight.requires_grad)
         return sep
 
     @classmethod
-    def shaped_like(cls, conv: nn.Module, rank: int, order: str) -> SeparableConv:
+    def shaped_like(cls, conv: ConvLayer, rank: int, order: str) -> SeparableConv:
         """An uninitialised pair with ``conv``'s geometry, device, dtype and train/eval mode.
 
         For loading saved weights into; :meth:`from_conv` fills it from the conv.
@@ -214,17 +217,17 @@ class SeparableConv(nn.Module):
             raise ConfigError(f"{cls.__name__} cannot stand in for a {type(conv).__name__}; use {target.__name__}")
         weight = conv.weight
         assert isinstance(weight, Tensor)
-        extra: dict[str, Any] = {"output_padding": tuple(conv.output_padding)} if target.transposed else {}  # type: ignore[arg-type]
+        extra: dict[str, Any] = {"output_padding": tuple(conv.output_padding)} if target.transposed else {}
         sep = target(
-            conv.in_channels,  # type: ignore[arg-type]
-            conv.out_channels,  # type: ignore[arg-type]
-            tuple(conv.kernel_size),  # type: ignore[arg-type]
-            stride=tuple(conv.stride),  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=tuple(conv.dilation),  # type: ignore[arg-type]
-            groups=conv.groups,  # type: ignore[arg-type]
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=conv.padding,
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
             bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,  # type: ignore[arg-type]
+            padding_mode=conv.padding_mode,
             rank=rank,
             order=order,
             same_padding=isinstance(conv, SameConv2d),
@@ -236,7 +239,7 @@ class SeparableConv(nn.Module):
         return sep
 
     @property
-    def convs(self) -> tuple[nn.Module, ...]:
+    def convs(self) -> tuple[ConvLayer, ...]:
         """The children in the order they run."""
         if self.order == "dw-pw":
             return (self.conv_dw, self.conv_pw)
@@ -244,12 +247,12 @@ class SeparableConv(nn.Module):
             return (self.conv_pw, self.conv_dw)
         return (self.conv_pw, self.conv_dw, self.conv_pwl)
 
-    def _factor_convs(self) -> tuple[nn.Module, ...]:
+    def _factor_convs(self) -> tuple[ConvLayer, ...]:
         """The children in the order :func:`_factor_weights` returns their weights."""
         return self.convs if self.order == "pw-dw-pw" else (self.conv_dw, self.conv_pw)
 
     @property
-    def last(self) -> Any:
+    def last(self) -> ConvLayer:
         """The conv that runs last and holds the bias (the one refinement refits)."""
         return self.convs[-1]
 
@@ -419,32 +422,32 @@ class SeparableConv(nn.Module):
 
 
 def _factor_weights(
-    conv: nn.Module, rank: int, order: str, factorization: Factorization | CPFactorization | None
+    conv: ConvLayer, rank: int, order: str, factorization: Factorization | CPFactorization | None
 ) -> tuple[Tensor, ...]:
     """The children's weights in :meth:`SeparableConv._factor_convs` order."""
     if order == "pw-dw-pw":
         if not isinstance(factorization, CPFactorization) or factorization.rank != rank:
-            factorization = CPFactorization.of(weight_of(conv), conv.groups, rank)  # type: ignore[arg-type]
+            factorization = CPFactorization.of(weight_of(conv), conv.groups, rank)
         return factorization.weights()
     if not isinstance(factorization, Factorization):
-        factorization = Factorization.of(weight_of(conv), conv.groups, order)  # type: ignore[arg-type]
+        factorization = Factorization.of(weight_of(conv), conv.groups, order)
     return factorization.factors(rank)
 
 
-def weight_of(conv: nn.Module) -> Tensor:
+def weight_of(conv: ConvLayer) -> Tensor:
     """``conv``'s weight in the canonical ``(Cout, Cin/g, *kernel)`` layout that every factorisation works on."""
     weight = conv.weight
     assert isinstance(weight, Tensor)
-    return canonical_weight(weight, is_transposed(conv), conv.groups)  # type: ignore[arg-type]
+    return canonical_weight(weight, is_transposed(conv), conv.groups)
 
 
-def pair_class(conv: nn.Module) -> type[SeparableConv]:
+def pair_class(conv: ConvLayer) -> type[SeparableConv]:
     """The :class:`SeparableConv` subclass that stands in for ``conv`` (by dimensionality and transposition).
 
     >>> pair_class(nn.ConvTranspose2d(4, 4, 3)).__name__
     'SeparableConvTranspose2d'
     """
-    dims = len(conv.kernel_size)  # type: ignore[arg-type]
+    dims = len(conv.kernel_size)
     return _PAIRS[(dims, is_transposed(conv))]
 
 

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from sepify.core.functional import CONV_TYPES, ConvLayer, SameConv2d, kind_of
-from sepify.graph.conv_kinds import class_name, effective_weight_of, legacy_weight_norm, plain_view
+from sepify.graph.conv_kinds import (
+    class_name,
+    effective_weight_of,
+    inherits_forward,
+    legacy_weight_norm,
+    plain_view,
+)
 from sepify.graph.probe import ConvCall
 
 __all__ = [
@@ -63,7 +69,9 @@ class ConvSite:
     module: ConvLayer
     call: ConvCall = field(default_factory=ConvCall)
     skip_reason: SkipReason | None = None
-    subclass: str | None = None  # the class, when it is not a torch conv class itself (or it carries legacy weight norm)
+    subclass: str | None = (
+        None  # the class, when it is not a torch conv class itself (or it carries legacy weight norm)
+    )
 
     @property
     def kind(self) -> str:
@@ -90,7 +98,7 @@ def skip_reason_for(conv: ConvLayer, calls: int, *, skip_shared: bool = False) -
     """
     # Exact type test (as torch.fx's fuse does): a subclass such as timm's
     # Conv2dSame has its own forward that a swap would silently drop.
-    if type(conv) not in (*CONV_TYPES, SameConv2d):
+    if type(conv) is not SameConv2d and not inherits_forward(conv):
         return SkipReason.SUBCLASS
     if has_hooks(conv):
         return SkipReason.HOOKED
@@ -120,8 +128,8 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def _subclass(conv: nn.Module) -> str | None:
-    """The class to name in reports, when ``conv`` is not a plain torch conv."""
-    if type(conv) not in CONV_TYPES:
+    """The class to name in reports, when ``conv`` does not compute what its torch conv class computes."""
+    if not inherits_forward(conv):
         return class_name(conv)
     return "torch.nn.utils.weight_norm (legacy)" if legacy_weight_norm(conv) is not None else None
 

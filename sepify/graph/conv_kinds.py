@@ -33,7 +33,14 @@ from torch.nn.utils import parametrize
 from sepify.core.functional import CONV_TYPES, SameConv2d, is_transposed
 from sepify.errors import ConfigError
 
-__all__ = ["register_conv", "plain_view", "effective_weight_of", "class_name", "legacy_weight_norm"]
+__all__ = [
+    "register_conv",
+    "plain_view",
+    "effective_weight_of",
+    "inherits_forward",
+    "class_name",
+    "legacy_weight_norm",
+]
 
 EffectiveWeight = Callable[[Any], Tensor]
 _REGISTERED: dict[type[nn.Module], EffectiveWeight] = {}
@@ -68,7 +75,7 @@ def class_name(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def legacy_weight_norm(conv: nn.Module) -> object | None:
+def legacy_weight_norm(conv: Any) -> object | None:
     """The ``torch.nn.utils.weight_norm`` hook on ``conv``, if that is how its weight is made."""
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -76,23 +83,24 @@ def legacy_weight_norm(conv: nn.Module) -> object | None:
     return hooks[0] if hooks else None
 
 
-def _standardised(conv: nn.Module, gain: Tensor | None = None) -> Tensor:
+def _standardised(conv: Any, gain: Tensor | None = None) -> Tensor:
     """timm's weight standardisation: each output filter to zero mean and unit variance, times ``gain``."""
     flat = conv.weight.reshape(1, conv.out_channels, -1)
-    out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)  # type: ignore[arg-type]
+    out = F.batch_norm(flat, None, None, weight=gain, training=True, momentum=0.0, eps=conv.eps)
     return out.reshape_as(conv.weight)
 
 
-def _timm_std(conv: nn.Module) -> Tensor:
+def _timm_std(conv: Any) -> Tensor:
     return _standardised(conv)
 
 
-def _timm_scaled_std(conv: nn.Module) -> Tensor:
-    return _standardised(conv, (conv.gain * conv.scale).view(-1))  # type: ignore[operator]
+def _timm_scaled_std(conv: Any) -> Tensor:
+    return _standardised(conv, (conv.gain * conv.scale).view(-1))
 
 
-def _plain(conv: nn.Module) -> Tensor:
-    return conv.weight
+def _plain(conv: Any) -> Tensor:
+    weight: Tensor = conv.weight
+    return weight
 
 
 # timm's convs, recognised by name so that timm need not be installed
@@ -105,7 +113,7 @@ _TIMM = {
 }
 
 
-def _dynamic_same(conv: nn.Module) -> bool:
+def _dynamic_same(conv: Any) -> bool:
     """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``)."""
     name = class_name(conv)
     return name == "timm.layers.conv2d_same.Conv2dSame" or (
@@ -113,7 +121,35 @@ def _dynamic_same(conv: nn.Module) -> bool:
     )
 
 
-def effective_weight_of(conv: nn.Module) -> EffectiveWeight | None:
+# What a subclass must leave alone to compute exactly what its torch base class computes.
+_FORWARD_ATTRIBUTES = frozenset({"forward", "_conv_forward", "__call__", "_call_impl", "weight", "bias", "__getattr__"})
+
+
+def inherits_forward(conv: Any) -> bool:
+    """Whether ``conv``'s class is a torch conv class, or a subclass that changes nothing its forward uses.
+
+    torchvision's video ``Conv3DSimple``/``Conv3DNoTemporal`` only add a constructor and a static method: they
+    are plain convs. A class that defines ``forward``, ``_conv_forward``, ``weight`` or ``bias`` (parametrized
+    convs do) is not.
+
+    >>> class Named(nn.Conv2d):
+    ...     pass
+    >>> class Doubled(nn.Conv2d):
+    ...     def forward(self, x):
+    ...         return 2 * super().forward(x)
+    >>> inherits_forward(Named(1, 1, 3)), inherits_forward(Doubled(1, 1, 3))
+    (True, False)
+    """
+    base = _plain_class(conv)
+    for klass in type(conv).__mro__:
+        if klass is base:
+            return True
+        if _FORWARD_ATTRIBUTES & set(vars(klass)):
+            return False
+    return False
+
+
+def effective_weight_of(conv: Any) -> EffectiveWeight | None:
     """How to read ``conv``'s effective weight, or None when sepify does not know its forward."""
     cls = type(conv)
     for klass in cls.__mro__:
@@ -129,7 +165,7 @@ def effective_weight_of(conv: nn.Module) -> EffectiveWeight | None:
     return None
 
 
-def plain_view(conv: nn.Module) -> Any:
+def plain_view(conv: Any) -> Any:
     """A plain torch conv (or :class:`SameConv2d`) computing what ``conv`` computes now (its effective weight, frozen), or None.
 
     Shares nothing with ``conv``: the weight and bias are detached copies, on
@@ -146,10 +182,10 @@ def plain_view(conv: nn.Module) -> Any:
     view = base(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
         groups=conv.groups,
         bias=bias is not None,
         padding_mode=conv.padding_mode,
@@ -163,6 +199,6 @@ def plain_view(conv: nn.Module) -> Any:
     return view
 
 
-def _plain_class(conv: nn.Module) -> Any:
+def _plain_class(conv: Any) -> Any:
     """The torch conv class that ``conv``'s class derives from (``nn.Conv2d`` for a parametrized ``Conv2d``)."""
     return next(klass for klass in type(conv).__mro__ if klass in CONV_TYPES)

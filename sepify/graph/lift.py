@@ -16,9 +16,9 @@ __all__ = ["lift_functional_convs"]
 
 # each functional conv, and its number of spatial dimensions
 _FUNCTIONS: dict[Any, int] = {
-    **{f: 1 for f in (torch.conv1d, F.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)},
-    **{f: 2 for f in (torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding)},
-    **{f: 3 for f in (torch.conv3d, F.conv3d, torch.ops.aten.conv3d.default, torch.ops.aten.conv3d.padding)},
+    **dict.fromkeys((torch.conv1d, F.conv1d, torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding), 1),
+    **dict.fromkeys((torch.conv2d, F.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding), 2),
+    **dict.fromkeys((torch.conv3d, F.conv3d, torch.ops.aten.conv3d.default, torch.ops.aten.conv3d.padding), 3),
 }
 _MODULES: dict[int, Any] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -86,7 +86,7 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
         conv = _MODULES[dims](
             weight.shape[1] * int(groups),
             weight.shape[0],
-            tuple(weight.shape[2:]),  # type: ignore[arg-type]
+            tuple(weight.shape[2:]),
             stride=stride,
             padding=padding,
             dilation=dilation,

@@ -24,8 +24,8 @@ from sepify.calibrate.verify import output_error
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
-from sepify.core.measure import layer_output_errors, pair_output_error
 from sepify.core.functional import ConvLayer
+from sepify.core.measure import layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
 from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError

@@ -32,7 +32,7 @@ from sepify.core.timing import time_pair
 from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.graph.candidates import ConvSite, SkipReason, kind_notes, matches_any
-from sepify.graph.conv_kinds import plain_view
+from sepify.graph.conv_kinds import inherits_forward, plain_view
 from sepify.graph.probe import ProbeResult, all_finite, describe_inputs, probe, time_forwards
 from sepify.graph.rewrite import replace_submodule, swap_modules
 from sepify.io.load import load_weights_into, safetensors_metadata
@@ -552,9 +552,7 @@ def _lifted_note(analysis: Analysis) -> list[str]:
     if not analysis.lifted:
         return notes
     names = ", ".join(analysis.lifted)
-    return notes + [
-        f"lifted {len(analysis.lifted)} functional conv call(s) on parameters into conv modules: {names}"
-    ]
+    return notes + [f"lifted {len(analysis.lifted)} functional conv call(s) on parameters into conv modules: {names}"]
 
 
 def load_converted(
@@ -596,7 +594,7 @@ def load_converted(
         if not isinstance(conv, CONV_TYPES):
             raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a convolution")
         geometry: Any = conv
-        if type(conv) not in CONV_TYPES:  # a known subclass converts through its plain view (same geometry)
+        if not inherits_forward(conv):  # a known subclass converts through its plain view (same geometry)
             geometry = plain_view(conv)
             if geometry is None:
                 raise PlanError(f"the plan names {name!r}, a {type(conv).__name__} sepify does not know how to convert")

@@ -89,8 +89,10 @@ def _csv_cell(value: Any) -> Any:
 
 def conversion_table(report: ConversionReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-layer conversion table."""
-    header = "layer|kind|status|Cin|Cout|kernel|stride|out|rank|order|params|params after|MACs|MACs after|weight err".split(
-        "|"
+    header = (
+        "layer|kind|status|Cin|Cout|kernel|stride|out|rank|order|params|params after|MACs|MACs after|weight err".split(
+            "|"
+        )
     )
     timed = any(r.latency_ratio is not None for r in report.layers)
     if timed:
@@ -182,8 +184,10 @@ def conversion_summary(report: ConversionReport) -> list[str]:
 
 def audit_table(report: AuditReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the audit table: candidates by MACs first, then skipped convs."""
-    header = "layer|kind|status|Cin|Cout|kernel|MACs|share|r1 MACs|r1 order|r1 weight err|r1 out err|model err|max r".split(
-        "|"
+    header = (
+        "layer|kind|status|Cin|Cout|kernel|MACs|share|r1 MACs|r1 order|r1 weight err|r1 out err|model err|max r".split(
+            "|"
+        )
     )
     latency = any(o.latency_ratio is not None for layer in report.layers for o in layer.options)
     if latency:

@@ -12,7 +12,14 @@ from sepify.graph.candidates import skip_reason_for
 
 
 class _Sub(nn.Conv2d):
-    """Any subclass is skipped: sepify cannot know what its forward changes."""
+    """A subclass with its own forward is skipped: sepify cannot know what it changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class _Named(nn.Conv2d):
+    """A subclass that changes nothing its forward uses (as torchvision's Conv3DSimple) is a plain conv."""
 
 
 @pytest.mark.parametrize(
@@ -25,6 +32,7 @@ class _Sub(nn.Conv2d):
         (nn.Conv2d(8, 16, 3, groups=8), 1, SkipReason.DEPTHWISE),  # depth multiplier 2 is still depthwise
         (nn.Conv2d(1, 16, 3), 1, None),  # a filter bank on one channel factors into a few filters and a 1x1 mix
         (_Sub(8, 16, 3), 1, SkipReason.SUBCLASS),
+        (_Named(8, 16, 3), 1, None),
         (nn.Conv2d(8, 16, 3), 0, SkipReason.NOT_CALLED),
         (nn.Conv2d(8, 16, 3), 3, None),
     ],
@@ -36,6 +44,7 @@ class _Sub(nn.Conv2d):
         "depthwise-x2",
         "single-in",
         "subclass",
+        "subclass-inheriting-forward",
         "uncalled",
         "shared",
     ],

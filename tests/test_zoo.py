@@ -6,6 +6,7 @@ it; ``-m "not slow"`` skips it locally).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 import sepify
+from sepify.core.functional import CONV_TYPES
+from sepify.graph.probe import float_leaves
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -52,15 +55,15 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 
 def assert_every_eligible_conv_reached(model: nn.Module, report: sepify.ConversionReport) -> None:
-    """No standard, called, separable conv is left in the converted model."""
-    inside_pairs = {id(c) for m in model.modules() if isinstance(m, sepify.SeparableConv2d) for c in m.children()}
+    """No standard, called, separable conv (of any kind) is left in the converted model."""
+    inside_pairs = {id(c) for m in model.modules() if isinstance(m, sepify.SeparableConv) for c in m.children()}
     left = {row.name for row in report.skipped if row.skip_reason in (sepify.SkipReason.NOT_CALLED,)}
     for name, m in model.named_modules():
-        if type(m) is not nn.Conv2d or id(m) in inside_pairs or name in left:
+        if type(m) not in CONV_TYPES or id(m) in inside_pairs or name in left:
             continue
-        separable = m.kernel_size != (1, 1) and m.in_channels > 1 and m.groups != m.in_channels
+        separable = math.prod(m.kernel_size) > 1 and m.in_channels > 1 and m.groups != m.in_channels
         assert not separable, f"{name} was not converted"
-    pairs = sum(isinstance(m, sepify.SeparableConv2d) for m in model.modules())
+    pairs = sum(isinstance(m, sepify.SeparableConv) for m in model.modules())
     assert pairs == len(report.converted)
 
 
@@ -135,3 +138,36 @@ def test_every_video_model_is_exact_at_full_rank_and_runs_at_rank_1(name: str) -
     assert slim.report.macs_after < slim.report.macs_before
     with torch.no_grad():
         assert slim.model(x).shape == expected.shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models.segmentation))
+def test_every_segmentation_model_is_exact_at_full_rank(name: str) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5, aux_loss=False)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = sepify.convert(model, x, rank="full")
+    assert result.report.mode == "fx"
+    assert_every_eligible_conv_reached(result.model, result.report)
+    with torch.no_grad():
+        got, expected = result.model(x)["out"], model(x)["out"]
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models.detection))
+def test_every_detection_model_converts_every_conv_it_can(name: str) -> None:
+    torch.manual_seed(0)
+    sizes = {} if name.startswith("ssd") else {"min_size": 128, "max_size": 128}
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=5, **sizes).eval()
+    images = [torch.rand(3, 128, 128)]
+    result = sepify.convert(model, (images,), rank="full")
+    report = result.report
+    assert_every_eligible_conv_reached(result.model, report)
+    if name.startswith(("maskrcnn", "keypointrcnn")):  # their heads upsample with a ConvTranspose2d
+        assert any(r.kind == "conv_transpose2d" and r.converted for r in report.layers)
+    with torch.no_grad():
+        (got,), (expected,) = result.model(images), model(images)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    assert all(bool(torch.isfinite(t).all()) for t in float_leaves(got))

@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
-    help="Rewrite a trained model's Conv2d layers into depthwise + pointwise pairs, and report what it saves.",
+    help="Rewrite a trained model's convolutions into depthwise + pointwise pairs, and report what it saves.",
 )
 out = Console()
 err = Console(stderr=True)

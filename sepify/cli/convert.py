@@ -213,7 +213,7 @@ def convert(
     debug: o.DebugOpt = False,
     _help: o.HelpOpt = False,
 ) -> None:
-    """Convert a model's Conv2d layers into depthwise + pointwise pairs and save it.
+    """Convert a model's convolutions (1-3 D, transposed too) into depthwise + pointwise pairs and save it.
 
     Prints the per-layer report (params, MACs, savings, weight and output
     error) and writes the converted model; the input is never modified.

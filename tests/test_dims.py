@@ -251,3 +251,17 @@ def test_refit_of_a_1d_model_keeps_improvements_and_says_what_it_skipped() -> No
     clips = torch.randn(16, 2, 3, 6, 6)
     notes = sepify.convert(video, clips[:1], rank=1, order="pw-dw", calibration=clips).report.notes
     assert "did not refine 0: refitting a 3-D pw-dw pair is not supported" in " ".join(notes)
+
+
+def test_audit_measures_every_kind_including_parametrized_convs() -> None:
+    torch.manual_seed(0)
+    model = AudioNet().eval()
+    report = sepify.audit(model, torch.randn(4, 1, 64))
+    assert {layer.name: layer.kind for layer in report.layers}["up"] == "conv_transpose1d"
+    for layer in report.layers:  # pre and post are weight-normed: hooks and swaps reach the module in the model
+        best = layer.best_at(1)
+        assert best is not None and best.output_error is not None and best.output_error > 0, layer.name
+        assert layer.model_error_rank1 is not None and layer.model_error_rank1 > 0, layer.name
+    plan = report.plan(max_mac_ratio=0.6)
+    result = sepify.convert(model, torch.randn(4, 1, 64), plan=plan)
+    assert result.report.macs_after <= 0.6 * result.report.macs_before

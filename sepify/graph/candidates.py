@@ -69,9 +69,13 @@ class ConvSite:
     module: ConvLayer
     call: ConvCall = field(default_factory=ConvCall)
     skip_reason: SkipReason | None = None
-    subclass: str | None = (
-        None  # the class, when it is not a torch conv class itself (or it carries legacy weight norm)
-    )
+    subclass: str | None = None  # the class, when not a plain torch conv (or it carries legacy weight norm)
+    registered: nn.Module | None = None  # the module in the model, when ``module`` is a plain view of it
+
+    @property
+    def in_model(self) -> nn.Module:
+        """The module registered in the model at ``qualname`` (hooks and swaps go there, not to a view)."""
+        return self.registered if self.registered is not None else self.module
 
     @property
     def kind(self) -> str:
@@ -206,12 +210,12 @@ def find_conv_sites(
             sites.append(ConvSite(name, m, call, SkipReason.HOOKED, subclass))
             continue
         view = plain_view(m) if subclass is not None else None
-        m = view if view is not None else m
+        registered, m = (m, view) if view is not None else (None, m)
         reason = skip_reason_for(m, call.calls, skip_shared=skip_shared)
         if reason is None and name in params_read:
             reason = SkipReason.PARAMS_READ
         if reason is None:
             if (include is not None and not matches_any(name, include)) or (exclude and matches_any(name, exclude)):
                 reason = SkipReason.EXCLUDED
-        sites.append(ConvSite(name, m, call, reason, subclass))
+        sites.append(ConvSite(name, m, call, reason, subclass, registered))
     return sites

@@ -225,7 +225,7 @@ class _LayerErrors:
 
     def measure(self, analysis: Analysis, sites: list[ConvSite], args: tuple[Any, ...], progress: ProgressFn) -> None:
         """One forward on ``args``; each candidate is measured on the input of its first call."""
-        by_module: dict[nn.Module, ConvSite] = {s.module: s for s in sites}
+        by_module: dict[nn.Module, ConvSite] = {s.in_model: s for s in sites}
         done: list[str] = []
 
         def on_input(module: nn.Module, x: Tensor) -> None:
@@ -287,7 +287,7 @@ def _model_error_rank1(
     analysis: Analysis, site: ConvSite, factorization: Factorization | CPByRank, args: tuple[Any, ...], reference: Any
 ) -> float | None:
     pair = _pair(site.module, 1, factorization)
-    with temporarily_replaced(analysis.target, site.module, pair):
+    with temporarily_replaced(analysis.target, site.in_model, pair):
         return output_error(reference, _forward(analysis.target, args))
 
 

@@ -152,9 +152,16 @@ def choose_plan(
         if found is None:
             best = sum(max((c.saving for c in t), default=0.0) for t in tables)
             smallest = 1.0 - best / total if total else 1.0
+            slower = sum(len(layer.options) for layer in candidates) - sum(len(opts) for opts in usable)
+            why = (
+                f" ({slower} option(s) measured slower than their conv are never chosen; audit without timing to "
+                "plan by MACs alone)"
+                if slower
+                else ""
+            )
             raise BudgetError(
                 f"no plan reaches {_LABELS[kind]} <= {value:.3g}x the original: converting every candidate at its "
-                f"cheapest option reaches {smallest:.3f}x at best; relax the budget to at least {smallest:.3f}"
+                f"cheapest option reaches {smallest:.3f}x at best{why}; relax the budget to at least {smallest:.3f}"
             )
         picks = found
     chosen = {

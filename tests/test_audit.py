@@ -234,3 +234,30 @@ def test_audit_report_renders(net: nn.Module, x: torch.Tensor, tmp_path) -> None
     bars = [b for b in left.patches if b.get_facecolor()[:3] != (0.8156862745098039,) * 3]
     assert len(bars) == len(plan) and all(b.get_width() >= 0 for b in left.patches)  # picks coloured, none negative
     assert {t.get_text() for t in left.texts} == {f"{p.rank} {p.order}" for p in plan.layers.values()}
+
+
+def test_audit_predicts_the_worst_output_of_a_model_with_several() -> None:
+    class TwoHeads(nn.Module):  # a large-scale head beside a small one, as a detector's boxes beside its scores
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 16, 3, padding=1)
+            self.head_a = nn.Conv2d(16, 4, 1)
+            self.head_b = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.relu(self.body(x))
+            return self.head_a(h), 1000 * self.head_b(h)  # b's scale hides a in a pooled error
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    layer = sepify.audit(model, x).layers[0]
+    assert layer.name == "body" and layer.model_error_rank1 is not None
+    result = sepify.convert(model, x, rank=1, order=layer.sensitivity_order)
+    assert result.report.output_error is not None
+    # the audit's prediction for the layer alone at rank 1 is what the conversion then reports: the worst output,
+    # here the small one (0.60 vs 0.46), which an error pooled over both outputs would hide (0.46)
+    small, big = result.report.output_errors
+    assert small is not None and big is not None and small > big + 0.1
+    assert math.isclose(layer.model_error_rank1, small, rel_tol=1e-6)
+    assert result.report.output_error == small

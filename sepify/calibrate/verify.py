@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sepify.graph.probe import float_leaves
 
-__all__ = ["output_error", "output_errors", "top1_agreement", "heldout_fidelity"]
+__all__ = ["output_error", "output_errors", "worst_output_error", "top1_agreement", "heldout_fidelity"]
 
 
 def _error_energy(reference: Any, converted: Any) -> tuple[float, float] | None:
@@ -73,6 +73,18 @@ def output_errors(reference: Any, converted: Any) -> tuple[list[float | None], s
     if all(e is None for e in errors):
         return errors, "the original model's outputs on the example inputs are all zeros"
     return errors, None
+
+
+def worst_output_error(reference: Any, converted: Any) -> float | None:
+    """The largest of :func:`output_errors` (None when none is defined): what a report's ``output_error`` is.
+
+    >>> import torch
+    >>> worst_output_error((torch.ones(3), torch.full((3,), 100.0)), (torch.ones(3) * 2, torch.full((3,), 100.0)))
+    1.0
+    """
+    errors, _ = output_errors(reference, converted)
+    defined = [e for e in errors if e is not None]
+    return max(defined) if defined else None
 
 
 def top1_agreement(reference: Any, converted: Any) -> float | None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sepify.calibrate.capture import first_inputs
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
-from sepify.calibrate.verify import output_error
+from sepify.calibrate.verify import worst_output_error
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
@@ -288,7 +288,7 @@ def _model_error_rank1(
 ) -> float | None:
     pair = _pair(site.module, 1, factorization)
     with temporarily_replaced(analysis.target, site.in_model, pair):
-        return output_error(reference, _forward(analysis.target, args))
+        return worst_output_error(reference, _forward(analysis.target, args))
 
 
 def _time_options(

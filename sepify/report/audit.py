@@ -65,7 +65,7 @@ class AuditLayer:
     mac_share: float  # of the whole model's MACs
     param_share: float
     options: tuple[AuditOption, ...] = ()
-    model_error_rank1: float | None = None  # whole-model output error, only this layer at rank 1
+    model_error_rank1: float | None = None  # whole-model output error (the worst output), only this layer at rank 1
     sensitivity_order: str | None = None  # the order used for model_error_rank1
     kind: str = "conv2d"  # conv1d ... conv3d, conv_transpose1d ... conv_transpose3d
 

@@ -35,6 +35,7 @@ from sepify.errors import (
 )
 
 if TYPE_CHECKING:
+    from sepify.calibrate.synthetic import synthesize_calibration
     from sepify.core.modules import (
         SeparableConv,
         SeparableConv1d,
@@ -74,6 +75,7 @@ _LAZY = {
     "SeparableConvTranspose2d": "sepify.core.modules",
     "SeparableConvTranspose3d": "sepify.core.modules",
     "SkipReason": "sepify.graph.candidates",
+    "synthesize_calibration": "sepify.calibrate.synthetic",
     "register_leaf_module": "sepify.graph.tracing",
     "register_conv": "sepify.graph.conv_kinds",
     "Calibration": "sepify.options",
@@ -144,6 +146,7 @@ __all__ = [
     "SeparableConvTranspose3d",
     "register_leaf_module",
     "register_conv",
+    "synthesize_calibration",
     # errors (every class of sepify.errors, listed so that tools see the public names)
     "SepifyError",
     "ConfigError",

@@ -77,9 +77,13 @@ class Calibration:
 
     Args:
         data: a tensor ``(N, ...)``, a DataLoader or iterable of batches
-            (labels after the model's arguments are dropped), or a callable
-            returning either.
-        samples: use at most this many samples.
+            (labels after the model's arguments are dropped), a callable
+            returning either, or ``"synthetic"`` when there is no data:
+            inputs synthesised to match the model's BatchNorm statistics
+            (:func:`sepify.synthesize_calibration`; BatchNorm statistics are
+            then not recomputed).
+        samples: use at most this many samples (``"synthetic"``: synthesise
+            this many, 64 by default).
         heldout: share of the samples kept back to judge every stage.
         refine: closed-form least-squares refinement of each pair's last
             factor (in :func:`~sepify.audit`: also predict errors after it).
@@ -96,6 +100,10 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.data is None:
             raise ConfigError("Calibration needs data: a tensor, a DataLoader or a list of batches")
+        if isinstance(self.data, str) and self.data != "synthetic":
+            raise ConfigError(
+                f"calibration data must be a tensor, a DataLoader, a list of batches or 'synthetic', got {self.data!r}"
+            )
         if self.samples is not None:
             object.__setattr__(self, "samples", as_int(self.samples, "calibration samples", 1))
         if not (isinstance(self.heldout, (int, float)) and 0 <= self.heldout < 1):

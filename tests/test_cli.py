@@ -480,6 +480,16 @@ def test_builtin_digits_example_converts_with_refinement(tmp_path: Path) -> None
     assert (tmp_path / "digits_cnn.sep.pt").is_file()
 
 
+def test_synthetic_calibration_from_the_command_line(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    args = ("sepify.zoo:digits_cnn", "--input-shape", "1,1,16,16", "--calibration", "synthetic")
+    result = run("convert", *args, "--calibration-samples", "16", "--report", "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert notes[0].startswith("calibrated on 16 synthetic inputs matched to the model's 3 BatchNorm layers'")
+    assert not (tmp_path / "synthetic").exists()
+
+
 def test_audit_with_calibration_plans_for_the_refinement(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     from sepify.zoo import digits_data

@@ -156,7 +156,9 @@ def audit(
         on = device(device_name)
         args = make_inputs(input_shape, on)
         calib = None
-        if calibration is not None:
+        if calibration == "synthetic":
+            calib = Calibration("synthetic", samples=calibration_samples)
+        elif calibration is not None:
             calib = Calibration(calibration_tensor(calibration, args, calibration_samples, image_size, mean, std))
         loaded = load(
             model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train, attr=attr

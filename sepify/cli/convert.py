@@ -236,7 +236,9 @@ def convert(
         inputs = run_inputs(model, weights=weights, calibration=calibration, plan=plan)
         chosen, target = _checked_outputs(model, output, fmt, report, force, inputs)
         calib = None
-        if calibration is not None:
+        if calibration == "synthetic":
+            calib = Calibration("synthetic", samples=calibration_samples, refine=not no_refine)
+        elif calibration is not None:
             data = calibration_tensor(calibration, args, calibration_samples, image_size, mean, std)
             calib = Calibration(data, refine=not no_refine)
         loaded = load(

@@ -170,8 +170,9 @@ CalibrationOpt = Annotated[
     str | None,
     typer.Option(
         "--calibration",
-        metavar="PATH|random",
-        help="Unlabelled inputs: an image folder, a .pt/.npy tensor file, or 'random'.",
+        metavar="PATH|synthetic|random",
+        help="Unlabelled inputs: an image folder or a .pt/.npy tensor file; with no data, 'synthetic' (inputs "
+        "matched to the model's BatchNorm statistics) or 'random' (noise).",
         show_default=False,
         rich_help_panel=CALIBRATION,
     ),
@@ -182,7 +183,7 @@ CalibrationSamplesOpt = Annotated[
         "--calibration-samples",
         metavar="N",
         min=1,
-        help="Use at most N calibration samples (default: all; 256 for 'random').",
+        help="Use at most N calibration samples (default: all; 256 for 'random', 64 for 'synthetic').",
         show_default=False,
         rich_help_panel=CALIBRATION,
     ),

@@ -79,7 +79,7 @@ def run_inputs(
     return {
         "model": None if is_import_spec(model) else Path(model),
         "--weights": weights,
-        "--calibration": Path(calibration) if calibration not in (None, "random") else None,
+        "--calibration": Path(calibration) if calibration not in (None, "random", "synthetic") else None,
         "--plan": plan,
     }
 

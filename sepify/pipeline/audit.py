@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from sepify.calibrate.capture import first_inputs
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
+from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import worst_output_error
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
@@ -101,6 +102,7 @@ def audit(
         ranks = [as_int(r, "each rank", 1) for r in ranks]
     calib, timed = Calibration.of(calibration), Timing.of(timing)
     args = normalize_inputs(example_inputs)
+    calib, synthetic = resolve_synthetic(calib, model, args, progress)
     analysis = analyze(model, args, select=select)
     data_args = _calibration_args(calib, len(args)) or args
     report_progress = progress or (lambda step, done, total: None)
@@ -118,6 +120,7 @@ def audit(
         rows.append(_audit_layer(analysis, site, options, factors, errors, timed, data_args, reference, total_params))
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
+    notes += synthetic
     return AuditReport(
         layers=tuple(rows),
         params=total_params,

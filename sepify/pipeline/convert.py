@@ -22,6 +22,7 @@ from torch import nn
 
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
+from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import output_errors, top1_agreement
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
@@ -154,6 +155,7 @@ def convert(
     if distillation is not None and calib is None:
         raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
     args = normalize_inputs(example_inputs)
+    calib, synthetic = resolve_synthetic(calib, model, args, progress)
 
     analysis = analyze(model, args, inplace=inplace, select=select)
     params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
@@ -183,7 +185,7 @@ def convert(
         output_errors=tuple(errors),
         output_error_reason=why,
         top1_agreement=top1_agreement(analysis.before.output, after.output),
-        notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + notes + timing_notes),
+        notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + synthetic + notes + timing_notes),
         fidelity=stages,
         latency_before=times[0],
         latency_after=times[1],

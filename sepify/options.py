@@ -16,9 +16,10 @@ from typing import Any
 
 from sepify.errors import ConfigError
 
-__all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "as_int"]
+__all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "LATENCY_BACKENDS", "as_int"]
 
 LOSSES = ("mse", "kl")
+LATENCY_BACKENDS = ("eager", "onnxruntime")  # where time is measured (sepify.core.backends)
 
 
 def as_int(value: Any, what: str, minimum: int) -> int:
@@ -168,17 +169,39 @@ class Timing:
             (implies ``latency``).
         tune_layout: only pick each pair's fastest layout; no report columns.
         reps: timed repetitions per measurement.
+        backend: where to measure: ``"eager"`` (PyTorch) or ``"onnxruntime"``
+            (each layer as its small ONNX graph, the whole model exported;
+            the ``onnx`` extra). Pairs are judged faster or slower there.
+        threads: intra-op threads for onnxruntime (default: torch's).
+
+    Examples:
+        >>> Timing(backend="onnxruntime", threads=1).describe()
+        'onnxruntime, 1 thread'
     """
 
     latency: bool = True
     skip_slower: bool = False
     tune_layout: bool = False
     reps: int = 7
+    backend: str = "eager"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reps", as_int(self.reps, "timing reps", 1))
+        if self.backend not in LATENCY_BACKENDS:
+            raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {self.backend!r}")
+        if self.threads is not None:
+            object.__setattr__(self, "threads", as_int(self.threads, "timing threads", 1))
         if self.skip_slower:
             object.__setattr__(self, "latency", True)
+
+    def describe(self) -> str:
+        """Where and how time was measured, for reports: ``"eager PyTorch, 2 threads"``."""
+        import torch
+
+        threads = (self.threads if self.backend == "onnxruntime" else None) or torch.get_num_threads()
+        where = "eager PyTorch" if self.backend == "eager" else self.backend
+        return f"{where}, {threads} thread{'s' if threads != 1 else ''}"
 
     @classmethod
     def of(cls, value: Timing | bool | None) -> Timing | None:

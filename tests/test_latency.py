@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sepify
@@ -39,7 +42,9 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
     """Make every ``time_pair`` report ``pair_s[order]`` seconds for the pair and 1.0 for the conv."""
     calls: list[tuple] = []
 
-    def fake(pair: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None):
+    def fake(
+        pair: SeparableConv2d, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None, **_: Any
+    ) -> PairTiming:
         calls.append((pair.order, pair.rank, tuple(input_shape)))
         chosen = layout if len(pair.layouts) > 1 else None  # the real contract: None where there is no choice
         return PairTiming(chosen, pair_s[pair.order], 1.0 if against is not None else None)
@@ -241,3 +246,71 @@ def test_skip_slower_with_the_real_timer_converts_only_faster_pairs(net: nn.Modu
 def test_timing_reps_are_checked() -> None:
     with pytest.raises(sepify.ConfigError, match="timing reps must be an integer >= 1, got 0"):
         sepify.Timing(reps=0)
+
+
+# -- onnxruntime as the latency backend ---------------------------------------------------
+
+
+@st.composite
+def timed_layers(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
+    """A conv of any kind the ONNX layer graph must reproduce: padding modes, "same", TF-SAME, transposed."""
+    from sepify.core.functional import SameConv2d
+
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    kind = draw(st.sampled_from(["conv", "conv", "transposed", "same", "tf-same"]))
+    if kind == "transposed":
+        classes = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+        conv = classes[dims](cin, cout, kernel, stride, padding=kernel // 2, output_padding=stride - 1, groups=groups)
+    elif kind == "tf-same":
+        dims = 2
+        conv = SameConv2d(cin, cout, kernel, stride, groups=groups)
+    else:
+        classes = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+        mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+        padding: Any = "same" if kind == "same" else draw(st.integers(0, 1))
+        conv = classes[dims](
+            cin, cout, kernel, 1 if kind == "same" else stride, padding=padding, groups=groups, padding_mode=mode
+        )
+    x = torch.randn(2, cin, *[draw(st.integers(4, 7)) for _ in range(dims)])
+    return conv.eval(), x
+
+
+@settings(max_examples=60, deadline=None)
+@given(timed_layers(), st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]))
+def test_onnx_layer_graphs_compute_what_the_modules_compute(layer: tuple[nn.Module, torch.Tensor], order: str) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from sepify.core.onnx_layers import layer_graph
+
+    conv, x = layer
+    pair = sepify.SeparableConv.from_conv(conv, 2, order).eval()
+    for module in (conv, pair):
+        session = ort.InferenceSession(layer_graph(module, tuple(x.shape)).SerializeToString())
+        (got,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnxruntime_backend_times_layers_and_models(net: nn.Module, x: torch.Tensor) -> None:
+    pytest.importorskip("onnxruntime")
+    timing = sepify.Timing(backend="onnxruntime", threads=1, reps=3)
+    result = sepify.convert(net, x, rank=1, timing=timing)
+    report = result.report
+    assert all(r.latency_before and r.latency_after for r in report.converted)
+    assert all(r.layout is None for r in report.converted)  # layouts are eager's business
+    assert report.latency_before and report.latency_after
+    assert "latency measured in onnxruntime, 1 thread at the example inputs' batch size" in report.notes
+    audit = sepify.audit(net, x, timing=timing)
+    assert audit.model_latency is not None
+    assert all(o.latency_ratio is not None for layer in audit.candidates for o in layer.options)
+    assert "latency measured in onnxruntime, 1 thread at the example inputs' batch size" in audit.notes
+
+
+def test_latency_backends_are_checked() -> None:
+    with pytest.raises(sepify.ConfigError, match=r"latency backend must be one of \('eager', 'onnxruntime'\)"):
+        sepify.Timing(backend="tensorrt")
+    with pytest.raises(sepify.ConfigError, match="timing threads must be an integer >= 1"):
+        sepify.Timing(backend="onnxruntime", threads=0)

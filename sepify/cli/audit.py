@@ -111,6 +111,8 @@ def audit(
     std: o.StdOpt = None,
     # Timing
     latency: TimeOpt = False,
+    latency_backend: o.LatencyBackendOpt = o.LatencyBackend.eager,
+    threads: o.ThreadsOpt = None,
     # Output
     fmt: AuditFormatOpt = o.AuditFormat.table,
     plot: PlotOpt = None,
@@ -132,8 +134,10 @@ def audit(
     """
     with errors_as_exit_codes(debug):
         # torch and the pipeline load here, not at import: `sepify --help` stays fast
+        import torch
+
         from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
-        from sepify.options import Calibration, Selection
+        from sepify.options import Calibration, Selection, Timing
         from sepify.pipeline.audit import audit as audit_model
         from sepify.planning.budget import check_budget
 
@@ -153,6 +157,8 @@ def audit(
             _check_matplotlib()
         inputs = run_inputs(model, weights=weights, calibration=calibration)
         check_outputs({"--plan-out": plan_out, "--plot": plot}, inputs, force=force)
+        if threads is not None:
+            torch.set_num_threads(threads)
         on = device(device_name)
         args = make_inputs(input_shape, on)
         calib = None
@@ -170,7 +176,7 @@ def audit(
                 ranks=rank_list,
                 select=Selection(include, exclude),
                 calibration=calib,
-                timing=latency,
+                timing=Timing(backend=latency_backend.value, threads=threads) if latency else None,
                 progress=progress,
             )
         fmt = o.AuditFormat.json if as_json else fmt

@@ -197,6 +197,8 @@ def convert(
     train_all: TrainAllOpt = False,
     # Timing
     latency: o.LatencyOpt = False,
+    latency_backend: o.LatencyBackendOpt = o.LatencyBackend.eager,
+    threads: o.ThreadsOpt = None,
     skip_slower: SkipSlowerOpt = False,
     tune_layout: TuneLayoutOpt = False,
     # Output
@@ -232,7 +234,19 @@ def convert(
         the_plan = Plan.from_json(plan) if plan is not None else None
         distillation = Distill(steps=distill_steps, train_all=train_all) if distill_steps else None
         timed = latency or skip_slower or tune_layout
-        timing = Timing(latency=latency, skip_slower=skip_slower, tune_layout=tune_layout) if timed else None
+        if threads is not None:
+            torch.set_num_threads(threads)
+        timing = (
+            Timing(
+                latency=latency,
+                skip_slower=skip_slower,
+                tune_layout=tune_layout,
+                backend=latency_backend.value,
+                threads=threads,
+            )
+            if timed
+            else None
+        )
         inputs = run_inputs(model, weights=weights, calibration=calibration, plan=plan)
         chosen, target = _checked_outputs(model, output, fmt, report, force, inputs)
         calib = None

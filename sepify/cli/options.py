@@ -61,6 +61,11 @@ class MemoryFormat(str, enum.Enum):
     channels_last = "channels_last"
 
 
+class LatencyBackend(str, enum.Enum):
+    eager = "eager"
+    onnxruntime = "onnxruntime"
+
+
 class AuditFormat(str, enum.Enum):
     table = "table"
     json = "json"
@@ -225,6 +230,26 @@ LatencyOpt = Annotated[
         metavar="",
         help="Time each pair against the conv it replaces at the layer's input shape (this machine, "
         "--input-shape's batch), every layout, the fastest kept; and the whole model.",
+        rich_help_panel=TIMING,
+    ),
+]
+LatencyBackendOpt = Annotated[
+    LatencyBackend,
+    typer.Option(
+        "--latency-backend",
+        help="Where to measure time: eager PyTorch, or onnxruntime (each layer as its ONNX graph, the whole model "
+        "exported; needs the onnx extra), where deployed pairs run fused and faster.",
+        rich_help_panel=TIMING,
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        min=1,
+        help="Threads to time with (torch and onnxruntime; default: torch's).",
+        show_default=False,
         rich_help_panel=TIMING,
     ),
 ]

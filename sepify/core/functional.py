@@ -18,7 +18,7 @@ a factorisation of the canonical weight is a factorisation of either layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -135,10 +135,14 @@ class SameConv2d(nn.Conv2d):
         return conv_like(self, x, self.weight, self.bias)
 
 
-def same_pad_amounts(conv: nn.Conv2d, x: Tensor) -> list[int]:
-    """``F.pad`` amounts ``[left, right, top, bottom]`` of TensorFlow's "SAME" padding for ``x``."""
+def same_pad_amounts(conv: nn.Conv2d, input_size: Sequence[int]) -> list[int]:
+    """``F.pad`` amounts ``[left, right, top, bottom]`` of TensorFlow's "SAME" padding for ``input_size`` (H, W).
+
+    >>> same_pad_amounts(nn.Conv2d(1, 1, 3, stride=2), (15, 16))
+    [0, 1, 1, 1]
+    """
     amounts: list[int] = []
-    for size, k, s, d in reversed(list(zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.dilation))):
+    for size, k, s, d in reversed(list(zip(input_size[-2:], conv.kernel_size, conv.stride, conv.dilation))):
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
         amounts += [total // 2, total - total // 2]
     return amounts
@@ -174,7 +178,7 @@ def conv_like(
     g = x.shape[1] // weight.shape[1] if groups is None else groups
     fn = _CONV[dims]
     if isinstance(conv, SameConv2d):
-        return fn(F.pad(x, same_pad_amounts(conv, x)), weight, bias, conv.stride, 0, conv.dilation, g)
+        return fn(F.pad(x, same_pad_amounts(conv, x.shape[-2:])), weight, bias, conv.stride, 0, conv.dilation, g)
     if conv.padding_mode != "zeros":
         padded = F.pad(x, pad_amounts(conv), mode=conv.padding_mode)
         return fn(padded, weight, bias, conv.stride, 0, conv.dilation, g)

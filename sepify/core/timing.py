@@ -7,15 +7,15 @@ applies it.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
+from sepify.core.backends import layer_runner
+from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
 
 __all__ = ["interleaved_medians", "PairTiming", "time_pair"]
@@ -57,16 +57,24 @@ class PairTiming(NamedTuple):
 
 
 def time_pair(
-    pair: SeparableConv, input_shape: tuple[int, ...], reps: int = 7, against: nn.Module | None = None
+    pair: SeparableConv,
+    input_shape: tuple[int, ...],
+    reps: int = 7,
+    against: ConvLayer | None = None,
+    *,
+    backend: str = "eager",
+    threads: int | None = None,
 ) -> PairTiming:
-    """Time every layout of ``pair`` (and ``against``, the conv it replaces) at ``input_shape``.
+    """Time every layout of ``pair`` (and ``against``, the conv it replaces) at ``input_shape`` in ``backend``.
 
     All candidates run interleaved, one call each in turn, and the median of
     ``reps`` calls after warm-up is compared, so a machine that slows down
-    during the measurement slows all of them alike.
+    during the measurement slows all of them alike. Layouts are an eager
+    PyTorch matter: in onnxruntime the pair runs as its graph, and the layout
+    is None.
 
     Examples:
-        >>> conv = nn.Conv2d(8, 8, 3, padding=1)
+        >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1)
         >>> pair = SeparableConv.from_conv(conv, rank=2, order="pw-dw")
         >>> timing = time_pair(pair, (1, 8, 16, 16), reps=3, against=conv)
         >>> timing.layout in pair.layouts, timing.pair > 0, timing.conv > 0, pair.layout
@@ -76,10 +84,10 @@ def time_pair(
     """
     w = pair.conv_dw.weight
     x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
-    layouts = pair.layouts
-    fns = [functools.partial(pair.in_layout(k), x) for k in layouts]
+    layouts = pair.layouts if backend == "eager" else (pair.layout,)
+    fns = [layer_runner(pair.in_layout(k), x, backend, threads) for k in layouts]
     if against is not None:
-        fns.append(functools.partial(against, x))
+        fns.append(layer_runner(against, x, backend, threads))
     with torch.no_grad():
         times = interleaved_medians(fns, reps, warmup=2, device=w.device)
     best = min(range(len(layouts)), key=times.__getitem__)

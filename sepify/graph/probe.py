@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from sepify.core.backends import model_runner
 from sepify.core.functional import CONV_TYPES
 from sepify.core.timing import interleaved_medians
 from sepify.errors import InputShapeError
@@ -80,14 +81,22 @@ def preserved_state(module: nn.Module, seed: int = 0) -> Iterator[None]:
                         buffer.copy_(value)
 
 
-def time_forwards(modules: Sequence[nn.Module], args: tuple[Any, ...], reps: int) -> list[float]:
-    """Median seconds of each module's forward on ``args``, interleaved, without gradients; buffers restored."""
+def time_forwards(
+    modules: Sequence[nn.Module],
+    args: tuple[Any, ...],
+    reps: int,
+    *,
+    backend: str = "eager",
+    threads: int | None = None,
+) -> list[float]:
+    """Median seconds of each module's forward on ``args`` in ``backend``, interleaved, without gradients; buffers
+    restored (:func:`sepify.core.backends.model_runner`)."""
     param = next((p for m in modules for p in m.parameters()), None)
     with contextlib.ExitStack() as stack:
         for m in modules:
             stack.enter_context(preserved_state(m))
         stack.enter_context(torch.no_grad())
-        fns = [lambda m=m: m(*args) for m in modules]
+        fns = [model_runner(m, args, backend, threads) for m in modules]
         return interleaved_medians(fns, reps, device=param.device if param is not None else None)
 
 

@@ -22,6 +22,7 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import worst_output_error
+from sepify.core.backends import check_backend
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
@@ -101,6 +102,8 @@ def audit(
             raise ConfigError("ranks must list at least one positive integer, got none")
         ranks = [as_int(r, "each rank", 1) for r in ranks]
     calib, timed = Calibration.of(calibration), Timing.of(timing)
+    if timed is not None:
+        check_backend(timed.backend)
     args = normalize_inputs(example_inputs)
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
     analysis = analyze(model, args, select=select)
@@ -112,7 +115,11 @@ def audit(
     errors = _LayerErrors(options, factors, refine=calib is not None and calib.refine)
     errors.measure(analysis, candidates, data_args, report_progress)
     reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
-    model_latency = time_forwards([analysis.target], args, timed.reps)[0] if timed else None
+    model_latency = (
+        time_forwards([analysis.target], args, timed.reps, backend=timed.backend, threads=timed.threads)[0]
+        if timed
+        else None
+    )
     rows = []
     total_params = count_params(analysis.target)
     for i, site in enumerate(analysis.sites):
@@ -121,6 +128,8 @@ def audit(
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
     notes += synthetic
+    if timed is not None:
+        notes.append(f"latency measured in {timed.describe()} at the example inputs' batch size")
     return AuditReport(
         layers=tuple(rows),
         params=total_params,
@@ -151,7 +160,7 @@ def _audit_layer(
     opts: list[AuditOption] = []
     model_err = sens_order = None
     if site.eligible:
-        times = _time_options(site, options[site.qualname], factors, timing.reps) if timing else {}
+        times = _time_options(site, options[site.qualname], factors, timing) if timing else {}
         opts = [errors.option(site.qualname, option, times.get(option[:2])) for option in options[site.qualname]]
         rank1 = [o for o in opts if o.rank == 1]
         if reference is not None and rank1:
@@ -295,11 +304,18 @@ def _model_error_rank1(
 
 
 def _time_options(
-    site: ConvSite, options: list[tuple[str, int, int, int]], factors: Factorizations, reps: int
+    site: ConvSite, options: list[tuple[str, int, int, int]], factors: Factorizations, timing: Timing
 ) -> dict[tuple[str, int], PairTiming]:
     """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input shape."""
     times = {}
     for order, r, _, _ in options:
         pair = _pair(site.module, r, factors[(site.qualname, order)]).eval()
-        times[(order, r)] = time_pair(pair, site.call.input_shape, reps, against=site.module)
+        times[(order, r)] = time_pair(
+            pair,
+            site.call.input_shape,
+            timing.reps,
+            against=site.module,
+            backend=timing.backend,
+            threads=timing.threads,
+        )
     return times

@@ -24,6 +24,7 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import output_errors, top1_agreement
+from sepify.core.backends import check_backend
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import SVD_ORDERS, Factorization
@@ -152,6 +153,8 @@ def convert(
     if plan is not None and not isinstance(plan, Plan):
         raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
     calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
+    if timed is not None:
+        check_backend(timed.backend)
     if distillation is not None and calib is None:
         raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
     args = normalize_inputs(example_inputs)
@@ -351,7 +354,14 @@ class _Chooser:
         if self.timing is None or not (self.timing.latency or (self.timing.tune_layout and len(pair.layouts) > 1)):
             return {}
         against = site.module if self.timing.latency else None
-        timing = time_pair(pair, site.call.input_shape, self.timing.reps, against=against)
+        timing = time_pair(
+            pair,
+            site.call.input_shape,
+            self.timing.reps,
+            against=against,
+            backend=self.timing.backend,
+            threads=self.timing.threads,
+        )
         if timing.layout is not None:
             pair.layout = timing.layout
         return {"latency_before": timing.conv, "latency_after": timing.pair} if self.timing.latency else {}
@@ -525,8 +535,10 @@ def _time_models(
         return (None, None), []
     if original is None:
         return (None, None), ["whole-model latency not measured: inplace=True left no original model to time against"]
-    before, after = time_forwards([original, converted], args, timing.reps)
-    return (before, after), []
+    before, after = time_forwards(
+        [original, converted], args, timing.reps, backend=timing.backend, threads=timing.threads
+    )
+    return (before, after), [f"latency measured in {timing.describe()} at the example inputs' batch size"]
 
 
 def _leaves_with_convs(analysis: Analysis) -> dict[str, str]:

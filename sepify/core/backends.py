@@ -1,0 +1,100 @@
+"""Where sepify measures time: eager PyTorch, or onnxruntime as a deployment would run the model.
+
+Eager PyTorch runs a depthwise + pointwise pair as separate kernels with no
+fusion, so it often realises less of a pair's MAC savings than the runtimes
+models are deployed on (docs/benchmarks.md: resnet50 at rank 1 runs at 0.83x
+of the original in eager PyTorch and 0.63x in onnxruntime). A
+:class:`Runner` is one module prepared for one backend at a fixed input,
+called with no arguments; :func:`interleaved_medians` times runners side by
+side.
+
+* ``"eager"``: the module itself, without gradients.
+* ``"onnxruntime"``: a layer (a conv or a pair) as its small ONNX graph
+  (:func:`sepify.core.onnx_layers.layer_graph`); a whole model exported with
+  ``torch.onnx.export``. Sessions use all graph optimisations and the thread
+  count given (default: ``torch.get_num_threads()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sepify.core.functional import ConvLayer
+from sepify.core.modules import SeparableConv
+from sepify.errors import ConfigError, ModelError
+from sepify.options import LATENCY_BACKENDS
+
+__all__ = ["Runner", "layer_runner", "model_runner", "check_backend"]
+
+Runner = Callable[[], Any]
+
+
+def check_backend(backend: str) -> None:
+    """A ConfigError unless ``backend`` is known and, for onnxruntime, installed."""
+    if backend not in LATENCY_BACKENDS:
+        raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {backend!r}")
+    if backend == "onnxruntime":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(
+                f"the onnxruntime latency backend needs onnx and onnxruntime ({e.name} is missing); "
+                "pip install 'sepify[onnx]'"
+            ) from e
+
+
+def layer_runner(module: ConvLayer | SeparableConv, x: Tensor, backend: str, threads: int | None = None) -> Runner:
+    """``module`` (a conv or a pair) on ``x`` in ``backend``, ready to time."""
+    if backend == "eager":
+        return _eager(module, (x,))
+    from sepify.core.onnx_layers import layer_graph
+
+    graph = layer_graph(module, tuple(x.shape))
+    return _onnxruntime(graph.SerializeToString(), {"x": x}, threads)
+
+
+def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads: int | None = None) -> Runner:
+    """A whole model on ``args`` in ``backend``; for onnxruntime, exported with ``torch.onnx.export`` first."""
+    if backend == "eager":
+        return _eager(model, args)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if len(tensors) != len(args):
+        raise ModelError("timing a model in onnxruntime needs tensor inputs only; time it with the eager backend")
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, args, dynamo=True, verbose=False)
+        assert program is not None  # the dynamo exporter always returns its program
+        data = program.model_proto.SerializeToString()
+        names = [i.name for i in program.model_proto.graph.input]
+    except Exception as e:  # noqa: BLE001 - any exporter failure is the model's, said in one sentence
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"could not export {type(model).__name__} to ONNX to time it in onnxruntime ({type(e).__name__}: {first}); "
+            "time it with the eager backend"
+        ) from e
+    return _onnxruntime(data, dict(zip(names, tensors)), threads)
+
+
+def _eager(module: nn.Module, args: tuple[Any, ...]) -> Runner:
+    def run() -> Any:
+        with torch.no_grad():
+            return module(*args)
+
+    return run
+
+
+def _onnxruntime(model: bytes, feeds: dict[str, Tensor], threads: int | None) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in feeds.items()}
+    return lambda: session.run(None, arrays)

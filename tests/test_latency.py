@@ -307,6 +307,9 @@ def test_onnxruntime_backend_times_layers_and_models(net: nn.Module, x: torch.Te
     assert audit.model_latency is not None
     assert all(o.latency_ratio is not None for layer in audit.candidates for o in layer.options)
     assert "latency measured in onnxruntime, 1 thread at the example inputs' batch size" in audit.notes
+    plan = audit.plan(max_mac_ratio=0.9)
+    assert plan.meta["timed_in"] == "onnxruntime, 1 thread"  # a plan knows which runtime it was timed for
+    assert sepify.Plan.from_json(plan.to_json()).meta["timed_in"] == "onnxruntime, 1 thread"
 
 
 def test_latency_backends_are_checked() -> None:

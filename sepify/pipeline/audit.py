@@ -138,6 +138,7 @@ def audit(
         mode=analysis.outcome.mode,
         model_latency=model_latency,
         notes=tuple(notes + kind_notes(analysis.sites)),
+        timed_in=timed.describe() if timed else None,
     )
 
 

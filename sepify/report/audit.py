@@ -107,6 +107,7 @@ class AuditReport(JsonExportable):
     mode: str
     model_latency: float | None = None  # seconds, median of the whole original model
     notes: tuple[str, ...] = field(default_factory=tuple)
+    timed_in: str | None = None  # where latency was measured ("onnxruntime, 1 thread"), when it was
 
     @property
     def candidates(self) -> tuple[AuditLayer, ...]:
@@ -140,7 +141,8 @@ class AuditReport(JsonExportable):
           error <= ``max_error``.
 
         When latency was measured, pairs slower than the conv they replace are
-        never chosen.
+        never chosen, and the plan's ``meta["timed_in"]`` says where (backend
+        and threads) they were timed.
 
         Raises:
             ConfigError: not exactly one budget, or a ratio outside (0, 1].
@@ -166,7 +168,7 @@ class AuditReport(JsonExportable):
             params=self.params,
             macs=self.macs,
             model_latency=self.model_latency,
-            meta={"inputs": self.inputs},
+            meta={"inputs": self.inputs, **({"timed_in": self.timed_in} if self.timed_in else {})},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +178,7 @@ class AuditReport(JsonExportable):
             "inputs": self.inputs,
             "mode": self.mode,
             "totals": {"params": self.params, "macs": self.macs, "model_latency": self.model_latency},
+            "timed_in": self.timed_in,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }

@@ -80,6 +80,36 @@ def test_register_conv_teaches_a_subclass_and_unknown_ones_stay_skipped() -> Non
         sepify.register_conv(nn.Linear, effective_weight=lambda m: m.weight)  # type: ignore[arg-type]
 
 
+def test_register_conv_as_a_decorator_with_tf_same_padding_and_for_other_kinds() -> None:
+    from sepify.core.functional import same_pad_amounts
+
+    @sepify.register_conv(padding="tf-same")
+    class PadSame(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = nn.functional.pad(x, same_pad_amounts(self, x.shape[-2:]))
+            return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    @sepify.register_conv(effective_weight=lambda m: m.weight / m.weight.norm())
+    class Normalised1d(nn.Conv1d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(x, self.weight / self.weight.norm(), self.bias)
+
+    image = torch.randn(2, 3, 15, 17, dtype=torch.float64)
+    conv = nn.Sequential(PadSame(3, 8, 3, stride=2)).double().eval()
+    result = sepify.convert(conv, image, rank="full", order="pw-dw")
+    assert result.report.layer("0").converted and result.model(image).shape == (2, 8, 8, 9)
+    torch.testing.assert_close(result.model(image), conv(image), rtol=1e-9, atol=1e-9)
+    sound = torch.randn(2, 4, 20, dtype=torch.float64)
+    conv1d = nn.Sequential(Normalised1d(4, 6, 5)).double().eval()
+    result = sepify.convert(conv1d, sound, rank="full")
+    assert result.report.layer("0").kind == "conv1d" and result.report.layer("0").converted
+    torch.testing.assert_close(result.model(sound), conv1d(sound), rtol=1e-9, atol=1e-9)
+    with pytest.raises(sepify.ConfigError, match="padding='tf-same' is for nn.Conv2d subclasses only"):
+        sepify.register_conv(Normalised1d, padding="tf-same")
+    with pytest.raises(sepify.ConfigError, match=r"padding must be one of \('module', 'tf-same'\), got 'same'"):
+        sepify.register_conv(PadSame, padding="same")
+
+
 def test_a_view_shares_nothing_with_its_conv() -> None:
     conv = parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
     view = plain_view(conv)

@@ -43,13 +43,28 @@ __all__ = [
 ]
 
 EffectiveWeight = Callable[[Any], Tensor]
+PADDINGS = ("module", "tf-same")
 _REGISTERED: dict[type[nn.Module], EffectiveWeight] = {}
+_TF_SAME: set[type[nn.Module]] = set()  # registered classes that pad as TensorFlow's dynamic "SAME"
 
 
-def register_conv(cls: type[nn.Module], *, effective_weight: EffectiveWeight) -> type[nn.Module]:
+def register_conv(
+    cls: type[nn.Module] | None = None,
+    *,
+    effective_weight: EffectiveWeight | None = None,
+    padding: str = "module",
+) -> Any:
     """Teach sepify a conv subclass (of ``nn.Conv1d/2d/3d`` or ``nn.ConvTranspose1d/2d/3d``) whose forward is
-    ``F.convNd(x, effective_weight(self), self.bias, ...)`` with the module's own stride, padding, dilation and
-    groups (the weight in the base class's layout).
+    ``F.convNd(x, effective_weight(self), self.bias, ...)`` with the module's own stride, dilation and groups.
+
+    Args:
+        cls: the class; omit it to use ``register_conv(...)`` as a class decorator.
+        effective_weight: the weight the forward convolves with, in the base
+            class's layout (default: ``module.weight``).
+        padding: ``"module"`` (the module's own ``padding`` and
+            ``padding_mode``) or ``"tf-same"`` (2-D only: TensorFlow's dynamic
+            "SAME" padding for the input size, as timm's ``Conv2dSame``; the
+            module's ``padding`` is then ignored).
 
     Examples:
         >>> class Scaled(nn.Conv2d):
@@ -61,12 +76,33 @@ def register_conv(cls: type[nn.Module], *, effective_weight: EffectiveWeight) ->
         >>> x = torch.randn(1, 3, 8, 8)
         >>> torch.allclose(view(x), conv(x))
         True
+        >>> from sepify.core.functional import same_pad_amounts
+        >>> @register_conv(padding="tf-same")
+        ... class PadSame(nn.Conv2d):
+        ...     def forward(self, x):
+        ...         x = F.pad(x, same_pad_amounts(self, x.shape[-2:]))
+        ...         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        >>> conv = PadSame(3, 8, 3, stride=2)
+        >>> view = plain_view(conv)
+        >>> x = torch.randn(1, 3, 15, 16)
+        >>> type(view).__name__, torch.allclose(view(x), conv(x))
+        ('SameConv2d', True)
     """
+    if cls is None:
+        return lambda klass: register_conv(klass, effective_weight=effective_weight, padding=padding)
     if not (isinstance(cls, type) and issubclass(cls, CONV_TYPES)):
         raise ConfigError(f"register_conv expects a subclass of a torch conv class (e.g. nn.Conv2d), got {cls!r}")
-    if not callable(effective_weight):
+    if effective_weight is not None and not callable(effective_weight):
         raise ConfigError("register_conv needs effective_weight=a function of the module returning its weight")
-    _REGISTERED[cls] = effective_weight
+    if padding not in PADDINGS:
+        raise ConfigError(f"register_conv's padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "tf-same" and not issubclass(cls, nn.Conv2d):
+        raise ConfigError("register_conv's padding='tf-same' is for nn.Conv2d subclasses only")
+    _REGISTERED[cls] = effective_weight or _plain
+    if padding == "tf-same":
+        _TF_SAME.add(cls)
+    else:
+        _TF_SAME.discard(cls)
     return cls
 
 
@@ -114,7 +150,10 @@ _TIMM = {
 
 
 def _dynamic_same(conv: Any) -> bool:
-    """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``)."""
+    """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``), as do
+    classes registered with ``padding="tf-same"``."""
+    if any(klass in _TF_SAME for klass in type(conv).__mro__):
+        return True
     name = class_name(conv)
     return name == "timm.layers.conv2d_same.Conv2dSame" or (
         name.endswith("Same") and bool(getattr(conv, "same_pad", False))

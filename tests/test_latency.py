@@ -317,3 +317,23 @@ def test_latency_backends_are_checked() -> None:
         sepify.Timing(backend="tensorrt")
     with pytest.raises(sepify.ConfigError, match="timing threads must be an integer >= 1"):
         sepify.Timing(backend="onnxruntime", threads=0)
+
+
+def test_a_model_onnxruntime_cannot_take_still_converts_with_a_note() -> None:
+    pytest.importorskip("onnxruntime")
+
+    class Listy(nn.Module):  # a list input: the layers are timed, the whole model cannot be exported as is
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+        def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+            return self.conv(xs[0])
+
+    timing = sepify.Timing(backend="onnxruntime", threads=1, reps=2)
+    report = sepify.convert(Listy().eval(), ([torch.randn(1, 8, 8, 8)],), rank=1, timing=timing).report
+    assert report.layer("conv").latency_before is not None and report.latency_before is None
+    assert report.notes[-1] == (
+        "whole-model latency not measured: timing a model in onnxruntime needs tensor inputs only; time it with the "
+        "eager backend"
+    )

@@ -30,7 +30,7 @@ from sepify.core.functional import ConvLayer
 from sepify.core.measure import layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
 from sepify.core.timing import PairTiming, time_pair
-from sepify.errors import ConfigError
+from sepify.errors import ConfigError, ModelError
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.graph.candidates import ConvSite, kind_notes
 from sepify.graph.probe import describe_inputs, preserved_state, time_forwards
@@ -115,11 +115,7 @@ def audit(
     errors = _LayerErrors(options, factors, refine=calib is not None and calib.refine)
     errors.measure(analysis, candidates, data_args, report_progress)
     reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
-    model_latency = (
-        time_forwards([analysis.target], args, timed.reps, backend=timed.backend, threads=timed.threads)[0]
-        if timed
-        else None
-    )
+    model_latency, latency_notes = _model_latency(analysis, args, timed)
     rows = []
     total_params = count_params(analysis.target)
     for i, site in enumerate(analysis.sites):
@@ -130,6 +126,7 @@ def audit(
     notes += synthetic
     if timed is not None:
         notes.append(f"latency measured in {timed.describe()} at the example inputs' batch size")
+    notes += latency_notes
     return AuditReport(
         layers=tuple(rows),
         params=total_params,
@@ -140,6 +137,16 @@ def audit(
         notes=tuple(notes + kind_notes(analysis.sites)),
         timed_in=timed.describe() if timed else None,
     )
+
+
+def _model_latency(analysis: Analysis, args: tuple[Any, ...], timed: Timing | None) -> tuple[float | None, list[str]]:
+    """The original model's median time, or None with a note when the backend cannot run it."""
+    if timed is None:
+        return None, []
+    try:
+        return time_forwards([analysis.target], args, timed.reps, backend=timed.backend, threads=timed.threads)[0], []
+    except ModelError as e:
+        return None, [f"whole-model latency not measured (max_latency_ratio plans need it): {e}"]
 
 
 def _audit_layer(

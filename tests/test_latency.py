@@ -294,26 +294,29 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(layer: tuple[nn.Modu
             torch.testing.assert_close(torch.from_numpy(got), module(x), rtol=1e-4, atol=1e-5)
 
 
-def test_onnxruntime_backend_times_layers_and_models(net: nn.Module, x: torch.Tensor) -> None:
-    pytest.importorskip("onnxruntime")
-    timing = sepify.Timing(backend="onnxruntime", threads=1, reps=3)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_deployment_backends_time_layers_and_models(net: nn.Module, x: torch.Tensor, backend: str) -> None:
+    pytest.importorskip(backend)
+    timing = sepify.Timing(backend=backend, threads=1, reps=3)
     result = sepify.convert(net, x, rank=1, timing=timing)
     report = result.report
     assert all(r.latency_before and r.latency_after for r in report.converted)
     assert all(r.layout is None for r in report.converted)  # layouts are eager's business
     assert report.latency_before and report.latency_after
-    assert "latency measured in onnxruntime, 1 thread at the example inputs' batch size" in report.notes
+    assert f"latency measured in {backend}, 1 thread at the example inputs' batch size" in report.notes
     audit = sepify.audit(net, x, timing=timing)
     assert audit.model_latency is not None
     assert all(o.latency_ratio is not None for layer in audit.candidates for o in layer.options)
-    assert "latency measured in onnxruntime, 1 thread at the example inputs' batch size" in audit.notes
+    assert f"latency measured in {backend}, 1 thread at the example inputs' batch size" in audit.notes
     plan = audit.plan(max_mac_ratio=0.9)
-    assert plan.meta["timed_in"] == "onnxruntime, 1 thread"  # a plan knows which runtime it was timed for
-    assert sepify.Plan.from_json(plan.to_json()).meta["timed_in"] == "onnxruntime, 1 thread"
+    assert plan.meta["timed_in"] == f"{backend}, 1 thread"  # a plan knows which runtime it was timed for
+    assert sepify.Plan.from_json(plan.to_json()).meta["timed_in"] == f"{backend}, 1 thread"
 
 
 def test_latency_backends_are_checked() -> None:
-    with pytest.raises(sepify.ConfigError, match=r"latency backend must be one of \('eager', 'onnxruntime'\)"):
+    with pytest.raises(
+        sepify.ConfigError, match=r"latency backend must be one of \('eager', 'onnxruntime', 'openvino'\)"
+    ):
         sepify.Timing(backend="tensorrt")
     with pytest.raises(sepify.ConfigError, match="timing threads must be an integer >= 1"):
         sepify.Timing(backend="onnxruntime", threads=0)

@@ -64,6 +64,7 @@ class MemoryFormat(str, enum.Enum):
 class LatencyBackend(str, enum.Enum):
     eager = "eager"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
 
 
 class AuditFormat(str, enum.Enum):
@@ -237,8 +238,8 @@ LatencyBackendOpt = Annotated[
     LatencyBackend,
     typer.Option(
         "--latency-backend",
-        help="Where to measure time: eager PyTorch, or onnxruntime (each layer as its ONNX graph, the whole model "
-        "exported; needs the onnx extra), where deployed pairs run fused and faster.",
+        help="Where to measure time: eager PyTorch, onnxruntime (each layer as its ONNX graph, the whole model "
+        "exported; the onnx extra) or openvino (the openvino extra), where deployed pairs run fused and faster.",
         rich_help_panel=TIMING,
     ),
 ]
@@ -248,7 +249,7 @@ ThreadsOpt = Annotated[
         "--threads",
         metavar="N",
         min=1,
-        help="Threads to time with (torch and onnxruntime; default: torch's).",
+        help="Threads to time with (torch, onnxruntime, OpenVINO; default: torch's).",
         show_default=False,
         rich_help_panel=TIMING,
     ),

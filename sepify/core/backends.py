@@ -1,4 +1,4 @@
-"""Where sepify measures time: eager PyTorch, or onnxruntime as a deployment would run the model.
+"""Where sepify measures time: eager PyTorch, or onnxruntime or OpenVINO as a deployment would run the model.
 
 Eager PyTorch runs a depthwise + pointwise pair as separate kernels with no
 fusion, so it often realises less of a pair's MAC savings than the runtimes
@@ -13,10 +13,18 @@ side.
   (:func:`sepify.core.onnx_layers.layer_graph`); a whole model exported with
   ``torch.onnx.export``. Sessions use all graph optimisations and the thread
   count given (default: ``torch.get_num_threads()``).
+* ``"openvino"``: the same layer graphs read by OpenVINO; a whole model
+  through ``openvino.convert_model``; compiled for the CPU with the latency
+  hint, the thread count given, and OpenVINO's default inference precision
+  (which may be bf16 on CPUs that have it, as a deployment would run).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,14 +45,14 @@ def check_backend(backend: str) -> None:
     """A ConfigError unless ``backend`` is known and, for onnxruntime, installed."""
     if backend not in LATENCY_BACKENDS:
         raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {backend!r}")
-    if backend == "onnxruntime":
+    needs = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}.get(backend, ())
+    for name in needs:
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(
-                f"the onnxruntime latency backend needs onnx and onnxruntime ({e.name} is missing); "
-                "pip install 'sepify[onnx]'"
+                f"the {backend} latency backend needs {' and '.join(needs)} ({name} is missing); "
+                f"pip install 'sepify[{'onnx' if backend == 'onnxruntime' else 'openvino'}]'"
             ) from e
 
 
@@ -54,8 +62,10 @@ def layer_runner(module: ConvLayer | SeparableConv, x: Tensor, backend: str, thr
         return _eager(module, (x,))
     from sepify.core.onnx_layers import layer_graph
 
-    graph = layer_graph(module, tuple(x.shape))
-    return _onnxruntime(graph.SerializeToString(), {"x": x}, threads)
+    graph = layer_graph(module, tuple(x.shape)).SerializeToString()
+    if backend == "openvino":
+        return _openvino_onnx(graph, [x], threads)
+    return _onnxruntime(graph, {"x": x}, threads)
 
 
 def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads: int | None = None) -> Runner:
@@ -64,7 +74,9 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
         return _eager(model, args)
     tensors = [a for a in args if isinstance(a, Tensor)]
     if len(tensors) != len(args):
-        raise ModelError("timing a model in onnxruntime needs tensor inputs only; time it with the eager backend")
+        raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
+    if backend == "openvino":
+        return _openvino_model(model, tensors, threads)
     try:
         with torch.no_grad():
             program = torch.onnx.export(model, args, dynamo=True, verbose=False)
@@ -78,6 +90,43 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
             "time it with the eager backend"
         ) from e
     return _onnxruntime(data, dict(zip(names, tensors)), threads)
+
+
+def _openvino_compiled(model: Any, feeds: list[Tensor], threads: int | None) -> Runner:
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    arrays = {i: t.detach().float().cpu().numpy() for i, t in enumerate(feeds)}
+    return lambda: request.infer(arrays)
+
+
+def _openvino_onnx(graph: bytes, feeds: list[Tensor], threads: int | None) -> Runner:
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as folder:  # OpenVINO reads ONNX from a file
+        path = os.path.join(folder, "layer.onnx")
+        with open(path, "wb") as f:
+            f.write(graph)
+        model = ov.Core().read_model(path)
+    return _openvino_compiled(model, feeds, threads)
+
+
+def _openvino_model(model: nn.Module, feeds: list[Tensor], threads: int | None) -> Runner:
+    import openvino as ov
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # OpenVINO's PyTorch frontend traces with torch.jit, which warns that it is deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+            converted = ov.convert_model(model, example_input=tuple(feeds))
+    except Exception as e:  # noqa: BLE001 - any converter failure is the model's, said in one sentence
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"OpenVINO could not convert {type(model).__name__} to time it ({type(e).__name__}: {first}); "
+            "time it with the eager backend"
+        ) from e
+    return _openvino_compiled(converted, feeds, threads)
 
 
 def _eager(module: nn.Module, args: tuple[Any, ...]) -> Runner:

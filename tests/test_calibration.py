@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.data import calibration_batches, near_duplicate_groups
 from sepify.calibrate.distill import distill
 from sepify.calibrate.refine import refine_pairs, refined_errors
+from sepify.calibrate.regression import NormalEquations, add_to_normals
 from sepify.io.datasets import load_calibration
 
 # -- data --------------------------------------------------------------------------
@@ -451,3 +453,24 @@ def test_synthetic_calibration_refuses_models_it_cannot_serve() -> None:
         sepify.synthesize_calibration(normed, torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(sepify.ConfigError, match="calibration data must be a tensor, a DataLoader, a list of batches"):
         sepify.Calibration("photos/")
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_errors_of_every_rank_from_one_factorisation_match_rank_by_rank(order: str, bias: bool) -> None:
+    from sepify.calibrate.refine import _errors_one_by_one, _prefix_errors
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=bias)
+    pair = sepify.SeparableConv.from_conv(conv, "full", order)
+    normal = NormalEquations()
+    x = torch.randn(8, 6, 7, 7)
+    with torch.no_grad():
+        add_to_normals(normal, pair, x, conv(x) + 0.1 * torch.randn(8, 5, 7, 7))
+    ranks = list(range(1, pair.rank + 1))
+    fast = _prefix_errors(normal, order, pair.rank, ranks, 1e-6, bias)
+    slow = _errors_one_by_one(normal, order, pair.rank, ranks, 1e-6, bias)
+    assert fast is not None and fast.keys() == slow.keys() == set(ranks)
+    for r in ranks:
+        assert math.isclose(fast[r], slow[r], rel_tol=1e-4, abs_tol=1e-7), (r, fast[r], slow[r])
+    assert all(fast[r] >= fast[r + 1] - 1e-12 for r in ranks[:-1])  # more components never fit worse

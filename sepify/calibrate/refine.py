@@ -210,23 +210,74 @@ def _nested_refined_errors(
     if total <= 0:
         return dict.fromkeys(ranks, 0.0)
     has_bias = conv.bias is not None
+    wanted = sorted({min(k, top) for k in ranks})
+    errors = _prefix_errors(normal, order, top, wanted, ridge, has_bias)
+    if errors is None:  # not positive definite as a whole: solve rank by rank, skipping the ranks that fail
+        errors = _errors_one_by_one(normal, order, top, wanted, ridge, has_bias)
+    return {k: errors[min(k, top)] for k in ranks if min(k, top) in errors}
+
+
+def _rank_features(order: str, top: int, per_channel: int, r: int) -> list[int]:
+    """The features of the rank-``r`` regression within the rank-``top`` one (bias aside)."""
+    if order == "dw-pw":  # feature i*R + k for input channel i, rank component k
+        return [i * top + k for i in range(per_channel) for k in range(r)]
+    return list(range(r * per_channel))  # pw-dw: feature k*K + t for rank component k, kernel tap t
+
+
+def _prefix_errors(
+    normal: NormalEquations, order: str, top: int, ranks: Sequence[int], ridge: float, has_bias: bool
+) -> dict[int, float] | None:
+    """Every rank's refit error from one Cholesky factorisation; None if the matrix is not positive definite.
+
+    The features are put in rank-major order with the bias first, so that each
+    rank's regression is a leading block of the largest one. The Cholesky
+    factor of a leading block is the leading block of the factor, so one
+    factorisation and one forward substitution ``z = L^-1 c`` serve every
+    rank: the regularised least-squares objective at its minimum is
+    ``||y||^2 - ||z[:m]||^2`` for the first ``m`` features. (That is the
+    residual plus the tiny ridge penalty; the ridge is relative to the whole
+    Gram matrix's mean diagonal.)
+    """
+    assert normal.gram is not None and normal.cross is not None and normal.yy is not None
     n_feat = normal.gram.shape[-1] - (1 if has_bias else 0)
-    per_channel = n_feat // top  # dw-pw: input channels per group; pw-dw: kernel taps
+    per_channel = n_feat // top
+    if order == "dw-pw":  # rank-major: every channel's component 0, then every channel's component 1, ...
+        features = [i * top + k for k in range(top) for i in range(per_channel)]
+    else:  # pw-dw features are rank-major already
+        features = list(range(n_feat))
+    perm = torch.tensor(([n_feat] if has_bias else []) + features, device=normal.gram.device)
+    gram = normal.gram[:, perm][:, :, perm]
+    cross = normal.cross[:, perm]
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    shrink = torch.full((gram.shape[-1],), ridge + 1e-12, dtype=gram.dtype, device=gram.device)
+    if has_bias:
+        shrink[0] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
+    factor, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(scale[:, None] * shrink))
+    if bool((info != 0).any()):
+        return None
+    z = torch.linalg.solve_triangular(factor, cross, upper=False)  # (B, n, o)
+    explained = z.square().sum(-1).sum(0).cumsum(0)  # over regressions and outputs, by leading block size
+    total = float(normal.yy.sum())
+    bias = 1 if has_bias else 0
+    return {r: max(total - float(explained[bias + r * per_channel - 1]), 0.0) ** 0.5 / total**0.5 for r in ranks}
+
+
+def _errors_one_by_one(
+    normal: NormalEquations, order: str, top: int, ranks: Sequence[int], ridge: float, has_bias: bool
+) -> dict[int, float]:
+    """Each rank's refit error from its own sub-block (the fallback of :func:`_prefix_errors`)."""
+    assert normal.gram is not None and normal.cross is not None and normal.yy is not None
+    n_feat = normal.gram.shape[-1] - (1 if has_bias else 0)
+    per_channel = n_feat // top
+    total = float(normal.yy.sum())
     errors = {}
-    for r in sorted({min(k, top) for k in ranks}):
-        if order == "dw-pw":  # feature i*R + k for input channel i, rank component k
-            idx = [i * top + k for i in range(per_channel) for k in range(r)]
-        else:  # feature k*K + t for rank component k, kernel tap t
-            idx = list(range(r * per_channel))
-        if has_bias:
-            idx.append(n_feat)
-        index = torch.tensor(idx)
+    for r in ranks:
+        index = torch.tensor(_rank_features(order, top, per_channel, r) + ([n_feat] if has_bias else []))
         sub = NormalEquations()
         sub.gram = normal.gram[:, index][:, :, index]
         sub.cross = normal.cross[:, index]
         sub.yy = normal.yy
         w = solve_ridge(sub, ridge, has_bias)
-        if w is None:
-            continue
-        errors[r] = max(sub.error(w), 0.0) ** 0.5 / total**0.5
-    return {k: errors[min(k, top)] for k in ranks if min(k, top) in errors}
+        if w is not None:
+            errors[r] = max(sub.error(w), 0.0) ** 0.5 / total**0.5
+    return errors

@@ -27,6 +27,7 @@ a refit that is worse there than the closed-form initialisation is not kept.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +59,15 @@ logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
-TARGET_BYTES = 1 << 28  # original convs' outputs held at once for several layers (at least one layer's)
+# Original convs' outputs held at once for several layers (at least one layer's), and converted-model states kept
+# to resume each batch's forward from the previous pair: each 1/8 of the memory available when refinement starts,
+# between 256 MB and 4 GB (at 224 px and 256 samples a resnet50's early layers need about 200 MB per layer).
+MIN_CACHE_BYTES, MAX_CACHE_BYTES = 1 << 28, 1 << 32
+TARGET_BYTES: int | None = None  # a fixed budget for the originals' outputs instead (tests, benchmarks/calibration.py)
+RESUME_BYTES: int | None = None  # and for the resumed converted-model states (0 switches resuming off)
 # How much of the data-free equations (what the weights alone say; regression.data_free_normals) is blended
 # into the data's, relative to the data's target energy; chosen per layer on the held-out samples.
 DATA_FREE_SHARES: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-RESUME_BYTES = 1 << 28  # converted-model states kept to resume each batch's forward from the previous pair
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,9 @@ def refine_pairs(
     batches = [*fit, *heldout]
     unsupported = {name: why for name, pair in pairs if (why := refit_unsupported(pair)) is not None}
     wanted = [name for name, pair in pairs if name not in unsupported and gram_bytes(pair) <= GRAM_BYTES]
-    targets = TeacherOutputs(teacher, wanted, batches, TARGET_BYTES)
-    inputs = StudentInputs.for_model(student, wanted, batches, RESUME_BYTES)
+    budget = cache_budget()
+    targets = TeacherOutputs(teacher, wanted, batches, budget if TARGET_BYTES is None else TARGET_BYTES)
+    inputs = StudentInputs.for_model(student, wanted, batches, budget if RESUME_BYTES is None else RESUME_BYTES)
     for i, (name, pair) in enumerate(pairs):
         if progress is not None:
             progress("refining layers", i, len(pairs))
@@ -116,6 +122,15 @@ def refine_pairs(
     if progress is not None:
         progress("refining layers", len(pairs), len(pairs))
     return RefineResult(results, skipped, spans)
+
+
+def cache_budget() -> int:
+    """Bytes for each of refinement's two caches: 1/8 of the available memory, clamped to [256 MB, 4 GB]."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return MIN_CACHE_BYTES
+    return max(MIN_CACHE_BYTES, min(MAX_CACHE_BYTES, available // 8))
 
 
 def _refit(

@@ -124,9 +124,13 @@ class _Run:
         self.samples = sum(int(a[0].shape[0]) for a in data.heldout)
         self.stages: list[FidelityStage] = []
         self.notes: list[str] = []
+        self.references: list[Any] | None = None  # the original's held-out outputs, computed once
 
     def measure(self, stage: str) -> FidelityStage:
-        err, top1 = heldout_fidelity(self.teacher, self.student, self.data.heldout)
+        if self.references is None:
+            with torch.no_grad():
+                self.references = [self.teacher(*args) for args in self.data.heldout]
+        err, top1 = heldout_fidelity(self.references, self.student, self.data.heldout)
         self.stages.append(FidelityStage(stage, err, top1, self.samples))
         return self.stages[-1]
 

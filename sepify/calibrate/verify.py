@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -99,15 +100,16 @@ def top1_agreement(reference: Any, converted: Any) -> float | None:
 
 
 def heldout_fidelity(
-    teacher: torch.nn.Module, student: torch.nn.Module, batches: Any
+    references: Sequence[Any], student: torch.nn.Module, batches: Sequence[Any]
 ) -> tuple[float | None, float | None]:
-    """Output error and top-1 agreement of ``student`` vs ``teacher`` over all ``batches`` (no grad)."""
+    """Output error and top-1 agreement of ``student`` over all ``batches`` against the original's outputs on
+    them, ``references`` (computed once by the caller: the original does not change between stages; no grad)."""
     num = den = 0.0
     agree = rows = 0
     comparable = True
     with torch.no_grad():
-        for args in batches:
-            ref, out = teacher(*args), student(*args)
+        for ref, args in zip(references, batches, strict=True):
+            out = student(*args)
             energy = _error_energy(ref, out)
             if energy is None:
                 comparable = False

@@ -21,11 +21,12 @@ side.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -77,19 +78,23 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
         raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
     if backend == "openvino":
         return _openvino_model(model, tensors, threads)
+    with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"), torch.no_grad():
+        program = torch.onnx.export(model, args, dynamo=True, verbose=False)
+    assert program is not None  # the dynamo exporter always returns its program
+    names = [i.name for i in program.model_proto.graph.input]
+    return _onnxruntime(program.model_proto.SerializeToString(), dict(zip(names, tensors)), threads)
+
+
+@contextlib.contextmanager
+def _failure_is_the_models(model: nn.Module, doing: str) -> Iterator[None]:
+    """Any exporter or converter failure becomes one ModelError sentence naming the model and what failed."""
     try:
-        with torch.no_grad():
-            program = torch.onnx.export(model, args, dynamo=True, verbose=False)
-        assert program is not None  # the dynamo exporter always returns its program
-        data = program.model_proto.SerializeToString()
-        names = [i.name for i in program.model_proto.graph.input]
-    except Exception as e:  # noqa: BLE001 - any exporter failure is the model's, said in one sentence
+        yield
+    except Exception as e:  # noqa: BLE001 - exporters fail in many specific ways; the model is what they choke on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(
-            f"could not export {type(model).__name__} to ONNX to time it in onnxruntime ({type(e).__name__}: {first}); "
-            "time it with the eager backend"
+            f"could not {doing} ({type(model).__name__}: {type(e).__name__}: {first}); time it with the eager backend"
         ) from e
-    return _onnxruntime(data, dict(zip(names, tensors)), threads)
 
 
 def _openvino_compiled(model: Any, feeds: list[Tensor], threads: int | None) -> Runner:
@@ -115,17 +120,10 @@ def _openvino_onnx(graph: bytes, feeds: list[Tensor], threads: int | None) -> Ru
 def _openvino_model(model: nn.Module, feeds: list[Tensor], threads: int | None) -> Runner:
     import openvino as ov
 
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # OpenVINO's PyTorch frontend traces with torch.jit, which warns that it is deprecated
+    with _failure_is_the_models(model, "convert it with OpenVINO to time it"), torch.no_grad():
+        with warnings.catch_warnings():  # OpenVINO's PyTorch frontend traces with torch.jit, which is deprecated
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
             converted = ov.convert_model(model, example_input=tuple(feeds))
-    except Exception as e:  # noqa: BLE001 - any converter failure is the model's, said in one sentence
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(
-            f"OpenVINO could not convert {type(model).__name__} to time it ({type(e).__name__}: {first}); "
-            "time it with the eager backend"
-        ) from e
     return _openvino_compiled(converted, feeds, threads)
 
 

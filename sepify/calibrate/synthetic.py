@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sepify.errors import CalibrationError, ConfigError
 from sepify.graph.probe import preserved_state
-from sepify.options import Calibration
+from sepify.options import Calibration, as_int
 
 __all__ = ["SYNTHETIC", "synthesize_calibration", "batchnorm_layers", "resolve_synthetic"]
 
@@ -80,6 +80,7 @@ def synthesize_calibration(
         raise ConfigError(
             "synthetic calibration needs a model that takes one floating tensor (N, C, ...); pass real samples instead"
         )
+    samples, steps = as_int(samples, "synthetic samples", 1), as_int(steps, "synthesis steps", 0)
     norms = batchnorm_layers(model)
     if not norms:
         raise CalibrationError(
@@ -105,6 +106,11 @@ def synthesize_calibration(
                     progress("synthesising calibration", step, steps)
                 seen.clear()
                 model(x)
+                if not seen:
+                    raise CalibrationError(
+                        f"no BatchNorm layer of the model ({type(model).__name__}) ran on inputs shaped like "
+                        f"{tuple(example.shape)}; synthetic calibration cannot match their statistics; pass real samples"
+                    )
                 loss = sum(_mismatch(a, m) for a, m in seen)
                 if not isinstance(loss, Tensor) or not bool(torch.isfinite(loss)):
                     raise CalibrationError(

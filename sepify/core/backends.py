@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from sepify.core.functional import ConvLayer
-from sepify.core.modules import SeparableConv
+from sepify.core.modules import SeparableConv, grouped_layouts
 from sepify.errors import ConfigError, ModelError
 from sepify.options import LATENCY_BACKENDS
 
@@ -77,9 +77,11 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
     if len(tensors) != len(args):
         raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
     if backend == "openvino":
-        return _openvino_model(model, tensors, threads)
+        with grouped_layouts(model):
+            return _openvino_model(model, tensors, threads)
     with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"), torch.no_grad():
-        program = torch.onnx.export(model, args, dynamo=True, verbose=False)
+        with grouped_layouts(model):
+            program = torch.onnx.export(model, args, dynamo=True, verbose=False)
     assert program is not None  # the dynamo exporter always returns its program
     names = [i.name for i in program.model_proto.graph.input]
     return _onnxruntime(program.model_proto.SerializeToString(), dict(zip(names, tensors)), threads)

@@ -197,6 +197,10 @@ class Timing:
         if self.skip_slower:
             object.__setattr__(self, "latency", True)
 
+    def note(self) -> str:
+        """The report note saying where latency was measured."""
+        return f"latency measured in {self.describe()} at the example inputs' batch size"
+
     def describe(self) -> str:
         """Where and how time was measured, for reports: ``"eager PyTorch, 2 threads"``."""
         import torch

@@ -182,8 +182,6 @@ def refined_errors(
     rank if they are built). Ranks whose Gram matrices would be too large, and
     pairs the refit does not support (:func:`refit_unsupported`), are left out.
     """
-    if order == "pw-dw" and (is_transposed(conv) or len(conv.kernel_size) == 3):
-        return {}  # refit_unsupported: no unfold for these
     if order == "pw-dw-pw":
         built = pairs or {r: SeparableConv.from_conv(conv, r, order) for r in ranks}
         found = {r: _refit_error(conv, x, built[r].to(dtype=x.dtype), ridge) for r in ranks}
@@ -214,7 +212,7 @@ def _nested_refined_errors(
     top = max(ranks)
     pair = SeparableConv.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank
-    if gram_bytes(pair) > GRAM_BYTES:
+    if refit_unsupported(pair) is not None or gram_bytes(pair) > GRAM_BYTES:
         return {}
     with torch.no_grad():
         y = conv_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us

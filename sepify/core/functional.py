@@ -75,22 +75,20 @@ def canonical_weight(weight: Tensor, transposed: bool, groups: int) -> Tensor:
     >>> canonical_weight(torch.zeros(6, 4, 3), transposed=True, groups=2).shape
     torch.Size([8, 3, 3])
     """
-    if not transposed:
-        return weight
-    cin, out_per_group = weight.shape[:2]
-    kernel = weight.shape[2:]
-    w = weight.reshape(groups, cin // groups, out_per_group, *kernel).transpose(1, 2)
-    return w.reshape(groups * out_per_group, cin // groups, *kernel)
+    return _swap_channel_axes(weight, groups) if transposed else weight
 
 
 def layer_weight(canonical: Tensor, transposed: bool, groups: int) -> Tensor:
     """The inverse of :func:`canonical_weight`: a canonical weight in the layer's own layout."""
-    if not transposed:
-        return canonical
-    cout, in_per_group = canonical.shape[:2]
-    kernel = canonical.shape[2:]
-    w = canonical.reshape(groups, cout // groups, in_per_group, *kernel).transpose(1, 2)
-    return w.reshape(groups * in_per_group, cout // groups, *kernel)
+    return _swap_channel_axes(canonical, groups) if transposed else canonical
+
+
+def _swap_channel_axes(weight: Tensor, groups: int) -> Tensor:
+    """``(g*A, B, *kernel)`` -> ``(g*B, A, *kernel)``, swapping the two channel axes within each group (its own
+    inverse: the move between a transposed conv's layout and the canonical one, in either direction)."""
+    a, b = weight.shape[0] // groups, weight.shape[1]
+    kernel = weight.shape[2:]
+    return weight.reshape(groups, a, b, *kernel).transpose(1, 2).reshape(groups * b, a, *kernel)
 
 
 def pad_amounts(conv: ConvLayer) -> list[int]:

@@ -335,12 +335,7 @@ class SeparableConv(nn.Module):
         """The depthwise weight in the canonical layout of a depthwise conv: dw-pw ``(Cin*r, 1, *kernel)``,
         pw-dw ``(Cout, r, *kernel)``, pw-dw-pw ``(g*R, 1, *kernel)`` (a view; the same memory as
         ``conv_dw.weight`` for transposed convs too)."""
-        w: Tensor = self.conv_dw.weight
-        if not self.transposed:
-            return w
-        if self.order == "pw-dw":
-            return w.view(self.out_channels, self.rank, *w.shape[2:])
-        return w.view(w.shape[0] * w.shape[1], 1, *w.shape[2:])
+        return canonical_weight(self.conv_dw.weight, self.transposed, self.conv_dw.groups)
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if output_size is not None and not self.transposed:

@@ -44,8 +44,7 @@ __all__ = [
 
 EffectiveWeight = Callable[[Any], Tensor]
 PADDINGS = ("module", "tf-same")
-_REGISTERED: dict[type[nn.Module], EffectiveWeight] = {}
-_TF_SAME: set[type[nn.Module]] = set()  # registered classes that pad as TensorFlow's dynamic "SAME"
+_REGISTERED: dict[type[nn.Module], tuple[EffectiveWeight, str]] = {}  # class -> (effective weight, padding)
 
 
 def register_conv(
@@ -98,11 +97,7 @@ def register_conv(
         raise ConfigError(f"register_conv's padding must be one of {PADDINGS}, got {padding!r}")
     if padding == "tf-same" and not issubclass(cls, nn.Conv2d):
         raise ConfigError("register_conv's padding='tf-same' is for nn.Conv2d subclasses only")
-    _REGISTERED[cls] = effective_weight or _plain
-    if padding == "tf-same":
-        _TF_SAME.add(cls)
-    else:
-        _TF_SAME.discard(cls)
+    _REGISTERED[cls] = (effective_weight or _plain, padding)
     return cls
 
 
@@ -152,7 +147,8 @@ _TIMM = {
 def _dynamic_same(conv: Any) -> bool:
     """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``), as do
     classes registered with ``padding="tf-same"``."""
-    if any(klass in _TF_SAME for klass in type(conv).__mro__):
+    registered = _registration(conv)
+    if registered is not None and registered[1] == "tf-same":
         return True
     name = class_name(conv)
     return name == "timm.layers.conv2d_same.Conv2dSame" or (
@@ -188,12 +184,17 @@ def inherits_forward(conv: Any) -> bool:
     return False
 
 
+def _registration(conv: Any) -> tuple[EffectiveWeight, str] | None:
+    """What :func:`register_conv` said for the nearest registered class of ``conv`` (its own, else a base's)."""
+    return next((_REGISTERED[klass] for klass in type(conv).__mro__ if klass in _REGISTERED), None)
+
+
 def effective_weight_of(conv: Any) -> EffectiveWeight | None:
     """How to read ``conv``'s effective weight, or None when sepify does not know its forward."""
     cls = type(conv)
-    for klass in cls.__mro__:
-        if klass in _REGISTERED:
-            return _REGISTERED[klass]
+    registered = _registration(conv)
+    if registered is not None:
+        return registered[0]
     if class_name(conv) in _TIMM:
         return _TIMM[class_name(conv)]
     if parametrize.is_parametrized(conv) and len(cls.__bases__) == 1 and cls.__bases__[0] in CONV_TYPES:

@@ -125,7 +125,7 @@ def audit(
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
     notes += synthetic
     if timed is not None:
-        notes.append(f"latency measured in {timed.describe()} at the example inputs' batch size")
+        notes.append(timed.note())
     notes += latency_notes
     return AuditReport(
         layers=tuple(rows),

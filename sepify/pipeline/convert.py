@@ -535,7 +535,7 @@ def _time_models(
         return (None, None), []
     if original is None:
         return (None, None), ["whole-model latency not measured: inplace=True left no original model to time against"]
-    where = f"latency measured in {timing.describe()} at the example inputs' batch size"
+    where = timing.note()
     try:
         before, after = time_forwards(
             [original, converted], args, timing.reps, backend=timing.backend, threads=timing.threads

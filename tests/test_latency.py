@@ -279,29 +279,61 @@ def timed_layers(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return conv.eval(), x
 
 
+_ACTIVATIONS = {
+    "relu": torch.relu,
+    "clip": lambda t: t.clamp(-0.5, 2.0),
+    "leaky_relu": lambda t: nn.functional.leaky_relu(t, 0.2),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "silu": nn.functional.silu,
+    "hardswish": nn.functional.hardswish,
+    "hardsigmoid": nn.functional.hardsigmoid,
+}
+
+
 @settings(max_examples=60, deadline=None)
-@given(timed_layers(), st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]))
-def test_onnx_layer_graphs_compute_what_the_modules_compute(layer: tuple[nn.Module, torch.Tensor], order: str) -> None:
+@given(timed_layers(), st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]), st.data())
+def test_onnx_layer_graphs_compute_what_the_modules_compute(
+    layer: tuple[nn.Module, torch.Tensor], order: str, data: st.DataObject
+) -> None:
+    """Every layout of every pair, and the conv, inside a random context (zero padding before, activation after)."""
     ort = pytest.importorskip("onnxruntime")
+    from sepify.core.context import Activation, LayerContext
     from sepify.core.onnx_layers import layer_graph
 
     conv, x = layer
+    dims = x.dim() - 2
+    pad = tuple(data.draw(st.lists(st.integers(0, 2), min_size=2 * dims, max_size=2 * dims)))
+    kind = data.draw(st.sampled_from([None, "prelu", *_ACTIVATIONS]))
+    slopes = torch.rand(conv.out_channels) if kind == "prelu" else None
+    args = {"clip": (-0.5, 2.0), "leaky_relu": (0.2,)}.get(kind or "", ())
+    context = LayerContext(pad, Activation(kind, args, slopes) if kind else None)
     pair = sepify.SeparableConv.from_conv(conv, 2, order).eval()
-    for module in (conv, pair):
-        session = ort.InferenceSession(layer_graph(module, tuple(x.shape)).SerializeToString())
-        (got,) = session.run(None, {"x": x.numpy()})
+    padded = nn.functional.pad(x, pad)
+    for module in (conv, *(pair.in_layout(k) for k in pair.layouts)):
+        graph = layer_graph(module, tuple(padded.shape), context)
+        (got,) = ort.InferenceSession(graph.SerializeToString()).run(None, {"x": x.numpy()})
         with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(got), module(x), rtol=1e-4, atol=1e-5)
+            want = module(padded)
+            if kind == "prelu":
+                want = nn.functional.prelu(want, slopes)
+            elif kind is not None:
+                want = _ACTIVATIONS[kind](want)
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_deployment_backends_time_layers_and_models(net: nn.Module, x: torch.Tensor, backend: str) -> None:
     pytest.importorskip(backend)
     timing = sepify.Timing(backend=backend, threads=1, reps=3)
-    result = sepify.convert(net, x, rank=1, timing=timing)
+    result = sepify.convert(net, x, rank=2, timing=timing)
     report = result.report
     assert all(r.latency_before and r.latency_after for r in report.converted)
-    assert all(r.layout is None for r in report.converted)  # layouts are eager's business
+    # layouts are chosen in the backend too, and the model keeps what its rows say
+    for row in report.converted:
+        pair = result.model.get_submodule(row.name)
+        assert row.layout == (pair.layout if len(pair.layouts) > 1 else None)
+    assert {r.layout for r in report.converted} - {None}
     assert report.latency_before and report.latency_after
     assert f"latency measured in {backend}, 1 thread at the example inputs' batch size" in report.notes
     audit = sepify.audit(net, x, timing=timing)

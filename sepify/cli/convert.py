@@ -302,15 +302,10 @@ def _write(
     quiet: bool,
 ) -> list[Path]:
     """The model, then the report; the report is written even when the model cannot be (it says what was done)."""
-    import contextlib
-
-    from sepify.core.modules import grouped_layouts
     from sepify.io.save import save_model
 
     try:
-        # ONNX runtimes run one grouped depthwise conv far faster than the rank-major layout's r convs
-        exported = grouped_layouts(result.model) if fmt == "onnx" else contextlib.nullcontext()
-        with step(f"writing {target}", quiet), exported:
+        with step(f"writing {target}", quiet):
             plan_json = result.report.to_plan().to_json()
             written = save_model(result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=force)
     except OutputError as e:

@@ -9,9 +9,10 @@ called with no arguments; :func:`interleaved_medians` times runners side by
 side.
 
 * ``"eager"``: the module itself, without gradients.
-* ``"onnxruntime"``: a layer (a conv or a pair) as its small ONNX graph
-  (:func:`sepify.core.onnx_layers.layer_graph`); a whole model exported with
-  ``torch.onnx.export``. Sessions use all graph optimisations and the thread
+* ``"onnxruntime"``: a layer (a conv or a pair, in its layout) as its small
+  ONNX graph with the neighbours the runtime fuses with it
+  (:func:`sepify.core.onnx_layers.layer_graph`, :mod:`sepify.core.context`);
+  a whole model exported with ``torch.onnx.export``. Sessions use all graph optimisations and the thread
   count given (default: ``torch.get_num_threads()``).
 * ``"openvino"``: the same layer graphs read by OpenVINO; a whole model
   through ``openvino.convert_model``; compiled for the CPU with the latency
@@ -32,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sepify.core.context import LayerContext
 from sepify.core.functional import ConvLayer
-from sepify.core.modules import SeparableConv, grouped_layouts
+from sepify.core.modules import SeparableConv
 from sepify.errors import ConfigError, ModelError
 from sepify.options import LATENCY_BACKENDS
 
@@ -57,13 +59,29 @@ def check_backend(backend: str) -> None:
             ) from e
 
 
-def layer_runner(module: ConvLayer | SeparableConv, x: Tensor, backend: str, threads: int | None = None) -> Runner:
-    """``module`` (a conv or a pair) on ``x`` in ``backend``, ready to time."""
+def layer_runner(
+    module: ConvLayer | SeparableConv,
+    x: Tensor,
+    backend: str,
+    threads: int | None = None,
+    context: LayerContext | None = None,
+) -> Runner:
+    """``module`` (a conv or a pair) on ``x`` in ``backend``, ready to time.
+
+    In onnxruntime and OpenVINO the layer runs inside its ``context`` (``x``
+    is then the input before the context's padding). Eager PyTorch fuses
+    nothing, so there the neighbours would only add the same time to both
+    sides: ``x`` is the conv's own input and ``context`` is not used.
+    """
     if backend == "eager":
         return _eager(module, (x,))
     from sepify.core.onnx_layers import layer_graph
 
-    graph = layer_graph(module, tuple(x.shape)).SerializeToString()
+    context = context or LayerContext()
+    conv_input = list(x.shape)
+    for i in range(len(context.pad) // 2):
+        conv_input[-1 - i] += context.pad[2 * i] + context.pad[2 * i + 1]
+    graph = layer_graph(module, tuple(conv_input), context).SerializeToString()
     if backend == "openvino":
         return _openvino_onnx(graph, [x], threads)
     return _onnxruntime(graph, {"x": x}, threads)
@@ -77,11 +95,9 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
     if len(tensors) != len(args):
         raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
     if backend == "openvino":
-        with grouped_layouts(model):
-            return _openvino_model(model, tensors, threads)
+        return _openvino_model(model, tensors, threads)
     with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"), torch.no_grad():
-        with grouped_layouts(model):
-            program = torch.onnx.export(model, args, dynamo=True, verbose=False)
+        program = torch.onnx.export(model, args, dynamo=True, verbose=False)
     assert program is not None  # the dynamo exporter always returns its program
     names = [i.name for i in program.model_proto.graph.input]
     return _onnxruntime(program.model_proto.SerializeToString(), dict(zip(names, tensors)), threads)

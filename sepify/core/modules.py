@@ -9,9 +9,7 @@ picks the subclass from the conv.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +30,6 @@ __all__ = [
     "SeparableConvTranspose2d",
     "SeparableConvTranspose3d",
     "pair_class",
-    "grouped_layouts",
     "LAYOUTS",
 ]
 
@@ -437,24 +434,6 @@ def _factor_weights(
     if not isinstance(factorization, Factorization):
         factorization = Factorization.of(weight_of(conv), conv.groups, order)
     return factorization.factors(rank)
-
-
-@contextlib.contextmanager
-def grouped_layouts(model: nn.Module) -> Iterator[None]:
-    """Every pair in ``model`` runs in the ``"grouped"`` layout inside the block; their layouts are put back after.
-
-    The rank-major layout is an eager-PyTorch speed trick (r depthwise convs and a concatenation); exported to ONNX
-    or converted for OpenVINO it becomes r separate ops, which those runtimes run far slower than the one grouped
-    depthwise conv they have kernels for.
-    """
-    saved = [(m, m.layout) for m in model.modules() if isinstance(m, SeparableConv)]
-    for m, _ in saved:
-        m.layout = "grouped"
-    try:
-        yield
-    finally:
-        for m, layout in saved:
-            m.layout = layout
 
 
 def weight_of(conv: ConvLayer) -> Tensor:

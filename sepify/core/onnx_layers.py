@@ -3,10 +3,14 @@
 Built node by node with ``onnx.helper`` (milliseconds, no tracing): a conv is
 a ``Conv`` (or ``ConvTranspose``) node, preceded by a ``Pad`` node for
 ``padding_mode`` other than zeros and for TensorFlow's dynamic "SAME" padding
-(computed for the fixed input shape); a pair is its children in order. The
-weights are initializers in float32. :mod:`sepify.core.backends` times these
-graphs in onnxruntime, so that per-layer speed is judged where the model will
-run. ``onnx`` is imported on first use (the ``onnx`` extra).
+(computed for the fixed input shape); a pair is its children in order, in
+its layout (rank-major: ``rank`` depthwise convs, concatenated or summed).
+With a :class:`~sepify.core.context.LayerContext` the layer's neighbours in
+the model (zero padding before, activation after) are built around it, so
+the runtime fuses them as it will in the exported model. The weights are
+initializers in float32. :mod:`sepify.core.backends` times these graphs in
+onnxruntime and OpenVINO, so that per-layer speed is judged where the model
+will run. ``onnx`` is imported on first use (the ``onnx`` extra).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from sepify.core.context import Activation, LayerContext
 from sepify.core.functional import ConvLayer, SameConv2d, is_transposed, pad_amounts, same_pad_amounts
 from sepify.core.modules import SeparableConv
 
@@ -25,34 +30,129 @@ OPSET = 19  # Pad's "wrap" mode (circular padding) needs 19
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
-def layer_graph(module: ConvLayer | SeparableConv, input_shape: tuple[int, ...]) -> Any:
-    """An ``onnx.ModelProto`` computing ``module`` on a float32 input of ``input_shape`` (input ``x``, output ``y``).
+def layer_graph(
+    module: ConvLayer | SeparableConv, input_shape: tuple[int, ...], context: LayerContext | None = None
+) -> Any:
+    """An ``onnx.ModelProto`` computing ``module`` on a float32 input (``x``, output ``y``).
+
+    ``input_shape`` is the shape the conv sees; with a ``context`` that pads,
+    the graph's input is the unpadded tensor (``context.input_shape``).
 
     Examples:
         >>> import torch
+        >>> from sepify.core.context import Activation
         >>> conv = torch.nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")
         >>> graph = layer_graph(conv, (1, 4, 8, 8))
         >>> [node.op_type for node in graph.graph.node]
         ['Pad', 'Conv']
+        >>> pair = SeparableConv.from_conv(torch.nn.Conv2d(4, 8, 3), rank=2).in_layout("rank-major")
+        >>> around = LayerContext(pad=(1, 1, 1, 1), activation=Activation("relu"))
+        >>> [node.op_type for node in layer_graph(pair, (1, 4, 10, 10), around).graph.node]
+        ['Pad', 'Conv', 'Conv', 'Concat', 'Conv', 'Relu']
     """
     from onnx import TensorProto, helper
 
-    convs = module.convs if isinstance(module, SeparableConv) else (module,)
-    nodes: list[Any] = []
-    initializers: list[Any] = []
+    context = context or LayerContext()
+    graph = _Graph()
     shape = list(input_shape)
     current = "x"
-    for i, conv in enumerate(convs):
-        out = "y" if i == len(convs) - 1 else f"h{i}"
-        current, shape = _conv_nodes(conv, current, out, shape, f"c{i}", nodes, initializers)
-    graph = helper.make_graph(
-        nodes,
+    if context.pad:
+        begins, ends = context.pad[::2][::-1], context.pad[1::2][::-1]
+        lead = [0] * (len(shape) - len(begins))
+        current = graph.node("Pad", [current, graph.constant(np.array([*lead, *begins, *lead, *ends]), "ctx.pads")])
+    if isinstance(module, SeparableConv) and module.layout == "rank-major":
+        current, shape = _rank_major(module, current, shape, graph)
+    else:
+        convs = module.convs if isinstance(module, SeparableConv) else (module,)
+        for i, conv in enumerate(convs):
+            current, shape = _conv_nodes(conv, current, shape, f"c{i}", graph)
+    if context.activation is not None:
+        current = _activation(context.activation, current, len(shape) - 2, graph)
+    graph.nodes[-1].output[0] = "y"
+    model = helper.make_graph(
+        graph.nodes,
         "sepify_layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(context.input_shape(tuple(input_shape))))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializers,
+        graph.initializers,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(model, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+class _Graph:
+    """Nodes and initializers being collected; every node has one fresh output name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
+        from onnx import helper
+
+        out = f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def constant(self, value: np.ndarray | Tensor, name: str) -> str:
+        from onnx import numpy_helper
+
+        array = value if isinstance(value, np.ndarray) else _array(value)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def _rank_major(pair: SeparableConv, x: str, shape: list[int], graph: _Graph) -> tuple[str, list[int]]:
+    """A pair in the rank-major layout, as ``SeparableConv`` runs it: dw-pw as ``rank`` depthwise convs
+    concatenated and one pointwise conv; pw-dw as one pointwise conv, split, ``rank`` depthwise convs summed."""
+    from onnx import helper
+
+    dw, pw, r = pair.conv_dw, pair.conv_pw, pair.rank
+    if pair.order == "dw-pw":
+        cin = dw.groups
+        taps = dw.weight.view(cin, r, 1, *dw.weight.shape[2:])
+        parts = []
+        for k in range(r):
+            part, out_shape = _conv_nodes(dw, x, shape, f"dw{k}", graph, weight=taps[:, k], bias=None)
+            parts.append(part)
+        z = graph.node("Concat", parts, axis=1)
+        mix = pw.weight.view(pw.out_channels, cin, r).transpose(1, 2).reshape(pw.weight.shape)
+        return _conv_nodes(pw, z, [out_shape[0], cin * r, *out_shape[2:]], "pw", graph, weight=mix)
+    cout = dw.out_channels
+    rows = pw.weight.view(cout, r, *pw.weight.shape[1:]).transpose(0, 1).reshape(pw.weight.shape)
+    u, u_shape = _conv_nodes(pw, x, shape, "pw", graph, weight=rows, bias=None)
+    split = graph.constant(np.array([cout] * r, dtype=np.int64), "split")
+    chunks = [f"u{k}" for k in range(r)]
+    graph.nodes.append(helper.make_node("Split", [u, split], chunks, axis=1))
+    y = None
+    for k in range(r):
+        bias = dw.bias if k == 0 else None
+        part, out_shape = _conv_nodes(
+            dw, chunks[k], [u_shape[0], cout, *u_shape[2:]], f"dw{k}", graph, weight=dw.weight[:, k : k + 1], bias=bias
+        )
+        y = part if y is None else graph.node("Add", [y, part])
+    assert y is not None
+    return y, out_shape
+
+
+def _activation(activation: Activation, x: str, dims: int, graph: _Graph) -> str:
+    """The activation's ONNX nodes after ``x`` (a tensor with ``dims`` spatial dimensions)."""
+    kind, args = activation.kind, activation.args
+    if kind == "clip":
+        low = graph.constant(np.array(args[0], dtype=np.float32), "clip.min")
+        high = graph.constant(np.array(args[1], dtype=np.float32), "clip.max")
+        return graph.node("Clip", [x, low, high])
+    if kind == "leaky_relu":
+        return graph.node("LeakyRelu", [x], alpha=args[0])
+    if kind == "silu":
+        return graph.node("Mul", [x, graph.node("Sigmoid", [x])])
+    if kind == "hardsigmoid":  # PyTorch's hardsigmoid is relu6(x + 3) / 6
+        return graph.node("HardSigmoid", [x], alpha=1 / 6, beta=0.5)
+    if kind == "prelu":
+        assert activation.weight is not None
+        slope = _array(activation.weight).reshape(-1, *[1] * dims)  # one slope per channel, or one for all
+        return graph.node("PRelu", [x, graph.constant(slope, "slope")])
+    ops = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
+    return graph.node(ops[kind], [x])
 
 
 def _array(t: Tensor) -> np.ndarray:
@@ -60,19 +160,24 @@ def _array(t: Tensor) -> np.ndarray:
 
 
 def _conv_nodes(
-    conv: ConvLayer, x: str, y: str, shape: list[int], prefix: str, nodes: list[Any], inits: list[Any]
+    conv: ConvLayer,
+    x: str,
+    shape: list[int],
+    prefix: str,
+    graph: _Graph,
+    *,
+    weight: Tensor | None = None,
+    bias: Tensor | None | str = "own",
 ) -> tuple[str, list[int]]:
-    """Append ``conv``'s nodes reading ``x`` and writing ``y``; return ``y`` and its shape."""
-    from onnx import helper, numpy_helper
+    """``conv``'s nodes reading ``x`` (of ``shape``), optionally with another ``weight`` (and ``bias``: None for
+    none); return the output's name and shape."""
 
     dims = len(conv.kernel_size)
-    weight = numpy_helper.from_array(_array(conv.weight), f"{prefix}.w")
-    inits.append(weight)
-    inputs = [x, weight.name]
-    if conv.bias is not None:
-        bias = numpy_helper.from_array(_array(conv.bias), f"{prefix}.b")
-        inits.append(bias)
-        inputs.append(bias.name)
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if isinstance(bias, str) else bias
+    inputs = [x, graph.constant(weight, f"{prefix}.w")]
+    if bias is not None:
+        inputs.append(graph.constant(bias, f"{prefix}.b"))
     attrs: dict[str, Any] = {
         "kernel_shape": list(conv.kernel_size),
         "strides": list(conv.stride),
@@ -83,7 +188,7 @@ def _conv_nodes(
     if is_transposed(conv):
         attrs["pads"] = [int(p) for p in conv.padding] * 2
         attrs["output_padding"] = list(conv.output_padding)
-        nodes.append(helper.make_node("ConvTranspose", inputs, [y], **attrs))
+        y = graph.node("ConvTranspose", inputs, **attrs)
         out = [
             (n - 1) * s - 2 * int(p) + d * (k - 1) + o + 1
             for n, s, p, d, k, o in zip(
@@ -99,15 +204,12 @@ def _conv_nodes(
         mode = _PAD_MODES.get(conv.padding_mode, "constant")
     begins, ends = amounts[::2][::-1], amounts[1::2][::-1]  # F.pad amounts run last dimension first
     if mode != "constant" or begins != ends or isinstance(conv, SameConv2d):
-        pads = numpy_helper.from_array(np.array([0, 0, *begins, 0, 0, *ends], dtype=np.int64), f"{prefix}.pads")
-        inits.append(pads)
-        padded = f"{prefix}.padded"
-        nodes.append(helper.make_node("Pad", [x, pads.name], [padded], mode=mode))
-        inputs[0] = padded
+        pads = graph.constant(np.array([0, 0, *begins, 0, 0, *ends], dtype=np.int64), f"{prefix}.pads")
+        inputs[0] = graph.node("Pad", [x, pads], mode=mode)
         attrs["pads"] = [0] * (2 * dims)
     else:
         attrs["pads"] = [*begins, *ends]
-    nodes.append(helper.make_node("Conv", inputs, [y], **attrs))
+    y = graph.node("Conv", inputs, **attrs)
     sizes = [n + b + e for n, b, e in zip(spatial, begins, ends)]
     out = [(n - d * (k - 1) - 1) // s + 1 for n, s, d, k in zip(sizes, conv.stride, conv.dilation, conv.kernel_size)]
-    return y, [shape[0], conv.out_channels, *out]
+    return y, [shape[0], int(weight.shape[0]), *out]

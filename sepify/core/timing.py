@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sepify.core.backends import layer_runner
+from sepify.core.context import LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
 
@@ -64,14 +65,18 @@ def time_pair(
     *,
     backend: str = "eager",
     threads: int | None = None,
+    context: LayerContext | None = None,
 ) -> PairTiming:
     """Time every layout of ``pair`` (and ``against``, the conv it replaces) at ``input_shape`` in ``backend``.
 
     All candidates run interleaved, one call each in turn, and the median of
     ``reps`` calls after warm-up is compared, so a machine that slows down
-    during the measurement slows all of them alike. Layouts are an eager
-    PyTorch matter: in onnxruntime the pair runs as its graph, and the layout
-    is None.
+    during the measurement slows all of them alike. The layouts are timed in
+    every backend: which one a runtime runs fastest differs by runtime and
+    shape (crepe's second layer at rank 4 in onnxruntime: grouped 14.4 ms,
+    rank-major 0.67 ms, the conv 7.2 ms). Outside eager PyTorch each layer
+    runs inside its ``context`` (:mod:`sepify.core.context`), the neighbours
+    the runtime fuses with it.
 
     Examples:
         >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1)
@@ -83,11 +88,13 @@ def time_pair(
         True
     """
     w = pair.conv_dw.weight
-    x = torch.randn(input_shape, device=w.device, dtype=w.dtype)
-    layouts = pair.layouts if backend == "eager" else (pair.layout,)
-    fns = [layer_runner(pair.in_layout(k), x, backend, threads) for k in layouts]
+    context = context if backend != "eager" else None
+    shape = context.input_shape(input_shape) if context is not None else input_shape
+    x = torch.randn(shape, device=w.device, dtype=w.dtype)
+    layouts = pair.layouts
+    fns = [layer_runner(pair.in_layout(k), x, backend, threads, context) for k in layouts]
     if against is not None:
-        fns.append(layer_runner(against, x, backend, threads))
+        fns.append(layer_runner(against, x, backend, threads, context))
     with torch.no_grad():
         times = interleaved_medians(fns, reps, warmup=2, device=w.device)
     best = min(range(len(layouts)), key=times.__getitem__)

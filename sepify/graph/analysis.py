@@ -19,6 +19,7 @@ from sepify.core.functional import is_transposed
 from sepify.errors import ConfigError, InputShapeError, ModelError
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
+from sepify.graph.neighbours import layer_contexts
 from sepify.graph.probe import ProbeResult, all_finite, probe
 from sepify.graph.tracing import TraceOutcome, shorten_error, trace_model
 from sepify.io.load import wrapped_hint
@@ -206,4 +207,7 @@ def analyze(
         skip_shared=select.skip_shared,
         params_read=_params_read(target),
     )
+    contexts = layer_contexts(target)
+    for site in sites:
+        site.context = contexts.get(site.qualname, site.context)
     return Analysis(work, outcome, target, before, sites, args, lifted)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sepify.core.context import LayerContext
 from sepify.core.functional import CONV_TYPES, ConvLayer, SameConv2d, kind_of
 from sepify.graph.conv_kinds import (
     class_name,
@@ -71,6 +72,7 @@ class ConvSite:
     skip_reason: SkipReason | None = None
     subclass: str | None = None  # the class, when not a plain torch conv (or it carries legacy weight norm)
     registered: nn.Module | None = None  # the module in the model, when ``module`` is a plain view of it
+    context: LayerContext = field(default_factory=LayerContext)  # what a runtime fuses with it (per-layer timing)
 
     @property
     def in_model(self) -> nn.Module:

@@ -325,5 +325,6 @@ def _time_options(
             against=site.module,
             backend=timing.backend,
             threads=timing.threads,
+            context=site.context,
         )
     return times

@@ -361,6 +361,7 @@ class _Chooser:
             against=against,
             backend=self.timing.backend,
             threads=self.timing.threads,
+            context=site.context,
         )
         if timing.layout is not None:
             pair.layout = timing.layout

@@ -1,0 +1,70 @@
+"""What a deployment runtime fuses with a conv: the zero padding before it and the activation after it.
+
+Runtimes rewrite a conv together with its neighbours, and that changes which
+kernel runs: onnxruntime folds a ``Pad`` node into the ``Conv`` after it (and a
+grouped conv with padding then runs up to 16x slower than without: crepe's
+second layer as a depth-multiplier pair, docs/benchmarks.md), fuses a
+``Conv`` with the ``Relu`` after it, and folds a BatchNorm into the conv
+before it. A layer timed alone can therefore rank a pair against its conv the
+wrong way round. :class:`LayerContext` records the neighbours of one conv as
+they are in the model (found by :mod:`sepify.graph.neighbours`), so that
+:func:`sepify.core.onnx_layers.layer_graph` builds them around the layer and
+the per-layer time is the one the runtime will see.
+
+BatchNorm between the conv and its activation is not recorded: every runtime
+folds it into the conv's (or the pair's last conv's) weights, so it costs the
+same (nothing) on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "Activation", "LayerContext"]
+
+# Activations a runtime may fuse into a conv, as ONNX builds them (sepify.core.onnx_layers).
+ACTIVATIONS = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "prelu")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation after the conv: ``kind`` from :data:`ACTIVATIONS`, its scalar arguments (``clip``: low,
+    high; ``leaky_relu``: slope) or, for ``prelu``, its per-channel slopes."""
+
+    kind: str
+    args: tuple[float, ...] = ()
+    weight: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """The neighbours of one conv that a runtime fuses with it.
+
+    ``pad``: constant zero padding applied to the conv's input just before it,
+    in ``torch.nn.functional.pad`` order (last dimension first), or ``()``.
+    ``activation``: the activation applied to its output (possibly through a
+    BatchNorm), or None.
+
+    Examples:
+        >>> LayerContext(pad=(0, 0, 31, 32)).input_shape((2, 128, 191, 1))
+        (2, 128, 128, 1)
+        >>> LayerContext().input_shape((2, 128, 191, 1))
+        (2, 128, 191, 1)
+    """
+
+    pad: tuple[int, ...] = ()
+    activation: Activation | None = None
+
+    def input_shape(self, conv_input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape before the padding, given the shape the conv sees."""
+        shape = list(conv_input_shape)
+        for i in range(len(self.pad) // 2):
+            shape[-1 - i] -= self.pad[2 * i] + self.pad[2 * i + 1]
+        return tuple(shape)
+
+    def describe(self) -> str:
+        """``"pad + conv + relu"`` style summary, for notes and debugging."""
+        parts = (["pad"] if self.pad else []) + ["conv"] + ([self.activation.kind] if self.activation else [])
+        return " + ".join(parts)

@@ -130,11 +130,14 @@ def timings(x: torch.Tensor) -> None:
         print(f"{n:>5} {t:>8.3f}s {1e3 * t / n:>8.2f}ms {cf:>11.3f}s")
 
 
-
 def memory(size: int) -> None:
-    print("\npeak memory of one convert(rank=1) in a fresh process, above the RSS before it (MB, and x the model's size)")
+    print(
+        "\npeak memory of one convert(rank=1) in a fresh process, above the RSS before it (MB, and x the model's size)"
+    )
     print(f"{'model':<20} {'params MB':>10} {'cold':>8} {'x model':>8} {'warm':>8} {'x model':>8}")
-    models = [(name, f"torchvision.models.get_model({name!r}, weights=None).eval()", (1, 3, size, size)) for name in MODELS]
+    models = [
+        (name, f"torchvision.models.get_model({name!r}, weights=None).eval()", (1, 3, size, size)) for name in MODELS
+    ]
     models += [
         (f"stack of {n} 128ch", f"nn.Sequential(*[nn.Conv2d(128, 128, 3, padding=1) for _ in range({n})]).eval()",
          (1, 128, 16, 16))

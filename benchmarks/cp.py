@@ -42,8 +42,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tl.set_backend("numpy")
     warnings.filterwarnings("ignore", message="Trying to compute SVD")  # tensorly caps its SVD init; expected
-    builders = {"digits": digits_task, "crepe-tiny": lambda: crepe_task("tiny"), "crepe-full": lambda: crepe_task("full")}
-    print(f"{'layer':<18} {'shape':<18} {'R':>4} {'sepify err':>10} {'s':>6} {'tl svd':>8} {'s':>6} {'tl rand0':>8} {'tl rand1':>8} {'s':>6}")
+    builders = {
+        "digits": digits_task,
+        "crepe-tiny": lambda: crepe_task("tiny"),
+        "crepe-full": lambda: crepe_task("full"),
+    }
+    print(
+        f"{'layer':<18} {'shape':<18} {'R':>4} {'sepify err':>10} {'s':>6} {'tl svd':>8} {'s':>6} {'tl rand0':>8} {'tl rand1':>8} {'s':>6}"
+    )
     for name in args.tasks:
         model = builders[name]().build()
         for qualname, conv in model.named_modules():

@@ -19,7 +19,7 @@ from sepify.errors import ConfigError
 __all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "LATENCY_BACKENDS", "as_int"]
 
 LOSSES = ("mse", "kl")
-LATENCY_BACKENDS = ("eager", "onnxruntime", "openvino")  # where time is measured (sepify.core.backends)
+LATENCY_BACKENDS = ("eager", "compile", "onnxruntime", "openvino")  # where time is measured (sepify.core.backends)
 
 
 def as_int(value: Any, what: str, minimum: int) -> int:
@@ -169,12 +169,14 @@ class Timing:
             (implies ``latency``).
         tune_layout: only pick each pair's fastest layout; no report columns.
         reps: timed repetitions per measurement.
-        backend: where to measure: ``"eager"`` (PyTorch), ``"onnxruntime"``
+        backend: where to measure: ``"eager"`` (PyTorch), ``"compile"``
+            (``torch.compile`` with inductor: seconds per layer to compile;
+            needs a C++ compiler on the CPU), ``"onnxruntime"``
             (each layer as its small ONNX graph, the whole model exported;
             the ``onnx`` extra) or ``"openvino"`` (the same layer graphs, the
             whole model through ``openvino.convert_model``; the ``openvino``
             extra). Pairs are judged faster or slower there.
-        threads: threads for onnxruntime and OpenVINO (default: torch's).
+        threads: threads for onnxruntime and OpenVINO (default: torch's; eager and compile run on torch's).
 
     Examples:
         >>> Timing(backend="onnxruntime", threads=1).describe()
@@ -205,8 +207,8 @@ class Timing:
         """Where and how time was measured, for reports: ``"eager PyTorch, 2 threads"``."""
         import torch
 
-        threads = (self.threads if self.backend != "eager" else None) or torch.get_num_threads()
-        where = "eager PyTorch" if self.backend == "eager" else self.backend
+        threads = (self.threads if self.backend not in ("eager", "compile") else None) or torch.get_num_threads()
+        where = {"eager": "eager PyTorch", "compile": "torch.compile"}.get(self.backend, self.backend)
         return f"{where}, {threads} thread{'s' if threads != 1 else ''}"
 
     @classmethod

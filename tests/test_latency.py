@@ -279,15 +279,17 @@ def timed_layers(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return conv.eval(), x
 
 
-_ACTIVATIONS = {
+# each activation as PyTorch computes it, written out independently of sepify.core.context
+_REFERENCE: dict[str, Any] = {
     "relu": torch.relu,
-    "clip": lambda t: t.clamp(-0.5, 2.0),
-    "leaky_relu": lambda t: nn.functional.leaky_relu(t, 0.2),
+    "clip": lambda t, _: t.clamp(-0.5, 2.0),
+    "leaky_relu": lambda t, _: nn.functional.leaky_relu(t, 0.2),
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "silu": nn.functional.silu,
     "hardswish": nn.functional.hardswish,
     "hardsigmoid": nn.functional.hardsigmoid,
+    "prelu": lambda t, slopes: nn.functional.prelu(t, slopes),
 }
 
 
@@ -298,16 +300,16 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(
 ) -> None:
     """Every layout of every pair, and the conv, inside a random context (zero padding before, activation after)."""
     ort = pytest.importorskip("onnxruntime")
-    from sepify.core.context import Activation, LayerContext
+    from sepify.core.context import ACTIVATIONS, Activation, InContext, LayerContext
     from sepify.core.onnx_layers import layer_graph
 
     conv, x = layer
     dims = x.dim() - 2
     pad = tuple(data.draw(st.lists(st.integers(0, 2), min_size=2 * dims, max_size=2 * dims)))
-    kind = data.draw(st.sampled_from([None, "prelu", *_ACTIVATIONS]))
-    slopes = torch.rand(conv.out_channels) if kind == "prelu" else None
+    kind = data.draw(st.sampled_from([None, *ACTIVATIONS]))
+    slopes = torch.rand(conv.out_channels)
     args = {"clip": (-0.5, 2.0), "leaky_relu": (0.2,)}.get(kind or "", ())
-    context = LayerContext(pad, Activation(kind, args, slopes) if kind else None)
+    context = LayerContext(pad, Activation(kind, args, slopes if kind == "prelu" else None) if kind else None)
     pair = sepify.SeparableConv.from_conv(conv, 2, order).eval()
     padded = nn.functional.pad(x, pad)
     for module in (conv, *(pair.in_layout(k) for k in pair.layouts)):
@@ -315,10 +317,13 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(
         (got,) = ort.InferenceSession(graph.SerializeToString()).run(None, {"x": x.numpy()})
         with torch.no_grad():
             want = module(padded)
-            if kind == "prelu":
-                want = nn.functional.prelu(want, slopes)
-            elif kind is not None:
-                want = _ACTIVATIONS[kind](want)
+            if kind is not None:
+                want = (
+                    _REFERENCE[kind](want, slopes)
+                    if kind in ("clip", "leaky_relu", "prelu")
+                    else _REFERENCE[kind](want)
+                )
+            torch.testing.assert_close(InContext(module, context)(x), want, rtol=0, atol=0)
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
@@ -347,11 +352,31 @@ def test_deployment_backends_time_layers_and_models(net: nn.Module, x: torch.Ten
 
 def test_latency_backends_are_checked() -> None:
     with pytest.raises(
-        sepify.ConfigError, match=r"latency backend must be one of \('eager', 'onnxruntime', 'openvino'\)"
+        sepify.ConfigError, match=r"latency backend must be one of \('eager', 'compile', 'onnxruntime', 'openvino'\)"
     ):
         sepify.Timing(backend="tensorrt")
     with pytest.raises(sepify.ConfigError, match="timing threads must be an integer >= 1"):
         sepify.Timing(backend="onnxruntime", threads=0)
+
+
+def test_the_compile_backend_says_when_there_is_no_cxx_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sepify.core.backends import check_backend
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(sepify.ConfigError, match=r"needs a C\+\+ compiler .*; install one \(apt install g\+\+\)"):
+        check_backend("compile")
+
+
+@pytest.mark.slow
+def test_torch_compile_times_layers_in_context_and_models(net: nn.Module, x: torch.Tensor) -> None:
+    """Each layer compiled inside its padding and activation; both layouts; the whole model compiled."""
+    timing = sepify.Timing(backend="compile", reps=2)
+    result = sepify.convert(net, x, rank=2, timing=timing)
+    report = result.report
+    assert len(report.converted) == 3 and all(r.latency_before and r.latency_after for r in report.converted)
+    assert all(r.layout == result.model.get_submodule(r.name).layout for r in report.converted)
+    assert report.latency_before and report.latency_after
+    assert report.notes[-1].startswith("latency measured in torch.compile, ")
 
 
 def test_a_model_onnxruntime_cannot_take_still_converts_with_a_note() -> None:

@@ -63,6 +63,7 @@ class MemoryFormat(str, enum.Enum):
 
 class LatencyBackend(str, enum.Enum):
     eager = "eager"
+    compile = "compile"
     onnxruntime = "onnxruntime"
     openvino = "openvino"
 
@@ -238,8 +239,9 @@ LatencyBackendOpt = Annotated[
     LatencyBackend,
     typer.Option(
         "--latency-backend",
-        help="Where to measure time: eager PyTorch, onnxruntime (each layer as its ONNX graph, the whole model "
-        "exported; the onnx extra) or openvino (the openvino extra), where deployed pairs run fused and faster.",
+        help="Where to measure time: eager PyTorch, compile (torch.compile; seconds per layer), onnxruntime (each "
+        "layer as its ONNX graph with the padding and activation fused with it, the whole model exported; the onnx "
+        "extra) or openvino (the openvino extra), where deployed pairs run fused and faster.",
         rich_help_panel=TIMING,
     ),
 ]

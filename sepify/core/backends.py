@@ -9,6 +9,12 @@ called with no arguments; :func:`interleaved_medians` times runners side by
 side.
 
 * ``"eager"``: the module itself, without gradients.
+* ``"compile"``: ``torch.compile`` (inductor) of the layer inside its
+  context (:class:`~sepify.core.context.InContext`), or of the whole model;
+  compiled on the first call, before timing. torch.compile's caches are
+  reset before each compilation: every timed layer would otherwise add a
+  cache entry (and a guard check on every call) to the same ``forward``,
+  and past the recompile limit run uncompiled.
 * ``"onnxruntime"``: a layer (a conv or a pair, in its layout) as its small
   ONNX graph with the neighbours the runtime fuses with it
   (:func:`sepify.core.onnx_layers.layer_graph`, :mod:`sepify.core.context`);
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sepify.core.context import LayerContext
+from sepify.core.context import InContext, LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
 from sepify.errors import ConfigError, ModelError
@@ -48,6 +55,11 @@ def check_backend(backend: str) -> None:
     """A ConfigError unless ``backend`` is known and, for onnxruntime, installed."""
     if backend not in LATENCY_BACKENDS:
         raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {backend!r}")
+    if backend == "compile" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")):
+        raise ConfigError(
+            "the compile latency backend needs a C++ compiler for torch.compile's CPU code (no CXX, g++, c++ or "
+            "clang++ found); install one (apt install g++) or choose another latency backend"
+        )
     needs = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}.get(backend, ())
     for name in needs:
         try:
@@ -75,9 +87,11 @@ def layer_runner(
     """
     if backend == "eager":
         return _eager(module, (x,))
+    context = context or LayerContext()
+    if backend == "compile":
+        return _compiled(InContext(module, context), (x,), f"the {type(module).__name__} layer")
     from sepify.core.onnx_layers import layer_graph
 
-    context = context or LayerContext()
     conv_input = list(x.shape)
     for i in range(len(context.pad) // 2):
         conv_input[-1 - i] += context.pad[2 * i] + context.pad[2 * i + 1]
@@ -91,6 +105,8 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
     """A whole model on ``args`` in ``backend``; for onnxruntime, exported with ``torch.onnx.export`` first."""
     if backend == "eager":
         return _eager(model, args)
+    if backend == "compile":
+        return _compiled(model, args, "the model")
     tensors = [a for a in args if isinstance(a, Tensor)]
     if len(tensors) != len(args):
         raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
@@ -143,6 +159,15 @@ def _openvino_model(model: nn.Module, feeds: list[Tensor], threads: int | None) 
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
             converted = ov.convert_model(model, example_input=tuple(feeds))
     return _openvino_compiled(converted, feeds, threads)
+
+
+def _compiled(module: nn.Module, args: tuple[Any, ...], what: str) -> Runner:
+    """``module`` compiled by torch.compile and run once (the compilation), ready to time."""
+    torch.compiler.reset()
+    compiled = torch.compile(module, dynamic=False)
+    with _failure_is_the_models(module, f"compile {what} with torch.compile"), torch.no_grad():
+        compiled(*args)
+    return _eager(compiled, args)
 
 
 def _eager(module: nn.Module, args: tuple[Any, ...]) -> Runner:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "Activation", "LayerContext"]
+__all__ = ["ACTIVATIONS", "Activation", "LayerContext", "InContext"]
 
 # Activations a runtime may fuse into a conv, as ONNX builds them (sepify.core.onnx_layers).
 ACTIVATIONS = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "prelu")
@@ -36,6 +38,23 @@ class Activation:
     kind: str
     args: tuple[float, ...] = ()
     weight: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The activation applied in PyTorch.
+
+        >>> import torch
+        >>> Activation("clip", (0.0, 6.0))(torch.tensor([-1.0, 3.0, 9.0]))
+        tensor([0., 3., 6.])
+        """
+        if self.kind == "prelu":
+            assert self.weight is not None
+            return F.prelu(x, self.weight)
+        if self.kind == "clip":
+            return x.clamp(*self.args)
+        if self.kind == "leaky_relu":
+            return F.leaky_relu(x, *self.args)
+        functions = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu}
+        return {**functions, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}[self.kind](x)
 
 
 @dataclass(frozen=True)
@@ -68,3 +87,23 @@ class LayerContext:
         """``"pad + conv + relu"`` style summary, for notes and debugging."""
         parts = (["pad"] if self.pad else []) + ["conv"] + ([self.activation.kind] if self.activation else [])
         return " + ".join(parts)
+
+
+class InContext(nn.Module):
+    """``layer`` between its context's padding and activation, as one module (what torch.compile is given).
+
+    >>> import torch
+    >>> conv = nn.Conv2d(2, 3, 3)
+    >>> InContext(conv, LayerContext((1, 1, 1, 1), Activation("relu")))(torch.randn(1, 2, 5, 5)).shape
+    torch.Size([1, 3, 5, 5])
+    """
+
+    def __init__(self, layer: nn.Module, context: LayerContext) -> None:
+        super().__init__()
+        self.layer, self.context = layer, context
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.context.pad:
+            x = F.pad(x, self.context.pad)
+        x = self.layer(x)
+        return self.context.activation(x) if self.context.activation is not None else x

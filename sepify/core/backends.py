@@ -170,7 +170,7 @@ def _compiled(module: nn.Module, args: tuple[Any, ...], what: str) -> Runner:
     return _eager(compiled, args)
 
 
-def _eager(module: nn.Module, args: tuple[Any, ...]) -> Runner:
+def _eager(module: Callable[..., Any], args: tuple[Any, ...]) -> Runner:
     def run() -> Any:
         with torch.no_grad():
             return module(*args)

@@ -18,6 +18,7 @@ same (nothing) on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,16 @@ class Activation:
         if self.kind == "clip":
             return x.clamp(*self.args)
         if self.kind == "leaky_relu":
-            return F.leaky_relu(x, *self.args)
-        functions = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu}
-        return {**functions, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}[self.kind](x)
+            return F.leaky_relu(x, self.args[0])
+        functions: dict[str, Callable[[Tensor], Tensor]] = {
+            "relu": F.relu,
+            "sigmoid": torch.sigmoid,
+            "tanh": torch.tanh,
+            "silu": F.silu,
+            "hardswish": F.hardswish,
+            "hardsigmoid": F.hardsigmoid,
+        }
+        return functions[self.kind](x)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,38 +165,63 @@ def test_integer_and_several_inputs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "safetensors"])
+@pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "openvino", "safetensors"])
 def test_every_output_format_round_trips(tmp_path: Path, tiny_weights: Path, fmt: str) -> None:
-    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
-    pytest.importorskip("safetensors") if fmt == "safetensors" else None
-    out = tmp_path / f"model.{fmt}"
-    argv = ("--weights", tiny_weights, *TINY_INPUT, "--rank", "2", "--format", fmt, "-o", out, "-q")
+    pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino", "safetensors": "safetensors"}.get(fmt, "torch"))
+    out = tmp_path / f"model.{'xml' if fmt == 'openvino' else fmt}"
+    argv = ("--weights", tiny_weights, *TINY_INPUT, "--rank", "2", "--format", fmt, "-o", out)
     result = run("convert", TINY, *argv)
     assert result.exit_code == 0, result.output
+    if fmt in ("pt2", "onnx", "openvino"):  # the written file was run in its runtime, at two batch sizes
+        runtime = {"pt2": "torch.export", "onnx": "onnxruntime", "openvino": "OpenVINO"}[fmt]
+        assert re.search(rf"checked {re.escape(str(out))}: {runtime} reproduces PyTorch's outputs to \S+ \(batches 1, 2\)",
+                         " ".join(result.output.split())), result.output  # fmt: skip
     original = load_model(TINY, weights=tiny_weights).model
     reference = sepify.convert(original, torch.randn(1, 3, 16, 16), rank=2).model
     x = torch.randn(1, 3, 16, 16)
+    three = torch.randn(3, 3, 16, 16)  # the batch axis is dynamic although the example had batch 1
     expected = reference(x).detach()
     if fmt == "pt":
         got = torch.load(out, weights_only=False)(x)
     elif fmt == "pt2":
-        got = torch.export.load(out).module()(x)
+        program = torch.export.load(out).module()
+        got = program(x)
+        torch.testing.assert_close(program(three), reference(three).detach(), rtol=1e-4, atol=1e-4)
     elif fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(out))
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        three = torch.randn(3, 3, 16, 16)  # the batch axis is dynamic although the example had batch 1
         batch = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: three.numpy()})[0])
         torch.testing.assert_close(batch, reference(three).detach(), rtol=1e-4, atol=1e-4)
         import onnx
 
         # torch.onnx folds each BatchNorm into the conv before it (a pair's last conv): nothing left to fold
         assert "BatchNormalization" not in {node.op_type for node in onnx.load(out).graph.node}
+    elif fmt == "openvino":
+        import openvino as ov
+
+        assert out.with_suffix(".bin").is_file()
+        compiled = ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        got = torch.from_numpy(compiled([x.numpy()])[compiled.outputs[0]])
+        batch = torch.from_numpy(compiled([three.numpy()])[compiled.outputs[0]])
+        torch.testing.assert_close(batch, reference(three).detach(), rtol=1e-4, atol=1e-4)
     else:
         assert (tmp_path / "model.plan.json").is_file()
         got = sepify.load_converted(load_model(TINY).model, out)(x)
     torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_output_paths_are_checked_before_any_work(tmp_path: Path, tiny_weights: Path) -> None:
+    pytest.importorskip("openvino")
+    argv = ("--weights", tiny_weights, *TINY_INPUT, "--format", "openvino")
+    result = run("convert", TINY, *argv, "-o", tmp_path / "model.onnx")
+    assert result.exit_code == 1
+    assert "OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml" in result.output
+    (tmp_path / "model.bin").write_bytes(b"old weights")
+    result = run("convert", TINY, *argv, "-o", tmp_path / "model.xml")
+    assert result.exit_code == 1 and "exists" in result.output and "--force" in result.output, result.output
+    assert (tmp_path / "model.bin").read_bytes() == b"old weights" and not (tmp_path / "model.xml").exists()
 
 
 def test_version_and_help() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -102,8 +102,9 @@ FormatOpt = Annotated[
     typer.Option(
         "--format",
         metavar="FORMAT",
-        help="pt, pt2, onnx or safetensors (which writes a .plan.json beside it). Default: pt2 for a .pt2 input, "
-        "else pt.",
+        help="pt, pt2, onnx, openvino (IR: an .xml with its .bin beside it) or safetensors (which writes a "
+        ".plan.json beside it). pt2, onnx and openvino files are run in their runtime and checked against PyTorch "
+        "after writing. Default: pt2 for a .pt2 input, else pt.",
         show_default=False,
         rich_help_panel=o.OUTPUT,
     ),
@@ -288,6 +289,7 @@ def convert(
         console = err if as_json else out
         for path in written:
             console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        _check_written(result, target, chosen, args, quiet or as_json)
         if quiet and not as_json:
             print_lines(result.report.summary_line())
 
@@ -319,18 +321,45 @@ def _write(
     return written
 
 
+def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple[Any, ...], quiet: bool) -> None:
+    """Run the written deployment file in its runtime against the PyTorch model; one line, a warning if it differs."""
+    from sepify.io.exported import TOLERANCE, check_export
+
+    if fmt not in ("pt2", "onnx", "openvino"):
+        return
+    with step(f"checking {target}", quiet):
+        check = check_export(target, fmt, result.model, args)
+    if check is None:
+        return
+    if not check.ok:
+        err.print(
+            f"[bold yellow]warning:[/] {target}: {check.describe()}, more than {TOLERANCE:g}; the exporter changed "
+            "what the model computes: save as --format pt, or report it with the model",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif not quiet:
+        out.print(f"checked {target}: {check.describe()}", highlight=False, soft_wrap=True)
+
+
 def _checked_outputs(
     model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool, inputs: Inputs
 ) -> tuple[str, Path]:
     """The format and model path to write; every output path is checked before any slow work."""
     from sepify.io.load import default_output
-    from sepify.io.save import plan_path
+    from sepify.io.save import EXTENSIONS, plan_path, weights_path
 
     input_path = inputs["model"]
     chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
-    target = output or default_output(model, chosen)
+    target = output or default_output(model, EXTENSIONS[chosen])
+    if chosen == "openvino" and target.suffix != ".xml":
+        raise OutputError(f"{target}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
     if report is not None:
         check_report_path(report)
-    outputs = {"-o": target, "plan (beside -o)": plan_path(target) if chosen == "safetensors" else None}
+    outputs = {
+        "-o": target,
+        "plan (beside -o)": plan_path(target) if chosen == "safetensors" else None,
+        "weights (beside -o)": weights_path(target) if chosen == "openvino" else None,
+    }
     check_outputs({**outputs, "--report": report}, inputs, force=force)
     return chosen, target

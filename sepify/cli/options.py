@@ -53,6 +53,7 @@ class ModelFormat(str, enum.Enum):
     pt = "pt"
     pt2 = "pt2"
     onnx = "onnx"
+    openvino = "openvino"
     safetensors = "safetensors"
 
 

@@ -348,13 +348,13 @@ def is_import_spec(text: str) -> bool:
     return ":" in text and not Path(text).exists()
 
 
-def default_output(source: str, fmt: str) -> Path:
-    """``<stem>.sep.<fmt>`` beside a model file; ``<callable>.sep.<fmt>`` here for an import spec."""
+def default_output(source: str, extension: str) -> Path:
+    """``<stem>.sep.<extension>`` beside a model file; ``<callable>.sep.<extension>`` here for an import spec."""
     if is_import_spec(source):
         name = source.rpartition(":")[2].split(".")[-1] or "model"
-        return Path.cwd() / f"{name}.sep.{fmt}"
+        return Path.cwd() / f"{name}.sep.{extension}"
     path = Path(source)
-    return path.with_name(f"{path.stem}.sep.{fmt}")
+    return path.with_name(f"{path.stem}.sep.{extension}")
 
 
 def load_model(

@@ -1,10 +1,12 @@
-"""Writing a converted model in the formats people deploy: pt, pt2, ONNX, safetensors + plan.
+"""Writing a converted model in the formats people deploy: pt, pt2, ONNX, OpenVINO IR, safetensors + plan.
 
 Every file is written atomically (:mod:`sepify.io.atomic`); every problem is an
 :class:`~sepify.errors.OutputError` naming the path, the cause and the fix.
 A safetensors file carries its plan in its own metadata (``sepify.plan``), so
 the weights never depend on the ``.plan.json`` beside them, which is written
-first and is there for people and tools that read JSON.
+first and is there for people and tools that read JSON. pt2 and ONNX get a
+dynamic batch axis where the model allows it; OpenVINO IR keeps float32
+weights (``compress_to_fp16=False``: the file computes what PyTorch does).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from torch import Tensor, nn
 from sepify.errors import OutputError, SepifyError, SepifyWarning
 from sepify.io.atomic import atomic_path, write_text_atomic
 
-__all__ = ["FORMATS", "save_model", "plan_path", "PLAN_METADATA_KEY"]
+__all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "PLAN_METADATA_KEY"]
 
-FORMATS = ("pt", "pt2", "onnx", "safetensors")
+FORMATS = ("pt", "pt2", "onnx", "openvino", "safetensors")
+EXTENSIONS = {"pt": "pt", "pt2": "pt2", "onnx": "onnx", "openvino": "xml", "safetensors": "safetensors"}
 PLAN_METADATA_KEY = "sepify.plan"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -37,6 +40,11 @@ def _first_line(e: BaseException) -> str:
 def plan_path(weights_path: Path) -> Path:
     """Where the plan of ``name.safetensors`` lives: ``name.plan.json`` beside it."""
     return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + ".plan.json")
+
+
+def weights_path(xml_path: Path) -> Path:
+    """Where the weights of OpenVINO IR ``name.xml`` live: ``name.bin`` beside it (OpenVINO looks there)."""
+    return xml_path.with_suffix(".bin")
 
 
 def save_model(
@@ -62,7 +70,9 @@ def save_model(
         return [path]
     if fmt == "pt2":
         try:
-            program = torch.export.export(model, example_args)
+            program = _with_dynamic_batch(
+                lambda args, shapes: torch.export.export(model, args, dynamic_shapes=shapes), example_args, "pt2"
+            )
         except Exception as e:  # noqa: BLE001 - export failures are many and specific
             raise OutputError(
                 f"{path}: torch.export could not export the converted model ({_first_line(e)}); save as "
@@ -73,6 +83,8 @@ def save_model(
         return [path]
     if fmt == "onnx":
         return [_save_onnx(model, path, example_args, overwrite)]
+    if fmt == "openvino":
+        return _save_openvino(model, path, example_args, overwrite)
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
@@ -99,8 +111,9 @@ def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _onnx_program(model: nn.Module, args: tuple[Any, ...]) -> Any:
-    """The ONNX program with a dynamic batch axis on every tensor input; a fixed batch when that cannot export.
+def _with_dynamic_batch(export: Any, args: tuple[Any, ...], what: str) -> Any:
+    """``export(args, dynamic_shapes)`` with a dynamic batch axis on every tensor input; a fixed batch (and a
+    warning) when that cannot export.
 
     torch.export specialises dimensions of size 1, so the trace runs on the
     example inputs repeated to a batch of 2 (a deployed model sees many batch
@@ -112,24 +125,62 @@ def _onnx_program(model: nn.Module, args: tuple[Any, ...]) -> Any:
         batch = torch.export.Dim("batch", min=1)
         doubled = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in tensors)
         try:
-            program = torch.onnx.export(
-                model, doubled, dynamo=True, verbose=False, external_data=False,
-                dynamic_shapes=tuple({0: batch} for _ in doubled),
-            )  # fmt: skip
-            if program is not None:
-                return program
+            result = export(doubled, tuple({0: batch} for _ in doubled))
+            if result is not None:
+                return result
         except Exception as e:  # noqa: BLE001 - a batch-dependent model; try the fixed batch below
             dynamic_failure = e
-    program = torch.onnx.export(model, args, dynamo=True, verbose=False, external_data=False)
-    assert program is not None
+    result = export(args, None)
     if dynamic_failure is not None:
         warnings.warn(
-            f"the ONNX export has a fixed batch of {tensors[0].shape[0]}: a dynamic batch did not export "
+            f"the {what} export has a fixed batch of {tensors[0].shape[0]}: a dynamic batch did not export "
             f"({_first_line(dynamic_failure)})",
             SepifyWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
+    return result
+
+
+def _onnx_program(model: nn.Module, args: tuple[Any, ...]) -> Any:
+    """The ONNX program, with a dynamic batch axis where the model allows it."""
+
+    def export(inputs: tuple[Any, ...], shapes: Any) -> Any:
+        return torch.onnx.export(model, inputs, dynamo=True, verbose=False, external_data=False, dynamic_shapes=shapes)
+
+    program = _with_dynamic_batch(export, args, "ONNX")
+    assert program is not None
     return program
+
+
+def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> list[Path]:
+    """OpenVINO IR: ``path`` (.xml) and its weights beside it (.bin), each written atomically, weights first."""
+    import tempfile
+
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise OutputError("--format openvino needs the openvino package; pip install 'sepify[openvino]'") from e
+    if path.suffix != ".xml":
+        raise OutputError(f"{path}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
+    weights = weights_path(path)
+    try:
+        with warnings.catch_warnings():  # OpenVINO's PyTorch frontend traces with torch.jit, which is deprecated
+            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+            with torch.no_grad():
+                converted = ov.convert_model(model, example_input=args)
+    except Exception as e:  # noqa: BLE001 - converter failures are many and specific
+        raise OutputError(
+            f"{path}: OpenVINO could not convert the model ({_first_line(e)}); save as --format onnx (OpenVINO reads "
+            "it too) or pt"
+        ) from e
+    with tempfile.TemporaryDirectory() as folder:
+        staged = Path(folder) / "model.xml"
+        ov.save_model(converted, str(staged), compress_to_fp16=False)
+        with atomic_path(weights, overwrite=overwrite) as tmp:
+            tmp.write_bytes(staged.with_suffix(".bin").read_bytes())
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            tmp.write_bytes(staged.read_bytes())
+    return [weights, path]
 
 
 def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> Path:

@@ -1,6 +1,6 @@
 """MTCNN (facenet-pytorch, trained weights from its wheel): detections kept after conversion, at real MACs.
 
-Run:  python benchmarks/mtcnn.py [--threads 1] [--budgets 0.6 0.45]
+Run:  python benchmarks/mtcnn.py [--threads 1] [--budgets 0.6 0.45] [--latency]
 (facenet-pytorch must be installed with --no-deps: it pins an old torch.)
 
 MTCNN is a cascade: P-Net runs on an image pyramid, R-Net and O-Net on the
@@ -19,6 +19,12 @@ then the highest summed IoU, within the budget of real MACs. Test set:
 lfw_subset faces 0-49 plus the astronaut and camera photos (52 reference
 faces), and non-faces 100-149 for false positives. "no data" converts every
 net at the budget from an audit on example inputs only.
+
+``--latency`` adds, for each row, the cascade's latency relative to the
+original detector's in eager PyTorch, onnxruntime and OpenVINO: the three
+nets summed over exactly the inputs each detector feeds them on the test
+face photos (each net exported once with dynamic batch and, for P-Net, image
+size; 1 thread; interleaved medians).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import copy
 import itertools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +42,7 @@ from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
 import sepify
+from sepify.core.timing import interleaved_medians
 
 
 def rgb(image: np.ndarray) -> np.ndarray:
@@ -68,6 +76,59 @@ def capture_inputs(detector: MTCNN, images: list[np.ndarray]) -> dict[str, list[
         for h in hooks:
             h.remove()
     return seen
+
+
+LATENCY_BACKENDS = ("eager", "onnxruntime", "openvino")
+
+
+def net_runner(net: torch.nn.Module, inputs: list[torch.Tensor], backend: str) -> Callable[[], None]:
+    """Run ``net`` on every tensor of ``inputs`` in ``backend`` (exported once, dynamic shapes)."""
+    inputs = [x for x in inputs if x.shape[0] > 0]
+    if backend == "eager":
+
+        def run_eager() -> None:
+            with torch.no_grad():
+                for x in inputs:
+                    net(x)
+
+        return run_eager
+    example = torch.cat([inputs[0], inputs[0]]) if inputs[0].shape[0] == 1 else inputs[0]
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        dims = {0: torch.export.Dim("batch")}
+        if example.shape[-1] > 48:  # P-Net runs on every pyramid level's size
+            dims |= {2: torch.export.Dim("height", min=12), 3: torch.export.Dim("width", min=12)}
+        with torch.no_grad():
+            program = torch.onnx.export(net, (example,), dynamo=True, verbose=False, dynamic_shapes=(dims,))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        session = ort.InferenceSession(program.model_proto.SerializeToString(), options)
+        name = session.get_inputs()[0].name
+        arrays = [x.numpy() for x in inputs]
+        return lambda: [session.run(None, {name: a}) for a in arrays] and None
+    import openvino as ov
+
+    with torch.no_grad():
+        converted = ov.convert_model(net, example_input=(example,))
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    arrays = [x.numpy() for x in inputs]
+    return lambda: [request.infer([a]) for a in arrays] and None
+
+
+def cascade_latencies(original: MTCNN, slim: MTCNN, images: list[np.ndarray], reps: int = 5) -> list[float]:
+    """Slim / original time of the three nets on the inputs each detector feeds them, per backend."""
+    feeds = capture_inputs(original, images), capture_inputs(slim, images)
+    ratios = []
+    for backend in LATENCY_BACKENDS:
+        runners = []
+        for detector, fed in zip((original, slim), feeds):
+            parts = [net_runner(getattr(detector, n), fed[n], backend) for n in fed if any(x.shape[0] for x in fed[n])]
+            runners.append(lambda parts=parts: [run() for run in parts] and None)
+        before, after = interleaved_medians(runners, reps, warmup=1)
+        ratios.append(after / before)
+    return ratios
 
 
 def score(reference: list, got: list) -> tuple[int, int, float, float]:
@@ -107,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.45])
+    parser.add_argument("--latency", action="store_true", help="time each row's cascade in every backend")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -144,8 +206,10 @@ def main() -> None:
                 setattr(slim, name, nets[name, ratio, stage])
             found, macs = counted(slim, calibration)
             scored.append((stage, ratios, agreement(ref_cal, found), macs / macs_cal, slim))
+    timed = (detector, test_faces[-12:]) if args.latency else None  # the astronaut, the camera, 10 faces
     print(f"{'budget':>6} {'calibration':<11} {'P/R/O ratios':<15} {'cal found':>9} {'MACs':>6} "
-          f"{'test found':>10} {'mean IoU':>8} {'false pos':>9}")  # fmt: skip
+          f"{'test found':>10} {'mean IoU':>8} {'false pos':>9}"
+          + ("".join(f" {b:>11}" for b in LATENCY_BACKENDS) if timed else ""))  # fmt: skip
     for budget in args.budgets:
         for stage in ("init", "refined"):
             fits = [x for x in scored if x[0] == stage and x[3] <= budget]
@@ -153,7 +217,7 @@ def main() -> None:
                 print(f"{budget:>6.2f} {stage:<11} nothing within the budget on the calibration photos")
                 continue
             _, ratios, cal_score, _, slim = max(fits, key=lambda x: (x[2][0], x[2][1]))
-            report_row(budget, stage, ratios, cal_score, slim, reference, test_faces, test_nonfaces, macs_test)
+            report_row(budget, stage, ratios, cal_score, slim, reference, test_faces, test_nonfaces, macs_test, timed)
         slim = copy.deepcopy(detector)
         for name in EXAMPLES:
             try:
@@ -162,17 +226,21 @@ def main() -> None:
                 plan = blind[name].plan(max_mac_ratio=1.0)
             setattr(slim, name, sepify.convert(getattr(detector, name), examples[name], plan=plan).model)
         cal_score = agreement(ref_cal, detections(slim, calibration))
-        report_row(budget, "no data", (budget,) * 3, cal_score, slim, reference, test_faces, test_nonfaces, macs_test)
+        report_row(
+            budget, "no data", (budget,) * 3, cal_score, slim, reference, test_faces, test_nonfaces, macs_test, timed
+        )
 
 
 def report_row(budget: float, label: str, ratios: tuple[float, ...], cal_score: tuple[int, float], slim: MTCNN,
-               reference: list, faces: list, nonfaces: list, macs: int) -> None:  # fmt: skip
+               reference: list, faces: list, nonfaces: list, macs: int,
+               timed: tuple[MTCNN, list[np.ndarray]] | None = None) -> None:  # fmt: skip
     got, slim_macs = counted(slim, faces)
     total, found, mean_iou, _ = score(reference, got)
     fp = sum(len(b) for b, _ in detections(slim, nonfaces))
     ratio_text = "/".join(f"{r:g}" for r in ratios)
+    latency = "".join(f" {r:>10.3f}x" for r in cascade_latencies(timed[0], slim, timed[1])) if timed else ""
     print(f"{budget:>6.2f} {label:<11} {ratio_text:<15} {cal_score[0]:>9} {slim_macs / macs:>6.3f} "
-          f"{found:>4}/{total:<5} {mean_iou:>8.3f} {fp:>9}", flush=True)  # fmt: skip
+          f"{found:>4}/{total:<5} {mean_iou:>8.3f} {fp:>9}{latency}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def capture_inputs(detector: MTCNN, images: list[np.ndarray]) -> dict[str, list[
 LATENCY_BACKENDS = ("eager", "onnxruntime", "openvino")
 
 
-def net_runner(net: torch.nn.Module, inputs: list[torch.Tensor], backend: str) -> Callable[[], None]:
+def net_runner(net: torch.nn.Module, inputs: list[torch.Tensor], backend: str, name: str) -> Callable[[], None]:
     """Run ``net`` on every tensor of ``inputs`` in ``backend`` (exported once, dynamic shapes)."""
     inputs = [x for x in inputs if x.shape[0] > 0]
     if backend == "eager":
@@ -97,7 +97,7 @@ def net_runner(net: torch.nn.Module, inputs: list[torch.Tensor], backend: str) -
         import onnxruntime as ort
 
         dims = {0: torch.export.Dim("batch")}
-        if example.shape[-1] > 48:  # P-Net runs on every pyramid level's size
+        if name == "pnet":  # P-Net runs on every pyramid level's size
             dims |= {2: torch.export.Dim("height", min=12), 3: torch.export.Dim("width", min=12)}
         with torch.no_grad():
             program = torch.onnx.export(net, (example,), dynamo=True, verbose=False, dynamic_shapes=(dims,))
@@ -124,7 +124,9 @@ def cascade_latencies(original: MTCNN, slim: MTCNN, images: list[np.ndarray], re
     for backend in LATENCY_BACKENDS:
         runners = []
         for detector, fed in zip((original, slim), feeds):
-            parts = [net_runner(getattr(detector, n), fed[n], backend) for n in fed if any(x.shape[0] for x in fed[n])]
+            parts = [
+                net_runner(getattr(detector, n), fed[n], backend, n) for n in fed if any(x.shape[0] for x in fed[n])
+            ]
             runners.append(lambda parts=parts: [run() for run in parts] and None)
         before, after = interleaved_medians(runners, reps, warmup=1)
         ratios.append(after / before)

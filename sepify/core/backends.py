@@ -18,8 +18,9 @@ side.
 * ``"onnxruntime"``: a layer (a conv or a pair, in its layout) as its small
   ONNX graph with the neighbours the runtime fuses with it
   (:func:`sepify.core.onnx_layers.layer_graph`, :mod:`sepify.core.context`);
-  a whole model exported with ``torch.onnx.export``. Sessions use all graph optimisations and the thread
-  count given (default: ``torch.get_num_threads()``).
+  a whole model exported with ``torch.onnx.export``. Sessions use all graph
+  optimisations and the thread count given (default:
+  ``torch.get_num_threads()``).
 * ``"openvino"``: the same layer graphs read by OpenVINO; a whole model
   through ``openvino.convert_model``; compiled for the CPU with the latency
   hint, the thread count given, and OpenVINO's default inference precision
@@ -52,7 +53,7 @@ Runner = Callable[[], Any]
 
 
 def check_backend(backend: str) -> None:
-    """A ConfigError unless ``backend`` is known and, for onnxruntime, installed."""
+    """A ConfigError unless ``backend`` is known and what it needs is installed (a runtime, or a C++ compiler)."""
     if backend not in LATENCY_BACKENDS:
         raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {backend!r}")
     if backend == "compile" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")):
@@ -92,10 +93,7 @@ def layer_runner(
         return _compiled(InContext(module, context), (x,), f"the {type(module).__name__} layer")
     from sepify.core.onnx_layers import layer_graph
 
-    conv_input = list(x.shape)
-    for i in range(len(context.pad) // 2):
-        conv_input[-1 - i] += context.pad[2 * i] + context.pad[2 * i + 1]
-    graph = layer_graph(module, tuple(conv_input), context).SerializeToString()
+    graph = layer_graph(module, context.conv_input_shape(tuple(x.shape)), context).SerializeToString()
     if backend == "openvino":
         return _openvino_onnx(graph, [x], threads)
     return _onnxruntime(graph, {"x": x}, threads)

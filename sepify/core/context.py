@@ -86,10 +86,17 @@ class LayerContext:
 
     def input_shape(self, conv_input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape before the padding, given the shape the conv sees."""
-        shape = list(conv_input_shape)
-        for i in range(len(self.pad) // 2):
-            shape[-1 - i] -= self.pad[2 * i] + self.pad[2 * i + 1]
-        return tuple(shape)
+        return self._padded(conv_input_shape, -1)
+
+    def conv_input_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the conv sees, given the shape before the padding (the inverse of :meth:`input_shape`)."""
+        return self._padded(input_shape, 1)
+
+    def _padded(self, shape: tuple[int, ...], sign: int) -> tuple[int, ...]:
+        out = list(shape)
+        for i in range(len(self.pad) // 2):  # F.pad order: last dimension first
+            out[-1 - i] += sign * (self.pad[2 * i] + self.pad[2 * i + 1])
+        return tuple(out)
 
     def describe(self) -> str:
         """``"pad + conv + relu"`` style summary, for notes and debugging."""

@@ -68,6 +68,7 @@ def layer_graph(
             current, shape = _conv_nodes(conv, current, shape, f"c{i}", graph)
     if context.activation is not None:
         current = _activation(context.activation, current, len(shape) - 2, graph)
+    assert graph.nodes[-1].output[0] == current  # the last node computes the layer's output: name it y
     graph.nodes[-1].output[0] = "y"
     model = helper.make_graph(
         graph.nodes,

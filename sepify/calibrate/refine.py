@@ -49,7 +49,8 @@ from sepify.calibrate.regression import (
     solve_ridge,
 )
 from sepify.core.decompose import Factorization
-from sepify.core.functional import ConvLayer, canonical_weight, conv_like, is_transposed
+from sepify.core.functional import ConvLayer, canonical_weight, is_transposed
+from sepify.core.measure import conv_output
 from sepify.core.modules import SeparableConv
 from sepify.graph.candidates import dense_weight
 
@@ -170,6 +171,7 @@ def refined_errors(
     ridge: float = 1e-6,
     factorization: Factorization | None = None,
     pairs: Mapping[int, SeparableConv] | None = None,
+    y: Tensor | None = None,
 ) -> dict[int, float]:
     """Relative output error of the pair after a local refit of its last factor, for each rank.
 
@@ -181,20 +183,21 @@ def refined_errors(
     computed); pw-dw-pw bottlenecks are refit one by one (pass ``pairs`` by
     rank if they are built). Ranks whose Gram matrices would be too large, and
     pairs the refit does not support (:func:`refit_unsupported`), are left out.
+    ``y`` is the conv's output on ``x`` when the caller has it already.
     """
+    y = conv_output(conv, x) if y is None else y
     if order == "pw-dw-pw":
         built = pairs or {r: SeparableConv.from_conv(conv, r, order) for r in ranks}
-        found = {r: _refit_error(conv, x, built[r].to(dtype=x.dtype), ridge) for r in ranks}
+        found = {r: _refit_error(x, y, built[r].to(dtype=x.dtype), ridge) for r in ranks}
         return {r: e for r, e in found.items() if e is not None}
-    return _nested_refined_errors(conv, x, order, ranks, ridge, factorization)
+    return _nested_refined_errors(conv, x, y, order, ranks, ridge, factorization)
 
 
-def _refit_error(conv: ConvLayer, x: Tensor, pair: SeparableConv, ridge: float) -> float | None:
-    """The relative output error of ``pair`` after the ridge refit of its last factor on ``x``."""
+def _refit_error(x: Tensor, y: Tensor, pair: SeparableConv, ridge: float) -> float | None:
+    """The relative output error of ``pair`` after the ridge refit of its last factor on ``x`` (targets ``y``)."""
     if gram_bytes(pair) > GRAM_BYTES:
         return None
     with torch.no_grad():
-        y = conv_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
         normal = NormalEquations()
         add_to_normals(normal, pair, x, y)
     assert normal.yy is not None
@@ -206,7 +209,13 @@ def _refit_error(conv: ConvLayer, x: Tensor, pair: SeparableConv, ridge: float) 
 
 
 def _nested_refined_errors(
-    conv: ConvLayer, x: Tensor, order: str, ranks: Sequence[int], ridge: float, factorization: Factorization | None
+    conv: ConvLayer,
+    x: Tensor,
+    y: Tensor,
+    order: str,
+    ranks: Sequence[int],
+    ridge: float,
+    factorization: Factorization | None,
 ) -> dict[int, float]:
     """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others."""
     top = max(ranks)
@@ -215,7 +224,6 @@ def _nested_refined_errors(
     if refit_unsupported(pair) is not None or gram_bytes(pair) > GRAM_BYTES:
         return {}
     with torch.no_grad():
-        y = conv_like(conv, x, conv.weight, conv.bias)  # not conv(x): its hooks may be what called us
         normal = NormalEquations()
         add_to_normals(normal, pair, x, y)
     assert normal.gram is not None and normal.cross is not None and normal.yy is not None

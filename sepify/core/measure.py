@@ -11,7 +11,7 @@ from sepify.core.decompose import Factorization
 from sepify.core.functional import ConvLayer, conv_like, pointwise
 from sepify.core.modules import SeparableConv
 
-__all__ = ["layer_output_errors", "pair_output_error", "squared_norm"]
+__all__ = ["layer_output_errors", "pair_output_error", "conv_output", "squared_norm"]
 
 _ROW = 4096  # elements summed in float32 at a time by squared_norm
 
@@ -36,13 +36,16 @@ def squared_norm(t: Tensor) -> float:
     return float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
 
 
-def layer_output_errors(conv: ConvLayer, x: Tensor, factorization: Factorization, max_rank: int) -> list[float]:
+def layer_output_errors(
+    conv: ConvLayer, x: Tensor, factorization: Factorization, max_rank: int, y: Tensor | None = None
+) -> list[float]:
     """Relative output error ``||y_r - y|| / ||y||`` of the rank-r pair for r = 1..max_rank.
 
     Runs the pair at the largest rank one rank component at a time and
     accumulates: the rank-r output is the bias plus the first r components,
     so every rank costs about as much as one pair at ``max_rank`` (not
     ``max_rank`` dense convs), and only one component's activations are held.
+    ``y`` is the conv's output on ``x`` when the caller has it already.
 
     Examples:
         >>> conv = torch.nn.Conv2d(4, 8, 3)
@@ -52,7 +55,7 @@ def layer_output_errors(conv: ConvLayer, x: Tensor, factorization: Factorization
         (True, True)
     """
     with torch.no_grad():
-        y = conv_like(conv, x, conv.weight, conv.bias)
+        y = conv_output(conv, x) if y is None else y
         norm = squared_norm(y) ** 0.5
         top = min(max_rank, factorization.max_rank)
         pair = SeparableConv.from_conv(conv, top, factorization.order, factorization=factorization)
@@ -93,9 +96,15 @@ def _rank_components(conv: ConvLayer, pair: SeparableConv, x: Tensor) -> Iterato
             yield conv_like(dw, u, taps[:, k : k + 1], None, groups=cout)
 
 
-def pair_output_error(conv: ConvLayer, pair: SeparableConv, x: Tensor) -> float:
-    """``||pair(x) - conv(x)|| / ||conv(x)||`` (0.0 when the conv's output is all zeros)."""
+def conv_output(conv: ConvLayer, x: Tensor) -> Tensor:
+    """``conv``'s output on ``x`` without calling the module (its hooks may be what called the caller)."""
     with torch.no_grad():
-        y = conv_like(conv, x, conv.weight, conv.bias)
+        return conv_like(conv, x, conv.weight, conv.bias)
+
+
+def pair_output_error(conv: ConvLayer, pair: SeparableConv, x: Tensor, y: Tensor | None = None) -> float:
+    """``||pair(x) - conv(x)|| / ||conv(x)||`` (0.0 when the conv's output is all zeros); ``y``: ``conv(x)`` if known."""
+    with torch.no_grad():
+        y = conv_output(conv, x) if y is None else y
         norm = squared_norm(y) ** 0.5
         return squared_norm(pair(x) - y) ** 0.5 / norm if norm > 0 else 0.0

@@ -27,7 +27,7 @@ from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
 from sepify.core.functional import ConvLayer
-from sepify.core.measure import layer_output_errors, pair_output_error
+from sepify.core.measure import conv_output, layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
 from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError, ModelError
@@ -258,19 +258,20 @@ class _LayerErrors:
             first_inputs(analysis.target, args, list(by_module), on_input)
 
     def _measure_one(self, name: str, conv: ConvLayer, x: Tensor) -> None:
+        y = conv_output(conv, x)  # every option is compared with this one output
         for order in sorted({o for o, *_ in self.options[name]}):
             ranks = [r for o, r, *_ in self.options[name] if o == order]
             factorization = self.factors[(name, order)]
             if isinstance(factorization, CPByRank):
                 pairs = {r: _pair(conv, r, factorization) for r in ranks}
-                self.output[(name, order)] = {r: pair_output_error(conv, pair, x) for r, pair in pairs.items()}
+                self.output[(name, order)] = {r: pair_output_error(conv, pair, x, y) for r, pair in pairs.items()}
                 if self.refine:
-                    self.refined[(name, order)] = refined_errors(conv, x, order, ranks, pairs=pairs)
+                    self.refined[(name, order)] = refined_errors(conv, x, order, ranks, pairs=pairs, y=y)
                 continue
-            errors = layer_output_errors(conv, x, factorization, max(ranks))
+            errors = layer_output_errors(conv, x, factorization, max(ranks), y)
             self.output[(name, order)] = {r: errors[r - 1] for r in ranks}
             if self.refine:
-                self.refined[(name, order)] = refined_errors(conv, x, order, ranks, factorization=factorization)
+                self.refined[(name, order)] = refined_errors(conv, x, order, ranks, factorization=factorization, y=y)
 
     def option(self, name: str, option: tuple[str, int, int, int], timing: PairTiming | None) -> AuditOption:
         order, r, params_after, macs_after = option

@@ -212,6 +212,21 @@ def test_every_output_format_round_trips(tmp_path: Path, tiny_weights: Path, fmt
     torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_written_file_that_cannot_be_run_back_is_a_warning(
+    tmp_path: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("no kernel for op Foo")
+
+    monkeypatch.setattr("sepify.io.exported.check_export", broken)
+    out = tmp_path / "model.pt2"
+    result = run("convert", TINY, "--weights", tiny_weights, *TINY_INPUT, "--format", "pt2", "-o", out)
+    assert result.exit_code == 0 and out.is_file()
+    assert "was written but could not be run back to check it (RuntimeError: no kernel for op Foo)" in " ".join(
+        result.output.split()
+    )
+
+
 def test_openvino_output_paths_are_checked_before_any_work(tmp_path: Path, tiny_weights: Path) -> None:
     pytest.importorskip("openvino")
     argv = ("--weights", tiny_weights, *TINY_INPUT, "--format", "openvino")

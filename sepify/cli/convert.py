@@ -327,8 +327,18 @@ def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple
 
     if fmt not in ("pt2", "onnx", "openvino"):
         return
-    with step(f"checking {target}", quiet):
-        check = check_export(target, fmt, result.model, args)
+    try:
+        with step(f"checking {target}", quiet):
+            check = check_export(target, fmt, result.model, args)
+    except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        err.print(
+            f"[bold yellow]warning:[/] {target} was written but could not be run back to check it "
+            f"({type(e).__name__}: {first}); load it in your runtime and compare with the PyTorch model",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     if check is None:
         return
     if not check.ok:

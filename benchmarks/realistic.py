@@ -8,7 +8,7 @@ each budget the audit plans on the same data it will be calibrated with (or
 on the example inputs alone for "no data"), convert applies the plan, and the
 task metric is measured on held-out test data. The plan is made over all
 three structures (dw-pw, pw-dw, pw-dw-pw). "synthetic" is the no-data case
-with 64 inputs synthesised to match the model's BatchNorm statistics
+with 64 inputs (``--synthetic-samples``) synthesised to match the model's BatchNorm statistics
 (``sepify.synthesize_calibration``; BatchNorm statistics then kept). Times are
 wall clock, audit + convert (+ synthesis, once per task). Needs the ``bench``
 extra.
@@ -40,7 +40,7 @@ def recipes(task: Task, only: list[str] | None) -> dict[str, torch.Tensor | str 
     return {k: v for k, v in found.items() if only is None or k in only}
 
 
-def run_task(task: Task, only: list[str] | None) -> None:
+def run_task(task: Task, only: list[str] | None, synthetic_samples: int = 64) -> None:
     model = task.build()
     np.random.seed(0)  # torchcrepe's decoder dithers with numpy's global generator
     print(f"\n## {task.name}: original {task.metric_name} {task.metric(model):.4f}")
@@ -49,7 +49,7 @@ def run_task(task: Task, only: list[str] | None) -> None:
         t0 = time.perf_counter()
         calibration: Any = data
         if isinstance(data, str):  # synthesised once, used by the audit and every conversion
-            data = sepify.synthesize_calibration(model, task.example, samples=64)
+            data = sepify.synthesize_calibration(model, task.example, samples=synthetic_samples)
             calibration = sepify.Calibration(data, refresh_bn=False)
         audit = sepify.audit(model, task.example, calibration=data)
         t_audit = time.perf_counter() - t0
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["digits", "crepe-tiny"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", nargs="+", default=None, help="only these calibration recipes (labels)")
+    parser.add_argument("--synthetic-samples", type=int, default=64, help="inputs synthesised for 'synthetic'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     builders = {
@@ -83,7 +84,7 @@ def main() -> None:
         "crepe-full": lambda: crepe_task("full"),
     }
     for name in args.tasks:
-        run_task(builders[name](), args.recipes)
+        run_task(builders[name](), args.recipes, args.synthetic_samples)
 
 
 if __name__ == "__main__":

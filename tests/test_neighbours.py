@@ -52,6 +52,7 @@ def test_crepes_padding_and_relu_are_found() -> None:
         (nn.Sequential(nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.ReLU()), None),  # two norms: not a fused pattern
         (nn.Sequential(nn.Dropout(), nn.ReLU()), None),  # only BatchNorm is looked through
         (nn.Sequential(nn.GELU()), None),  # not an activation runtimes fuse into a conv
+        (nn.Sequential(nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU()), None),  # batch statistics: no fold
     ],
 )
 def test_the_activation_after_a_conv_and_its_batchnorm(tail: nn.Module, expected: Activation | None) -> None:
@@ -66,6 +67,20 @@ def test_prelu_keeps_its_slopes() -> None:
     activation = _contexts(model)["0"].activation
     assert activation is not None and activation.kind == "prelu"
     assert torch.equal(activation.weight, model[1].weight.detach())
+
+
+def test_constant_pad_nd_is_read_with_its_own_signature() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.constant_pad_nd(self.a(torch.constant_pad_nd(x, (1, 1, 2, 2))), (1, 1, 1, 1), 0.5))
+
+    contexts = _contexts(Net())
+    assert contexts["a"].pad == (1, 1, 2, 2)
+    assert contexts["b"].pad == ()  # pads with 0.5, which no runtime folds into the conv
 
 
 def test_functional_activations_with_arguments() -> None:

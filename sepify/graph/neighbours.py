@@ -22,7 +22,6 @@ from sepify.core.context import Activation, LayerContext
 
 __all__ = ["layer_contexts"]
 
-_PAD_FUNCTIONS = (F.pad, torch.constant_pad_nd)
 _PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -90,11 +89,15 @@ def _pad_before(model: fx.GraphModule, conv: fx.Node) -> tuple[int, ...]:
     if len(pad.users) != 1:
         return ()
     amounts: Any = None
-    if pad.op == "call_function" and pad.target in _PAD_FUNCTIONS:
+    if pad.op == "call_function" and pad.target is F.pad:  # F.pad(input, pad, mode="constant", value=None)
         amounts = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
         mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
         value = pad.args[3] if len(pad.args) > 3 else pad.kwargs.get("value", 0.0)
         if mode != "constant" or value not in (0, 0.0, None):
+            return ()
+    elif pad.op == "call_function" and pad.target is torch.constant_pad_nd:  # (input, pad, value=0)
+        amounts = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
+        if (pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("value", 0)) != 0:
             return ()
     elif pad.op == "call_module" and isinstance(module := model.get_submodule(str(pad.target)), _PAD_MODULES):
         amounts, value = module.padding, getattr(module, "value", 0.0)
@@ -116,7 +119,8 @@ def _activation_after(model: fx.GraphModule, conv: fx.Node) -> Activation | None
             return None
         if user.op == "call_module":
             module = model.get_submodule(str(user.target))
-            if isinstance(module, _NORMS) and not module.training and node is conv:
+            folds = isinstance(module, _NORMS) and not module.training and module.running_mean is not None
+            if folds and node is conv:
                 node = user
                 continue
             make = _ACTIVATION_MODULES.get(type(module))

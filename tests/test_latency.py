@@ -243,6 +243,21 @@ def test_skip_slower_with_the_real_timer_converts_only_faster_pairs(net: nn.Modu
         assert row.converted or row.skip_reason is SkipReason.SLOWER
 
 
+def test_the_audit_times_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Time depends on shapes, not weights: repeated blocks share their timings; a different context does not."""
+    calls = _stub_timing(monkeypatch, {"dw-pw": 0.5})
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),  # the same as the first: timed once
+        nn.Conv2d(8, 8, 3, padding=1), nn.Sigmoid(),  # same shapes, another activation fused: timed again
+        nn.Conv2d(8, 16, 3, padding=1),
+    ).eval()  # fmt: skip
+    audit = sepify.audit(net, torch.randn(1, 8, 8, 8), timing=sepify.Timing(reps=1), orders=("dw-pw",), ranks=(1, 2))
+    assert len(calls) == 3 * 2  # three distinct layers, two ranks each
+    assert [o.latency_after for o in audit.layer("0").options] == [o.latency_after for o in audit.layer("2").options]
+
+
 def test_timing_reps_are_checked() -> None:
     with pytest.raises(sepify.ConfigError, match="timing reps must be an integer >= 1, got 0"):
         sepify.Timing(reps=0)

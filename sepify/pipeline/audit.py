@@ -118,9 +118,10 @@ def audit(
     model_latency, latency_notes = _model_latency(analysis, args, timed)
     rows = []
     total_params = count_params(analysis.target)
+    timer = _OptionTimer(timed) if timed is not None else None
     for i, site in enumerate(analysis.sites):
         report_progress("auditing layers", i, len(analysis.sites))
-        rows.append(_audit_layer(analysis, site, options, factors, errors, timed, data_args, reference, total_params))
+        rows.append(_audit_layer(analysis, site, options, factors, errors, timer, data_args, reference, total_params))
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
     notes += synthetic
@@ -155,7 +156,7 @@ def _audit_layer(
     options: Options,
     factors: Factorizations,
     errors: _LayerErrors,
-    timing: Timing | None,
+    timer: _OptionTimer | None,
     args: tuple[Any, ...],
     reference: Any,
     total_params: int,
@@ -168,7 +169,7 @@ def _audit_layer(
     opts: list[AuditOption] = []
     model_err = sens_order = None
     if site.eligible:
-        times = _time_options(site, options[site.qualname], factors, timing) if timing else {}
+        times = timer.options(site, options[site.qualname], factors) if timer else {}
         opts = [errors.option(site.qualname, option, times.get(option[:2])) for option in options[site.qualname]]
         rank1 = [o for o in opts if o.rank == 1]
         if reference is not None and rank1:
@@ -312,20 +313,41 @@ def _model_error_rank1(
         return worst_output_error(reference, _forward(analysis.target, args))
 
 
-def _time_options(
-    site: ConvSite, options: list[tuple[str, int, int, int]], factors: Factorizations, timing: Timing
-) -> dict[tuple[str, int], PairTiming]:
-    """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input shape."""
-    times = {}
-    for order, r, _, _ in options:
-        pair = _pair(site.module, r, factors[(site.qualname, order)]).eval()
-        times[(order, r)] = time_pair(
-            pair,
-            site.call.input_shape,
-            timing.reps,
-            against=site.module,
-            backend=timing.backend,
-            threads=timing.threads,
-            context=site.context,
-        )
-    return times
+class _OptionTimer:
+    """Times each layer's options in one backend; an option already timed for a conv of the same configuration,
+    input shape and context is not timed again (time depends on shapes, not weights: a ResNet's repeated blocks)."""
+
+    def __init__(self, timing: Timing) -> None:
+        self.timing = timing
+        self.timed: dict[tuple[Any, ...], PairTiming] = {}
+
+    def options(
+        self, site: ConvSite, options: list[tuple[str, int, int, int]], factors: Factorizations
+    ) -> dict[tuple[str, int], PairTiming]:
+        """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input
+        shape, by (order, rank)."""
+        times = {}
+        for order, r, _, _ in options:
+            key = (*_timing_signature(site), order, r)
+            if key not in self.timed:
+                pair = _pair(site.module, r, factors[(site.qualname, order)]).eval()
+                self.timed[key] = time_pair(
+                    pair,
+                    site.call.input_shape,
+                    self.timing.reps,
+                    against=site.module,
+                    backend=self.timing.backend,
+                    threads=self.timing.threads,
+                    context=site.context,
+                )
+            times[(order, r)] = self.timed[key]
+        return times
+
+
+def _timing_signature(site: ConvSite) -> tuple[Any, ...]:
+    """Everything a layer's time depends on: the conv's configuration, its input shape and its context."""
+    conv, context = site.module, site.context
+    activation = (context.activation.kind, context.activation.args) if context.activation is not None else None
+    config = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, conv.output_padding)
+    shape = (conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.bias is not None)
+    return (type(conv), shape, str(config), tuple(site.call.input_shape), context.pad, activation)

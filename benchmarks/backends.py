@@ -3,7 +3,7 @@
 Run:  python benchmarks/backends.py [--models resnet18 resnet50] [--batch 8] [--threads 1]
 
 For each model (random weights) converted at rank 1 (dw-pw), sepify times the
-original and the converted model in eager PyTorch, onnxruntime and OpenVINO
+original and the converted model in eager PyTorch, torch.compile, onnxruntime and OpenVINO
 (``Timing(backend=...)``), interleaved medians; "+skip" converts only the
 layers whose pair that backend timed faster (``skip_slower``). Realisation =
 latency ratio / MAC ratio: 1.0 when the MAC savings became time savings one
@@ -40,7 +40,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None).eval()
         x = torch.randn(args.batch, 3, args.size, args.size)
-        for backend, skip in [(b, s) for b in ("eager", "onnxruntime", "openvino") for s in (False, True)]:
+        backends = ("eager", "compile", "onnxruntime", "openvino")
+        for backend, skip in [(b, s) for b in backends for s in (False, True)]:
             if args.backends and backend not in args.backends:
                 continue
             timing = sepify.Timing(backend=backend, threads=args.threads, reps=args.reps, skip_slower=skip)

@@ -150,6 +150,7 @@ def score(reference: list, got: list) -> tuple[int, int, float, float]:
 
 EXAMPLES = {"pnet": (1, 3, 64, 64), "rnet": (2, 3, 24, 24), "onet": (2, 3, 48, 48)}
 GRID = {"pnet": (0.5, 0.6, 0.75, 1.0), "rnet": (0.3, 0.4, 1.0), "onet": (0.3, 0.4, 0.6, 1.0)}
+FINE_GRID = {"pnet": (0.6, 0.75, 1.0), "rnet": (0.2, 0.3, 0.4, 1.0), "onet": (0.2, 0.25, 0.3, 0.4, 0.6, 1.0)}
 
 
 def counted(detector: MTCNN, images: list[np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
@@ -171,7 +172,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.6, 0.45])
     parser.add_argument("--latency", action="store_true", help="time each row's cascade in every backend")
+    parser.add_argument("--fine", action="store_true", help="a finer grid of per-net ratios (72 combinations)")
     args = parser.parse_args()
+    grid = FINE_GRID if args.fine else GRID
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lfw = data.lfw_subset()
@@ -191,7 +194,7 @@ def main() -> None:
     blind = {name: sepify.audit(getattr(detector, name), examples[name]) for name in EXAMPLES}
     nets: dict[tuple[str, float, str], torch.nn.Module] = {}
     for name, stage in itertools.product(EXAMPLES, ("init", "refined")):
-        for ratio in GRID[name]:
+        for ratio in grid[name]:
             if ratio == 1.0:
                 nets[name, ratio, stage] = getattr(detector, name)
                 continue
@@ -202,7 +205,7 @@ def main() -> None:
     print(f"audits and {len(nets)} conversions: {time.perf_counter() - t0:.0f} s")
     scored = []  # (stage, ratios, calibration score, real MAC ratio on the calibration photos)
     for stage in ("init", "refined"):
-        for ratios in itertools.product(*GRID.values()):
+        for ratios in itertools.product(*grid.values()):
             slim = copy.deepcopy(detector)
             for name, ratio in zip(EXAMPLES, ratios):
                 setattr(slim, name, nets[name, ratio, stage])

@@ -188,36 +188,24 @@ def refined_errors(
     y = conv_output(conv, x) if y is None else y
     if order == "pw-dw-pw":
         built = pairs or {r: SeparableConv.from_conv(conv, r, order) for r in ranks}
-        found = bottleneck_errors(x, y, {r: built[r] for r in ranks}, ridge)
-        return {r: after for r, (_, after) in found.items() if after is not None}
+        found = {r: _refit_error(x, y, built[r].to(dtype=x.dtype), ridge) for r in ranks}
+        return {r: e for r, e in found.items() if e is not None}
     return _nested_refined_errors(conv, x, y, order, ranks, ridge, factorization)
 
 
-def bottleneck_errors(
-    x: Tensor, y: Tensor, pairs: Mapping[int, SeparableConv], ridge: float = 1e-6
-) -> dict[int, tuple[float, float | None]]:
-    """Each pw-dw-pw pair's relative output error as built and after the ridge refit of its last factor, on
-    inputs ``x`` with targets ``y``, from one pass of normal equations per pair (the as-built error is their
-    residual at the current weights: no second forward). Pairs whose Gram matrices would be too large are left
-    out; the refit error is None where the system is not positive definite.
-    """
-    found: dict[int, tuple[float, float | None]] = {}
-    for r, built in pairs.items():
-        pair = built.to(dtype=x.dtype)
-        if gram_bytes(pair) > GRAM_BYTES:
-            continue
-        with torch.no_grad():
-            normal = NormalEquations()
-            add_to_normals(normal, pair, x, y)
-        assert normal.yy is not None
-        total = float(normal.yy.sum())
-        if total <= 0:
-            found[r] = (0.0, 0.0)
-            continue
-        before = max(normal.error(current_weights(pair).to(normal.yy.device)), 0.0) ** 0.5 / total**0.5
-        w = solve_ridge(normal, ridge, pair.last.bias is not None)
-        found[r] = (before, None if w is None else max(normal.error(w), 0.0) ** 0.5 / total**0.5)
-    return found
+def _refit_error(x: Tensor, y: Tensor, pair: SeparableConv, ridge: float) -> float | None:
+    """The relative output error of ``pair`` after the ridge refit of its last factor on ``x`` (targets ``y``)."""
+    if gram_bytes(pair) > GRAM_BYTES:
+        return None
+    with torch.no_grad():
+        normal = NormalEquations()
+        add_to_normals(normal, pair, x, y)
+    assert normal.yy is not None
+    total = float(normal.yy.sum())
+    if total <= 0:
+        return 0.0
+    w = solve_ridge(normal, ridge, pair.last.bias is not None)
+    return None if w is None else max(normal.error(w), 0.0) ** 0.5 / total**0.5
 
 
 def _nested_refined_errors(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sepify.calibrate.capture import first_inputs
 from sepify.calibrate.data import calibration_batches
-from sepify.calibrate.refine import bottleneck_errors, refined_errors
+from sepify.calibrate.refine import refined_errors
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import worst_output_error
 from sepify.core.backends import check_backend
@@ -265,13 +265,9 @@ class _LayerErrors:
             factorization = self.factors[(name, order)]
             if isinstance(factorization, CPByRank):
                 pairs = {r: _pair(conv, r, factorization) for r in ranks}
-                # with calibration both errors come from one pass of the refit's normal equations per width
-                both = bottleneck_errors(x, y, pairs) if self.refine else {}
-                self.output[(name, order)] = {
-                    r: both[r][0] if r in both else pair_output_error(conv, pair, x, y) for r, pair in pairs.items()
-                }
+                self.output[(name, order)] = {r: pair_output_error(conv, pair, x, y) for r, pair in pairs.items()}
                 if self.refine:
-                    self.refined[(name, order)] = {r: e for r, (_, e) in both.items() if e is not None}
+                    self.refined[(name, order)] = refined_errors(conv, x, order, ranks, pairs=pairs, y=y)
                 continue
             errors = layer_output_errors(conv, x, factorization, max(ranks), y)
             self.output[(name, order)] = {r: errors[r - 1] for r in ranks}

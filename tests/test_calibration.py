@@ -285,6 +285,19 @@ def test_refined_errors_predict_what_refinement_reaches(order: str) -> None:
     assert predicted[1] > predicted[2] > predicted[3]
 
 
+def test_the_audit_never_predicts_a_refit_worse_than_keeping_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refinement keeps the current weights where its refit is worse (a degenerate bottleneck's ill-conditioned
+    regression can be), so the audit's refined prediction is never above the as-built error."""
+    import sepify.pipeline.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "refined_errors", lambda conv, x, order, ranks, **_: dict.fromkeys(ranks, 10.0))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    audit = sepify.audit(net, torch.randn(2, 3, 12, 12), calibration=torch.randn(16, 3, 12, 12))
+    options = [o for layer in audit.candidates for o in layer.options]
+    assert options and all(o.refined_error == o.output_error for o in options)
+
+
 def test_audit_with_calibration_plans_for_the_refinement(digits) -> None:  # type: ignore[no-untyped-def]
     model, x_train, x_test, y_test, original = digits
     audit = sepify.audit(model, x_test[:4], calibration=x_train[:128])

@@ -277,14 +277,18 @@ class _LayerErrors:
     def option(self, name: str, option: tuple[str, int, int, int], timing: PairTiming | None) -> AuditOption:
         order, r, params_after, macs_after = option
         measured = self.output.get((name, order))
+        output = measured.get(r) if measured else None
+        refined = self.refined.get((name, order), {}).get(r)
+        if refined is not None and output is not None:
+            refined = min(refined, output)  # refinement keeps the current weights where its refit is worse
         return AuditOption(
             rank=r,
             order=order,
             params_after=params_after,
             macs_after=macs_after,
             weight_error=self.factors[(name, order)].relative_error(r),
-            output_error=measured.get(r) if measured else None,
-            refined_error=self.refined.get((name, order), {}).get(r),
+            output_error=output,
+            refined_error=refined,
             latency_before=timing.conv if timing else None,
             latency_after=timing.pair if timing else None,
             layout=timing.layout if timing else None,

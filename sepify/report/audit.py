@@ -31,7 +31,8 @@ class AuditOption:
     macs_after: int
     weight_error: float
     output_error: float | None = None  # the layer's own ||y_r - y|| / ||y|| on the example inputs
-    refined_error: float | None = None  # the same after refinement (least-squares refit of the last factor)
+    # the same after refinement (least-squares refit of the last factor, kept only where better, as refinement does)
+    refined_error: float | None = None
     latency_before: float | None = None  # seconds, median, original conv
     latency_after: float | None = None  # seconds, median, the pair in its fastest layout
     layout: str | None = None  # the fastest layout, where the pair has a choice and latency was measured

@@ -17,7 +17,7 @@ def _net(seed: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "onnx", "openvino"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_a_file_that_computes_something_else_is_caught(tmp_path: Path, fmt: str) -> None:
     pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino"}.get(fmt, "torch"))
     x = torch.randn(2, 3, 10, 10)

@@ -342,7 +342,7 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_deployment_backends_time_layers_and_models(net: nn.Module, x: torch.Tensor, backend: str) -> None:
     pytest.importorskip(backend)
     timing = sepify.Timing(backend=backend, threads=1, reps=3)

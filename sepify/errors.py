@@ -8,7 +8,10 @@ a usage error (2), every other :class:`SepifyError` a failure (1).
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "first_line",
     "SepifyError",
     "ConfigError",
     "InputShapeError",
@@ -66,3 +69,17 @@ class NothingConvertedError(SepifyError):
 
 class SepifyWarning(UserWarning):
     """A soft problem: the result is usable, but the user should know."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(e: BaseException) -> str:
+    r"""An exception as one short plain line for a message's parenthesis (libraries put colour codes and pages of
+    context in theirs).
+
+    >>> first_line(RuntimeError("\x1b[31mno kernel\x1b[0m for op Foo\nwhile running node 7"))
+    'RuntimeError: no kernel for op Foo'
+    """
+    text = _ANSI.sub("", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"

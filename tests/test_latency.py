@@ -379,7 +379,7 @@ def test_the_compile_backend_says_when_there_is_no_cxx_compiler(monkeypatch: pyt
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(sepify.ConfigError, match=r"needs a C\+\+ compiler .*; install one \(apt install g\+\+\)"):
-        check_backend("compile")
+        check_backend(sepify.Timing(backend="compile"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import typer
 from sepify.cli import options as o
 from sepify.cli.app import app, err, errors_as_exit_codes, out
 from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
-from sepify.errors import NothingConvertedError, OutputError
+from sepify.errors import NothingConvertedError, OutputError, first_line
 from sepify.io.outputs import check_outputs
 
 if TYPE_CHECKING:
@@ -331,10 +331,9 @@ def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple
         with step(f"checking {target}", quiet):
             check = check_export(target, fmt, result.model, args)
     except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         err.print(
             f"[bold yellow]warning:[/] {target} was written but could not be run back to check it "
-            f"({type(e).__name__}: {first}); load it in your runtime and compare with the PyTorch model",
+            f"({first_line(e)}); load it in your runtime and compare with the PyTorch model",
             highlight=False,
             soft_wrap=True,
         )

@@ -45,17 +45,17 @@ from sepify.core.context import InContext, LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
 from sepify.errors import ConfigError, ModelError
-from sepify.options import LATENCY_BACKENDS
+from sepify.options import Timing
 
 __all__ = ["Runner", "layer_runner", "model_runner", "check_backend"]
 
 Runner = Callable[[], Any]
 
 
-def check_backend(backend: str) -> None:
-    """A ConfigError unless ``backend`` is known and what it needs is installed (a runtime, or a C++ compiler)."""
-    if backend not in LATENCY_BACKENDS:
-        raise ConfigError(f"latency backend must be one of {LATENCY_BACKENDS}, got {backend!r}")
+def check_backend(timing: Timing) -> None:
+    """A ConfigError unless what ``timing``'s backend needs is installed (a runtime, or a C++ compiler); the
+    backend's name was checked when the :class:`~sepify.options.Timing` was made."""
+    backend = timing.backend
     if backend == "compile" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")):
         raise ConfigError(
             "the compile latency backend needs a C++ compiler for torch.compile's CPU code (no CXX, g++, c++ or "

@@ -57,9 +57,7 @@ def layer_graph(
     shape = list(input_shape)
     current = "x"
     if context.pad:
-        begins, ends = context.pad[::2][::-1], context.pad[1::2][::-1]
-        lead = [0] * (len(shape) - len(begins))
-        current = graph.node("Pad", [current, graph.constant(np.array([*lead, *begins, *lead, *ends]), "ctx.pads")])
+        current = graph.pad(current, context.pad, len(shape), "constant", "ctx")
     if isinstance(module, SeparableConv) and module.layout == "rank-major":
         current, shape = _rank_major(module, current, shape, graph)
     else:
@@ -93,6 +91,14 @@ class _Graph:
         out = f"t{len(self.nodes)}"
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
+
+    def pad(self, x: str, amounts: tuple[int, ...] | list[int], rank: int, mode: str, prefix: str) -> str:
+        """A ``Pad`` node on ``x`` (a tensor of ``rank`` dimensions) for amounts in ``F.pad`` order (last dimension
+        first, begin and end for each); ONNX lists every dimension's begin, then every dimension's end."""
+        begins, ends = list(amounts[::2][::-1]), list(amounts[1::2][::-1])
+        lead = [0] * (rank - len(begins))
+        pads = self.constant(np.array([*lead, *begins, *lead, *ends], dtype=np.int64), f"{prefix}.pads")
+        return self.node("Pad", [x, pads], mode=mode)
 
     def constant(self, value: np.ndarray | Tensor, name: str) -> str:
         from onnx import numpy_helper
@@ -172,7 +178,6 @@ def _conv_nodes(
 ) -> tuple[str, list[int]]:
     """``conv``'s nodes reading ``x`` (of ``shape``), optionally with another ``weight`` (and ``bias``: None for
     none); return the output's name and shape."""
-
     dims = len(conv.kernel_size)
     weight = conv.weight if weight is None else weight
     bias = conv.bias if isinstance(bias, str) else bias
@@ -205,8 +210,7 @@ def _conv_nodes(
         mode = _PAD_MODES.get(conv.padding_mode, "constant")
     begins, ends = amounts[::2][::-1], amounts[1::2][::-1]  # F.pad amounts run last dimension first
     if mode != "constant" or begins != ends or isinstance(conv, SameConv2d):
-        pads = graph.constant(np.array([0, 0, *begins, 0, 0, *ends], dtype=np.int64), f"{prefix}.pads")
-        inputs[0] = graph.node("Pad", [x, pads], mode=mode)
+        inputs[0] = graph.pad(x, amounts, len(shape), mode, prefix)
         attrs["pads"] = [0] * (2 * dims)
     else:
         attrs["pads"] = [*begins, *ends]

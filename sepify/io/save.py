@@ -12,7 +12,6 @@ weights (``compress_to_fp16=False``: the file computes what PyTorch does).
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sepify.errors import OutputError, SepifyError, SepifyWarning
+from sepify.errors import OutputError, SepifyError, SepifyWarning, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
 
 __all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "PLAN_METADATA_KEY"]
@@ -28,13 +27,6 @@ __all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "
 FORMATS = ("pt", "pt2", "onnx", "openvino", "safetensors")
 EXTENSIONS = {"pt": "pt", "pt2": "pt2", "onnx": "onnx", "openvino": "xml", "safetensors": "safetensors"}
 PLAN_METADATA_KEY = "sepify.plan"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short plain line (exporters put colour codes and pages of context in theirs)."""
-    text = _ANSI.sub("", str(e)).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
 
 
 def plan_path(weights_path: Path) -> Path:
@@ -75,7 +67,7 @@ def save_model(
             )
         except Exception as e:  # noqa: BLE001 - export failures are many and specific
             raise OutputError(
-                f"{path}: torch.export could not export the converted model ({_first_line(e)}); save as "
+                f"{path}: torch.export could not export the converted model ({first_line(e)}); save as "
                 "--format pt or safetensors instead"
             ) from e
         with atomic_path(path, overwrite=overwrite) as tmp:
@@ -134,7 +126,7 @@ def _with_dynamic_batch(export: Any, args: tuple[Any, ...], what: str) -> Any:
     if dynamic_failure is not None:
         warnings.warn(
             f"the {what} export has a fixed batch of {tensors[0].shape[0]}: a dynamic batch did not export "
-            f"({_first_line(dynamic_failure)})",
+            f"({first_line(dynamic_failure)})",
             SepifyWarning,
             stacklevel=5,
         )
@@ -170,7 +162,7 @@ def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrit
                 converted = ov.convert_model(model, example_input=args)
     except Exception as e:  # noqa: BLE001 - converter failures are many and specific
         raise OutputError(
-            f"{path}: OpenVINO could not convert the model ({_first_line(e)}); save as --format onnx (OpenVINO reads "
+            f"{path}: OpenVINO could not convert the model ({first_line(e)}); save as --format onnx (OpenVINO reads "
             "it too) or pt"
         ) from e
     with tempfile.TemporaryDirectory() as folder:
@@ -197,7 +189,7 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures are many and specific
         raise OutputError(
-            f"{path}: ONNX export failed ({_first_line(e)}); save as --format pt or safetensors instead "
+            f"{path}: ONNX export failed ({first_line(e)}); save as --format pt or safetensors instead "
             "(both keep every module as it is)"
         ) from e
     return path

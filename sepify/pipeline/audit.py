@@ -103,7 +103,7 @@ def audit(
         ranks = [as_int(r, "each rank", 1) for r in ranks]
     calib, timed = Calibration.of(calibration), Timing.of(timing)
     if timed is not None:
-        check_backend(timed.backend)
+        check_backend(timed)
     args = normalize_inputs(example_inputs)
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
     analysis = analyze(model, args, select=select)

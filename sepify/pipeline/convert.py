@@ -154,7 +154,7 @@ def convert(
         raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
     calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
     if timed is not None:
-        check_backend(timed.backend)
+        check_backend(timed)
     if distillation is not None and calib is None:
         raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
     args = normalize_inputs(example_inputs)

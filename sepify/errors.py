@@ -82,4 +82,5 @@ def first_line(e: BaseException) -> str:
     'RuntimeError: no kernel for op Foo'
     """
     text = _ANSI.sub("", str(e)).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:160] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {line if len(line) <= 160 else line[:157] + '...'}"

@@ -23,7 +23,7 @@ from sepify.calibrate.distill import distill
 from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
 from sepify.core.modules import SeparableConv
-from sepify.errors import CalibrationError
+from sepify.errors import CalibrationError, first_line
 from sepify.graph.probe import describe_inputs, float_leaves
 from sepify.options import Calibration, Distill
 
@@ -199,9 +199,8 @@ def _run_on_calibration(model: nn.Module, args: tuple[Any, ...]) -> Any:
     try:
         return model(*args)
     except Exception as e:  # noqa: BLE001 - any failure of user code on user data is an input problem
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CalibrationError(
-            f"the model failed on calibration batch {describe_inputs(args)}: {type(e).__name__}: {first_line}; pass "
+            f"the model failed on calibration batch {describe_inputs(args)}: {first_line(e)}; pass "
             "calibration samples shaped like the example inputs"
         ) from e
 

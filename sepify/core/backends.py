@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from sepify.core.context import InContext, LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
-from sepify.errors import ConfigError, ModelError
+from sepify.errors import ConfigError, ModelError, first_line
 from sepify.options import Timing
 
 __all__ = ["Runner", "layer_runner", "model_runner", "check_backend"]
@@ -123,9 +123,8 @@ def _failure_is_the_models(model: nn.Module, doing: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:  # noqa: BLE001 - exporters fail in many specific ways; the model is what they choke on
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(
-            f"could not {doing} ({type(model).__name__}: {type(e).__name__}: {first}); time it with the eager backend"
+            f"could not {doing} ({type(model).__name__}: {first_line(e)}); time it with the eager backend"
         ) from e
 
 

@@ -16,12 +16,12 @@ from torch import fx, nn
 
 from sepify.core.cost import conv_macs, separable_macs
 from sepify.core.functional import is_transposed
-from sepify.errors import ConfigError, InputShapeError, ModelError
+from sepify.errors import ConfigError, InputShapeError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
 from sepify.graph.neighbours import layer_contexts
 from sepify.graph.probe import ProbeResult, all_finite, probe
-from sepify.graph.tracing import TraceOutcome, shorten_error, trace_model
+from sepify.graph.tracing import TraceOutcome, trace_model
 from sepify.io.load import wrapped_hint
 from sepify.options import Selection
 
@@ -129,7 +129,9 @@ def _trace_and_probe(
         # A traced graph can bake in shapes or branches that eager code would
         # recompute; if the eager model runs, swap modules in it instead.
         result = probe(work, args)
-        reason = f"the traced graph failed where the model runs ({shorten_error(traced_failure.__cause__ or traced_failure)})"
+        reason = (
+            f"the traced graph failed where the model runs ({first_line(traced_failure.__cause__ or traced_failure)})"
+        )
         return TraceOutcome(graph_module=None, error=reason), work, result, []
 
 

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sepify.core.backends import model_runner
 from sepify.core.functional import CONV_TYPES
 from sepify.core.timing import interleaved_medians
-from sepify.errors import InputShapeError
+from sepify.errors import InputShapeError, first_line
 
 __all__ = [
     "ConvCall",
@@ -154,7 +154,7 @@ def probe(module: nn.Module, args: tuple[Any, ...], *, what: str = "model") -> P
     except Exception as e:  # noqa: BLE001 - any failure of user code is an input problem
         raise InputShapeError(
             f"the {what} ({type(module).__name__}) failed on example inputs {describe_inputs(args)}: "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+            f"{first_line(e)}; "
             "pass inputs of the shape and dtype its forward expects"
         ) from e
     finally:

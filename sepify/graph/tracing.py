@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from sepify.core.functional import CONV_TYPES
-from sepify.errors import ConfigError
+from sepify.errors import ConfigError, first_line
 
 __all__ = [
     "register_leaf_module",
@@ -125,13 +125,6 @@ class TraceOutcome:
         if self.graph_module is None:
             return "swap"
         return "fx+leaves" if self.leaves else "fx"
-
-
-def shorten_error(error: BaseException, limit: int = 160) -> str:
-    """First line of an exception's message, cut to ``limit`` characters."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = f"{type(error).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parent_qualname(qualname: str) -> str:
@@ -246,7 +239,7 @@ def _trace(model: nn.Module, extra_leaves: frozenset[str], concrete: dict[str, A
             graph = tracer.trace(model, concrete_args=concrete)
         except Exception as e:  # noqa: BLE001 - any fx failure means "not traceable"
             failed = tracer.failed_qualname
-            reason = shorten_error(e)
+            reason = first_line(e)
             # A failure reported at an existing leaf really happened in the
             # caller's forward (e.g. control flow on the leaf's output).
             while failed and failed in leaf_set:

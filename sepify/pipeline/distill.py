@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sepify.calibrate.distill import kl_loss
 from sepify.core.modules import SeparableConv
-from sepify.errors import CalibrationError, ConfigError, ModelError, OutputError
+from sepify.errors import CalibrationError, ConfigError, ModelError, OutputError, first_line
 from sepify.graph.probe import float_leaves
 from sepify.io.atomic import atomic_path
 from sepify.pipeline.convert import ConversionResult
@@ -228,7 +228,7 @@ def _distributed() -> tuple[int, int]:
         except Exception as e:  # noqa: BLE001 - rendezvous failures are many
             raise ConfigError(
                 f"torchrun set WORLD_SIZE={os.environ.get('WORLD_SIZE')} but the process group did not start "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint"
+                f"({first_line(e)}); check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint"
             ) from e
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

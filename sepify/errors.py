@@ -82,5 +82,7 @@ def first_line(e: BaseException) -> str:
     'RuntimeError: no kernel for op Foo'
     """
     text = _ANSI.sub("", str(e)).strip()
-    line = text.splitlines()[0] if text else ""
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
     return f"{type(e).__name__}: {line if len(line) <= 160 else line[:157] + '...'}"

@@ -200,8 +200,11 @@ def main() -> None:
                         help="no data: R-Net and O-Net planned at each predicted output error")  # fmt: skip
     parser.add_argument("--latency", action="store_true", help="time each row's cascade in every backend")
     parser.add_argument("--fine", action="store_true", help="a finer grid of per-net ratios (72 combinations)")
-    parser.add_argument("--plain-calibration", action="store_true",
-                        help="capture the nets' inputs on the calibration photos alone, at MTCNN's thresholds")  # fmt: skip
+    parser.add_argument(
+        "--plain-calibration",
+        action="store_true",
+        help="capture the nets' inputs on the calibration photos alone, at MTCNN's thresholds",
+    )
     args = parser.parse_args()
     grid = FINE_GRID if args.fine else GRID
     torch.set_num_threads(args.threads)

@@ -166,7 +166,7 @@ class CPFactorization:
             (a, b, c), error = found[best], errors[best]
             if sweeps > probe:
                 a, b, c = _als(w, a, b, c, sweeps - probe)
-                error = min(error, _relative_error(w, a, b, c))
+                error = _relative_error(w, a, b, c)
         a, b, c = _balanced(a, b, c)
         return cls(b.transpose(1, 2), c.transpose(1, 2), a, error, tuple(weight.shape), weight.dtype, weight.device)
 

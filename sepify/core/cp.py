@@ -17,11 +17,13 @@ the leading singular vectors of the weight unfolded along that factor's mode
 (HOSVD; cycled where R exceeds the mode's size), which finds narrow
 bottlenecks that per-channel terms miss. Alternating least squares (ALS,
 float64) improves all three factors from each start; each sweep solves three
-small linear systems and never increases the error. Both starts get a few
-sweeps and only the one ahead goes on (on digits and crepe-tiny this halves
-the time and changes no error by more than 0.15%), so the result is never
-worse than the per-channel pair of the same width. Everything is
-deterministic.
+small linear systems and never increases the error, and a line search
+extends each sweep's step when that helps (see :func:`_als`). Both starts get
+a few sweeps and only the one ahead goes on, so the result is never worse
+than the per-channel pair of the same width. On the trained digits and
+crepe-tiny layers this matches tensorly's ``parafac`` after 100 iterations
+(within -3% to +2% relative error) in a half to a third of its time.
+Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ from sepify.errors import ConfigError
 
 __all__ = ["CPFactorization", "CPByRank", "CPStarts", "cp_ranks"]
 
-_SWEEPS = 30  # ALS sweeps at most; they stop earlier once a sweep gains less than _TOL
+_SWEEPS = 20  # ALS sweeps at most (with line search: plain ALS needed 30 for errors 1-13% higher); fewer past _TOL
 _PROBE_SWEEPS = 5  # sweeps both starts get before only the one ahead goes on
+_LS_FAILS = 4  # refused line-search steps before its jumps shrink
 _TOL = 1e-5  # of the squared error relative to ||W||^2
 # Multiply-adds one factorization may spend on ALS sweeps (about 2 s on one CPU core in float64), counted as
-# 3 g*O*I*K*R per sweep of each of the two starts, so large layers at large ranks get fewer sweeps. (A sweep
-# costs 2 g*O*I*K*R since W x A is shared by two updates, and only one start goes past _PROBE_SWEEPS: the
-# count is an upper bound, kept so that each layer's number of sweeps stays what the audit was tuned with.)
+# 3 g*O*I*K*R per sweep (two contractions of W for the updates, one for the line search) of each of the two
+# starts, so large layers at large ranks get fewer sweeps. Only one start goes past _PROBE_SWEEPS, so this is
+# an upper bound.
 _WORK = 2 * 10**10
 
 
@@ -165,7 +168,7 @@ class CPFactorization:
             best = min(range(len(found)), key=errors.__getitem__)
             (a, b, c), error = found[best], errors[best]
             if sweeps > probe:
-                a, b, c = _als(w, a, b, c, sweeps - probe)
+                a, b, c = _als(w, a, b, c, sweeps - probe, done=probe)
                 error = _relative_error(w, a, b, c)
         a, b, c = _balanced(a, b, c)
         return cls(b.transpose(1, 2), c.transpose(1, 2), a, error, tuple(weight.shape), weight.dtype, weight.device)
@@ -189,15 +192,23 @@ def _pad(t: Tensor, rank: int) -> Tensor:
     return t if missing <= 0 else torch.cat([t, t.new_zeros(t.shape[0], missing, t.shape[2])], dim=1)
 
 
-def _als(w: Tensor, a: Tensor, b: Tensor, c: Tensor, sweeps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Alternating least squares on ``w (g, O, I, K)``; stops when a sweep gains less than ``_TOL``.
+def _als(w: Tensor, a: Tensor, b: Tensor, c: Tensor, sweeps: int, done: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Alternating least squares on ``w (g, O, I, K)`` with line search; stops when a sweep gains less than ``_TOL``.
 
-    The error after each sweep comes from the last update's products, at no extra cost:
-    ``||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2``.
+    After each sweep past the second, the step the sweep took is extended
+    ``n ** (1 / p)`` times (``n`` the sweep's number counting the ``done``
+    ones before this call) and kept if that lowers the error (Bro's
+    extrapolation, as in tensorly's ``parafac(linesearch=True)``); after
+    ``_LS_FAILS`` refusals ``p`` grows, so the jumps shrink. It costs one
+    contraction of ``W`` per sweep and reaches in 10 sweeps the error plain
+    ALS reaches in 20-30 on these layers. Every error comes from products at
+    hand: ``||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2``.
     """
     norm = float(w.square().sum()) or 1.0
     previous = math.inf
-    for _ in range(sweeps):  # A last: the 1x1 conv with the bias is then the best for the other two
+    power, refused = 2.0, 0
+    for n in range(done + 1, done + sweeps + 1):  # A last: the 1x1 conv with the bias is then the best for the others
+        before = a, b, c
         wa = torch.einsum("goik,gor->gikr", w, a)  # A is fixed while B and C are updated: contract it once
         b = _solve(torch.einsum("gikr,gkr->gir", wa, c), _gram(a) * _gram(c))
         c = _solve(torch.einsum("gikr,gir->gkr", wa, b), _gram(a) * _gram(b))
@@ -205,6 +216,15 @@ def _als(w: Tensor, a: Tensor, b: Tensor, c: Tensor, sweeps: int) -> tuple[Tenso
         gbc = _gram(b) * _gram(c)
         a = _solve(products, gbc)
         error = norm - 2 * float((a * products).sum()) + float((gbc * _gram(a)).sum())
+        if n > 2:
+            jump = n ** (1 / power)
+            a2, b2, c2 = (old + (new - old) * jump for new, old in zip((a, b, c), before))
+            inner = float((a2 * torch.einsum("goik,gir,gkr->gor", w, b2, c2)).sum())
+            extrapolated = norm - 2 * inner + float((_gram(a2) * _gram(b2) * _gram(c2)).sum())
+            if extrapolated < error:
+                (a, b, c), error = (a2, b2, c2), extrapolated
+            elif (refused := refused + 1) == _LS_FAILS:
+                power, refused = power + 1, 0
         if previous - error < _TOL * norm:
             break
         previous = error

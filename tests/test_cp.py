@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sepify.core.cost import exact_rank
-from sepify.core.cp import CPByRank, CPFactorization, cp_ranks
+from sepify.core.cp import CPByRank, CPFactorization, CPStarts, _als, _relative_error, cp_ranks
 from sepify.core.decompose import Factorization
 
 
@@ -65,3 +67,30 @@ def test_factors_are_balanced_for_low_precision() -> None:
     norms = [t.reshape(8, -1).norm(dim=1) if t is not pwl else t.reshape(16, 8).norm(dim=0) for t in (pw, dw, pwl)]
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(norms[1], norms[2], rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    out_channels=st.integers(2, 12),
+    in_channels=st.integers(1, 8),
+    taps=st.integers(1, 9),
+    rank_share=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_sweeps_with_line_search_never_raise_the_error_and_report_it_exactly(
+    out_channels: int, in_channels: int, taps: int, rank_share: float, seed: int
+) -> None:
+    # The line search keeps an extrapolated step only when it lowers the error, so one more sweep never hurts;
+    # and the error a factorisation reports is the error of the factors it returns.
+    torch.manual_seed(seed)
+    weight = torch.randn(out_channels, in_channels, taps, 1, dtype=torch.float64)
+    starts = CPStarts(weight, 1)
+    rank = max(1, round(rank_share * starts.limit))
+    start, _ = starts.strongest_terms(rank)
+    errors = [_relative_error(starts.w, *_als(starts.w, *start, sweeps)) for sweeps in range(1, 12)]
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(errors, errors[1:]))
+    f = CPFactorization.of(weight, 1, rank)
+    pw, dw, pwl = f.weights()
+    merged = torch.einsum("or,ri,rk->oik", pwl.reshape(out_channels, rank), pw.reshape(rank, -1), dw.reshape(rank, -1))
+    measured = float((merged.reshape(weight.shape) - weight).norm() / weight.norm())
+    assert f.relative_error == pytest.approx(measured, rel=1e-6, abs=1e-9)

@@ -94,3 +94,19 @@ def test_sweeps_with_line_search_never_raise_the_error_and_report_it_exactly(
     merged = torch.einsum("or,ri,rk->oik", pwl.reshape(out_channels, rank), pw.reshape(rank, -1), dw.reshape(rank, -1))
     measured = float((merged.reshape(weight.shape) - weight).norm() / weight.norm())
     assert f.relative_error == pytest.approx(measured, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(12, 1, 7, 1), (1, 9, 3, 3), (10, 6, 1, 1)])
+def test_a_weight_that_is_a_matrix_gets_its_svd_tail(shape: tuple[int, ...]) -> None:
+    # One input channel, one output channel or one tap: W is a matrix, and no R terms beat its truncated SVD.
+    # With one input or output channel the answer is that SVD at once; with one tap ALS has to find it.
+    torch.manual_seed(3)
+    weight = torch.randn(*shape, dtype=torch.float64)
+    matrix = weight.reshape(shape[0], shape[1], -1)
+    matrix = matrix[:, 0] if shape[1] == 1 else matrix[0] if shape[0] == 1 else matrix[..., 0]
+    s = torch.linalg.svdvals(matrix)
+    exact = 1 in shape[:2]
+    for rank in range(1, len(s)):
+        tail = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
+        error = CPFactorization.of(weight, 1, rank).relative_error
+        assert error == pytest.approx(tail, rel=1e-9 if exact else 2e-3, abs=1e-12)

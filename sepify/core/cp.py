@@ -159,7 +159,10 @@ class CPFactorization:
         w = starts.w
         sweeps = min(_SWEEPS, work // (6 * w.numel() * max(rank, 16)))  # narrow ranks cost about as much as R=16
         terms, error = starts.strongest_terms(rank)
-        if sweeps == 0 or error < 1e-12:  # no budget, or already exact (every term of a channel order)
+        # No budget; already exact (every term of a channel order); or W is a matrix with one input or output
+        # channel per group, whose one channel's SVD terms are the best of any R terms (Eckart-Young). (With one
+        # tap it is a matrix too, but per-channel terms are not its SVD: ALS runs.)
+        if sweeps == 0 or error < 1e-12 or 1 in w.shape[1:3]:
             a, b, c = terms
         else:
             probe = min(sweeps, _PROBE_SWEEPS)

@@ -22,7 +22,7 @@ extends each sweep's step when that helps (see :func:`_als`). Both starts get
 a few sweeps and only the one ahead goes on, so the result is never worse
 than the per-channel pair of the same width. On the trained digits and
 crepe-tiny layers this matches tensorly's ``parafac`` after 100 iterations
-(within -3% to +2% relative error) in a half to a third of its time.
+(relative error -3% to +2%) in about half its time (1.0-3.9x less).
 Everything is deterministic.
 """
 

@@ -569,6 +569,16 @@ def test_any_output_name_is_checked_before_the_work(tmp_path: Path, name: str) -
     target.unlink()
 
 
+def test_a_name_too_long_for_the_filesystem_is_a_sentence_even_beside_existing_inputs(tmp_path: Path) -> None:
+    # Found by the test above: comparing the output with an existing input stat()ed the name first, and stat()
+    # on a name past NAME_MAX raises instead of answering "no such file".
+    model = tmp_path / "tiny.py"
+    model.write_text("")
+    target = tmp_path / ("\u0130" * 200 + ".pt")  # 200 two-byte characters: 403 bytes
+    with pytest.raises(OutputError, match=r"the name is 403 bytes, longer than this filesystem allows \(255\)"):
+        check_outputs({"-o": target}, {"model": model}, force=False)
+
+
 # -- atomic writes: exclusive commits, temp files, sweeping ---------------------------------------------------------
 
 

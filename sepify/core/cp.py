@@ -159,6 +159,8 @@ class CPFactorization:
         w = starts.w
         sweeps = min(_SWEEPS, work // (6 * w.numel() * max(rank, 16)))  # narrow ranks cost about as much as R=16
         terms, error = starts.strongest_terms(rank)
+        if error < 1e-4:  # from the singular values, a near-exact error is sqrt(cancellation noise) ~ 1e-8: measure it
+            error = _relative_error(w, *terms)
         # No budget; already exact (every term of a channel order); or W is a matrix with one input or output
         # channel per group, whose one channel's SVD terms are the best of any R terms (Eckart-Young). (With one
         # tap it is a matrix too, but per-channel terms are not its SVD: ALS runs.)

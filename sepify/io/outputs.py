@@ -88,6 +88,12 @@ def check_outputs(
     given = {role: path for role, path in inputs.items() if path is not None and path.exists()}
     seen: dict[Path, str] = {}
     for role, path in wanted.items():
+        limit = _name_max(path.parent) if path.parent.is_dir() else None
+        if limit is not None and len(path.name.encode()) > limit:  # first: stat() on such a name raises
+            raise OutputError(
+                f"{path}: the name is {len(path.name.encode())} bytes, longer than this filesystem allows "
+                f"({limit}); choose a shorter {role} name"
+            )
         for in_role, in_path in given.items():
             if same_file(path, in_path) if path.exists() else path.resolve() == in_path.resolve():
                 raise OutputError(
@@ -100,12 +106,6 @@ def check_outputs(
                 f"{path}: is both the {seen[key]} and the {role} output of this run; choose different paths"
             )
         seen[key] = role
-        limit = _name_max(path.parent) if path.parent.is_dir() else None
-        if limit is not None and len(path.name.encode()) > limit:
-            raise OutputError(
-                f"{path}: the name is {len(path.name.encode())} bytes, longer than this filesystem allows "
-                f"({limit}); choose a shorter {role} name"
-            )
         if path.exists() or path.is_symlink():
             check_replaceable(path)
             if not force:

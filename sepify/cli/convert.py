@@ -356,13 +356,12 @@ def _checked_outputs(
 ) -> tuple[str, Path]:
     """The format and model path to write; every output path is checked before any slow work."""
     from sepify.io.load import default_output
-    from sepify.io.save import EXTENSIONS, plan_path, weights_path
+    from sepify.io.save import EXTENSIONS, check_output_name, plan_path, weights_path
 
     input_path = inputs["model"]
     chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
     target = output or default_output(model, EXTENSIONS[chosen])
-    if chosen == "openvino" and target.suffix != ".xml":
-        raise OutputError(f"{target}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
+    check_output_name(target, chosen)
     if report is not None:
         check_report_path(report)
     outputs = {

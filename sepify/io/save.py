@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sepify.errors import OutputError, SepifyError, SepifyWarning, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
 
-__all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "PLAN_METADATA_KEY"]
+__all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "check_output_name", "PLAN_METADATA_KEY"]
 
 FORMATS = ("pt", "pt2", "onnx", "openvino", "safetensors")
 EXTENSIONS = {"pt": "pt", "pt2": "pt2", "onnx": "onnx", "openvino": "xml", "safetensors": "safetensors"}
@@ -37,6 +37,18 @@ def plan_path(weights_path: Path) -> Path:
 def weights_path(xml_path: Path) -> Path:
     """Where the weights of OpenVINO IR ``name.xml`` live: ``name.bin`` beside it (OpenVINO looks there)."""
     return xml_path.with_suffix(".bin")
+
+
+def check_output_name(path: Path, fmt: str) -> None:
+    """An OutputError when ``fmt`` needs a name ``path`` does not have (OpenVINO IR reads ``name.xml`` + ``name.bin``).
+
+    >>> check_output_name(Path("slim.onnx"), "openvino")
+    Traceback (most recent call last):
+    ...
+    sepify.errors.OutputError: slim.onnx: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml
+    """
+    if fmt == "openvino" and path.suffix != ".xml":
+        raise OutputError(f"{path}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
 
 
 def save_model(
@@ -152,8 +164,7 @@ def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrit
         import openvino as ov
     except ImportError as e:
         raise OutputError("--format openvino needs the openvino package; pip install 'sepify[openvino]'") from e
-    if path.suffix != ".xml":
-        raise OutputError(f"{path}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
+    check_output_name(path, "openvino")
     weights = weights_path(path)
     try:
         with warnings.catch_warnings():  # OpenVINO's PyTorch frontend traces with torch.jit, which is deprecated

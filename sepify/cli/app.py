@@ -66,21 +66,44 @@ def errors_as_exit_codes(debug: bool) -> Iterator[None]:
     command with exit code 143 after removing its temp files, as Ctrl-C does with 130.
     """
     try:
-        with _sigterm_unwinds(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SepifyWarning)
-            try:
-                yield
-            finally:
-                for w in caught:
-                    if issubclass(w.category, SepifyWarning):
-                        err.print(f"warning: {escape(str(w.message))}", highlight=False, soft_wrap=True)
-                    else:
-                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        with _sigterm_unwinds(), _warnings_after_the_work():
+            yield
     except SepifyError as e:
         if debug or os.environ.get("SEPIFY_DEBUG") == "1":
             raise
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=_exit_code(e)) from None
+
+
+@contextlib.contextmanager
+def _warnings_after_the_work() -> Iterator[None]:
+    """Warnings raised while a command works (the model's, torch's, sepify's) are shown once each, after it.
+
+    They are shown only once the recording has stopped: showing one while recording would record it again,
+    and the loop over the recorded list would never end (a CLI that hung after every warning).
+    """
+    recorded: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SepifyWarning)  # others follow Python's filters (DeprecationWarning off)
+            try:
+                yield
+            finally:
+                recorded += caught
+    finally:
+        _show_once(recorded)
+
+
+def _show_once(recorded: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning as one ``warning: ...`` line on stderr, in the order first raised."""
+    shown: set[tuple[type[Warning], str]] = set()
+    for w in recorded:
+        key = (w.category, str(w.message))
+        if key in shown:
+            continue
+        shown.add(key)
+        prefix = "" if issubclass(w.category, SepifyWarning) else f"{w.category.__name__}: "
+        err.print(f"[bold yellow]warning:[/] {escape(prefix + str(w.message))}", highlight=False, soft_wrap=True)
 
 
 def _version_callback(value: bool) -> None:

@@ -1,0 +1,101 @@
+"""No command outlives its work after a warning: a model that warns in every forward, every command, every format.
+
+A warning replayed while warnings were still being recorded once made every command spin forever after writing
+its files. Each test here runs in-process under a 60 s alarm, which interrupts such a loop.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sepify.cli import app
+
+WARNS = '''
+import warnings
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        warnings.warn("this model warns in its forward")
+        return self.c2(torch.relu(self.c1(x))).mean((2, 3))
+
+
+def build():
+    warnings.warn("this model warns when it is built", DeprecationWarning)
+    torch.manual_seed(0)
+    return Net().eval()
+'''
+INPUT = ["--input-shape", "2,3,8,8"]
+LIMIT_S = 60
+runner = CliRunner()
+
+
+class Hung(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _alarm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "warns.py").write_text(WARNS)
+    np.save(tmp_path / "data.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype("float32"))
+
+    def hung(signum: int, frame: object) -> None:
+        raise Hung(f"the command did not end within {LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run(*args: str) -> object:
+    result = runner.invoke(app, list(args))
+    assert not isinstance(result.exception, Hung), result.exception
+    return result
+
+
+@pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "openvino", "safetensors"])
+def test_convert_ends_and_shows_the_warning_once(fmt: str) -> None:
+    result = run("convert", "warns.py:build", *INPUT, "--rank", "full", "--format", fmt, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: UserWarning: this model warns in its forward") == 1
+
+
+def test_audit_ends() -> None:
+    result = run("audit", "warns.py:build", *INPUT, "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("this model warns in its forward") == 1
+
+
+def test_a_failing_command_ends_with_the_error_last() -> None:
+    result = run("convert", "warns.py:build", "--input-shape", "2,5,8,8")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_distill_ends() -> None:
+    assert run("convert", "warns.py:build", *INPUT, "-o", "student.pt", "-q").exit_code == 0
+    result = run(
+        "distill", "student.pt", "--trust-pickle", "--teacher", "warns.py:build", "--data", "data.npy",
+        *INPUT, "--steps", "3", "--batch-size", "8", "-o", "out.pt", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Path("out.pt").is_file()
+    assert result.output.count("this model warns in its forward") == 1

@@ -17,6 +17,9 @@ from sepify.calibrate.data import calibration_batches, near_duplicate_groups
 from sepify.calibrate.distill import distill
 from sepify.calibrate.refine import refine_pairs, refined_errors
 from sepify.calibrate.regression import NormalEquations, add_to_normals
+from sepify.core.modules import SeparableConv
+from sepify.graph.rewrite import swap_modules
+from sepify.graph.tracing import trace_model
 from sepify.io.datasets import load_calibration
 
 # -- data --------------------------------------------------------------------------
@@ -177,10 +180,19 @@ class _Residual(nn.Module):
         return self.c(torch.relu(y)).mean((2, 3))
 
 
+def _traced_student() -> torch.fx.GraphModule:
+    """What calibration runs: the graph traced from the original, each conv swapped for its rank-1 pair."""
+    student = trace_model(_Residual().eval()).graph_module
+    assert student is not None
+    names = ["stem", "a", "b", "c"]
+    swap_modules(student, {n: SeparableConv.from_conv(student.get_submodule(n), 1) for n in names}, {})
+    return student
+
+
 @pytest.mark.parametrize("budget", [1, 1 << 40])
 def test_resumed_student_inputs_equal_a_fresh_pass(budget: int) -> None:
     batches = [(torch.randn(3, 3, 8, 8),), (torch.randn(2, 3, 8, 8),)]
-    student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
+    student = _traced_student()
     names = ["stem", "a", "b", "c"]
     inputs = StudentInputs.for_model(student, names, batches, budget)
     assert inputs is not None
@@ -197,7 +209,8 @@ def test_resumed_student_inputs_equal_a_fresh_pass(budget: int) -> None:
 def test_students_that_cannot_resume_use_fresh_passes() -> None:
     batches = [(torch.randn(2, 3, 8, 8),)]
     assert StudentInputs.for_model(_Residual(), ["a"], batches, 1 << 40) is None  # not a GraphModule
-    student = sepify.convert(_Residual().eval(), batches[0][0], rank=1).model
+    student = _traced_student()
+    assert StudentInputs.for_model(student, ["a"], batches, 1 << 40) is not None
     assert StudentInputs.for_model(student, ["a"], batches, 0) is None  # resuming switched off
     assert StudentInputs.for_model(student, ["a", "nope"], batches, 1 << 40) is None  # a pair that is no node
 

@@ -20,10 +20,13 @@ from sepify.errors import ConfigError, InputShapeError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
 from sepify.graph.neighbours import layer_contexts
-from sepify.graph.probe import ProbeResult, all_finite, probe
+from sepify.graph.probe import ProbeResult, all_finite, float_leaves, preserved_state, probe
+from sepify.graph.rewrite import replace_submodule
 from sepify.graph.tracing import TraceOutcome, trace_model
 from sepify.io.load import wrapped_hint
 from sepify.options import Selection
+
+_SAME = 1e-4  # relative difference under which the traced graph computes what the model's forward does
 
 __all__ = [
     "Analysis",
@@ -39,9 +42,13 @@ __all__ = [
 
 @dataclass
 class Analysis:
-    """``work`` is the private copy (or the caller's model when inplace);
-    ``target`` is what gets converted and returned: the GraphModule, or
-    ``work`` itself in swap mode."""
+    """What one pass over a model found.
+
+    ``work`` is the private copy (or the caller's model when inplace): it keeps the original's class, forward,
+    output objects and methods, and it is what convert returns. ``target`` is what is analysed, swapped and
+    calibrated alongside: the GraphModule traced from ``work`` (both hold the same leaf modules, so a pair
+    swapped into both is one object), or ``work`` itself in swap mode. ``model`` is the module to return.
+    """
 
     work: nn.Module
     outcome: TraceOutcome
@@ -50,6 +57,12 @@ class Analysis:
     sites: list[ConvSite]
     args: tuple[Any, ...]
     lifted: list[str]  # convs created from functional F.conv2d calls on parameters
+    rewritten_root: bool = False  # the root's own forward called F.convNd on its parameters: return the graph
+
+    @property
+    def model(self) -> nn.Module:
+        """The converted model to hand back: the original's class, unless its own forward had to be rewritten."""
+        return self.target if self.rewritten_root else self.work
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -118,21 +131,76 @@ def pair_macs(site: ConvSite, rank: int, order: str) -> int:
 
 def _trace_and_probe(
     work: nn.Module, args: tuple[Any, ...], lift: bool
-) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str]]:
+) -> tuple[TraceOutcome, nn.Module, ProbeResult, list[str], bool]:
+    """Trace ``work``, lift functional convs, and probe what will be returned (and the graph, if that is not it)."""
     outcome = trace_model(work, given=len(args))
     if outcome.graph_module is None:
-        return outcome, work, probe(work, args), []
+        return outcome, work, probe(work, args), [], False
     lifted = lift_functional_convs(outcome.graph_module) if lift else []
-    try:
-        return outcome, outcome.graph_module, probe(outcome.graph_module, args, what="traced model"), lifted
-    except InputShapeError as traced_failure:
+    rewritten_root = False
+    if lifted:
+        if _lift_in_owners(work, lifted):
+            outcome = trace_model(work, given=len(args))  # now a graph of call_module nodes at the lifted names
+        else:
+            rewritten_root = True
+    gm = outcome.graph_module
+    assert gm is not None  # traced before; the owners' graphs trace as they did inside it
+    # The reference is the original's own forward and output objects; where the root's forward is rewritten,
+    # the graph (its lifted convs exist only there), once it is known to compute what the model does.
+    before = probe(work, args)
+    differs = _graph_differs(gm, args, before.output)
+    if differs is None and rewritten_root:
+        before = probe(gm, args, what="traced model")
+    if differs is not None:
         # A traced graph can bake in shapes or branches that eager code would
-        # recompute; if the eager model runs, swap modules in it instead.
-        result = probe(work, args)
-        reason = (
-            f"the traced graph failed where the model runs ({first_line(traced_failure.__cause__ or traced_failure)})"
-        )
-        return TraceOutcome(graph_module=None, error=reason), work, result, []
+        # recompute; the eager model runs, so swap modules in it instead.
+        return TraceOutcome(graph_module=None, error=differs), work, before, [], False
+    return outcome, gm, before, lifted, rewritten_root
+
+
+def _graph_differs(gm: fx.GraphModule, args: tuple[Any, ...], reference: Any) -> str | None:
+    """Why the traced graph cannot stand in for the model whose output on ``args`` is ``reference``, or None."""
+    try:
+        with preserved_state(gm), torch.no_grad():
+            output = gm(*args)
+    except Exception as e:  # noqa: BLE001 - any failure of the graph means it cannot be used
+        return f"the traced graph failed where the model runs ({first_line(e)})"
+    got, want = float_leaves(output), float_leaves(reference)
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
+        return "the traced graph returns other outputs than the model's forward"
+    for a, b in zip(got, want):
+        scale = float(b.double().norm())
+        if float((a.double() - b.double()).norm()) > _SAME * max(scale, 1e-12):
+            return "the traced graph computes other values than the model's forward (a value fixed at tracing)"
+    return None
+
+
+def _lift_in_owners(work: nn.Module, lifted: list[str]) -> bool:
+    """Lift the same functional convs inside ``work``, in the submodules that own their parameters.
+
+    Each owner is replaced by the GraphModule of its own forward with the convs lifted, so the model keeps its
+    class and every other module. False (``work`` unchanged) when the root owns one, or an owner's own trace does
+    not lift the same convs: the caller then returns the whole graph instead.
+    """
+    owners: dict[str, list[str]] = {}
+    for name in lifted:
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    if "" in owners:
+        return False
+    rewritten = {}
+    for owner, names in owners.items():
+        module = work.get_submodule(owner)
+        sub = trace_model(module).graph_module
+        if sub is None:
+            return False
+        found = [f"{owner}.{n}" for n in lift_functional_convs(sub, inside=True)]
+        if sorted(found) != sorted(names):
+            return False
+        sub.train(module.training)
+        rewritten[owner] = sub
+    for owner, sub in rewritten.items():
+        replace_submodule(work, owner, sub)
+    return True
 
 
 def check_finite_parameters(model: nn.Module) -> None:
@@ -196,7 +264,7 @@ def analyze(
     work = model if inplace else _copied(model)
     # Lifting moves parameters out of the modules that own them; the
     # GraphModule shares those modules with `work`, so only lift in a copy.
-    outcome, target, before, lifted = _trace_and_probe(work, args, lift=not inplace)
+    outcome, target, before, lifted, rewritten_root = _trace_and_probe(work, args, lift=not inplace)
     # Sites come from the module that is converted: a GraphModule carries every
     # submodule of the original (see tracing) plus convs lifted from F.conv2d.
     select = select or Selection()
@@ -212,4 +280,4 @@ def analyze(
     contexts = layer_contexts(target)
     for site in sites:
         site.context = contexts.get(site.qualname, site.context)
-    return Analysis(work, outcome, target, before, sites, args, lifted)
+    return Analysis(work, outcome, target, before, sites, args, lifted, rewritten_root)

@@ -38,9 +38,13 @@ def _inside_called(target: str, called: set[str]) -> bool:
     return any(owner == m or owner.startswith(m + ".") for m in called)
 
 
-def _fresh_name(gm: fx.GraphModule, target: str) -> str:
+def _fresh_name(gm: fx.GraphModule, target: str, inside: bool) -> str:
+    """``owner.conv`` for a conv on ``owner.weight`` (``conv`` in the owner's own graph), else ``<target>_conv``."""
     owner, _, attr = target.rpartition(".")
-    base = f"{owner}.conv" if owner and attr == "weight" else f"{target}_conv"
+    if attr == "weight" and (owner or inside):
+        base = f"{owner}.conv" if owner else "conv"
+    else:
+        base = f"{target}_conv"
     name, i = base, 1
     while True:
         try:
@@ -53,7 +57,7 @@ def _fresh_name(gm: fx.GraphModule, target: str) -> str:
         name = f"{base}{i}"
 
 
-def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
+def lift_functional_convs(gm: fx.GraphModule, *, inside: bool = False) -> list[str]:
     """Turn ``F.conv2d(x, self.weight, self.bias, ...)`` calls (and ``conv1d``/``conv3d``) into conv modules.
 
     Applies where the weight (and bias) are parameters read with ``get_attr``
@@ -62,7 +66,8 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
     (``aten.conv2d``). The new module holds the same Parameter objects; the
     old attributes are removed when nothing else reads them, so no weight is
     stored twice. Parameters of modules the graph also calls are left alone
-    (the module needs them). Returns the qualnames of the new modules, in graph order.
+    (the module needs them). ``inside``: ``gm`` is the graph of a submodule's forward, named as it would be in
+    the whole model's graph. Returns the qualnames of the new modules, in graph order.
     """
     lifted = []
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -97,7 +102,7 @@ def lift_functional_convs(gm: fx.GraphModule) -> list[str]:
         conv.weight = weight
         conv.bias = bias
         conv.train(gm.training)
-        name = _fresh_name(gm, str(bound["weight"].target))
+        name = _fresh_name(gm, str(bound["weight"].target), inside)
         gm.add_submodule(name, conv)
         with gm.graph.inserting_after(node):
             call = gm.graph.call_module(name, (bound["input"],))

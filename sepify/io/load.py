@@ -280,6 +280,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     return dict(obj)
 
 
+_FROM_FILE = "__sepify_from_file__"  # marks modules import_callable loaded from a path/to/file.py spec
+
+
 def import_callable(spec: str) -> Any:
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
@@ -292,7 +295,11 @@ def import_callable(spec: str) -> Any:
             mod_spec = importlib.util.spec_from_file_location(file.stem, file)
             assert mod_spec is not None and mod_spec.loader is not None
             module = importlib.util.module_from_spec(mod_spec)
-            sys.modules.setdefault(file.stem, module)
+            # registered under its name, so that pickling what it defines (a converted model keeps the original's
+            # class) finds it; a module of that name imported otherwise is never replaced
+            if getattr(sys.modules.get(file.stem), _FROM_FILE, True):
+                setattr(module, _FROM_FILE, True)
+                sys.modules[file.stem] = module
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_part)

@@ -122,13 +122,17 @@ def convert(
             the conv it replaces at the layer's input shape (every layout, the
             fastest kept) and the whole model; with ``skip_slower`` leave a
             conv alone when its pair was not faster.
-        inplace: convert ``model`` itself instead of a deep copy. Even then
-            the returned model may be a new GraphModule; use ``result.model``.
+        inplace: convert ``model`` itself instead of a deep copy (functional
+            convs are then not lifted); ``result.model`` is ``model``.
         progress: called as ``progress(step, done, total)`` during calibration.
 
     Returns:
-        :class:`ConversionResult` with ``.model`` (on the original's device
-        and dtype, in its train/eval mode) and ``.report``.
+        :class:`ConversionResult` with ``.model`` and ``.report``. The model
+        is the original's class with its convs swapped for pairs (same
+        forward, keyword arguments, output objects and methods), on its
+        device and dtype and in its train/eval mode. Only where the model's
+        own forward calls ``F.convNd`` on its parameters is it the torch.fx
+        GraphModule of that forward (the report says so).
 
     Raises:
         ConfigError: an argument is invalid.
@@ -171,13 +175,13 @@ def convert(
     _swap(analysis, pairs, chooser.meta)
     stages, notes = _calibrate(analysis, teacher, pairs, calib, distillation, progress)
     after = _probe_converted(analysis, args)
-    times, timing_notes = _time_models(model if not inplace else teacher, analysis.target, args, timed)
+    times, timing_notes = _time_models(model if not inplace else teacher, analysis.model, args, timed)
 
     errors, why = output_errors(analysis.before.output, after.output)
     report = ConversionReport(
         layers=tuple(rows),
         params_before=params_before,
-        params_after=count_params(analysis.target),
+        params_after=count_params(analysis.model),
         macs_before=analysis.before.macs,
         macs_after=after.macs,
         inputs=describe_inputs(args),
@@ -195,13 +199,13 @@ def convert(
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
     _warn_if_unselected(report, select, plan)
-    return ConversionResult(model=analysis.target, report=report)
+    return ConversionResult(model=analysis.model, report=report)
 
 
 def _probe_converted(analysis: Analysis, args: tuple[Any, ...]) -> ProbeResult:
     """Run the converted model once; a failure or a non-finite output here is sepify's to explain, not the inputs'."""
     try:
-        after = probe(analysis.target, args, what="converted model")
+        after = probe(analysis.model, args, what="converted model")
     except InputShapeError as e:
         cause = e.__cause__ or e
         raise ModelError(
@@ -497,10 +501,11 @@ def _apply_planned_layout(pair: SeparableConv, name: str, layout: str) -> None:
 def _swap(analysis: Analysis, pairs: dict[str, SeparableConv], meta: dict[str, dict[str, Any]]) -> None:
     swap_modules(analysis.target, pairs, meta)
     if analysis.target is not analysis.work:
-        # A GraphModule has its own containers; swap in `work` too so that
-        # inplace=True really converts the caller's modules.
-        # (convs lifted from F.conv2d exist only in the GraphModule)
-        swap_modules(analysis.work, {k: v for k, v in pairs.items() if k not in analysis.lifted}, {})
+        # The graph has its own containers around the same leaf modules: the same pair goes into `work`, the
+        # model returned (with the original's class), which with inplace=True is the caller's own. Convs lifted
+        # from the root's own F.conv2d calls exist only in the graph.
+        only_in_graph = analysis.lifted if analysis.rewritten_root else []
+        swap_modules(analysis.work, {k: v for k, v in pairs.items() if k not in only_in_graph}, {})
 
 
 def _calibrate(
@@ -560,18 +565,20 @@ def _leaves_with_convs(analysis: Analysis) -> dict[str, str]:
 
 
 def _lifted_note(analysis: Analysis) -> list[str]:
-    notes = []
-    if constants := analysis.outcome.constants:
-        fixed = ", ".join(f"{name}={value!r}" for name, value in constants.items())
-        notes.append(
-            f"traced with {fixed} fixed (the example inputs do not pass them; as Proxies fx could not trace the "
-            "model): the converted model accepts only these values (fx asserts them); convert with inputs that pass "
-            "them, or use it as traced"
-        )
     if not analysis.lifted:
-        return notes
+        return []
     names = ", ".join(analysis.lifted)
-    return notes + [f"lifted {len(analysis.lifted)} functional conv call(s) on parameters into conv modules: {names}"]
+    notes = [f"lifted {len(analysis.lifted)} functional conv call(s) on parameters into conv modules: {names}"]
+    if analysis.rewritten_root:
+        notes.append(
+            f"the model's own forward calls a functional conv on its parameters, so the converted model is the "
+            f"torch.fx GraphModule of that forward, not a {type(analysis.work).__name__}: its outputs are the same "
+            "objects, but methods other than forward are not kept"
+        )
+        if constants := analysis.outcome.constants:
+            fixed = ", ".join(f"{name}={value!r}" for name, value in constants.items())
+            notes.append(f"that graph was traced with {fixed} fixed, and accepts only these values")
+    return notes
 
 
 def load_converted(

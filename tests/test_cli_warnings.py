@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from sepify.cli import app
 
-WARNS = '''
+WARNS = """
 import warnings
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def build():
     warnings.warn("this model warns when it is built", DeprecationWarning)
     torch.manual_seed(0)
     return Net().eval()
-'''
+"""
 INPUT = ["--input-shape", "2,3,8,8"]
 LIMIT_S = 60
 runner = CliRunner()

@@ -399,6 +399,27 @@ def test_a_conv_whose_weight_is_read_directly_is_skipped() -> None:
     torch.testing.assert_close(result.model(X), model(X), rtol=1e-4, atol=1e-4)
 
 
+class PatchEmbedding(nn.Module):
+    """A hand-written ViT patch embedding: casts its input to the projection's dtype and reads its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.proj.weight.dtype).to(self.proj.weight.device)
+        channels = self.proj.weight.shape[0] + self.proj.weight.size(0) - self.proj.bias.size()[0]
+        return self.proj(x).flatten(2).transpose(1, 2).reshape(x.shape[0], -1, channels)
+
+
+def test_reading_a_convs_dtype_device_or_shape_does_not_block_it() -> None:
+    model = PatchEmbedding().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = sepify.convert(model, x, rank="full")
+    assert result.report.mode == "fx" and [r.name for r in result.report.converted] == ["proj"]
+    torch.testing.assert_close(result.model(x.double().float()), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_converted_model_failing_is_not_blamed_on_the_inputs() -> None:
     class ReadsAnAttribute(ReadsItsWeight):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -25,8 +28,8 @@ def test_parametrized_convs_convert_from_their_effective_weight() -> None:
     assert [r.converted for r in result.report.layers] == [True, True]
     assert result.report.output_error is not None and result.report.output_error < 1e-5
     assert result.report.notes[0].startswith(
-        "2 conv(s) of other classes were read through their effective weight at this moment: "
-        "torch.nn.utils.parametrize.ParametrizedConv2d (2); their pairs hold that weight's factors"
+        "2 conv(s) of other classes were converted from what their forward computes: "
+        "torch.nn.utils.parametrize.ParametrizedConv2d (2); where that is a weight computed from parameters"
     )
     assert not any("parametrizations" in k for k in result.model.state_dict())  # plain factors only
 
@@ -118,3 +121,31 @@ def test_a_view_shares_nothing_with_its_conv() -> None:
         view.weight.zero_()
     assert conv.weight.abs().sum() > 0
     assert plain_view(nn.Conv2d(3, 8, 3)) is None  # a plain conv needs no view
+
+
+class _StaticSame(nn.Conv2d):
+    """smp's ``Conv2dStaticSamePadding`` as it is written (from lukemelas' EfficientNet-PyTorch), under its name."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, image_size: int = 16, **kwargs: object) -> None:
+        super().__init__(cin, cout, k, stride, **kwargs)  # type: ignore[arg-type]
+        total = max((math.ceil(image_size / stride) - 1) * stride + k - image_size, 0)
+        self.static_padding = nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+_StaticSame.__module__ = "segmentation_models_pytorch.encoders._efficientnet"
+_StaticSame.__qualname__ = "Conv2dStaticSamePadding"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw", "pw-dw-pw"])
+def test_smp_static_same_padding_converts_exactly_at_every_input_size(stride: int, order: str) -> None:
+    net = nn.Sequential(_StaticSame(3, 8, 3, stride=stride, image_size=16), nn.ReLU(), _StaticSame(8, 8, 5, padding=1))
+    result = sepify.convert(net.eval(), torch.randn(1, 3, 16, 16), rank="full", order=order)
+    assert [r.converted for r in result.report.layers] == [True, True]
+    for size in (16, 15, 21):  # amounts fixed at construction, whatever the input size: the pair pads the same
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(result.model(x), net(x), rtol=1e-4, atol=1e-5)
+    assert result.model[0].conv_dw.static_pad == ((0, 1, 0, 1) if stride == 2 else (1, 1, 1, 1))

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from sepify import SeparableConv2d
+from sepify import SeparableConv, SeparableConv2d
 from sepify.core.cost import separable_params
 from sepify.core.timing import time_pair
+from sepify.errors import ModelError
 
 
 @st.composite
@@ -161,3 +163,63 @@ def test_rank_major_layout_equals_grouped_and_timing_picks_one() -> None:
     assert time_pair(sep, (2, 6, 16, 3), reps=2).layout in ("grouped", "rank-major")
     # pairs without a choice have nothing to pick
     assert time_pair(SeparableConv2d.from_conv(conv, rank=1, order="pw-dw"), (2, 6, 16, 3), reps=2).layout is None
+
+
+# -- what ecosystems do to a conv: assign its weight and bias ----------------------------------------------------
+
+_KINDS = {
+    (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
+    (1, True): nn.ConvTranspose1d, (2, True): nn.ConvTranspose2d, (3, True): nn.ConvTranspose3d,
+}  # fmt: skip
+_BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(sorted(_KINDS)),
+    st.sampled_from(["dw-pw", "pw-dw", "pw-dw-pw"]),
+    st.integers(1, 3),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+)
+def test_folding_a_batchnorm_into_a_pair_is_exact(
+    kind: tuple[int, bool], order: str, rank: int, groups: int, bias: bool
+) -> None:
+    """``conv.weight, conv.bias = fuse_conv_bn_weights(...)`` (ultralytics' fuse, torch.fx's) on a pair."""
+    dims, transposed = kind
+    groups = 1 if transposed else groups  # torch's fuse_conv_bn_weights folds transposed convs with groups=1 only
+    conv = _KINDS[kind](2 * groups, 3 * groups, 3, groups=groups, bias=bias).double()
+    pair = SeparableConv.from_conv(conv, rank, order)
+    bn = _BNS[dims](3 * groups).double().eval()
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 2 * groups, *(5,) * dims, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(pair(x))
+    pair.weight, pair.bias = fuse_conv_bn_weights(
+        pair.weight, pair.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, transpose=transposed
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(pair(x), expected, rtol=1e-10, atol=1e-10)
+    assert {n for n, _ in pair.named_parameters()} <= {
+        f"{c}.{w}" for c in ("conv_dw", "conv_pw", "conv_pwl") for w in ("weight", "bias")
+    }
+
+
+def test_a_weight_the_factors_cannot_hold_is_refused_with_a_sentence() -> None:
+    pair = SeparableConv2d.from_conv(nn.Conv2d(4, 6, 3), rank=1)
+    before = [p.detach().clone() for p in pair.parameters()]
+    with pytest.raises(
+        ModelError,
+        match=r"^SeparableConv2d.weight was assigned a dense kernel that is not the pair's own kernel scaled per output channel \(relative residual .*\), so its factors cannot hold it; fold such changes into the model before converting it, or assign the children's weights \(conv_dw, conv_pw\)$",
+    ):
+        pair.weight = nn.Parameter(torch.randn(6, 4, 3, 3))
+    with pytest.raises(
+        ModelError, match=r"assigned \(6, 4, 1, 1\), but the pair computes a kernel of shape \(6, 4, 3, 3\)"
+    ):
+        pair.weight = nn.Parameter(torch.randn(6, 4, 1, 1))
+    assert all(torch.equal(a, b) for a, b in zip(before, pair.parameters()))  # refused: nothing changed
+    pair.bias = None
+    assert pair.conv_pw.bias is None and pair.bias is None

@@ -119,26 +119,41 @@ def _padding_tuple(conv: ConvLayer) -> tuple[int | None, ...]:
 
 
 class SameConv2d(nn.Conv2d):
-    """A ``Conv2d`` with TensorFlow's dynamic "SAME" padding, as timm's ``Conv2dSame``: the input is padded so
-    that the output is ``ceil(input / stride)``, the odd pixel on the right and bottom. ``padding`` is 0.
+    """A ``Conv2d`` that zero-pads its input before convolving (``padding`` is then 0): by TensorFlow's dynamic
+    "SAME" amounts, as timm's ``Conv2dSame`` (the output is ``ceil(input / stride)``, the odd pixel on the right
+    and bottom), or, when ``static_pad`` is set, by those fixed ``[left, right, top, bottom]`` amounts, as
+    segmentation_models_pytorch's ``Conv2dStaticSamePadding`` (SAME amounts computed once for one image size).
 
     Examples:
         >>> import torch
         >>> conv = SameConv2d(3, 8, 3, stride=2)
         >>> conv(torch.randn(1, 3, 15, 16)).shape
         torch.Size([1, 8, 8, 8])
+        >>> conv.static_pad = (0, 1, 0, 1)
+        >>> conv(torch.randn(1, 3, 15, 16)).shape
+        torch.Size([1, 8, 7, 8])
     """
+
+    static_pad: tuple[int, ...] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return conv_like(self, x, self.weight, self.bias)
 
+    def extra_repr(self) -> str:
+        pad = f", static_pad={self.static_pad}" if self.static_pad is not None else ", padding=SAME"
+        return super().extra_repr() + pad
+
 
 def same_pad_amounts(conv: nn.Conv2d, input_size: Sequence[int]) -> list[int]:
-    """``F.pad`` amounts ``[left, right, top, bottom]`` of TensorFlow's "SAME" padding for ``input_size`` (H, W).
+    """``F.pad`` amounts ``[left, right, top, bottom]`` of TensorFlow's "SAME" padding for ``input_size`` (H, W),
+    or a :class:`SameConv2d`'s fixed ``static_pad``.
 
     >>> same_pad_amounts(nn.Conv2d(1, 1, 3, stride=2), (15, 16))
     [0, 1, 1, 1]
     """
+    static = getattr(conv, "static_pad", None)
+    if static is not None:
+        return list(static)
     amounts: list[int] = []
     for size, k, s, d in reversed(list(zip(input_size[-2:], conv.kernel_size, conv.stride, conv.dilation))):
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)

@@ -19,7 +19,7 @@ from sepify.core.cost import ORDERS, exact_rank
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
 from sepify.core.functional import ConvLayer, SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
-from sepify.errors import ConfigError
+from sepify.errors import ConfigError, ModelError
 
 __all__ = [
     "SeparableConv",
@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 LAYOUTS = ("grouped", "rank-major")
+# A dense weight assigned to a pair within this relative residual of its kernel scaled per output channel is
+# folded into its last conv (float32 round-off of BatchNorm folding is ~1e-7).
+_FOLD_TOLERANCE = 1e-5
 
 _CONVS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONVS_T: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -100,6 +103,7 @@ class SeparableConv(nn.Module):
         rank: int = 1,
         order: str = "dw-pw",
         same_padding: bool = False,
+        static_pad: tuple[int, ...] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -130,8 +134,8 @@ class SeparableConv(nn.Module):
         # How the depthwise step runs at rank > 1 (see `layouts`), set once the children exist. Not a
         # parameter: state_dict is the same for every layout.
         self._layout = "grouped"
-        # With TF-style dynamic "SAME" padding (timm's Conv2dSame) only the spatial conv pads: a bias-free 1x1 conv
-        # before it commutes with zero padding, so every order stays exact.
+        # With TF-style "SAME" padding (timm's Conv2dSame; fixed amounts with static_pad, smp's static variant) only
+        # the spatial conv pads: a bias-free 1x1 conv before it commutes with zero padding, so every order is exact.
         spatial_conv: Any = (
             _CONVS_T[self.dims] if self.transposed else SameConv2d if same_padding else _CONVS[self.dims]
         )
@@ -154,6 +158,8 @@ class SeparableConv(nn.Module):
             self.conv_pw = point_conv(in_channels, width, 1, groups=groups, bias=False, **dd)
             self.conv_dw = spatial_conv(width, width, groups=width, bias=False, **spatial, **dd)
             self.conv_pwl = point_conv(width, out_channels, 1, groups=groups, bias=bias, **dd)
+        if same_padding:
+            self.conv_dw.static_pad = None if static_pad is None else tuple(static_pad)
         self._layout = self.default_layout
 
     @classmethod
@@ -232,6 +238,7 @@ class SeparableConv(nn.Module):
             rank=rank,
             order=order,
             same_padding=isinstance(conv, SameConv2d),
+            static_pad=getattr(conv, "static_pad", None),
             device=weight.device,
             dtype=weight.dtype,
             **extra,
@@ -310,6 +317,50 @@ class SeparableConv(nn.Module):
     def bias(self) -> Tensor | None:
         """The bias, held by :attr:`last`."""
         return self.last.bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Ecosystems assign a conv's weight and bias in place: BatchNorm folding (ultralytics' fuse(), torch.fx's
+        # fuse_conv_bn_eval) sets `conv.weight, conv.bias = fused`. A pair takes both where it can hold them.
+        if name in ("weight", "bias") and "_layout" in self.__dict__:
+            self._assign_bias(value) if name == "bias" else self._assign_weight(value)
+            return
+        super().__setattr__(name, value)
+
+    def _assign_bias(self, value: Tensor | None) -> None:
+        """A new bias is the last conv's (as :attr:`bias` reads it)."""
+        last = self.last
+        if value is not None and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value.detach(), requires_grad=value.requires_grad)
+        last.bias = value
+
+    def _assign_weight(self, value: Tensor) -> None:
+        """A new dense weight that is this pair's kernel scaled per output channel (what folding a BatchNorm into
+        the conv gives) is folded exactly into the last conv; any other dense weight cannot be held by the
+        factors and is refused with a sentence."""
+        dense = self.effective_weight().detach()
+        if not isinstance(value, Tensor) or value.shape != dense.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ModelError(
+                f"{type(self).__name__}.weight was assigned {shape}, but the pair computes a kernel of shape "
+                f"{tuple(dense.shape)}; assign a weight of that shape, or the children's (conv_dw, conv_pw)"
+            )
+        current = canonical_weight(dense, self.transposed, self.groups).double()
+        new = canonical_weight(value.detach(), self.transposed, self.groups).double().flatten(1)
+        old = current.flatten(1)
+        scale = (new * old).sum(1) / old.square().sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+        residual = float((new - scale[:, None] * old).norm()) / max(float(new.norm()), 1e-30)
+        if residual > _FOLD_TOLERANCE:
+            raise ModelError(
+                f"{type(self).__name__}.weight was assigned a dense kernel that is not the pair's own kernel scaled "
+                f"per output channel (relative residual {residual:.2g}), so its factors cannot hold it; fold such "
+                "changes into the model before converting it, or assign the children's weights (conv_dw, conv_pw)"
+            )
+        last = self.last
+        transposed, groups = is_transposed(last), last.groups
+        factor = canonical_weight(last.weight.detach(), transposed, groups).double()
+        factor = factor * scale.view(-1, *(1,) * (factor.dim() - 1))
+        with torch.no_grad():
+            last.weight.copy_(layer_weight(factor.to(last.weight.dtype), transposed, groups))
 
     def effective_weight(self) -> Tensor:
         """The dense weight this structure computes (float64 sums, its dtype), in the replaced layer's layout:

@@ -16,14 +16,14 @@ from torch import fx, nn
 
 from sepify.core.cost import conv_macs, separable_macs
 from sepify.core.functional import is_transposed
-from sepify.errors import ConfigError, InputShapeError, ModelError, first_line
+from sepify.errors import ConfigError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
 from sepify.graph.neighbours import layer_contexts
 from sepify.graph.probe import ProbeResult, all_finite, float_leaves, preserved_state, probe
 from sepify.graph.rewrite import replace_submodule
 from sepify.graph.tracing import TraceOutcome, trace_model
-from sepify.io.load import wrapped_hint
+from sepify.io.load import application_wrapper, wrapped_hint
 from sepify.options import Selection
 
 _SAME = 1e-4  # relative difference under which the traced graph computes what the model's forward does
@@ -233,11 +233,33 @@ def _copied(model: nn.Module) -> nn.Module:
         ) from e
 
 
+# What a forward may read of a conv's parameters without using their values: a pair answers these from the
+# dense kernel it computes (HF and hand-written patch embeddings cast inputs to `self.proj.weight.dtype`).
+_METADATA_ATTRIBUTES = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "requires_grad", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device"})
+
+
+def _reads_metadata_only(node: fx.Node) -> bool:
+    """Whether every use of a ``get_attr`` node reads only its dtype, device or shape."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA_ATTRIBUTES:
+            continue
+        if user.op == "call_method" and user.target in _METADATA_METHODS and user.args[0] is node:
+            continue
+        return False
+    return True
+
+
 def _params_read(model: nn.Module) -> frozenset[str]:
-    """Modules whose parameters a traced graph reads directly (``get_attr`` nodes such as ``conv.weight``)."""
+    """Modules whose parameters a traced graph uses directly (``get_attr`` nodes such as ``conv.weight`` whose
+    values are used, e.g. ``F.conv2d(x, self.conv.weight)``; reading only their dtype or shape is fine)."""
     if not isinstance(model, fx.GraphModule):
         return frozenset()
-    return frozenset(str(node.target).rpartition(".")[0] for node in model.graph.nodes if node.op == "get_attr")
+    return frozenset(
+        str(node.target).rpartition(".")[0]
+        for node in model.graph.nodes
+        if node.op == "get_attr" and not _reads_metadata_only(node)
+    )
 
 
 def analyze(
@@ -252,6 +274,11 @@ def analyze(
         hint = wrapped_hint(model, flag="")
         raise ConfigError(
             f"model must be a torch.nn.Module, got {type(model).__name__}{hint}{': pass that module' if hint else ''}"
+        )
+    if (inner := application_wrapper(model)) is not None:
+        raise ConfigError(
+            f"model is a {type(model).__name__}, which wraps its network at .{inner} (its own forward runs a whole "
+            f"prediction); convert its .{inner} instead, then put the result back (wrapper.{inner} = result.model)"
         )
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(

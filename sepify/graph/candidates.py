@@ -141,7 +141,7 @@ def _subclass(conv: nn.Module) -> str | None:
 
 
 def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
-    """Report notes on convs of other classes: which were read through their effective weight, which were left."""
+    """Report notes on convs of other classes: which were converted from what they compute, which were left."""
     known: dict[str, int] = {}
     unknown: dict[str, int] = {}
     for site in sites:
@@ -155,9 +155,9 @@ def kind_notes(sites: Sequence[ConvSite]) -> list[str]:
     notes = []
     if known:
         notes.append(
-            f"{sum(known.values())} conv(s) of other classes were read through their effective weight at this moment: "
-            f"{listed(known)}; their pairs hold that weight's factors (in training the original would recompute it "
-            "from its parameters every step)"
+            f"{sum(known.values())} conv(s) of other classes were converted from what their forward computes: "
+            f"{listed(known)}; where that is a weight computed from parameters (weight norm, standardisation), the "
+            "pairs hold its value now (in training the original would recompute it every step)"
         )
     if unknown:
         notes.append(

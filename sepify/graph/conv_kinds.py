@@ -14,8 +14,11 @@ mode the original would recompute its weight from its parameters every step,
 while the pair trains its own factors: the report says so.
 
 timm's ``Conv2dSame`` and ``ScaledStdConv2dSame`` pad dynamically
-(TensorFlow's "SAME", depending on the input size); their view is a
-:class:`~sepify.core.functional.SameConv2d`, and the pair pads the same way.
+(TensorFlow's "SAME", depending on the input size), as does
+segmentation_models_pytorch's ``Conv2dDynamicSamePadding``; its
+``Conv2dStaticSamePadding`` pads by amounts fixed for one image size. Their
+view is a :class:`~sepify.core.functional.SameConv2d` (with ``static_pad``
+for the fixed amounts), and the pair pads the same way.
 Other subclasses stay skipped as ``subclass``, with their class named in the
 report.
 """
@@ -134,26 +137,41 @@ def _plain(conv: Any) -> Tensor:
     return weight
 
 
-# timm's convs, recognised by name so that timm need not be installed
-_TIMM = {
+_SMP_EFFICIENTNET = "segmentation_models_pytorch.encoders._efficientnet"
+# other libraries' convs, recognised by name so that the library need not be installed
+_KNOWN = {
     "timm.layers.std_conv.StdConv2d": _timm_std,
     "timm.layers.std_conv.ScaledStdConv2d": _timm_scaled_std,
     "timm.layers.std_conv.StdConv2dSame": _timm_std,
     "timm.layers.std_conv.ScaledStdConv2dSame": _timm_scaled_std,
     "timm.layers.conv2d_same.Conv2dSame": _plain,
+    # segmentation_models_pytorch's EfficientNet encoders (from lukemelas' EfficientNet-PyTorch): TF "SAME"
+    # padding at run time, or fixed amounts computed for one image size (a ZeroPad2d in .static_padding)
+    f"{_SMP_EFFICIENTNET}.Conv2dDynamicSamePadding": _plain,
+    f"{_SMP_EFFICIENTNET}.Conv2dStaticSamePadding": _plain,
 }
+_DYNAMIC_SAME = ("timm.layers.conv2d_same.Conv2dSame", f"{_SMP_EFFICIENTNET}.Conv2dDynamicSamePadding")
+_STATIC_SAME = (f"{_SMP_EFFICIENTNET}.Conv2dStaticSamePadding",)
 
 
 def _dynamic_same(conv: Any) -> bool:
-    """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``), as do
-    classes registered with ``padding="tf-same"``."""
+    """timm's *Same classes pad at run time (Conv2dSame always; the std-conv ones when ``same_pad``), as do smp's
+    dynamic class and classes registered with ``padding="tf-same"``."""
     registered = _registration(conv)
     if registered is not None and registered[1] == "tf-same":
         return True
     name = class_name(conv)
-    return name == "timm.layers.conv2d_same.Conv2dSame" or (
-        name.endswith("Same") and bool(getattr(conv, "same_pad", False))
-    )
+    return name in _DYNAMIC_SAME or (name.endswith("Same") and bool(getattr(conv, "same_pad", False)))
+
+
+def _static_pad(conv: Any) -> tuple[int, ...] | None:
+    """The fixed ``[left, right, top, bottom]`` zero padding smp's static class applies before its conv (its own
+    ``padding`` added), or None for other classes."""
+    if class_name(conv) not in _STATIC_SAME:
+        return None
+    pad = getattr(getattr(conv, "static_padding", None), "padding", (0, 0, 0, 0))  # nn.Identity: no padding
+    (h, w), (left, right, top, bottom) = conv.padding, pad
+    return (left + w, right + w, top + h, bottom + h)
 
 
 # What a subclass must leave alone to compute exactly what its torch base class computes.
@@ -195,8 +213,8 @@ def effective_weight_of(conv: Any) -> EffectiveWeight | None:
     registered = _registration(conv)
     if registered is not None:
         return registered[0]
-    if class_name(conv) in _TIMM:
-        return _TIMM[class_name(conv)]
+    if class_name(conv) in _KNOWN:
+        return _KNOWN[class_name(conv)]
     if parametrize.is_parametrized(conv) and len(cls.__bases__) == 1 and cls.__bases__[0] in CONV_TYPES:
         return lambda m: m.weight  # the parametrization computes it on access
     if cls in CONV_TYPES and legacy_weight_norm(conv) is not None:
@@ -217,7 +235,8 @@ def plain_view(conv: Any) -> Any:
     with torch.no_grad():
         weight = read(conv).detach().clone()
         bias = None if conv.bias is None else conv.bias.detach().clone()
-    base = SameConv2d if _dynamic_same(conv) else _plain_class(conv)
+    static = _static_pad(conv)
+    base = SameConv2d if static is not None or _dynamic_same(conv) else _plain_class(conv)
     extra: dict[str, Any] = {"output_padding": conv.output_padding} if is_transposed(conv) else {}
     view = base(
         conv.in_channels,
@@ -235,6 +254,8 @@ def plain_view(conv: Any) -> Any:
     trainable = any(p.requires_grad for p in conv.parameters(recurse=False))
     view.weight = nn.Parameter(weight, requires_grad=trainable)
     view.bias = None if bias is None else nn.Parameter(bias, requires_grad=trainable)
+    if static is not None:
+        view.padding, view.static_pad = (0, 0), static
     view.train(conv.training)
     return view
 

@@ -36,6 +36,7 @@ __all__ = [
     "load_weights_into",
     "safetensors_metadata",
     "wrapped_hint",
+    "application_wrapper",
     "import_callable",
 ]
 
@@ -339,6 +340,23 @@ def wrapped_hint(obj: object, flag: str = "--attr") -> str:
     return ""
 
 
+# nn.Modules whose forward is not the network's but a whole application around it (ultralytics' YOLO runs
+# pre-processing, prediction and post-processing), by class, with the attribute that holds the network.
+_APPLICATION_WRAPPERS = {"ultralytics.engine.model.Model": "model"}
+
+
+def application_wrapper(obj: object) -> str | None:
+    """The attribute holding the network when ``obj`` is a known application wrapper (ultralytics' ``YOLO``).
+
+    Converting such an object would run its application (ultralytics predicts) instead of a network.
+    """
+    for cls in type(obj).__mro__:
+        attribute = _APPLICATION_WRAPPERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if attribute is not None:
+            return attribute
+    return None
+
+
 def _attribute(obj: object, dotted: str, source: str) -> Any:
     for part in dotted.split("."):
         if not hasattr(obj, part):
@@ -394,6 +412,11 @@ def load_model(
             ) from e
         if attr is not None:
             model = _attribute(model, attr, source)
+        elif (inner := application_wrapper(model)) is not None:
+            raise ModelLoadError(
+                f"{source!r}: returned a {type(model).__name__}, which wraps its network at .{inner} (its own "
+                f"forward runs a whole prediction); pass --attr {inner}"
+            )
         if not isinstance(model, nn.Module):
             raise ModelLoadError(
                 f"{source!r}: returned a {type(model).__name__}, not an nn.Module{wrapped_hint(model)}"

@@ -203,12 +203,21 @@ def _lift_in_owners(work: nn.Module, lifted: list[str]) -> bool:
     return True
 
 
+def _broken(value: torch.Tensor, kind: str) -> torch.Tensor:
+    """The values that mark a broken tensor: NaN or infinity, except -inf in a buffer (an additive attention
+    mask, such as CLIP's causal mask, is -inf by design)."""
+    if kind == "buffer":
+        return torch.isnan(value) | (value == float("inf"))
+    return ~torch.isfinite(value)
+
+
 def check_finite_parameters(model: nn.Module) -> None:
-    """Refuse a model whose floating parameters or buffers hold NaN or infinity, naming the first one."""
+    """Refuse a model whose floating parameters or buffers hold NaN or infinity, naming the first one
+    (buffers may hold -inf: masks)."""
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, value in named:
-            if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
-                count = int((~torch.isfinite(value)).sum())
+            if value.is_floating_point() and value.numel() and bool(_broken(value, kind).any()):
+                count = int(_broken(value, kind).sum())
                 raise ModelError(
                     f"{kind} {name} holds {count} NaN or infinite value(s) of {value.numel()}: the model is broken "
                     "before any conversion; load intact weights (check the checkpoint, or how it was trained)"

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sepify.errors import ConfigError
+from sepify.vocab import BACKENDS, LOSSES
 
 __all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "LATENCY_BACKENDS", "as_int"]
 
-LOSSES = ("mse", "kl")
-LATENCY_BACKENDS = ("eager", "compile", "onnxruntime", "openvino")  # where time is measured (sepify.core.backends)
+LATENCY_BACKENDS = BACKENDS  # where time is measured
 
 
 def as_int(value: Any, what: str, minimum: int) -> int:

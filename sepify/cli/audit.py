@@ -14,6 +14,7 @@ from sepify.cli.output import print_lines, progress_bar, run_inputs
 from sepify.errors import BudgetError, OutputError
 from sepify.io.outputs import check_outputs
 from sepify.report.render import plan_summary
+from sepify.vocab import Backend, TableFormat
 
 if TYPE_CHECKING:
     from sepify.planning.plan import Plan
@@ -65,7 +66,7 @@ PlotOpt = Annotated[
     ),
 ]
 AuditFormatOpt = Annotated[
-    o.AuditFormat,
+    TableFormat,
     typer.Option(
         "--format", metavar="FORMAT", help="How to print the audit: table, json, csv or md.", rich_help_panel=o.OUTPUT
     ),
@@ -111,10 +112,10 @@ def audit(
     std: o.StdOpt = None,
     # Timing
     latency: TimeOpt = False,
-    latency_backend: o.LatencyBackendOpt = o.LatencyBackend.eager,
+    latency_backend: o.LatencyBackendOpt = Backend.EAGER,
     threads: o.ThreadsOpt = None,
     # Output
-    fmt: AuditFormatOpt = o.AuditFormat.table,
+    fmt: AuditFormatOpt = TableFormat.TABLE,
     plot: PlotOpt = None,
     force: o.ForceOpt = False,
     quiet: o.QuietOpt = False,
@@ -179,7 +180,7 @@ def audit(
                 timing=Timing(backend=latency_backend.value, threads=threads) if latency else None,
                 progress=progress,
             )
-        fmt = o.AuditFormat.json if as_json else fmt
+        fmt = TableFormat.JSON if as_json else fmt
         try:
             plan = report.plan(**given) if given else None
         except BudgetError:
@@ -190,7 +191,7 @@ def audit(
             _print(report, plan, fmt, wide=wide, all_rows=all_rows)
         elif plan is not None:
             print_lines("\n".join(plan_summary(plan)[:1]))
-        console = out if fmt is o.AuditFormat.table else err  # machine-readable stdout stays clean
+        console = out if fmt is TableFormat.TABLE else err  # machine-readable stdout stays clean
         if plan is not None and plan_out is not None:
             plan.to_json(plan_out, overwrite=force)
             console.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
@@ -208,15 +209,15 @@ def _check_matplotlib() -> None:
         raise OutputError("--plot needs matplotlib; pip install matplotlib") from None
 
 
-def _print(report: AuditReport, plan: Plan | None, fmt: o.AuditFormat, *, wide: bool, all_rows: bool) -> None:
-    if fmt is o.AuditFormat.json:
+def _print(report: AuditReport, plan: Plan | None, fmt: TableFormat, *, wide: bool, all_rows: bool) -> None:
+    if fmt is TableFormat.JSON:
         data = report.to_dict()
         if plan is not None:
             data["plan"] = plan.to_dict()
         print_lines(json.dumps(data, indent=2))
-    elif fmt is o.AuditFormat.csv:
+    elif fmt is TableFormat.CSV:
         print_lines(report.to_csv(), end="")
-    elif fmt is o.AuditFormat.md:
+    elif fmt is TableFormat.MD:
         print_lines(report.to_markdown(), end="")
     else:
         print_lines(report.to_text(plan, wide=wide, all_rows=all_rows))

@@ -12,6 +12,7 @@ from sepify.cli.app import app, err, errors_as_exit_codes, out
 from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
 from sepify.errors import NothingConvertedError, OutputError, first_line
 from sepify.io.outputs import check_outputs
+from sepify.vocab import Backend, Format, MemoryFormat, Order
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ ToleranceOpt = Annotated[
     ),
 ]
 OrderOpt = Annotated[
-    o.Order,
+    Order,
     typer.Option(
         "--order",
         metavar="ORDER",
@@ -98,7 +99,7 @@ ReportOpt = Annotated[
     ),
 ]
 FormatOpt = Annotated[
-    o.ModelFormat | None,
+    Format | None,
     typer.Option(
         "--format",
         metavar="FORMAT",
@@ -156,7 +157,7 @@ SkipSlowerOpt = Annotated[
     ),
 ]
 MemoryFormatOpt = Annotated[
-    o.MemoryFormat,
+    MemoryFormat,
     typer.Option(
         "--memory-format",
         metavar="LAYOUT",
@@ -180,7 +181,7 @@ def convert(
     train: o.TrainOpt = False,
     # Conversion
     rank: RankOpt = "1",
-    order: OrderOpt = o.Order.dw_pw,
+    order: OrderOpt = Order.DW_PW,
     tolerance: ToleranceOpt = None,
     plan: PlanOpt = None,
     include: o.IncludeOpt = None,
@@ -198,7 +199,7 @@ def convert(
     train_all: TrainAllOpt = False,
     # Timing
     latency: o.LatencyOpt = False,
-    latency_backend: o.LatencyBackendOpt = o.LatencyBackend.eager,
+    latency_backend: o.LatencyBackendOpt = Backend.EAGER,
     threads: o.ThreadsOpt = None,
     skip_slower: SkipSlowerOpt = False,
     tune_layout: TuneLayoutOpt = False,
@@ -206,7 +207,7 @@ def convert(
     output: OutputOpt = None,
     fmt: FormatOpt = None,
     report: ReportOpt = None,
-    memory_format: MemoryFormatOpt = o.MemoryFormat.preserve,
+    memory_format: MemoryFormatOpt = MemoryFormat.PRESERVE,
     force: o.ForceOpt = False,
     allow_unchanged: o.AllowUnchangedOpt = False,
     quiet: o.QuietOpt = False,
@@ -282,7 +283,7 @@ def convert(
                 f"no conv of {model} was converted ({result.report.skip_summary()}), so nothing was written; "
                 "change the selection, or pass --allow-unchanged to write the unchanged copy"
             )
-        if memory_format is o.MemoryFormat.channels_last:
+        if memory_format is MemoryFormat.CHANNELS_LAST:
             result.model.to(memory_format=torch.channels_last)
         written = _write(result, target, chosen, args, report, force, quiet or as_json)
         # with --json stdout holds the JSON alone; what was written goes to stderr
@@ -352,7 +353,7 @@ def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple
 
 
 def _checked_outputs(
-    model: str, output: Path | None, fmt: o.ModelFormat | None, report: Path | None, force: bool, inputs: Inputs
+    model: str, output: Path | None, fmt: Format | None, report: Path | None, force: bool, inputs: Inputs
 ) -> tuple[str, Path]:
     """The format and model path to write; every output path is checked before any slow work."""
     from sepify.io.load import default_output

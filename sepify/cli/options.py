@@ -6,11 +6,12 @@ options in ``--help``.
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from sepify.vocab import Backend
 
 MODEL, CONVERSION, CALIBRATION, TIMING, OUTPUT = "Model", "Conversion", "Calibration", "Timing", "Output"
 
@@ -40,40 +41,6 @@ HelpOpt = Annotated[
         rich_help_panel=OUTPUT,
     ),
 ]
-
-
-class Order(str, enum.Enum):
-    dw_pw = "dw-pw"
-    pw_dw = "pw-dw"
-    pw_dw_pw = "pw-dw-pw"
-    auto = "auto"
-
-
-class ModelFormat(str, enum.Enum):
-    pt = "pt"
-    pt2 = "pt2"
-    onnx = "onnx"
-    openvino = "openvino"
-    safetensors = "safetensors"
-
-
-class MemoryFormat(str, enum.Enum):
-    preserve = "preserve"
-    channels_last = "channels_last"
-
-
-class LatencyBackend(str, enum.Enum):
-    eager = "eager"
-    compile = "compile"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-class AuditFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-    md = "md"
 
 
 ModelArg = Annotated[
@@ -237,7 +204,7 @@ LatencyOpt = Annotated[
     ),
 ]
 LatencyBackendOpt = Annotated[
-    LatencyBackend,
+    Backend,
     typer.Option(
         "--latency-backend",
         help="Where to measure time: eager PyTorch, compile (torch.compile; seconds per layer), onnxruntime (each "

@@ -15,11 +15,7 @@ from __future__ import annotations
 from math import prod
 
 from sepify.errors import ConfigError
-
-# dw-pw: depthwise then pointwise (MobileNet); pw-dw: pointwise then depthwise (blueprint);
-# pw-dw-pw: the bottleneck 1x1 -> depthwise -> 1x1 (a CP decomposition). ``rank`` is the depth
-# multiplier for the first two and the bottleneck width per group for the third.
-ORDERS = ("dw-pw", "pw-dw", "pw-dw-pw")
+from sepify.vocab import ORDERS  # dw-pw, pw-dw (rank: depth multiplier), pw-dw-pw (rank: bottleneck width)
 
 __all__ = [
     "ORDERS",

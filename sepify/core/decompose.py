@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sepify.errors import ConfigError
+from sepify.vocab import SVD_ORDERS
 
 __all__ = [
     "SVD_ORDERS",
@@ -37,8 +38,6 @@ __all__ = [
     "split_conv_weight",
     "merge_separable_weight",
 ]
-
-SVD_ORDERS = ("dw-pw", "pw-dw")  # the orders a per-channel SVD factorises
 
 
 def _check_order(order: str) -> None:

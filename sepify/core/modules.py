@@ -20,6 +20,7 @@ from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
 from sepify.core.functional import ConvLayer, SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
 from sepify.errors import ConfigError, ModelError
+from sepify.vocab import LAYOUTS
 
 __all__ = [
     "SeparableConv",
@@ -33,7 +34,6 @@ __all__ = [
     "LAYOUTS",
 ]
 
-LAYOUTS = ("grouped", "rank-major")
 # A dense weight assigned to a pair within this relative residual of its kernel scaled per output channel is
 # folded into its last conv (float32 round-off of BatchNorm folding is ~1e-7).
 _FOLD_TOLERANCE = 1e-5

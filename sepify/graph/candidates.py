@@ -5,7 +5,6 @@ Pure decisions over modules and probe records: nothing here mutates a model.
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from sepify.graph.conv_kinds import (
     plain_view,
 )
 from sepify.graph.probe import ConvCall
+from sepify.vocab import SkipReason
 
 __all__ = [
     "SkipReason",
@@ -35,25 +35,6 @@ __all__ = [
     "dense_weight",
     "kind_notes",
 ]
-
-
-class SkipReason(str, enum.Enum):
-    """Why a conv was left as it is. The values are shared with JSON and the CLI."""
-
-    DEPTHWISE = "depthwise"  # groups == in_channels: nothing to separate
-    POINTWISE = "pointwise"  # 1x1 kernel: nothing to separate
-    SUBCLASS = "subclass"  # a conv subclass may change forward
-    SHARED = "shared"  # called from several places, and skip_shared was asked for
-    NOT_CALLED = "not-called"  # never ran on the example inputs
-    EXCLUDED = "excluded"  # by include/exclude patterns
-    NOT_PLANNED = "not-planned"  # a plan was given and does not list it
-    NO_SAVING = "no-saving"  # rank="auto": the pair meeting the tolerance is not smaller
-    SLOWER = "slower"  # skip_slower: the pair was timed no faster than the conv at its input shape
-    HOOKED = "hooked"  # has forward/backward hooks, which would see a different module after the swap
-    PARAMS_READ = "params-read"  # the forward reads its weight or bias directly, which a pair does not have
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

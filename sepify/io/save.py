@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from sepify.errors import OutputError, SepifyError, SepifyWarning, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
+from sepify.vocab import FORMATS, Format
 
 __all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "check_output_name", "PLAN_METADATA_KEY"]
 
-FORMATS = ("pt", "pt2", "onnx", "openvino", "safetensors")
-EXTENSIONS = {"pt": "pt", "pt2": "pt2", "onnx": "onnx", "openvino": "xml", "safetensors": "safetensors"}
+EXTENSIONS = {f.value: f.extension for f in Format}
 PLAN_METADATA_KEY = "sepify.plan"
 
 

@@ -43,12 +43,12 @@ from sepify.errors import CalibrationError, ConfigError, ModelError, OutputError
 from sepify.graph.probe import float_leaves
 from sepify.io.atomic import atomic_path
 from sepify.pipeline.convert import ConversionResult
+from sepify.vocab import LOSSES
 
 __all__ = ["distill", "DistillResult", "DistillStep"]
 
 ProgressFn = Callable[[str, int, int], None]
 CHECKPOINT_FORMAT = "sepify.distill-checkpoint"
-LOSSES = ("mse", "kl", "feature", "both")  # both: mse on the outputs + feature matching
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,12 @@ from typing import Any
 
 from sepify.errors import PlanError
 from sepify.io.atomic import JsonExportable
+from sepify.vocab import LAYOUTS, ORDERS
 
 __all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
 PLAN_FORMAT = "sepify.plan"
 PLAN_VERSION = 1
-_ORDERS = ("dw-pw", "pw-dw", "pw-dw-pw")  # sepify.core.cost.ORDERS; plan.py stays free of torch
-_LAYOUTS = ("grouped", "rank-major")  # sepify.core.modules.LAYOUTS; plan.py stays free of torch
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,10 @@ class LayerPlan:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise PlanError(f"a plan's rank must be a positive integer, got {self.rank!r}")
-        if self.order not in _ORDERS:
-            raise PlanError(f"a plan's order must be one of {_ORDERS}, got {self.order!r}")
-        if self.layout is not None and self.layout not in _LAYOUTS:
-            raise PlanError(f"a plan's layout must be one of {_LAYOUTS}, got {self.layout!r}")
+        if self.order not in ORDERS:
+            raise PlanError(f"a plan's order must be one of {ORDERS}, got {self.order!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise PlanError(f"a plan's layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.layout is not None and self.rank == 1:
             raise PlanError(f"a plan's layout applies only at rank > 1, got layout {self.layout!r} at rank 1")
 

@@ -141,7 +141,7 @@ class SameConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         pad = f", static_pad={self.static_pad}" if self.static_pad is not None else ", padding=SAME"
-        return super().extra_repr() + pad
+        return str(super().extra_repr()) + pad  # type: ignore[no-untyped-call]
 
 
 def same_pad_amounts(conv: nn.Conv2d, input_size: Sequence[int]) -> list[int]:

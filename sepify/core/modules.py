@@ -158,7 +158,7 @@ class SeparableConv(nn.Module):
             self.conv_pw = point_conv(in_channels, width, 1, groups=groups, bias=False, **dd)
             self.conv_dw = spatial_conv(width, width, groups=width, bias=False, **spatial, **dd)
             self.conv_pwl = point_conv(width, out_channels, 1, groups=groups, bias=bias, **dd)
-        if same_padding:
+        if isinstance(self.conv_dw, SameConv2d):
             self.conv_dw.static_pad = None if static_pad is None else tuple(static_pad)
         self._layout = self.default_layout
 

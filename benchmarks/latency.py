@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import sepify
-from sepify.core.timing import interleaved_medians
+from sepify.runtime.timing import interleaved_medians
 
 
 def models(names: list[str]) -> dict[str, tuple[nn.Module, tuple[int, ...], float]]:

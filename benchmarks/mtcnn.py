@@ -52,7 +52,7 @@ from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
 import sepify
-from sepify.core.timing import interleaved_medians
+from sepify.runtime.timing import interleaved_medians
 
 
 def rgb(image: np.ndarray) -> np.ndarray:

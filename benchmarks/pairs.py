@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import sepify
-from sepify.core.timing import interleaved_medians
+from sepify.runtime.timing import interleaved_medians
 
 BATCH = 8
 

@@ -218,7 +218,7 @@ def test_a_written_file_that_cannot_be_run_back_is_a_warning(
     def broken(*_: object) -> None:
         raise RuntimeError("no kernel for op Foo")
 
-    monkeypatch.setattr("sepify.io.exported.check_export", broken)
+    monkeypatch.setattr("sepify.runtime.check.check_export", broken)
     out = tmp_path / "model.pt2"
     result = run("convert", TINY, "--weights", tiny_weights, *TINY_INPUT, "--format", "pt2", "-o", out)
     assert result.exit_code == 0 and out.is_file()

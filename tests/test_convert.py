@@ -188,7 +188,10 @@ def test_numpy_integer_ranks_are_ranks(plain_net: nn.Module, example_input: torc
         (lambda: sepify.Calibration(torch.zeros(4), samples=0), "calibration samples must be an integer >= 1, got 0"),
         (lambda: sepify.Calibration(None), "Calibration needs data: a tensor, a DataLoader or a list of batches"),
         (lambda: sepify.Distill(steps=0), "distillation steps must be an integer >= 1, got 0"),
-        (lambda: sepify.Distill(loss="l1"), "the distillation loss must be one of ('mse', 'kl', 'feature', 'both'), got 'l1'"),
+        (
+            lambda: sepify.Distill(loss="l1"),
+            "the distillation loss must be one of ('mse', 'kl', 'feature', 'both'), got 'l1'",
+        ),
         (lambda: sepify.Distill(lr=0), "the distillation learning rate must be > 0, got 0"),
     ],
 )

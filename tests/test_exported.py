@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sepify.io.exported import check_export
 from sepify.io.save import save_model
+from sepify.runtime.check import check_export
 
 
 def _net(seed: int) -> nn.Module:

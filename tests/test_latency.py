@@ -1,7 +1,7 @@
 """Timing-driven choices: pair layouts in plans, per-layer latency in convert, skipping slower pairs.
 
 Timings are noise, so tests that need a particular outcome replace
-:func:`sepify.core.timing.time_pair` where convert and audit call it with a
+:func:`sepify.runtime.timing.time_pair` where convert and audit call it with a
 stub that reports chosen numbers; the real timer is exercised where any
 outcome is a valid answer.
 """
@@ -22,7 +22,7 @@ from torch import nn
 import sepify
 from sepify import SkipReason
 from sepify.core.modules import SeparableConv2d
-from sepify.core.timing import PairTiming, time_pair
+from sepify.runtime.timing import PairTiming, time_pair
 
 
 @pytest.fixture
@@ -294,7 +294,7 @@ def timed_layers(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     return conv.eval(), x
 
 
-# each activation as PyTorch computes it, written out independently of sepify.core.context
+# each activation as PyTorch computes it, written out independently of sepify.runtime.context
 _REFERENCE: dict[str, Any] = {
     "relu": torch.relu,
     "clip": lambda t, _: t.clamp(-0.5, 2.0),
@@ -315,8 +315,8 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(
 ) -> None:
     """Every layout of every pair, and the conv, inside a random context (zero padding before, activation after)."""
     ort = pytest.importorskip("onnxruntime")
-    from sepify.core.context import ACTIVATIONS, Activation, InContext, LayerContext
-    from sepify.core.onnx_layers import layer_graph
+    from sepify.runtime.context import ACTIVATIONS, Activation, InContext, LayerContext
+    from sepify.runtime.layers import layer_graph
 
     conv, x = layer
     dims = x.dim() - 2
@@ -375,11 +375,11 @@ def test_latency_backends_are_checked() -> None:
 
 
 def test_the_compile_backend_says_when_there_is_no_cxx_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sepify.core.backends import check_backend
+    from sepify.runtime.sessions import check_backend
 
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(sepify.ConfigError, match=r"needs a C\+\+ compiler .*; install one \(apt install g\+\+\)"):
-        check_backend(sepify.Timing(backend="compile"))
+        check_backend("compile")
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from sepify import SeparableConv, SeparableConv2d
 from sepify.core.cost import separable_params
-from sepify.core.timing import time_pair
 from sepify.errors import ModelError
+from sepify.runtime.timing import time_pair
 
 
 @st.composite

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sepify
-from sepify.core.context import Activation, LayerContext
-from sepify.core.timing import PairTiming
 from sepify.graph.neighbours import layer_contexts
+from sepify.runtime.context import Activation, LayerContext
+from sepify.runtime.timing import PairTiming
 
 
 class Crepe(nn.Module):
@@ -141,7 +141,7 @@ def test_audit_and_convert_time_each_layer_in_its_context(monkeypatch: pytest.Mo
 
 def test_a_padded_layer_is_timed_from_its_unpadded_input() -> None:
     pytest.importorskip("onnxruntime")
-    from sepify.core.timing import time_pair
+    from sepify.runtime.timing import time_pair
 
     conv = nn.Conv2d(8, 4, (8, 1))
     pair = sepify.SeparableConv.from_conv(conv, rank=2)

@@ -324,7 +324,7 @@ def _write(
 
 def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple[Any, ...], quiet: bool) -> None:
     """Run the written deployment file in its runtime against the PyTorch model; one line, a warning if it differs."""
-    from sepify.io.exported import TOLERANCE, check_export
+    from sepify.runtime.check import TOLERANCE, check_export
 
     if fmt not in ("pt2", "onnx", "openvino"):
         return

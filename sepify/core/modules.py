@@ -451,7 +451,7 @@ class SeparableConv(nn.Module):
 
         Neither is always faster (CPU kernels for depthwise convs with a
         multiplier are often slow, but splitting costs a pass per rank
-        component); :func:`sepify.core.timing.time_pair` measures both at a
+        component); :func:`sepify.runtime.timing.time_pair` measures both at a
         real input shape.
         """
         if self.rank > 1 and self.groups == 1 and self.order != "pw-dw-pw" and not self.transposed:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sepify.core.context import LayerContext
 from sepify.core.functional import CONV_TYPES, ConvLayer, SameConv2d, kind_of
 from sepify.graph.conv_kinds import (
     class_name,
@@ -23,6 +22,7 @@ from sepify.graph.conv_kinds import (
     plain_view,
 )
 from sepify.graph.probe import ConvCall
+from sepify.runtime.context import LayerContext
 from sepify.vocab import SkipReason
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Each conv's neighbours in the traced graph that a deployment runtime fuses with it (:mod:`sepify.core.context`).
+"""Each conv's neighbours in the traced graph that a deployment runtime fuses with it (:mod:`sepify.runtime.context`).
 
 Read from the fx graph, never from module names: the zero padding feeding
 the conv (``F.pad`` with constant zeros, ``nn.ZeroPad2d``/``ConstantPad*d``
@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from sepify.core.context import Activation, LayerContext
+from sepify.runtime.context import Activation, LayerContext
 
 __all__ = ["layer_contexts"]
 

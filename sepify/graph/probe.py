@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from sepify.core.backends import model_runner
 from sepify.core.functional import CONV_TYPES
-from sepify.core.timing import interleaved_medians
 from sepify.errors import InputShapeError, first_line
+from sepify.runtime.runners import model_runner
+from sepify.runtime.timing import interleaved_medians
 
 __all__ = [
     "ConvCall",
@@ -90,7 +90,7 @@ def time_forwards(
     threads: int | None = None,
 ) -> list[float]:
     """Median seconds of each module's forward on ``args`` in ``backend``, interleaved, without gradients; buffers
-    restored (:func:`sepify.core.backends.model_runner`)."""
+    restored (:func:`sepify.runtime.runners.model_runner`)."""
     param = next((p for m in modules for p in m.parameters()), None)
     with contextlib.ExitStack() as stack:
         for m in modules:

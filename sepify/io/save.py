@@ -12,15 +12,15 @@ weights (``compress_to_fp16=False``: the file computes what PyTorch does).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sepify.errors import OutputError, SepifyError, SepifyWarning, first_line
+from sepify.errors import OutputError, SepifyError, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
+from sepify.runtime.export import exported_program, onnx_program, openvino_model
 from sepify.vocab import FORMATS, Format
 
 __all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "check_output_name", "PLAN_METADATA_KEY"]
@@ -74,9 +74,7 @@ def save_model(
         return [path]
     if fmt == "pt2":
         try:
-            program = _with_dynamic_batch(
-                lambda args, shapes: torch.export.export(model, args, dynamic_shapes=shapes), example_args, "pt2"
-            )
+            program = exported_program(model, example_args)
         except Exception as e:  # noqa: BLE001 - export failures are many and specific
             raise OutputError(
                 f"{path}: torch.export could not export the converted model ({first_line(e)}); save as "
@@ -115,47 +113,6 @@ def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _with_dynamic_batch(export: Any, args: tuple[Any, ...], what: str) -> Any:
-    """``export(args, dynamic_shapes)`` with a dynamic batch axis on every tensor input; a fixed batch (and a
-    warning) when that cannot export.
-
-    torch.export specialises dimensions of size 1, so the trace runs on the
-    example inputs repeated to a batch of 2 (a deployed model sees many batch
-    sizes; the other dimensions stay as given).
-    """
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    dynamic_failure = None
-    if tensors and len(tensors) == len(args) and all(a.dim() >= 1 for a in tensors):
-        batch = torch.export.Dim("batch", min=1)
-        doubled = tuple(torch.cat([a, a]) if a.shape[0] == 1 else a for a in tensors)
-        try:
-            result = export(doubled, tuple({0: batch} for _ in doubled))
-            if result is not None:
-                return result
-        except Exception as e:  # noqa: BLE001 - a batch-dependent model; try the fixed batch below
-            dynamic_failure = e
-    result = export(args, None)
-    if dynamic_failure is not None:
-        warnings.warn(
-            f"the {what} export has a fixed batch of {tensors[0].shape[0]}: a dynamic batch did not export "
-            f"({first_line(dynamic_failure)})",
-            SepifyWarning,
-            stacklevel=5,
-        )
-    return result
-
-
-def _onnx_program(model: nn.Module, args: tuple[Any, ...]) -> Any:
-    """The ONNX program, with a dynamic batch axis where the model allows it."""
-
-    def export(inputs: tuple[Any, ...], shapes: Any) -> Any:
-        return torch.onnx.export(model, inputs, dynamo=True, verbose=False, external_data=False, dynamic_shapes=shapes)
-
-    program = _with_dynamic_batch(export, args, "ONNX")
-    assert program is not None
-    return program
-
-
 def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> list[Path]:
     """OpenVINO IR: ``path`` (.xml) and its weights beside it (.bin), each written atomically, weights first."""
     import tempfile
@@ -167,10 +124,7 @@ def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrit
     check_output_name(path, "openvino")
     weights = weights_path(path)
     try:
-        with warnings.catch_warnings():  # OpenVINO's PyTorch frontend traces with torch.jit, which is deprecated
-            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-            with torch.no_grad():
-                converted = ov.convert_model(model, example_input=args)
+        converted = openvino_model(model, args)
     except Exception as e:  # noqa: BLE001 - converter failures are many and specific
         raise OutputError(
             f"{path}: OpenVINO could not convert the model ({first_line(e)}); save as --format onnx (OpenVINO reads "
@@ -194,7 +148,7 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
         raise OutputError("--format onnx needs the onnx and onnxscript packages; pip install onnx onnxscript") from e
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:
-            program = _onnx_program(model, args)
+            program = onnx_program(model, args)
             program.save(str(tmp))  # the temp name ends in the target's extension
     except SepifyError:
         raise

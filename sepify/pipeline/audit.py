@@ -22,14 +22,12 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import worst_output_error
-from sepify.core.backends import check_backend
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPByRank, cp_ranks
 from sepify.core.decompose import Factorization
 from sepify.core.functional import ConvLayer
 from sepify.core.measure import conv_output, layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
-from sepify.core.timing import PairTiming, time_pair
 from sepify.errors import ConfigError, ModelError
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.graph.candidates import ConvSite, kind_notes
@@ -38,6 +36,8 @@ from sepify.graph.rewrite import temporarily_replaced
 from sepify.options import Calibration, Selection, Timing, as_int
 from sepify.planning.budget import option_error
 from sepify.report.audit import AuditLayer, AuditOption, AuditReport
+from sepify.runtime.sessions import check_backend
+from sepify.runtime.timing import PairTiming, time_pair
 
 __all__ = ["audit"]
 
@@ -103,7 +103,7 @@ def audit(
         ranks = [as_int(r, "each rank", 1) for r in ranks]
     calib, timed = Calibration.of(calibration), Timing.of(timing)
     if timed is not None:
-        check_backend(timed)
+        check_backend(timed.backend)
     args = normalize_inputs(example_inputs)
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
     analysis = analyze(model, args, select=select)

@@ -24,13 +24,11 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import output_errors, top1_agreement
-from sepify.core.backends import check_backend
 from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import SVD_ORDERS, Factorization
 from sepify.core.functional import CONV_TYPES
 from sepify.core.modules import SeparableConv, weight_of
-from sepify.core.timing import time_pair
 from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
 from sepify.graph.candidates import ConvSite, SkipReason, kind_notes, matches_any
@@ -42,6 +40,8 @@ from sepify.io.save import PLAN_METADATA_KEY, plan_path
 from sepify.options import Calibration, Distill, Selection, Timing
 from sepify.planning.plan import Plan
 from sepify.report.conversion import ConversionReport, LayerReport
+from sepify.runtime.sessions import check_backend
+from sepify.runtime.timing import time_pair
 
 __all__ = ["convert", "ConversionResult", "load_converted"]
 
@@ -158,7 +158,7 @@ def convert(
         raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
     calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
     if timed is not None:
-        check_backend(timed)
+        check_backend(timed.backend)
     if distillation is not None and calib is None:
         raise ConfigError("distillation needs calibration data; pass calibration=... (unlabelled inputs)")
     args = normalize_inputs(example_inputs)

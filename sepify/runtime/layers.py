@@ -5,10 +5,10 @@ a ``Conv`` (or ``ConvTranspose``) node, preceded by a ``Pad`` node for
 ``padding_mode`` other than zeros and for TensorFlow's dynamic "SAME" padding
 (computed for the fixed input shape); a pair is its children in order, in
 its layout (rank-major: ``rank`` depthwise convs, concatenated or summed).
-With a :class:`~sepify.core.context.LayerContext` the layer's neighbours in
+With a :class:`~sepify.runtime.context.LayerContext` the layer's neighbours in
 the model (zero padding before, activation after) are built around it, so
 the runtime fuses them as it will in the exported model. The weights are
-initializers in float32. :mod:`sepify.core.backends` times these graphs in
+initializers in float32. :mod:`sepify.runtime.runners` times these graphs in
 onnxruntime and OpenVINO, so that per-layer speed is judged where the model
 will run. ``onnx`` is imported on first use (the ``onnx`` extra).
 """
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from sepify.core.context import Activation, LayerContext
 from sepify.core.functional import ConvLayer, SameConv2d, is_transposed, pad_amounts, same_pad_amounts
 from sepify.core.modules import SeparableConv
+from sepify.runtime.context import Activation, LayerContext
 
 __all__ = ["layer_graph", "OPSET"]
 
@@ -40,7 +40,7 @@ def layer_graph(
 
     Examples:
         >>> import torch
-        >>> from sepify.core.context import Activation
+        >>> from sepify.runtime.context import Activation
         >>> conv = torch.nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")
         >>> graph = layer_graph(conv, (1, 4, 8, 8))
         >>> [node.op_type for node in graph.graph.node]

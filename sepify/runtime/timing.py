@@ -14,10 +14,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sepify.core.backends import layer_runner
-from sepify.core.context import LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
+from sepify.runtime.context import LayerContext
+from sepify.runtime.runners import layer_runner
 
 __all__ = ["interleaved_medians", "PairTiming", "time_pair"]
 
@@ -75,7 +75,7 @@ def time_pair(
     every backend: which one a runtime runs fastest differs by runtime and
     shape (crepe's second layer at rank 4 in onnxruntime: grouped 14.4 ms,
     rank-major 0.67 ms, the conv 7.2 ms). Outside eager PyTorch each layer
-    runs inside its ``context`` (:mod:`sepify.core.context`), the neighbours
+    runs inside its ``context`` (:mod:`sepify.runtime.context`), the neighbours
     the runtime fuses with it.
 
     Examples:

@@ -10,17 +10,16 @@ side.
 
 * ``"eager"``: the module itself, without gradients.
 * ``"compile"``: ``torch.compile`` (inductor) of the layer inside its
-  context (:class:`~sepify.core.context.InContext`), or of the whole model;
+  context (:class:`~sepify.runtime.context.InContext`), or of the whole model;
   compiled on the first call, before timing. torch.compile's caches are
   reset before each compilation: every timed layer would otherwise add a
   cache entry (and a guard check on every call) to the same ``forward``,
   and past the recompile limit run uncompiled.
 * ``"onnxruntime"``: a layer (a conv or a pair, in its layout) as its small
   ONNX graph with the neighbours the runtime fuses with it
-  (:func:`sepify.core.onnx_layers.layer_graph`, :mod:`sepify.core.context`);
-  a whole model exported with ``torch.onnx.export``. Sessions use all graph
-  optimisations and the thread count given (default:
-  ``torch.get_num_threads()``).
+  (:func:`sepify.runtime.layers.layer_graph`, :mod:`sepify.runtime.context`);
+  a whole model exported with ``torch.onnx`` (:mod:`sepify.runtime.export`),
+  in a session of :mod:`sepify.runtime.sessions`.
 * ``"openvino"``: the same layer graphs read by OpenVINO; a whole model
   through ``openvino.convert_model``; compiled for the CPU with the latency
   hint, the thread count given, and OpenVINO's default inference precision
@@ -30,46 +29,22 @@ side.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
-import shutil
-import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sepify.core.context import InContext, LayerContext
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
-from sepify.errors import ConfigError, ModelError, first_line
-from sepify.options import Timing
+from sepify.errors import ModelError, first_line
+from sepify.runtime.context import InContext, LayerContext
+from sepify.runtime.export import onnx_program, openvino_model
+from sepify.runtime.sessions import onnxruntime_session, openvino_compiled
 
-__all__ = ["Runner", "layer_runner", "model_runner", "check_backend"]
+__all__ = ["Runner", "layer_runner", "model_runner"]
 
 Runner = Callable[[], Any]
-
-
-def check_backend(timing: Timing) -> None:
-    """A ConfigError unless what ``timing``'s backend needs is installed (a runtime, or a C++ compiler); the
-    backend's name was checked when the :class:`~sepify.options.Timing` was made."""
-    backend = timing.backend
-    if backend == "compile" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")):
-        raise ConfigError(
-            "the compile latency backend needs a C++ compiler for torch.compile's CPU code (no CXX, g++, c++ or "
-            "clang++ found); install one (apt install g++) or choose another latency backend"
-        )
-    needs = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}.get(backend, ())
-    for name in needs:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(
-                f"the {backend} latency backend needs {' and '.join(needs)} ({name} is missing); "
-                f"pip install 'sepify[{'onnx' if backend == 'onnxruntime' else 'openvino'}]'"
-            ) from e
 
 
 def layer_runner(
@@ -91,11 +66,11 @@ def layer_runner(
     context = context or LayerContext()
     if backend == "compile":
         return _compiled(InContext(module, context), (x,), f"the {type(module).__name__} layer")
-    from sepify.core.onnx_layers import layer_graph
+    from sepify.runtime.layers import layer_graph
 
     graph = layer_graph(module, context.conv_input_shape(tuple(x.shape)), context).SerializeToString()
     if backend == "openvino":
-        return _openvino_onnx(graph, [x], threads)
+        return _openvino(graph, [x], threads)
     return _onnxruntime(graph, {"x": x}, threads)
 
 
@@ -109,10 +84,11 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
     if len(tensors) != len(args):
         raise ModelError(f"timing a model in {backend} needs tensor inputs only; time it with the eager backend")
     if backend == "openvino":
-        return _openvino_model(model, tensors, threads)
-    with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"), torch.no_grad():
-        program = torch.onnx.export(model, args, dynamo=True, verbose=False)
-    assert program is not None  # the dynamo exporter always returns its program
+        with _failure_is_the_models(model, "convert it with OpenVINO to time it"):
+            converted = openvino_model(model, tuple(tensors))
+        return _openvino(converted, tensors, threads)
+    with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"):
+        program = onnx_program(model, args, dynamic_batch=False)
     names = [i.name for i in program.model_proto.graph.input]
     return _onnxruntime(program.model_proto.SerializeToString(), dict(zip(names, tensors)), threads)
 
@@ -128,34 +104,10 @@ def _failure_is_the_models(model: nn.Module, doing: str) -> Iterator[None]:
         ) from e
 
 
-def _openvino_compiled(model: Any, feeds: list[Tensor], threads: int | None) -> Runner:
-    import openvino as ov
-
-    config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
-    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+def _openvino(model: Any, feeds: list[Tensor], threads: int | None) -> Runner:
+    request = openvino_compiled(model, threads).create_infer_request()
     arrays = {i: t.detach().float().cpu().numpy() for i, t in enumerate(feeds)}
     return lambda: request.infer(arrays)
-
-
-def _openvino_onnx(graph: bytes, feeds: list[Tensor], threads: int | None) -> Runner:
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory() as folder:  # OpenVINO reads ONNX from a file
-        path = os.path.join(folder, "layer.onnx")
-        with open(path, "wb") as f:
-            f.write(graph)
-        model = ov.Core().read_model(path)
-    return _openvino_compiled(model, feeds, threads)
-
-
-def _openvino_model(model: nn.Module, feeds: list[Tensor], threads: int | None) -> Runner:
-    import openvino as ov
-
-    with _failure_is_the_models(model, "convert it with OpenVINO to time it"), torch.no_grad():
-        with warnings.catch_warnings():  # OpenVINO's PyTorch frontend traces with torch.jit, which is deprecated
-            warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-            converted = ov.convert_model(model, example_input=tuple(feeds))
-    return _openvino_compiled(converted, feeds, threads)
 
 
 def _compiled(module: nn.Module, args: tuple[Any, ...], what: str) -> Runner:
@@ -176,12 +128,6 @@ def _eager(module: Callable[..., Any], args: tuple[Any, ...]) -> Runner:
 
 
 def _onnxruntime(model: bytes, feeds: dict[str, Tensor], threads: int | None) -> Runner:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(model, threads)
     arrays = {name: t.detach().float().cpu().numpy() for name, t in feeds.items()}
     return lambda: session.run(None, arrays)

@@ -12,13 +12,14 @@ the check is then None.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+
+from sepify.runtime.sessions import installed, onnxruntime_session, openvino_compiled
 
 __all__ = ["ExportCheck", "check_export", "TOLERANCE"]
 
@@ -99,10 +100,8 @@ def _runner(path: Path, fmt: str) -> tuple[Any, str, bool] | None:
         dims = [s.shape[0] for s in _placeholder_values(program)]
         dynamic = bool(dims) and not isinstance(dims[0], int)
         return (lambda xs: [t for t in tree_leaves(module(*xs)) if isinstance(t, Tensor)]), "torch.export", dynamic
-    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if fmt == "onnx" and installed("onnxruntime"):
+        session = onnxruntime_session(path)
         names = [i.name for i in session.get_inputs()]
         dynamic = not isinstance(session.get_inputs()[0].shape[0], int)
 
@@ -111,10 +110,8 @@ def _runner(path: Path, fmt: str) -> tuple[Any, str, bool] | None:
             return [torch.from_numpy(o) for o in outputs]
 
         return run_onnx, "onnxruntime", dynamic
-    if fmt == "openvino" and importlib.util.find_spec("openvino") is not None:
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    if fmt == "openvino" and installed("openvino"):
+        compiled = openvino_compiled(path, exact=True)
         dynamic = compiled.inputs[0].get_partial_shape()[0].is_dynamic
 
         def run_openvino(xs: list[Tensor]) -> list[Tensor]:

@@ -8,7 +8,7 @@ second layer as a depth-multiplier pair, docs/benchmarks.md), fuses a
 before it. A layer timed alone can therefore rank a pair against its conv the
 wrong way round. :class:`LayerContext` records the neighbours of one conv as
 they are in the model (found by :mod:`sepify.graph.neighbours`), so that
-:func:`sepify.core.onnx_layers.layer_graph` builds them around the layer and
+:func:`sepify.runtime.layers.layer_graph` builds them around the layer and
 the per-layer time is the one the runtime will see.
 
 BatchNorm between the conv and its activation is not recorded: every runtime
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 __all__ = ["ACTIVATIONS", "Activation", "LayerContext", "InContext"]
 
-# Activations a runtime may fuse into a conv, as ONNX builds them (sepify.core.onnx_layers).
+# Activations a runtime may fuse into a conv, as ONNX builds them (sepify.runtime.layers).
 ACTIVATIONS = ("relu", "clip", "leaky_relu", "sigmoid", "tanh", "silu", "hardswish", "hardsigmoid", "prelu")
 
 

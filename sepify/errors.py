@@ -22,6 +22,8 @@ __all__ = [
     "ModelError",
     "OutputError",
     "NothingConvertedError",
+    "CheckpointError",
+    "TrainingError",
     "SepifyWarning",
 ]
 
@@ -65,6 +67,14 @@ class OutputError(SepifyError):
 
 class NothingConvertedError(SepifyError):
     """A run that must produce a converted model converted no conv (every one skipped, excluded or unmatched)."""
+
+
+class CheckpointError(SepifyError):
+    """A distillation checkpoint cannot be resumed from: missing, unreadable, damaged, or from another model."""
+
+
+class TrainingError(SepifyError):
+    """Distillation cannot go on: its loss or weights became NaN or infinite (the last finite weights are kept)."""
 
 
 class SepifyWarning(UserWarning):

@@ -9,15 +9,17 @@ class's ``of``.
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sepify.errors import ConfigError
-from sepify.vocab import BACKENDS, LOSSES
+from sepify.vocab import BACKENDS, LOSSES, OPTIMIZERS, SCHEDULES
 
-__all__ = ["Selection", "Calibration", "Distill", "Timing", "LOSSES", "LATENCY_BACKENDS", "as_int"]
+__all__ = ["Selection", "Calibration", "Distill", "Timing", "LATENCY_BACKENDS", "as_int"]
 
 LATENCY_BACKENDS = BACKENDS  # where time is measured
 
@@ -120,33 +122,90 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Distill:
-    """Knowledge distillation of the converted model against the original.
+    """Knowledge distillation of the converted model against the original: one engine, in
+    :func:`sepify.convert` (on the calibration data) and :func:`sepify.distill` (on your data, at scale).
+
+    The defaults bring the digits CNN converted at rank 1 back within a point of the original on its 1,400
+    unlabelled training images (docs/benchmarks.md, ``benchmarks/distill.py``).
 
     Args:
-        steps: Adam steps (batches cycle; early stop on held-out data).
-        lr: learning rate.
-        loss: ``"mse"`` (relative, on every floating output) or ``"kl"``
-            (on logits, with a temperature).
+        steps: optimiser steps (the data cycles).
+        batch_size: samples per step, over all processes (capped at the calibration samples in convert).
+        lr: peak learning rate.
+        loss: what is matched (:class:`~sepify.vocab.Loss`): ``"mse"``, each floating output's squared error
+            relative to the original's mean square (measured once); ``"kl"`` on ``(N, classes)`` logits, with
+            ``temperature``; ``"feature"``, the converted layers' outputs against the original convs', relative
+            likewise; ``"both"``, mse + feature.
         train_all: train every parameter, not only the converted pairs'.
-        seed: seeds dropout and data order, for reproducible results.
+        seed: seeds the data order and dropout, for reproducible runs.
+        optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9), with ``weight_decay``.
+        schedule: ``"cosine"`` (to 0 at the last step) or ``"constant"``, after ``warmup`` steps of linear
+            warm-up (default: steps / 20).
+        clip: gradient norm clip (None: no clipping).
+        eval_every: steps between held-out checks (default: steps / 20); the best weights are kept.
+        patience: stop after this many checks without improvement (None: never stop early).
+        feature_layers: the converted layers ``"feature"`` matches (default: all of them).
+        bn_train: run the student's BatchNorm in train mode (statistics update); default eval mode.
+        augment: applied to each batch of inputs before both models see it.
+        checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` there every so many steps (and when
+            interrupted), atomically; :func:`sepify.distill` ``resume=True`` continues from it.
+        tensorboard: a TensorBoard log directory (needs the tensorboard package).
 
     Examples:
-        >>> Distill.of(300)
-        Distill(steps=300, lr=0.001, loss='mse', train_all=False, seed=0)
+        >>> Distill.of(300).steps
+        300
+        >>> Distill(loss="kl", lr=1e-3).loss
+        'kl'
     """
 
     steps: int = 300
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 3e-3
     loss: str = "mse"
     train_all: bool = False
     seed: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int | None = None
+    clip: float | None = 1.0
+    temperature: float = 4.0
+    eval_every: int | None = None
+    patience: int | None = 5
+    feature_layers: Sequence[str] | None = None
+    bn_train: bool = False
+    augment: Callable[[Any], Any] | None = None
+    checkpoint_dir: str | os.PathLike[str] | None = None
+    checkpoint_every: int = 100
+    tensorboard: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", as_int(self.steps, "distillation steps", 1))
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"the distillation learning rate must be > 0, got {self.lr!r}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"the distillation loss must be one of {LOSSES}, got {self.loss!r}")
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("seed", 0)):
+            object.__setattr__(self, name, as_int(getattr(self, name), f"the distillation {name}", minimum))
+        for name in ("warmup", "eval_every", "patience"):
+            if getattr(self, name) is not None:
+                object.__setattr__(
+                    self, name, as_int(getattr(self, name), f"the distillation {name}", 0 if name == "warmup" else 1)
+                )
+        for name, low in (("lr", 0.0), ("temperature", 0.0)):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > low and math.isfinite(value)
+            ):
+                raise ConfigError(
+                    f"the distillation {name.replace('lr', 'learning rate')} must be a positive number, got {value!r}"
+                )
+        for name in ("weight_decay", "clip"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"the distillation {name.replace('_', ' ')} must be a number >= 0, got {value!r}")
+        for name, allowed in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"the distillation {name} must be one of {allowed}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, str(getattr(self, name)))
+        if self.augment is not None and not callable(self.augment):
+            raise ConfigError("the distillation augment must be a function of a batch of inputs")
+        object.__setattr__(self, "feature_layers", _globs("feature_layers", self.feature_layers))
 
     @classmethod
     def of(cls, value: Distill | int | None) -> Distill | None:

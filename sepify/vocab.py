@@ -14,6 +14,8 @@ __all__ = [
     "Backend",
     "Format",
     "Loss",
+    "Optimizer",
+    "Schedule",
     "SkipReason",
     "TableFormat",
     "MemoryFormat",
@@ -24,6 +26,8 @@ __all__ = [
     "BACKENDS",
     "FORMATS",
     "LOSSES",
+    "OPTIMIZERS",
+    "SCHEDULES",
 ]
 
 
@@ -81,6 +85,20 @@ class Loss(_Vocabulary):
     BOTH = "both"  # mse + feature
 
 
+class Optimizer(_Vocabulary):
+    """How distillation steps."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"  # with momentum 0.9
+
+
+class Schedule(_Vocabulary):
+    """The learning rate after the linear warm-up."""
+
+    COSINE = "cosine"  # decays to 0 at the last step
+    CONSTANT = "constant"
+
+
 class SkipReason(_Vocabulary):
     """Why a conv was left as it is."""
 
@@ -128,3 +146,5 @@ LAYOUTS = values(Layout)
 BACKENDS = values(Backend)
 FORMATS = values(Format)
 LOSSES = values(Loss)
+OPTIMIZERS = values(Optimizer)
+SCHEDULES = values(Schedule)

@@ -14,7 +14,7 @@ import sepify
 from sepify.calibrate import refine
 from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.data import calibration_batches, near_duplicate_groups
-from sepify.calibrate.distill import distill
+from sepify.calibrate.distill import Samples, train
 from sepify.calibrate.refine import refine_pairs, refined_errors
 from sepify.calibrate.regression import NormalEquations, add_to_normals
 from sepify.core.modules import SeparableConv
@@ -273,10 +273,12 @@ def test_distill_trains_only_the_given_parameters() -> None:
         student[2].weight.add_(0.5)
     frozen = student[0].weight.clone()
     x = torch.randn(64, 4)
-    options = sepify.Distill(steps=50, lr=1e-2)
-    result = distill(teacher, student, [(x[:48],)], [(x[48:],)], options, params=list(student[2].parameters()))
+    options = sepify.Distill(steps=50, batch_size=16, lr=1e-2)
+    trainable = list(student[2].parameters())
+    result = train(student, teacher, Samples(x[:48], 16), options, trainable=trainable, evals=[(x[48:],)])
     assert torch.equal(student[0].weight, frozen)
-    assert result.heldout_after < result.heldout_before
+    assert result.eval_after is not None and result.eval_before is not None
+    assert result.eval_after < result.eval_before
     assert student[0].weight.requires_grad  # flags restored
 
 

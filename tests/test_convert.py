@@ -187,12 +187,16 @@ def test_numpy_integer_ranks_are_ranks(plain_net: nn.Module, example_input: torc
         (lambda: sepify.Selection(include=[3]), "include must be a list of glob strings, got [3]"),
         (lambda: sepify.Calibration(torch.zeros(4), samples=0), "calibration samples must be an integer >= 1, got 0"),
         (lambda: sepify.Calibration(None), "Calibration needs data: a tensor, a DataLoader or a list of batches"),
-        (lambda: sepify.Distill(steps=0), "distillation steps must be an integer >= 1, got 0"),
+        (lambda: sepify.Distill(steps=0), "the distillation steps must be an integer >= 1, got 0"),
         (
             lambda: sepify.Distill(loss="l1"),
             "the distillation loss must be one of ('mse', 'kl', 'feature', 'both'), got 'l1'",
         ),
-        (lambda: sepify.Distill(lr=0), "the distillation learning rate must be > 0, got 0"),
+        (lambda: sepify.Distill(lr=0), "the distillation learning rate must be a positive number, got 0"),
+        (
+            lambda: sepify.Distill(optimizer="lbfgs"),
+            "the distillation optimizer must be one of ('adamw', 'sgd'), got 'lbfgs'",
+        ),
     ],
 )
 def test_option_objects_check_themselves(build: Callable[[], object], message: str) -> None:

@@ -1,4 +1,4 @@
-"""sepify.distill: streaming data, exact resume, torchrun equivalence, sentences for bad input."""
+"""sepify.distill: streaming data, exact resume, torchrun equivalence, one engine with convert's."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 import sepify
+from sepify import Distill
 
 
 def teacher() -> nn.Module:
@@ -51,7 +52,8 @@ def test_distillation_lowers_the_loss_on_any_kind_of_data(data: object, tmp_path
     t = teacher()
     before = {k: v.clone() for k, v in t.state_dict().items()}
     log = tmp_path / "log.jsonl"
-    result = sepify.distill(student_of(t), t, data, steps=40, batch_size=16, lr=1e-2, eval_every=10, log=log)
+    options = Distill(steps=40, batch_size=16, lr=1e-2, eval_every=10)
+    result = sepify.distill(student_of(t), t, data, options, log=log)
     assert result.history[-1].loss < 0.75 * result.history[0].loss
     assert all(torch.equal(v, before[k]) for k, v in t.state_dict().items())  # the teacher never changes
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -59,36 +61,59 @@ def test_distillation_lowers_the_loss_on_any_kind_of_data(data: object, tmp_path
     assert set(lines[0]) == {"step", "loss", "lr", "samples_per_s", "eval_loss"}
 
 
+def test_the_relative_loss_is_the_outputs_squared_error_over_their_mean_square() -> None:
+    t = teacher()
+    student = student_of(t)
+    x = DATA[:16]
+    with torch.no_grad():
+        want = float(((student(x) - t(x)) ** 2).mean() / (t(x) ** 2).mean())
+    result = sepify.distill(student, t, x, Distill(steps=1, batch_size=16, lr=1e-12, warmup=1))
+    assert result.history[0].loss == pytest.approx(want, rel=1e-5)  # global batch 0 is all 16 samples
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     t = teacher()
-    options = {"steps": 24, "batch_size": 16, "lr": 1e-2, "checkpoint_every": 5, "eval_data": DATA[:32]}
-    whole = sepify.distill(student_of(t), t, DATA, **options).model.state_dict()
+    options = Distill(steps=24, batch_size=16, lr=1e-2, checkpoint_every=5, checkpoint_dir=tmp_path, patience=None)
+    whole = sepify.distill(student_of(t), t, DATA, options, eval_data=DATA[:32]).model.state_dict()
 
     def interrupt(step: str, done: int, total: int) -> None:
         if done == 13:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, progress=interrupt, **options)
-    resumed = sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, resume=True, **options)
+        sepify.distill(student_of(t), t, DATA, options, eval_data=DATA[:32], progress=interrupt)
+    resumed = sepify.distill(student_of(t), t, DATA, options, eval_data=DATA[:32], resume=True)
     assert resumed.resumed_from == 13
     for k, v in resumed.model.state_dict().items():
         torch.testing.assert_close(v, whole[k], rtol=1e-6, atol=1e-7)
+    other = Distill(steps=24, batch_size=16, lr=0.1, checkpoint_every=5, checkpoint_dir=tmp_path)
     with pytest.raises(sepify.ConfigError, match=r"the checkpoint is from another run"):
-        sepify.distill(student_of(t), t, DATA, checkpoint_dir=tmp_path, resume=True, **{**options, "lr": 0.1})
+        sepify.distill(student_of(t), t, DATA, other, resume=True)
+
+
+def test_the_best_held_out_weights_are_kept_and_never_worse_than_the_start() -> None:
+    t = teacher()
+    student = student_of(t)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    # a learning rate that only makes things worse: the starting weights are the best, and they are kept
+    result = sepify.distill(student, t, DATA, Distill(steps=10, batch_size=16, lr=5.0, eval_every=2), eval_data=DATA)
+    assert result.best_step == 0 and result.eval_after == result.eval_before
+    assert all(torch.equal(v, start[k]) for k, v in result.model.state_dict().items())
 
 
 def test_bad_input_is_a_sentence() -> None:
     t = teacher()
     other = nn.Sequential(nn.Conv2d(3, 5, 3)).eval()
     with pytest.raises(sepify.ModelError, match=r"^the student's outputs do not match the teacher's"):
-        sepify.distill(student_of(t), other, DATA, steps=2, batch_size=8)
-    with pytest.raises(sepify.CalibrationError, match=r"^distillation data yields str samples"):
-        sepify.distill(student_of(t), t, ["a", "b"], steps=2, batch_size=2)
+        sepify.distill(student_of(t), other, DATA, Distill(steps=2, batch_size=8))
+    with pytest.raises(sepify.CalibrationError, match=r"^the distillation data yields str samples \(sample \d\)"):
+        sepify.distill(student_of(t), t, ["a", "b"], Distill(steps=2, batch_size=2))
     with pytest.raises(sepify.ConfigError, match=r"^batch_size 200 is larger than the 96 samples given$"):
-        sepify.distill(student_of(t), t, DATA, steps=2, batch_size=200)
+        sepify.distill(student_of(t), t, DATA, Distill(steps=2, batch_size=200))
     with pytest.raises(sepify.ConfigError, match=r"^nothing to distill: the student has no converted layers"):
-        sepify.distill(t, t, DATA, steps=2, batch_size=8)
+        sepify.distill(teacher(), t, DATA, Distill(steps=2, batch_size=8))
+    with pytest.raises(sepify.ConfigError, match=r"^the student and the teacher are the same model"):
+        sepify.distill(t, t, DATA, Distill(steps=2, batch_size=8))
 
 
 TORCHRUN_SCRIPT = """
@@ -99,7 +124,8 @@ torch.manual_seed(0)
 teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
 student = sepify.convert(teacher, torch.randn(1, 3, 12, 12), rank=1).model
 data = torch.randn(128, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-result = sepify.distill(student, teacher, data, steps=30, batch_size=16, lr=1e-2, log=sys.argv[2])
+options = sepify.Distill(steps=30, batch_size=16, lr=1e-2)
+result = sepify.distill(student, teacher, data, options, log=sys.argv[2])
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save(result.model.state_dict(), sys.argv[1])
 """
@@ -138,7 +164,9 @@ def test_the_command_distills_checkpoints_and_resumes(tmp_path: Path, monkeypatc
     torch.save(DATA, tmp_path / "data.pt")
     runner = CliRunner()
     shape = ["--input-shape", "1,3,12,12"]
-    assert runner.invoke(app, ["convert", "nets.py:teacher", *shape, "-o", "slim.pt", "-q"]).exit_code == 0
+    assert (
+        runner.invoke(app, ["convert", "nets.py:teacher", *shape, "--rank", "1", "-o", "slim.pt", "-q"]).exit_code == 0
+    )
     argv = ["distill", "slim.pt", "--trust-pickle", "--teacher", "nets.py:teacher", "--data", "data.pt", *shape,
             "--steps", "12", "--batch-size", "16", "--lr", "0.01", "--checkpoint-dir", "ckpt", "--checkpoint-every", "4"]  # fmt: skip
     result = runner.invoke(app, [*argv, "-o", "whole.pt", "--log", "log.jsonl"])
@@ -169,14 +197,25 @@ def test_feature_matching_augmentation_and_csv_log(tmp_path: Path) -> None:
         return x + 0.01 * torch.randn_like(x)
 
     log = tmp_path / "log.csv"
-    options = {"steps": 30, "batch_size": 16, "lr": 1e-2, "eval_every": 10, "eval_data": DATA[:32]}
-    result = sepify.distill(student_of(t), t, DATA, loss="feature", augment=augment, log=log, **options)
+    base = {"steps": 30, "batch_size": 16, "lr": 1e-2, "eval_every": 10, "patience": None}
+    result = sepify.distill(student_of(t), t, DATA, Distill(loss="feature", augment=augment, **base), log=log,
+                            eval_data=DATA[:32])  # fmt: skip
     assert len(seen) == 30 and seen[0].shape == (16, 3, 12, 12)
     assert result.history[-1].loss < result.history[0].loss  # the feature loss falls
     lines = log.read_text().splitlines()
     assert lines[0] == "step,loss,lr,samples_per_s,eval_loss" and len(lines) == 1 + 4
-    both = sepify.distill(student_of(t), t, DATA, loss="both", **options)
-    out_only = sepify.distill(student_of(t), t, DATA, loss="mse", **options)
+    both = sepify.distill(student_of(t), t, DATA, Distill(loss="both", **base))
+    out_only = sepify.distill(student_of(t), t, DATA, Distill(loss="mse", **base))
     assert both.history[0].loss > out_only.history[0].loss  # both adds the feature term to the same output loss
-    with pytest.raises(sepify.ConfigError, match=r"^loss must be one of mse, kl, feature, both, got 'l1'$"):
-        sepify.distill(student_of(t), t, DATA, loss="l1", steps=2, batch_size=8)
+    with pytest.raises(
+        sepify.ConfigError, match=r"^the distillation loss must be one of \('mse', 'kl', 'feature', 'both'\), got 'l1'$"
+    ):
+        Distill(loss="l1")
+
+
+def test_convert_distills_with_the_same_engine() -> None:
+    t = teacher()
+    options = Distill(steps=20, batch_size=16, lr=1e-2, loss="both", patience=None)
+    result = sepify.convert(t, DATA[:1], rank=1, calibration=DATA, distill=options)
+    stages = {s.stage: s.output_error for s in result.report.fidelity}
+    assert stages["distilled"] <= stages["refined"]  # kept only where it helped on held-out data

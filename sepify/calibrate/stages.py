@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from sepify.calibrate.batchnorm import refresh_batchnorm
 from sepify.calibrate.data import CalibrationData, near_duplicate_groups
-from sepify.calibrate.distill import distill
+from sepify.calibrate.distill import Samples, train, trainable_parameters
 from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
 from sepify.core.modules import SeparableConv
@@ -163,16 +163,44 @@ class _Run:
             self.notes.append("recomputed BatchNorm statistics were worse on held-out data; kept the original ones")
 
     def distill(self, pairs: Mapping[str, SeparableConv], options: Distill) -> None:
+        """The distillation engine on the fit batches, judged on the held-out ones (the best weights are kept)."""
         student, data = self.student, self.data
-        trainable = student.parameters() if options.train_all else (p for m in pairs.values() for p in m.parameters())
-        outcome = distill(
-            self.teacher, student, data.fit, data.heldout, options, params=list(trainable), progress=self.progress
-        )
-        if outcome.steps < options.steps:
-            self.notes.append(
-                f"distillation stopped early at step {outcome.steps} (best held-out loss at step {outcome.best_step})"
-            )
+        trainable = trainable_parameters(student, options.train_all)
+        if not options.train_all:  # the pairs this conversion made (a student may hold others)
+            mine = {id(p) for m in pairs.values() for p in m.parameters()}
+            trainable = [p for p in trainable if id(p) in mine]
+        batches = _fit_batches(data.fit, options)
+        outcome = train(student, self.teacher, batches, options, trainable=trainable, evals=data.heldout,
+                        progress=self.progress)  # fmt: skip
+        self.notes += list(outcome.notes)
+        if outcome.best_step == 0:
+            self.notes.append("distillation did not lower the held-out loss, so the weights before it were kept")
         self.measure("distilled")
+
+
+def _fit_batches(fit: tuple[tuple[Any, ...], ...], options: Distill) -> Samples | _Cycled:
+    """The fit samples as one source of ``options.batch_size`` batches; batches of different sample sizes (an
+    image pyramid) stay as they are, in turn."""
+    shapes = {tuple(tuple(a.shape[1:]) for a in args) for args in fit}
+    if len(shapes) > 1 or not all(isinstance(a, Tensor) for args in fit for a in args):
+        return _Cycled(fit)
+    samples = tuple(torch.cat([args[k] for args in fit]) for k in range(len(fit[0])))
+    size = min(options.batch_size, int(samples[0].shape[0]))
+    return Samples(samples, size, seed=options.seed, n_args=len(samples), what="the calibration data")
+
+
+class _Cycled:
+    """Prepared batches, one per step, in turn."""
+
+    def __init__(self, batches: tuple[tuple[Any, ...], ...]) -> None:
+        self.batches = batches
+        self.batch_size = int(batches[0][0].shape[0])
+
+    def __call__(self, step: int) -> tuple[Any, ...]:
+        return self.batches[step % len(self.batches)]
+
+    def passes(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.batches)
 
 
 @contextlib.contextmanager

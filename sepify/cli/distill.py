@@ -177,6 +177,7 @@ def distill(
     """
     with errors_as_exit_codes(debug):
         from sepify.cli.inputs import device, load, make_inputs
+        from sepify.options import Distill
         from sepify.pipeline.distill import distill as distill_model
 
         rank = int(os.environ.get("RANK", "0"))
@@ -199,18 +200,21 @@ def distill(
         train_data = _data(data, args, image_size, mean, std)
         held = _data(eval_data, args, image_size, mean, std) if eval_data is not None else None
         with progress_bar("distilling", quiet or rank != 0) as progress:
-            result = distill_model(
-                student_model,
-                teacher_model,
-                train_data,
+            settings = Distill(
                 steps=steps,
                 batch_size=batch_size,
                 lr=lr,
                 loss="mse" if loss == "output" else loss,
                 train_all=train_all,
-                eval_data=held,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every=checkpoint_every,
+            )
+            result = distill_model(
+                student_model,
+                teacher_model,
+                train_data,
+                settings,
+                eval_data=held,
                 resume=resume,
                 log=log,
                 progress=progress,

@@ -167,8 +167,19 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             _commit(tmp, target, overwrite)
         except OSError as e:
             raise _io_error(target, e) from e
+        except RuntimeError as e:
+            if not _torch_write_failure(e):
+                raise
+            # torch.save reports a full disk (or a write refused) from its C++ writer, not as an OSError
+            raise _io_error(target, OSError(errno.EIO, "the file could not be written: is the disk full?")) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _torch_write_failure(e: RuntimeError) -> bool:
+    """Whether ``e`` is torch's serializer failing to write (``PytorchStreamWriter failed writing file ...``)."""
+    text = str(e)
+    return "PytorchStreamWriter" in text or "inline_container" in text
 
 
 def _io_error(target: Path, e: OSError) -> OutputError:
@@ -181,6 +192,7 @@ def _io_error(target: Path, e: OSError) -> OutputError:
         errno.EROFS: "choose a writable folder",
         errno.ENAMETOOLONG: "choose a shorter name",
         errno.ENOENT: "create the folder first",
+        errno.EIO: "free some space or write elsewhere",
     }
     fix = fixes.get(e.errno or 0, "check the path and try again")
     return OutputError(f"{target}: writing failed ({cause}); nothing was replaced, so {fix}")

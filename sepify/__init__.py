@@ -5,13 +5,14 @@ Typical use::
     import torch, sepify
     from torchvision.models import resnet18
 
-    result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224), rank=1)
+    result = sepify.convert(resnet18().eval(), torch.randn(1, 3, 224, 224), plan=sepify.Budget(max_mac_ratio=0.6))
     print(result.report)
 
-The package is laid out by pipeline stage (README, "Project layout"):
-``core`` (arithmetic, factorisation, the separable module), ``graph``
-(tracing, probing, candidates, rewriting), ``calibrate``, ``planning``,
-``report``, ``io``, with :func:`convert` and :func:`audit` orchestrating them.
+The package is laid out by pipeline stage (docs/development.md, "Project layout"):
+``core`` (arithmetic, factorisation, the separable module), ``runtime``,
+``graph`` (tracing, probing, candidates, rewriting), ``planning``,
+``calibrate``, ``report``, ``io``, with :func:`convert`, :func:`audit` and
+:func:`distill` orchestrating them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sepify.errors import (
     BudgetError,
     CalibrationError,
+    CheckpointError,
     ConfigError,
     InputShapeError,
     ModelError,
@@ -32,6 +34,7 @@ from sepify.errors import (
     PlanError,
     SepifyError,
     SepifyWarning,
+    TrainingError,
 )
 
 if TYPE_CHECKING:
@@ -45,23 +48,24 @@ if TYPE_CHECKING:
         SeparableConvTranspose2d,
         SeparableConvTranspose3d,
     )
-    from sepify.graph.candidates import SkipReason
     from sepify.graph.conv_kinds import register_conv
     from sepify.graph.tracing import register_leaf_module
-    from sepify.options import Calibration, Distill, Selection, Timing
+    from sepify.options import Budget, Calibration, Distill, Selection, Timing
     from sepify.pipeline.audit import audit
     from sepify.pipeline.convert import ConversionResult, convert, load_converted
     from sepify.pipeline.distill import DistillResult, DistillStep, distill
+    from sepify.planning.choice import Option
     from sepify.planning.plan import LayerPlan, Plan
-    from sepify.report.audit import AuditLayer, AuditOption, AuditReport
+    from sepify.report.audit import AuditLayer, AuditReport
     from sepify.report.conversion import ConversionReport, LayerReport
     from sepify.report.render import format_count
+    from sepify.vocab import SkipReason
 
 # Public names and the modules that define them, imported on first use: the
 # CLI's --help and the error classes need no torch, and torch takes seconds.
 _LAZY = {
     "convert": "sepify.pipeline.convert",
-    "load_converted": "sepify.pipeline.convert",
+    "load_converted": "sepify.pipeline.load",
     "ConversionResult": "sepify.pipeline.convert",
     "audit": "sepify.pipeline.audit",
     "distill": "sepify.pipeline.distill",
@@ -74,7 +78,7 @@ _LAZY = {
     "SeparableConvTranspose1d": "sepify.core.modules",
     "SeparableConvTranspose2d": "sepify.core.modules",
     "SeparableConvTranspose3d": "sepify.core.modules",
-    "SkipReason": "sepify.graph.candidates",
+    "SkipReason": "sepify.vocab",
     "synthesize_calibration": "sepify.calibrate.synthetic",
     "register_leaf_module": "sepify.graph.tracing",
     "register_conv": "sepify.graph.conv_kinds",
@@ -82,10 +86,11 @@ _LAZY = {
     "Distill": "sepify.options",
     "Selection": "sepify.options",
     "Timing": "sepify.options",
+    "Budget": "sepify.options",
     "LayerPlan": "sepify.planning.plan",
     "Plan": "sepify.planning.plan",
     "AuditLayer": "sepify.report.audit",
-    "AuditOption": "sepify.report.audit",
+    "Option": "sepify.planning.choice",
     "AuditReport": "sepify.report.audit",
     "ConversionReport": "sepify.report.conversion",
     "LayerReport": "sepify.report.conversion",
@@ -103,7 +108,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(__all__)  # the public names, not this module's imports
 
 
 try:
@@ -123,6 +128,7 @@ __all__ = [
     "Calibration",
     "Distill",
     "Timing",
+    "Budget",
     # results
     "ConversionResult",
     "DistillResult",
@@ -131,7 +137,7 @@ __all__ = [
     "LayerReport",
     "AuditReport",
     "AuditLayer",
-    "AuditOption",
+    "Option",
     "SkipReason",
     "Plan",
     "LayerPlan",
@@ -158,5 +164,7 @@ __all__ = [
     "ModelLoadError",
     "NothingConvertedError",
     "OutputError",
+    "CheckpointError",
+    "TrainingError",
     "SepifyWarning",
 ]

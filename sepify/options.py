@@ -19,7 +19,7 @@ from typing import Any
 from sepify.errors import ConfigError
 from sepify.vocab import BACKENDS, LOSSES, OPTIMIZERS, SCHEDULES
 
-__all__ = ["Selection", "Calibration", "Distill", "Timing", "LATENCY_BACKENDS", "as_int"]
+__all__ = ["Selection", "Calibration", "Distill", "Timing", "Budget", "DEFAULT_BUDGET", "LATENCY_BACKENDS", "as_int"]
 
 LATENCY_BACKENDS = BACKENDS  # where time is measured
 
@@ -160,7 +160,7 @@ class Distill:
 
     steps: int = 300
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-2
     loss: str = "mse"
     train_all: bool = False
     seed: int = 0
@@ -280,3 +280,62 @@ class Timing:
         if isinstance(value, Timing):
             return value
         raise ConfigError(f"timing must be a sepify.Timing or a bool, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a plan must fit: exactly one of four bounds. ``sepify.convert(model, x, plan=Budget(...))`` audits,
+    plans and converts in one call; :meth:`sepify.AuditReport.plan` takes the same bounds.
+
+    Args:
+        max_mac_ratio: the converted model's MACs at most this share of the original's, with the least
+            predicted output error.
+        max_param_ratio: the same for parameters.
+        max_latency_ratio: the same for measured latency (needs timing).
+        max_error: the most MACs saved with a predicted relative output error at most this.
+
+    Examples:
+        >>> Budget(max_mac_ratio=0.5).bound
+        ('max_mac_ratio', 0.5)
+        >>> Budget(max_mac_ratio=1.5)
+        Traceback (most recent call last):
+        ...
+        sepify.errors.ConfigError: max_mac_ratio must be in (0, 1], got 1.5
+    """
+
+    max_mac_ratio: float | None = None
+    max_param_ratio: float | None = None
+    max_latency_ratio: float | None = None
+    max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in self.as_dict().items() if v is not None}
+        if len(given) != 1:
+            raise ConfigError(f"a budget takes exactly one bound ({', '.join(self.as_dict())}), got {len(given)}")
+        ((kind, value),) = given.items()
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if kind == "max_error":
+            if not (number and value >= 0):
+                raise ConfigError(f"max_error must be a number >= 0, got {value!r}")
+        elif not (number and 0 < value <= 1):
+            raise ConfigError(f"{kind} must be in (0, 1], got {value!r}")
+        object.__setattr__(self, kind, float(value))
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @property
+    def bound(self) -> tuple[str, float]:
+        """``(kind, value)`` of the one bound given."""
+        return next((k, v) for k, v in self.as_dict().items() if v is not None)
+
+    def describe(self) -> str:
+        """``"MACs <= 0.5x"``, ``"predicted output error <= 0.1"``."""
+        kind, value = self.bound
+        what = {"max_mac_ratio": "MACs", "max_param_ratio": "params", "max_latency_ratio": "latency"}.get(kind)
+        return f"{what} <= {value:g}x" if what else f"predicted output error <= {value:g}"
+
+
+# What `sepify.convert(model, x)` and `sepify convert MODEL` do with no rank, plan or budget: convert what keeps
+# the predicted relative output error within 0.1 (never every conv at rank 1, which wrecks trained models).
+DEFAULT_BUDGET = Budget(max_error=0.1)

@@ -38,11 +38,13 @@ def test_options_cover_useful_ranks_with_exact_counts(net: nn.Module, x: torch.T
     report = sepify.audit(net, x)
     layer = report.layer("2")  # 16 -> 32, 3x3, stride 2: 16x16 -> 8x8, batch 2
     assert layer.macs == 2 * 64 * 32 * 16 * 9
-    opt = layer.option(2, "pw-dw")
-    assert opt.macs_after == separable_macs(16, 32, (3, 3), 1, 2, "pw-dw", (16, 16), (8, 8), batch=2)
-    # every listed option is smaller than the conv in params or MACs, and the next rank would not be
+    opt = layer.option(1, "pw-dw")
+    assert opt.macs_after == separable_macs(16, 32, (3, 3), 1, 1, "pw-dw", (16, 16), (8, 8), batch=2)
+    # every listed option pays (fewer params and MACs than the conv): pw-dw at rank 2 has fewer params, but its
+    # 1x1 conv runs at the input's 16x16 before the stride, so more MACs
     for o in layer.options:
-        assert o.params_after < layer.params or o.macs_after < layer.macs
+        assert o.params_after < layer.params and o.macs_after < layer.macs
+    assert [o.rank for o in layer.options if o.order == "pw-dw"] == [1]
     assert report.layer("6").skip_reason == SkipReason.POINTWISE and report.layer("6").options == ()
     assert math.isclose(sum(la.mac_share for la in report.layers), (report.macs - 2 * 32 * 10) / report.macs)
 
@@ -116,7 +118,7 @@ def test_unreachable_budget_names_the_smallest_ratio(net: nn.Module, x: torch.Te
 
 def test_plan_arguments_are_checked(net: nn.Module, x: torch.Tensor) -> None:
     report = sepify.audit(net, x)
-    with pytest.raises(sepify.ConfigError, match="exactly one budget"):
+    with pytest.raises(sepify.ConfigError, match="exactly one bound"):
         report.plan()
     with pytest.raises(sepify.ConfigError, match=r"max_mac_ratio must be in \(0, 1\], got 1.5"):
         report.plan(max_mac_ratio=1.5)

@@ -284,7 +284,7 @@ def test_distill_trains_only_the_given_parameters() -> None:
 
 def test_distillation_needs_calibration(plain_net: nn.Module) -> None:
     with pytest.raises(sepify.ConfigError, match="distillation needs calibration data"):
-        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill=10)
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), distill=10, rank=1)
 
 
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw", "pw-dw-pw"])
@@ -326,7 +326,7 @@ def test_audit_with_calibration_plans_for_the_refinement(digits) -> None:  # typ
 
 def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.Module) -> None:
     with pytest.raises(sepify.CalibrationError) as info:
-        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), calibration=torch.randn(10, 5, 8, 8))
+        sepify.convert(plain_net, torch.randn(1, 3, 8, 8), calibration=torch.randn(10, 5, 8, 8), rank=1)
     message = str(info.value)
     assert message.startswith("the model failed on calibration batch (10, 5, 8, 8) float32: RuntimeError: ")
     assert message.endswith("; pass calibration samples shaped like the example inputs")
@@ -334,13 +334,13 @@ def test_calibration_that_does_not_fit_the_model_is_one_sentence(plain_net: nn.M
 
 def test_refine_can_be_switched_off(plain_net: nn.Module) -> None:
     x = torch.randn(16, 3, 8, 8)
-    stages = sepify.convert(plain_net, x[:1], calibration=sepify.Calibration(x, refine=False)).report.fidelity
+    stages = sepify.convert(plain_net, x[:1], calibration=sepify.Calibration(x, refine=False), rank=1).report.fidelity
     assert [s.stage for s in stages] == ["init"]
 
 
 def test_shared_convs_are_not_refit_and_the_report_says_so(skip_net: nn.Module) -> None:
     x = torch.randn(12, 1, 8, 8)
-    report = sepify.convert(skip_net, x[:1], calibration=x).report
+    report = sepify.convert(skip_net, x[:1], calibration=x, rank=1).report
     assert "did not refine shared: it runs at 2 call sites, and the refit fits one" in report.notes
 
 
@@ -471,7 +471,7 @@ def test_calibration_synthetic_is_sugar_with_a_note_and_no_batchnorm_refresh(dig
 def test_synthetic_calibration_refuses_models_it_cannot_serve() -> None:
     no_norm = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     with pytest.raises(sepify.CalibrationError) as info:
-        sepify.convert(no_norm, torch.randn(1, 3, 8, 8), calibration="synthetic")
+        sepify.convert(no_norm, torch.randn(1, 3, 8, 8), calibration="synthetic", rank=1)
     assert str(info.value) == (
         "the model (Sequential) has no BatchNorm layer with running statistics, which synthetic calibration matches; "
         "pass real samples (a few recordings or photos cut into pieces are enough)"

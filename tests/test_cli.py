@@ -461,7 +461,7 @@ def test_audit_unreachable_budget_is_one_sentence_after_the_audit() -> None:
 def test_audit_budgets_are_exclusive() -> None:
     result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.5", "--max-error", "0.1")
     assert result.exit_code == 2
-    assert result.output.startswith("error: a plan takes exactly one budget (max_mac_ratio, max_param_ratio, ")
+    assert result.output.startswith("error: a budget takes exactly one bound (max_mac_ratio, max_param_ratio, ")
 
 
 def test_convert_rank_auto_needs_tolerance() -> None:

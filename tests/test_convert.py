@@ -27,7 +27,7 @@ def test_full_rank_model_reproduces_original(plain_net: nn.Module, example_input
 
 
 def test_state_dict_keys_name_the_pair(plain_net: nn.Module, example_input: torch.Tensor) -> None:
-    keys = list(sepify.convert(plain_net, example_input).model.state_dict())
+    keys = list(sepify.convert(plain_net, example_input, rank=1).model.state_dict())
     assert "body.0.conv_dw.weight" in keys and "body.0.conv_pw.weight" in keys
     assert "body.0.weight" not in keys and "stem.conv_pw.bias" in keys
 
@@ -63,13 +63,13 @@ def test_train_mode_is_kept_and_running_stats_untouched(plain_net: nn.Module, ex
 
 
 def test_eval_mode_is_kept(plain_net: nn.Module, example_input: torch.Tensor) -> None:
-    model = sepify.convert(plain_net, example_input).model
+    model = sepify.convert(plain_net, example_input, rank=1).model
     assert not model.training
     assert not any(m.training for m in model.modules())
 
 
 def test_inplace_converts_the_callers_modules(plain_net: nn.Module, example_input: torch.Tensor) -> None:
-    result = sepify.convert(plain_net, example_input, inplace=True)
+    result = sepify.convert(plain_net, example_input, inplace=True, rank=1)
     assert isinstance(plain_net.body[0], sepify.SeparableConv2d)
     assert result.model.get_submodule("body.0") is plain_net.body[0]
 
@@ -207,7 +207,7 @@ def test_option_objects_check_themselves(build: Callable[[], object], message: s
 
 def test_wrong_input_shape_is_one_sentence(plain_net: nn.Module) -> None:
     with pytest.raises(sepify.InputShapeError) as info:
-        sepify.convert(plain_net, torch.randn(1, 5, 8, 8))
+        sepify.convert(plain_net, torch.randn(1, 5, 8, 8), rank=1)
     message = str(info.value)
     assert message.startswith("the model (PlainNet) failed on example inputs (1, 5, 8, 8) float32: RuntimeError: ")
     assert message.endswith("; pass inputs of the shape and dtype its forward expects")
@@ -216,7 +216,7 @@ def test_wrong_input_shape_is_one_sentence(plain_net: nn.Module) -> None:
 
 def test_not_a_module_is_rejected() -> None:
     with pytest.raises(sepify.ConfigError, match="model must be a torch.nn.Module, got dict"):
-        sepify.convert({}, torch.randn(1))  # type: ignore[arg-type]
+        sepify.convert({}, torch.randn(1), rank=1)  # type: ignore[arg-type]
 
 
 def test_conversion_is_deterministic(plain_net: nn.Module, example_input: torch.Tensor) -> None:

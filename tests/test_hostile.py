@@ -323,7 +323,7 @@ def test_non_finite_calibration_tensor_is_refused() -> None:
         CalibrationError,
         match=r"^calibration sample 9 holds NaN or infinite values \(1 in its batch\); they would poison",
     ):
-        sepify.convert(net(), X, calibration=data)
+        sepify.convert(net(), X, calibration=data, rank=1)
     batches = [torch.randn(4, 3, 16, 16), torch.full((4, 3, 16, 16), float("inf"))]
     with pytest.raises(
         CalibrationError, match=r"^calibration sample 4 holds NaN or infinite values \(3072 in its batch\)"
@@ -336,14 +336,14 @@ def test_non_finite_weights_are_refused_before_any_work() -> None:
     with torch.no_grad():
         model[2].weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(sepify.ModelError, match=r"^parameter 2.weight holds 1 NaN or infinite value\(s\) of 576"):
-        sepify.convert(model, X)
+        sepify.convert(model, X, rank=1)
     with pytest.raises(sepify.ModelError, match=r"^parameter 2.weight holds"):
         sepify.audit(model, X)
 
 
 def test_non_finite_original_outputs_are_refused() -> None:
     with pytest.raises(sepify.ModelError, match="the original model's outputs on the example inputs hold NaN"):
-        sepify.convert(net(), torch.full((1, 3, 16, 16), float("nan")))
+        sepify.convert(net(), torch.full((1, 3, 16, 16), float("nan")), rank=1)
 
 
 def test_a_nan_stage_is_never_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -368,7 +368,7 @@ def test_a_model_that_cannot_be_copied_says_inplace() -> None:
     model = net()
     model.lock = threading.Lock()  # type: ignore[assignment]
     with pytest.raises(sepify.ModelError, match=r"cannot be deep-copied .*; pass inplace=True to convert the model"):
-        sepify.convert(model, X)
+        sepify.convert(model, X, rank=1)
     result = sepify.convert(model, X, rank="full", inplace=True)
     assert len(result.report.converted) == 2 and result.report.output_error < 1e-5
 
@@ -376,7 +376,7 @@ def test_a_model_that_cannot_be_copied_says_inplace() -> None:
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_script_modules_are_refused() -> None:
     with pytest.raises(sepify.ModelError, match="^the model is a TorchScript RecursiveScriptModule: torch.fx"):
-        sepify.convert(torch.jit.script(net()), X)
+        sepify.convert(torch.jit.script(net()), X, rank=1)
 
 
 class ReadsItsWeight(nn.Module):
@@ -428,7 +428,7 @@ def test_a_converted_model_failing_is_not_blamed_on_the_inputs() -> None:
             return x
 
     with pytest.raises(sepify.ModelError) as info:
-        sepify.convert(ReadsAnAttribute().eval(), X)
+        sepify.convert(ReadsAnAttribute().eval(), X, rank=1)
     assert str(info.value) == (
         "the converted model failed where the original ran on the same inputs (AttributeError: 'SeparableConv2d' "
         "object has no attribute '_reversed_padding_repeated_twice'); the forward probably uses a conv's attributes directly (e.g. "
@@ -460,7 +460,7 @@ def test_numpy_integer_ranks_are_ranks() -> None:
 
 def test_converting_nothing_warns_and_names_why() -> None:
     with pytest.warns(sepify.SepifyWarning) as caught:
-        sepify.convert(net(), X, select=sepify.Selection(include=["nomatch*"]))
+        sepify.convert(net(), X, select=sepify.Selection(include=["nomatch*"]), rank=1)
     assert [str(w.message) for w in caught] == [
         "include pattern 'nomatch*' matches no conv of the model (its convs are named like '0', '2')",
         "no conv was converted (2 excluded); the model is unchanged",
@@ -669,7 +669,7 @@ class Wrapper:
 def test_a_wrapper_gets_a_sentence_naming_its_module(tmp_path: Path) -> None:
     with pytest.raises(sepify.ConfigError, match=r"^model must be a torch.nn.Module, got Wrapper; it holds one at "
                        r"\.model: pass that module$"):  # fmt: skip
-        sepify.convert(Wrapper(), X)  # type: ignore[arg-type]
+        sepify.convert(Wrapper(), X, rank=1)  # type: ignore[arg-type]
     (tmp_path / "wrapped.py").write_text(
         "import torch\n"
         "class Wrapper:\n"

@@ -39,7 +39,7 @@ def test_legacy_weight_norm_is_not_a_hook_to_refuse() -> None:
     net = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     expected = net(X)
     with pytest.raises(sepify.ModelError, match="cannot be deep-copied"):  # legacy weight norm defeats deepcopy
-        sepify.convert(net, X)
+        sepify.convert(net, X, rank=1)
     result = sepify.convert(net, X, rank="full", inplace=True)
     assert [r.converted for r in result.report.layers] == [True, True]
     torch.testing.assert_close(result.model(X), expected, rtol=1e-4, atol=1e-5)
@@ -74,7 +74,7 @@ def test_register_conv_teaches_a_subclass_and_unknown_ones_stay_skipped() -> Non
             return self._conv_forward(x, 2 * self.weight, self.bias)
 
     net = nn.Sequential(Doubled(3, 8, 3), nn.Conv2d(8, 8, 3)).eval()
-    assert sepify.convert(net, X).report.layer("0").skip_reason is sepify.SkipReason.SUBCLASS
+    assert sepify.convert(net, X, rank=1).report.layer("0").skip_reason is sepify.SkipReason.SUBCLASS
     sepify.register_conv(Doubled, effective_weight=lambda m: 2 * m.weight)
     result = sepify.convert(net, X, rank="full")
     assert result.report.layer("0").converted

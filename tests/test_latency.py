@@ -49,7 +49,7 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
         chosen = layout if len(pair.layouts) > 1 else None  # the real contract: None where there is no choice
         return PairTiming(chosen, pair_s[pair.order], 1.0 if against is not None else None)
 
-    for module in ("sepify.pipeline.convert", "sepify.pipeline.audit"):
+    for module in ("sepify.pipeline.layers", "sepify.pipeline.audit"):
         monkeypatch.setattr(importlib.import_module(module), "time_pair", fake)
     return calls
 
@@ -158,10 +158,10 @@ def test_a_planned_layout_that_does_not_fit_the_conv_is_a_sentence(x: torch.Tens
 def test_audit_plans_the_layout_it_timed(net: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _stub_timing(monkeypatch, {"dw-pw": 2.0, "pw-dw": 0.25}, layout="rank-major")
     report = sepify.audit(net, x, timing=sepify.Timing(reps=1), orders=("pw-dw",))
-    assert ("pw-dw", 2, (2, 16, 16, 16)) in calls  # each option timed at its layer's real input shape
-    option = report.layer("2").option(2, "pw-dw")
+    assert ("pw-dw", 2, (2, 32, 8, 8)) in calls  # each option timed at its layer's real input shape
+    option = report.layer("4").option(2, "pw-dw")
     assert option.layout == "rank-major" and option.latency_ratio == 0.25
-    assert report.layer("2").option(1, "pw-dw").layout is None  # rank 1 has one layout: nothing to plan
+    assert report.layer("4").option(1, "pw-dw").layout is None  # rank 1 has one layout: nothing to plan
     plan = report.plan(max_mac_ratio=0.9)
     assert any(lp.layout == "rank-major" for lp in plan.layers.values())
     assert all(lp.layout == ("rank-major" if lp.rank > 1 else None) for lp in plan.layers.values())
@@ -209,14 +209,19 @@ def test_convert_reports_per_layer_time_and_realisation(net: nn.Module, x: torch
 
 
 def test_whole_model_time_needs_an_original(net: nn.Module, x: torch.Tensor) -> None:
-    report = sepify.convert(copy.deepcopy(net), x, inplace=True, timing=sepify.Timing(reps=2)).report
+    report = sepify.convert(copy.deepcopy(net), x, inplace=True, timing=sepify.Timing(reps=2), rank=1).report
     assert report.latency_before is None and report.latency_ratio is None
     assert "whole-model latency not measured: inplace=True left no original model to time against" in report.notes
     calibrated = sepify.convert(
-        copy.deepcopy(net), x, inplace=True, timing=sepify.Timing(reps=2), calibration=torch.randn(10, 3, 16, 16)
+        copy.deepcopy(net),
+        x,
+        inplace=True,
+        timing=sepify.Timing(reps=2),
+        calibration=torch.randn(10, 3, 16, 16),
+        rank=1,
     ).report
     assert calibrated.latency_ratio is not None  # the calibration teacher is the original then
-    assert sepify.convert(net, x).report.latency_before is None  # not timed unless asked
+    assert sepify.convert(net, x, rank=1).report.latency_before is None  # not timed unless asked
 
 
 def test_skip_slower_keeps_the_conv_where_the_pair_lost(

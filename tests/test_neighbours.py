@@ -129,7 +129,7 @@ def test_audit_and_convert_time_each_layer_in_its_context(monkeypatch: pytest.Mo
         seen.append((kw["backend"], kw["context"]))
         return PairTiming(None, 0.5, 1.0 if against is not None else None)
 
-    for module in ("sepify.pipeline.convert", "sepify.pipeline.audit"):
+    for module in ("sepify.pipeline.layers", "sepify.pipeline.audit"):
         monkeypatch.setattr(importlib.import_module(module), "time_pair", fake)
     x = torch.randn(2, 64)
     timing = sepify.Timing(reps=1)

@@ -94,7 +94,7 @@ def test_registered_leaf_is_not_traced_into() -> None:
     targets = [n.target for n in outcome.graph_module.graph.nodes if n.op == "call_module"]
     assert targets == ["0", "1"]
     # its conv is still found and converted, by swapping
-    result = sepify.convert(net, torch.randn(1, 3, 9, 9))
+    result = sepify.convert(net, torch.randn(1, 3, 9, 9), rank=1)
     assert [r.name for r in result.report.converted] == ["0.conv", "1"]
 
 

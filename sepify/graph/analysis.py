@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from sepify.core.cost import conv_macs, separable_macs
-from sepify.core.functional import is_transposed
 from sepify.errors import ConfigError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
@@ -33,9 +31,6 @@ __all__ = [
     "analyze",
     "normalize_inputs",
     "count_params",
-    "site_macs",
-    "pair_macs",
-    "spatial",
     "check_finite_parameters",
 ]
 
@@ -78,55 +73,6 @@ def normalize_inputs(example_inputs: Any) -> tuple[Any, ...]:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def spatial(shape: tuple[int, ...], dims: int = 2) -> tuple[int, ...]:
-    """The last ``dims`` sizes of a conv's input or output shape."""
-    return tuple(int(s) for s in shape[len(shape) - dims :])
-
-
-def _batch(shape: tuple[int, ...], dims: int = 2) -> int:
-    # An unbatched (C, *spatial) input is one sample.
-    return int(shape[0]) if len(shape) == dims + 2 else 1
-
-
-def site_macs(site: ConvSite) -> int:
-    conv = site.module
-    dims, transposed = len(conv.kernel_size), is_transposed(conv)
-    return sum(
-        conv_macs(
-            conv.in_channels,
-            conv.out_channels,
-            tuple(conv.kernel_size),
-            conv.groups,
-            spatial(out, dims),
-            _batch(out, dims),
-            transposed=transposed,
-            input_size=spatial(inp, dims),
-        )
-        for inp, out in site.call.shapes
-    )
-
-
-def pair_macs(site: ConvSite, rank: int, order: str) -> int:
-    conv = site.module
-    kernel = tuple(conv.kernel_size)
-    dims = len(kernel)
-    return sum(
-        separable_macs(
-            conv.in_channels,
-            conv.out_channels,
-            kernel,
-            conv.groups,
-            rank,
-            order,
-            spatial(inp, dims),
-            spatial(out, dims),
-            _batch(out, dims),
-            transposed=is_transposed(conv),
-        )
-        for inp, out in site.call.shapes
-    )
 
 
 def _trace_and_probe(

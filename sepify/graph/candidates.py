@@ -22,6 +22,7 @@ from sepify.graph.conv_kinds import (
     plain_view,
 )
 from sepify.graph.probe import ConvCall
+from sepify.planning.choice import Geometry
 from sepify.runtime.context import LayerContext
 from sepify.vocab import SkipReason
 
@@ -68,6 +69,24 @@ class ConvSite:
     @property
     def eligible(self) -> bool:
         return self.skip_reason is None
+
+    @property
+    def geometry(self) -> Geometry:
+        """What the planner and the reports see of this conv (its configuration and the shapes it ran at)."""
+        conv = self.module
+        return Geometry(
+            kind=self.kind,
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            bias=conv.bias is not None,
+            shapes=tuple(self.call.shapes),
+        )
 
 
 def skip_reason_for(conv: ConvLayer, calls: int, *, skip_shared: bool = False) -> SkipReason | None:

@@ -11,6 +11,7 @@ at rank 1, and with timing the median time of the conv vs each pair.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,29 +23,28 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.refine import refined_errors
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import worst_output_error
-from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
-from sepify.core.cp import CPByRank, cp_ranks
-from sepify.core.decompose import Factorization
+from sepify.core.cost import ORDERS
+from sepify.core.cp import CPByRank
+from sepify.core.factors import LayerFactors
 from sepify.core.functional import ConvLayer
 from sepify.core.measure import conv_output, layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
-from sepify.errors import ConfigError, ModelError
-from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
+from sepify.errors import BudgetError, ConfigError, ModelError
+from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs
 from sepify.graph.candidates import ConvSite, kind_notes
 from sepify.graph.probe import describe_inputs, preserved_state, time_forwards
 from sepify.graph.rewrite import temporarily_replaced
-from sepify.options import Calibration, Selection, Timing, as_int
-from sepify.planning.budget import option_error
-from sepify.report.audit import AuditLayer, AuditOption, AuditReport
+from sepify.options import Budget, Calibration, Selection, Timing, as_int
+from sepify.planning.budget import option_error, unreachable_message
+from sepify.planning.choice import Option, useful_options
+from sepify.report.audit import AuditLayer, AuditReport
 from sepify.runtime.sessions import check_backend
 from sepify.runtime.timing import PairTiming, time_pair
 
 __all__ = ["audit"]
 
 ProgressFn = Callable[[str, int, int], None]
-Options = dict[str, list[tuple[str, int, int, int]]]  # qualname -> (order, rank, params_after, macs_after)
-Factorizations = dict[tuple[str, str], Factorization | CPByRank]  # (qualname, order) -> SVD, or CP by rank
-_CP_GRID = 8  # bottleneck widths audited per layer, spaced geometrically up to break-even
+Options = dict[str, list[tuple[str, int]]]  # qualname -> the (order, rank) pairs measured
 # ALS multiply-adds per audited width: small layers get the sweeps convert will run, large ones their
 # start (the strongest per-channel SVD terms), an upper bound of the error convert reaches.
 _CP_WORK = 2 * 10**8
@@ -61,6 +61,7 @@ def audit(
     calibration: Calibration | Any | None = None,
     timing: Timing | bool | None = None,
     sensitivity: bool = True,
+    budget: Budget | None = None,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Measure what separating each conv would save and cost; never mutates ``model``.
@@ -80,6 +81,10 @@ def audit(
             whole model.
         sensitivity: measure the whole-model output error with each layer
             alone at rank 1 (one forward per candidate).
+        budget: the :class:`~sepify.Budget` the audit is for: a MAC or
+            parameter budget no plan can meet is refused before anything is
+            measured (what every candidate at its cheapest option reaches is
+            known from the shapes alone).
         progress: called as ``progress(step, done, total)`` while working.
 
     Returns:
@@ -110,8 +115,10 @@ def audit(
     data_args = _calibration_args(calib, len(args)) or args
     report_progress = progress or (lambda step, done, total: None)
     candidates = [s for s in analysis.sites if s.eligible]
-    options = {s.qualname: _useful_options(s, orders, ranks) for s in candidates}
-    factors: Factorizations = {(s.qualname, o): _factorization(s.module, o) for s in candidates for o in orders}
+    options = {s.qualname: useful_options(s.geometry, orders, ranks) for s in candidates}
+    if budget is not None:
+        _check_reachable(budget, candidates, options, analysis)
+    factors = {s.qualname: LayerFactors(weight_of(s.module), s.module.groups, cp_work=_CP_WORK) for s in candidates}
     errors = _LayerErrors(options, factors, refine=calib is not None and calib.refine)
     errors.measure(analysis, candidates, data_args, report_progress)
     reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
@@ -154,7 +161,7 @@ def _audit_layer(
     analysis: Analysis,
     site: ConvSite,
     options: Options,
-    factors: Factorizations,
+    factors: dict[str, LayerFactors],
     errors: _LayerErrors,
     timer: _OptionTimer | None,
     args: tuple[Any, ...],
@@ -162,32 +169,22 @@ def _audit_layer(
     total_params: int,
 ) -> AuditLayer:
     """One conv's row: its cost, and for a candidate every option, measured."""
-    conv = site.module
-    kernel = tuple(conv.kernel_size)
-    params = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, conv.bias is not None)
-    macs, total_macs = site_macs(site), analysis.before.macs
-    opts: list[AuditOption] = []
+    geometry = site.geometry
+    params, macs, total_macs = geometry.params, geometry.macs, analysis.before.macs
+    opts: list[Option] = []
     model_err = sens_order = None
     if site.eligible:
-        times = timer.options(site, options[site.qualname], factors) if timer else {}
-        opts = [errors.option(site.qualname, option, times.get(option[:2])) for option in options[site.qualname]]
+        layer = factors[site.qualname]
+        times = timer.options(site, options[site.qualname], layer) if timer else {}
+        opts = [errors.option(site, option, times.get(option)) for option in options[site.qualname]]
         rank1 = [o for o in opts if o.rank == 1]
         if reference is not None and rank1:
             sens_order = min(rank1, key=option_error).order
-            model_err = _model_error_rank1(analysis, site, factors[(site.qualname, sens_order)], args, reference)
-    called = site.call.calls > 0
+            model_err = _model_error_rank1(analysis, site, layer, sens_order, args, reference)
     return AuditLayer(
         name=site.qualname,
-        kind=site.kind,
         skip_reason=site.skip_reason,
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=kernel,
-        stride=tuple(conv.stride),
-        groups=conv.groups,
-        calls=site.call.calls,
-        input_size=spatial(site.call.input_shape, len(kernel)) if called else None,
-        output_size=spatial(site.call.output_shape, len(kernel)) if called else None,
+        **geometry.report_fields(),
         params=params,
         macs=macs,
         mac_share=macs / total_macs if total_macs else 0.0,
@@ -198,48 +195,34 @@ def _audit_layer(
     )
 
 
-def _useful_options(
-    site: ConvSite, orders: Sequence[str], ranks: Sequence[int] | None
-) -> list[tuple[str, int, int, int]]:
-    """(order, rank, params_after, macs_after) for every rank where the pair is still smaller."""
-    conv = site.module
-    kernel = tuple(conv.kernel_size)
-    bias = conv.bias is not None
-    params = conv_params(conv.in_channels, conv.out_channels, kernel, conv.groups, bias)
-    macs = site_macs(site)
-    found = []
-    for order in orders:
-        limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
-        smaller = []
-        for r in range(1, limit + 1):
-            p = separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r, order, bias)
-            m = pair_macs(site, r, order)
-            if p >= params and m >= macs:
-                break  # grows with r: no larger rank is smaller either
-            smaller.append((order, r, p, m))
-        if order == "pw-dw-pw" and smaller:  # widths on a grid: each one is an ALS run
-            grid = set(cp_ranks(len(smaller), _CP_GRID))
-            smaller = [option for option in smaller if option[1] in grid]
-        found += [option for option in smaller if ranks is None or option[1] in ranks]
-    return found
+def _check_reachable(budget: Budget, sites: list[ConvSite], options: Options, analysis: Analysis) -> None:
+    """A MAC or parameter budget below what converting every candidate at its cheapest option reaches is refused
+    now, before anything is measured (the plan's own check, later, also counts options found slower)."""
+    kind, value = budget.bound
+    if kind not in ("max_mac_ratio", "max_param_ratio"):
+        return
+    unit = 1 if kind == "max_mac_ratio" else 0  # Geometry.cost gives (params, MACs)
+    total = analysis.before.macs if unit else count_params(analysis.target)
+    saved = 0
+    for site in sites:
+        geometry = site.geometry
+        before = geometry.macs if unit else geometry.params
+        costs = [geometry.cost(order, rank)[unit] for order, rank in options[site.qualname]]
+        saved += max((before - c for c in costs), default=0)
+    reachable = 1.0 - saved / total if total else 1.0
+    if value < reachable:
+        raise BudgetError(unreachable_message(kind, value, reachable))
 
 
-def _factorization(conv: ConvLayer, order: str) -> Factorization | CPByRank:
-    if order == "pw-dw-pw":
-        return CPByRank(weight_of(conv), conv.groups, work=_CP_WORK)
-    return Factorization.of(weight_of(conv), conv.groups, order)
-
-
-def _pair(conv: ConvLayer, rank: int, factorization: Factorization | CPByRank) -> SeparableConv:
-    """The pair at ``rank`` from an already computed factorization."""
-    at = factorization.at(rank) if isinstance(factorization, CPByRank) else factorization
-    return SeparableConv.from_conv(conv, rank, factorization.order, factorization=at)
+def _pair(conv: ConvLayer, order: str, rank: int, factors: LayerFactors) -> SeparableConv:
+    """The pair ``(order, rank)`` from the layer's already computed factorisations."""
+    return SeparableConv.from_conv(conv, rank, order, factorization=factors.at(order, rank))
 
 
 class _LayerErrors:
     """Each candidate's output error (and error after refinement) at every option, from one forward."""
 
-    def __init__(self, options: Options, factors: Factorizations, *, refine: bool) -> None:
+    def __init__(self, options: Options, factors: dict[str, LayerFactors], *, refine: bool) -> None:
         self.options, self.factors, self.refine = options, factors, refine
         self.output: dict[tuple[str, str], dict[int, float]] = {}  # (qualname, order) -> {rank: error}
         self.refined: dict[tuple[str, str], dict[int, float]] = {}
@@ -260,11 +243,12 @@ class _LayerErrors:
 
     def _measure_one(self, name: str, conv: ConvLayer, x: Tensor) -> None:
         y = conv_output(conv, x)  # every option is compared with this one output
-        for order in sorted({o for o, *_ in self.options[name]}):
-            ranks = [r for o, r, *_ in self.options[name] if o == order]
-            factorization = self.factors[(name, order)]
+        layer = self.factors[name]
+        for order in sorted({o for o, _ in self.options[name]}):
+            ranks = [r for o, r in self.options[name] if o == order]
+            factorization = layer.of(order)
             if isinstance(factorization, CPByRank):
-                pairs = {r: _pair(conv, r, factorization) for r in ranks}
+                pairs = {r: _pair(conv, order, r, layer) for r in ranks}
                 self.output[(name, order)] = {r: pair_output_error(conv, pair, x, y) for r, pair in pairs.items()}
                 if self.refine:
                     self.refined[(name, order)] = refined_errors(conv, x, order, ranks, pairs=pairs, y=y)
@@ -274,19 +258,16 @@ class _LayerErrors:
             if self.refine:
                 self.refined[(name, order)] = refined_errors(conv, x, order, ranks, factorization=factorization, y=y)
 
-    def option(self, name: str, option: tuple[str, int, int, int], timing: PairTiming | None) -> AuditOption:
-        order, r, params_after, macs_after = option
+    def option(self, site: ConvSite, option: tuple[str, int], timing: PairTiming | None) -> Option:
+        name, (order, r) = site.qualname, option
         measured = self.output.get((name, order))
         output = measured.get(r) if measured else None
         refined = self.refined.get((name, order), {}).get(r)
         if refined is not None and output is not None:
             refined = min(refined, output)  # refinement keeps the current weights where its refit is worse
-        return AuditOption(
-            rank=r,
-            order=order,
-            params_after=params_after,
-            macs_after=macs_after,
-            weight_error=self.factors[(name, order)].relative_error(r),
+        found = site.geometry.option(order, r, self.factors[name].weight_error(order, r))
+        return dataclasses.replace(
+            found,
             output_error=output,
             refined_error=refined,
             latency_before=timing.conv if timing else None,
@@ -310,9 +291,9 @@ def _forward(module: nn.Module, args: tuple[Any, ...]) -> Any:
 
 
 def _model_error_rank1(
-    analysis: Analysis, site: ConvSite, factorization: Factorization | CPByRank, args: tuple[Any, ...], reference: Any
+    analysis: Analysis, site: ConvSite, factors: LayerFactors, order: str, args: tuple[Any, ...], reference: Any
 ) -> float | None:
-    pair = _pair(site.module, 1, factorization)
+    pair = _pair(site.module, order, 1, factors)
     with temporarily_replaced(analysis.target, site.in_model, pair):
         return worst_output_error(reference, _forward(analysis.target, args))
 
@@ -326,15 +307,15 @@ class _OptionTimer:
         self.timed: dict[tuple[Any, ...], PairTiming] = {}
 
     def options(
-        self, site: ConvSite, options: list[tuple[str, int, int, int]], factors: Factorizations
+        self, site: ConvSite, options: list[tuple[str, int]], factors: LayerFactors
     ) -> dict[tuple[str, int], PairTiming]:
         """Median seconds of the conv and of each pair in its fastest layout, interleaved, at the layer's input
         shape, by (order, rank)."""
         times = {}
-        for order, r, _, _ in options:
+        for order, r in options:
             key = (*_timing_signature(site), order, r)
             if key not in self.timed:
-                pair = _pair(site.module, r, factors[(site.qualname, order)]).eval()
+                pair = _pair(site.module, order, r, factors).eval()
                 self.timed[key] = time_pair(
                     pair,
                     site.call.input_shape,

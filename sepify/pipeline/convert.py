@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import operator
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -24,30 +21,26 @@ from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
 from sepify.calibrate.synthetic import resolve_synthetic
 from sepify.calibrate.verify import output_errors, top1_agreement
-from sepify.core.cost import ORDERS, conv_params, exact_rank, separable_params
-from sepify.core.cp import CPFactorization
-from sepify.core.decompose import SVD_ORDERS, Factorization
+from sepify.core.cost import ORDERS
 from sepify.core.functional import CONV_TYPES
-from sepify.core.modules import SeparableConv, weight_of
-from sepify.errors import ConfigError, InputShapeError, ModelError, ModelLoadError, PlanError, SepifyWarning
-from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs, pair_macs, site_macs, spatial
-from sepify.graph.candidates import ConvSite, SkipReason, kind_notes, matches_any
-from sepify.graph.conv_kinds import inherits_forward, plain_view
+from sepify.core.modules import SeparableConv
+from sepify.errors import ConfigError, InputShapeError, ModelError, SepifyWarning
+from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs
+from sepify.graph.candidates import kind_notes, matches_any
 from sepify.graph.probe import ProbeResult, all_finite, describe_inputs, probe, time_forwards
-from sepify.graph.rewrite import replace_submodule, swap_modules
-from sepify.io.load import load_weights_into, safetensors_metadata
-from sepify.io.save import PLAN_METADATA_KEY, plan_path
-from sepify.options import Calibration, Distill, Selection, Timing
+from sepify.graph.rewrite import swap_modules
+from sepify.options import DEFAULT_BUDGET, Budget, Calibration, Distill, Selection, Timing
+from sepify.pipeline.layers import LayerBuilder, Rank
+from sepify.pipeline.load import load_converted
 from sepify.planning.plan import Plan
-from sepify.report.conversion import ConversionReport, LayerReport
+from sepify.report.conversion import ConversionReport
 from sepify.runtime.sessions import check_backend
-from sepify.runtime.timing import time_pair
 
 __all__ = ["convert", "ConversionResult", "load_converted"]
 
+
 logger = logging.getLogger(__name__)
 
-Rank = int | str
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -63,10 +56,10 @@ def convert(
     model: nn.Module,
     example_inputs: Any,
     *,
-    rank: Rank = 1,
+    rank: Rank | None = None,
     order: str = "dw-pw",
     tolerance: float | None = None,
-    plan: Plan | None = None,
+    plan: Plan | Budget | None = None,
     select: Selection | None = None,
     calibration: Calibration | Any | None = None,
     distill: Distill | int | None = None,
@@ -151,11 +144,15 @@ def convert(
         >>> result.report.output_error < 1e-5
         True
     """
-    rank = _checked_rank(rank, tolerance)
+    if rank is None and plan is None:
+        plan = DEFAULT_BUDGET
+    rank = _checked_rank(1 if rank is None else rank, tolerance)
     if order not in (*ORDERS, "auto"):
         raise ConfigError(f"order must be 'dw-pw', 'pw-dw', 'pw-dw-pw' or 'auto', got {order!r}")
-    if plan is not None and not isinstance(plan, Plan):
-        raise ConfigError(f"plan must be a sepify.Plan (see Plan.from_json), got {type(plan).__name__}")
+    if plan is not None and not isinstance(plan, (Plan, Budget)):
+        raise ConfigError(
+            f"plan must be a sepify.Plan (see Plan.from_json) or a sepify.Budget, got {type(plan).__name__}"
+        )
     calib, distillation, timed = Calibration.of(calibration), Distill.of(distill), Timing.of(timing)
     if timed is not None:
         check_backend(timed.backend)
@@ -164,15 +161,16 @@ def convert(
     args = normalize_inputs(example_inputs)
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
 
+    planning_notes: list[str] = []
+    if isinstance(plan, Budget):
+        plan, planning_notes = _planned(model, args, plan, select, calib, timed, progress)
     analysis = analyze(model, args, inplace=inplace, select=select)
     params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
-    if plan is not None:
-        _apply_plan_selection(analysis.sites, plan)
-    chooser = _Chooser(rank, order, tolerance, plan, timed, allow_larger=select.allow_larger if select else False)
-    rows, pairs = chooser.build(analysis.sites)
+    builder = LayerBuilder(rank, order, tolerance, plan, timed, allow_larger=select.allow_larger if select else False)
+    rows, pairs = builder.build(analysis.sites)
     # the teacher for calibration: the traced model before any swap
     teacher = copy.deepcopy(analysis.target) if calib is not None and pairs else None
-    _swap(analysis, pairs, chooser.meta)
+    _swap(analysis, pairs, builder.meta)
     stages, notes = _calibrate(analysis, teacher, pairs, calib, distillation, progress)
     after = _probe_converted(analysis, args)
     times, timing_notes = _time_models(model if not inplace else teacher, analysis.model, args, timed)
@@ -192,7 +190,9 @@ def convert(
         output_errors=tuple(errors),
         output_error_reason=why,
         top1_agreement=top1_agreement(analysis.before.output, after.output),
-        notes=tuple(_lifted_note(analysis) + kind_notes(analysis.sites) + synthetic + notes + timing_notes),
+        notes=tuple(
+            planning_notes + _lifted_note(analysis) + kind_notes(analysis.sites) + synthetic + notes + timing_notes
+        ),
         fidelity=stages,
         latency_before=times[0],
         latency_after=times[1],
@@ -242,6 +242,30 @@ def _warn_if_unselected(report: ConversionReport, select: Selection | None, plan
         )
 
 
+def _planned(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    budget: Budget,
+    select: Selection | None,
+    calibration: Calibration | None,
+    timing: Timing | None,
+    progress: ProgressFn | None,
+) -> tuple[Plan, list[str]]:
+    """Audit (with the same calibration and timing) and plan under ``budget``: what ``plan=Budget(...)`` converts."""
+    from sepify.pipeline.audit import audit  # the audit is this module's caller's peer: imported where used
+
+    audit_timing = timing if timing is not None and budget.bound[0] == "max_latency_ratio" else timing
+    report = audit(model, args, select=select, calibration=calibration, timing=audit_timing, budget=budget,
+                   progress=progress)  # fmt: skip
+    plan = report.plan(**budget.as_dict())
+    info = plan.meta
+    note = (
+        f"planned for {budget.describe()}: {len(plan.layers)} conv(s) at {info['mac_ratio']:.3f}x the MACs, "
+        f"predicted output error {info['predicted_error']:.3g}"
+    )
+    return plan, [note]
+
+
 def _checked_rank(rank: Rank, tolerance: float | None) -> Rank:
     """``rank`` as an int (numpy integers too), ``"full"`` or ``"auto"`` with a valid tolerance."""
     if rank == "auto":
@@ -261,241 +285,6 @@ def _checked_rank(rank: Rank, tolerance: float | None) -> Rank:
     if value < 1:
         raise ConfigError(f"rank must be a positive integer, 'full' or 'auto', got {rank!r}")
     return value
-
-
-def _apply_plan_selection(sites: list[ConvSite], plan: Plan) -> None:
-    """Skip convs the plan does not list; fail loudly on names it lists wrongly."""
-    by_name = {site.qualname: site for site in sites}
-    for name in plan:
-        if name not in by_name:
-            raise PlanError(
-                f"the plan names {name!r}, but the model has no convolution there; regenerate the plan for this model"
-            )
-        reason = by_name[name].skip_reason
-        if reason is not None and reason is not SkipReason.EXCLUDED:
-            raise PlanError(
-                f"the plan names {name!r}, which cannot be converted ({reason.value}); remove it from the plan"
-            )
-    for site in sites:
-        if site.qualname not in plan and site.skip_reason is None:
-            site.skip_reason = SkipReason.NOT_PLANNED
-        elif site.qualname in plan:
-            site.skip_reason = None  # the plan is explicit; it overrides include/exclude
-
-
-@dataclass(frozen=True)
-class _Choice:
-    order: str
-    rank: int
-    factorization: Factorization | CPFactorization
-    weight_error: float
-    macs: int
-    params: int
-
-
-class _Chooser:
-    """Picks rank and order per conv, builds its pair, and times it when asked."""
-
-    def __init__(
-        self,
-        rank: Rank,
-        order: str,
-        tolerance: float | None,
-        plan: Plan | None,
-        timing: Timing | None,
-        allow_larger: bool = False,
-    ):
-        self.rank, self.order, self.tolerance, self.plan, self.timing = rank, order, tolerance, plan, timing
-        self.allow_larger = allow_larger
-        self.meta: dict[str, dict[str, Any]] = {}  # node.meta["sepify"] of each converted conv
-
-    def build(self, sites: list[ConvSite]) -> tuple[list[LayerReport], dict[str, SeparableConv]]:
-        """One report row per conv, and the pair of each conv that converts."""
-        rows: list[LayerReport] = []
-        pairs: dict[str, SeparableConv] = {}
-        for site in sites:
-            row, pair = self._convert(site) if site.eligible else (_row(site), None)
-            rows.append(row)
-            if pair is not None:
-                pairs[site.qualname] = pair
-        return rows, pairs
-
-    def _convert(self, site: ConvSite) -> tuple[LayerReport, SeparableConv | None]:
-        planned = self.plan[site.qualname] if self.plan is not None else None
-        wanted_rank, wanted_order = (planned.rank, planned.order) if planned else (self.rank, self.order)
-        choice = _choose(site, wanted_rank, wanted_order, self.tolerance)
-        if self.rank == "auto" and planned is None and not _smaller(site, choice):
-            site.skip_reason = SkipReason.NO_SAVING
-            return _row(site), None
-        if isinstance(self.rank, int) and planned is None and not self.allow_larger and _larger(site, choice):
-            site.skip_reason = SkipReason.NO_SAVING  # the user asked for savings; Selection(allow_larger=True) forces
-            return _row(site), None
-        pair = SeparableConv.from_conv(site.module, choice.rank, choice.order, factorization=choice.factorization)
-        if planned is not None and planned.layout is not None:
-            _apply_planned_layout(pair, site.qualname, planned.layout)
-        timed = self._time(site, pair)
-        if self.timing is not None and self.timing.skip_slower and timed["latency_after"] >= timed["latency_before"]:
-            site.skip_reason = SkipReason.SLOWER
-            return _row(site, **timed), None
-        self.meta[site.qualname] = {"rank": choice.rank, "order": choice.order, "weight_error": choice.weight_error}
-        row = _row(
-            site,
-            converted=True,
-            rank=choice.rank,
-            requested_rank=wanted_rank,
-            rank_capped=isinstance(wanted_rank, int) and choice.rank < wanted_rank,
-            order=choice.order,
-            params_after=choice.params,
-            macs_after=choice.macs,
-            weight_error=choice.weight_error,
-            layout=pair.layout if len(pair.layouts) > 1 else None,
-            **timed,
-        )
-        return row, pair
-
-    def _time(self, site: ConvSite, pair: SeparableConv) -> dict[str, Any]:
-        """Time the pair against its conv (or only pick its fastest layout); the fastest layout is kept."""
-        if self.timing is None or not (self.timing.latency or (self.timing.tune_layout and len(pair.layouts) > 1)):
-            return {}
-        against = site.module if self.timing.latency else None
-        timing = time_pair(
-            pair,
-            site.call.input_shape,
-            self.timing.reps,
-            against=against,
-            backend=self.timing.backend,
-            threads=self.timing.threads,
-            context=site.context,
-        )
-        if timing.layout is not None:
-            pair.layout = timing.layout
-        return {"latency_before": timing.conv, "latency_after": timing.pair} if self.timing.latency else {}
-
-
-def _option(site: ConvSite, order: str, rank: Rank, tolerance: float | None) -> _Choice:
-    """The pair for one order: fixed rank (capped), exact rank, or smallest rank within tolerance."""
-    conv = site.module
-    kernel = tuple(conv.kernel_size)
-    limit = exact_rank(conv.in_channels, conv.out_channels, kernel, conv.groups, order)
-    f: Factorization | CPFactorization
-    if order == "pw-dw-pw":
-        f = cp = _cp_factorization(site, rank, tolerance, limit)
-        r, error = cp.rank, cp.relative_error
-    else:
-        svd = f = Factorization.of(weight_of(conv), conv.groups, order)
-        if rank == "full":
-            r = limit
-        elif rank == "auto":
-            assert tolerance is not None  # checked by _checked_rank
-            r = next(k for k in range(1, limit + 1) if svd.relative_error(k) <= tolerance or k == limit)
-        else:
-            r = min(int(rank), limit)
-        error = svd.relative_error(r)
-    params = separable_params(conv.in_channels, conv.out_channels, kernel, conv.groups, r, order, conv.bias is not None)
-    return _Choice(order, r, f, error, pair_macs(site, r, order), params)
-
-
-def _cp_factorization(site: ConvSite, rank: Rank, tolerance: float | None, limit: int) -> CPFactorization:
-    """The bottleneck at a fixed width, or the narrowest one within tolerance (bisection up to break-even)."""
-    conv = site.module
-    if rank != "auto":
-        return CPFactorization.of(weight_of(conv), conv.groups, limit if rank == "full" else min(int(rank), limit))
-    assert tolerance is not None  # checked by _checked_rank
-    area = math.prod(conv.kernel_size)
-    dense = conv_params(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, False)
-    low, high = 1, max(1, min(limit, dense // (conv.in_channels + conv.groups * area + conv.out_channels)))
-    best = CPFactorization.of(weight_of(conv), conv.groups, high)
-    while low < high:  # the narrowest width within tolerance, if the widest that still pays is
-        middle = (low + high) // 2
-        f = CPFactorization.of(weight_of(conv), conv.groups, middle)
-        if f.relative_error <= tolerance:
-            best, high = f, middle
-        else:
-            low = middle + 1
-    return best
-
-
-def _choose(site: ConvSite, rank: Rank, order: str, tolerance: float | None) -> _Choice:
-    """Pick order and rank for one conv. For order='auto': lower weight error, ties to fewer MACs.
-
-    With rank='auto' every order meets the tolerance (or is at its widest), so the cheaper pair wins.
-    """
-    if order != "auto":
-        orders: tuple[str, ...] = (order,)
-    else:
-        orders = ORDERS if rank == "auto" else SVD_ORDERS
-    options = [_option(site, o, rank, tolerance) for o in orders]
-    if rank == "auto":  # the bottleneck may miss the tolerance even at its widest; the SVD orders never do
-        assert tolerance is not None  # checked by _checked_rank
-        options = [o for o in options if o.weight_error <= tolerance] or options
-    best = options[0]
-    for cand in options[1:]:
-        tie = math.isclose(cand.weight_error, best.weight_error, rel_tol=1e-6, abs_tol=1e-6)
-        if rank == "auto" or tie:
-            if (cand.macs, cand.params) < (best.macs, best.params):
-                best = cand
-        elif cand.weight_error < best.weight_error:
-            best = cand
-    return best
-
-
-def _site_cost(site: ConvSite) -> tuple[int, int]:
-    """``(params, MACs)`` of the conv at ``site``, as its report row counts them."""
-    conv = site.module
-    params = conv_params(
-        conv.in_channels, conv.out_channels, tuple(conv.kernel_size), conv.groups, conv.bias is not None
-    )
-    return params, site_macs(site)
-
-
-def _larger(site: ConvSite, choice: _Choice) -> bool:
-    """Whether the chosen pair has more params or more MACs than the conv."""
-    params, macs = _site_cost(site)
-    return choice.params > params or choice.macs > macs
-
-
-def _smaller(site: ConvSite, choice: _Choice) -> bool:
-    """Whether the chosen pair has fewer params and fewer MACs than the conv."""
-    params, macs = _site_cost(site)
-    return choice.params < params and choice.macs < macs
-
-
-def _row(site: ConvSite, **after: Any) -> LayerReport:
-    conv = site.module
-    kernel = tuple(conv.kernel_size)
-    params, macs = _site_cost(site)
-    called = site.call.calls > 0
-    fields: dict[str, Any] = {
-        "name": site.qualname,
-        "kind": site.kind,
-        "converted": False,
-        "skip_reason": site.skip_reason,
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": kernel,
-        "stride": tuple(conv.stride),
-        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-        "dilation": tuple(conv.dilation),
-        "groups": conv.groups,
-        "padding_mode": conv.padding_mode,
-        "bias": conv.bias is not None,
-        "calls": site.call.calls,
-        "input_size": spatial(site.call.input_shape, len(kernel)) if called else None,
-        "output_size": spatial(site.call.output_shape, len(kernel)) if called else None,
-        "params_before": params,
-        "params_after": params,
-        "macs_before": macs,
-        "macs_after": macs,
-    }
-    fields.update(after)
-    return LayerReport(**fields)
-
-
-def _apply_planned_layout(pair: SeparableConv, name: str, layout: str) -> None:
-    try:
-        pair.layout = layout
-    except ConfigError as e:
-        raise PlanError(f"the plan's layout for {name!r} does not fit its pair: {e}") from e
 
 
 def _swap(analysis: Analysis, pairs: dict[str, SeparableConv], meta: dict[str, dict[str, Any]]) -> None:
@@ -579,85 +368,3 @@ def _lifted_note(analysis: Analysis) -> list[str]:
             fixed = ", ".join(f"{name}={value!r}" for name, value in constants.items())
             notes.append(f"that graph was traced with {fixed} fixed, and accepts only these values")
     return notes
-
-
-def load_converted(
-    model: nn.Module, weights_path: str | os.PathLike[str], plan: Plan | str | os.PathLike[str] | None = None
-) -> nn.Module:
-    """Rebuild a converted model from safetensors weights and its plan, without pickle.
-
-    Args:
-        model: a fresh instance of the *original* architecture (it is modified
-            in place and returned; on any error it is left as it was).
-        weights_path: the ``.safetensors`` file ``sepify convert --format
-            safetensors`` wrote.
-        plan: the plan, or its path; defaults to the plan stored in the
-            weights file's metadata, else ``<name>.plan.json`` beside it.
-
-    Raises:
-        PlanError: the plan cannot be read or does not fit ``model``.
-        ModelLoadError: the weights cannot be read or do not fit.
-
-    Examples:
-        After ``sepify convert torchvision.models:resnet18 --format safetensors``:
-
-        ```python
-        model = sepify.load_converted(torchvision.models.resnet18(), "resnet18.sep.safetensors")
-        ```
-    """
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise ModelLoadError(f"{weights_path}: no such weights file; pass the .safetensors file sepify wrote")
-    plan = _plan_of(weights_path, plan)
-    pairs = {}
-    for name, layer in plan.layers.items():
-        try:
-            conv = model.get_submodule(name)
-        except AttributeError as e:
-            raise PlanError(
-                f"the plan names {name!r}, which this model does not have; pass the original architecture"
-            ) from e
-        if not isinstance(conv, CONV_TYPES):
-            raise PlanError(f"the plan names {name!r}, which is a {type(conv).__name__} here, not a convolution")
-        geometry: Any = conv
-        if not inherits_forward(conv):  # a known subclass converts through its plain view (same geometry)
-            geometry = plain_view(conv)
-            if geometry is None:
-                raise PlanError(f"the plan names {name!r}, a {type(conv).__name__} sepify does not know how to convert")
-        limit = exact_rank(
-            geometry.in_channels, geometry.out_channels, tuple(geometry.kernel_size), geometry.groups, layer.order
-        )
-        if layer.rank > limit:
-            raise PlanError(
-                f"the plan gives {name!r} rank {layer.rank}, above its exact rank {limit} for {layer.order}; "
-                "regenerate the plan for this model"
-            )
-        pair = SeparableConv.shaped_like(geometry, layer.rank, layer.order)
-        if layer.layout is not None:
-            _apply_planned_layout(pair, name, layer.layout)
-        pairs[name] = (conv, pair)
-    for name, (_, pair) in pairs.items():
-        replace_submodule(model, name, pair)
-    try:
-        load_weights_into(model, weights_path)
-    except BaseException:
-        for name, (conv, _) in pairs.items():  # leave the caller's model as it was
-            replace_submodule(model, name, conv)
-        raise
-    return model
-
-
-def _plan_of(weights_path: Path, plan: Plan | str | os.PathLike[str] | None) -> Plan:
-    """The plan given, else the one in the weights' metadata, else the ``.plan.json`` beside them."""
-    if isinstance(plan, Plan):
-        return plan
-    if plan is None:
-        stored = safetensors_metadata(weights_path).get(PLAN_METADATA_KEY)
-        if stored is not None:
-            return Plan.from_json_text(stored, f"the plan stored in {weights_path}")
-    plan_file = Path(plan) if plan is not None else plan_path(weights_path)
-    if not plan_file.is_file():
-        raise PlanError(
-            f"{plan_file}: no such plan file, and {weights_path} stores none; pass the plan sepify wrote with it"
-        )
-    return Plan.from_json(plan_file)

@@ -1,11 +1,12 @@
-"""Choosing a plan under a budget: the error model and the call into the knapsack solver.
+r"""Choosing a plan under a budget: the error model and the call into the knapsack solver.
 
 The audit measures, per candidate layer, a few options (rank, order) with
 their cost and error; this module predicts each option's contribution to the
 whole-model output error and picks at most one option per layer so that the
 budget holds with the least predicted error (:mod:`sepify.planning.knapsack`).
-It reads the audit's rows through the small protocols below, so it knows
-nothing about models, reports or how the numbers were measured.
+It reads the audit's rows through the small protocol below and their
+:class:`~sepify.planning.choice.Option`\ s, so it knows nothing about models,
+reports or how the numbers were measured.
 """
 
 from __future__ import annotations
@@ -15,40 +16,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from sepify.errors import BudgetError, ConfigError
-from sepify.planning.knapsack import Choice, max_saving_for_loss, min_loss_for_saving
+from sepify.options import Budget
+from sepify.planning.choice import Option
+from sepify.planning.knapsack import Item, max_saving_for_loss, min_loss_for_saving
 from sepify.planning.plan import LayerPlan, Plan
 
-__all__ = ["BUDGETS", "Option", "Layer", "option_error", "layer_loss", "predicted_error", "check_budget", "choose_plan"]
+__all__ = [
+    "BUDGETS",
+    "Layer",
+    "unreachable_message",
+    "option_error",
+    "layer_loss",
+    "predicted_error",
+    "check_budget",
+    "choose_plan",
+]
 
-BUDGETS = ("max_mac_ratio", "max_param_ratio", "max_latency_ratio", "max_error")
+BUDGETS = tuple(Budget.__dataclass_fields__)
 _LABELS = {"max_mac_ratio": "MACs", "max_param_ratio": "params", "max_latency_ratio": "latency"}
-
-
-class Option(Protocol):
-    """One way to convert one layer, as the audit measured it."""
-
-    @property
-    def rank(self) -> int: ...
-    @property
-    def order(self) -> str: ...
-    @property
-    def layout(self) -> str | None: ...
-    @property
-    def params_after(self) -> int: ...
-    @property
-    def macs_after(self) -> int: ...
-    @property
-    def weight_error(self) -> float: ...
-    @property
-    def output_error(self) -> float | None: ...
-    @property
-    def refined_error(self) -> float | None: ...
-    @property
-    def latency_before(self) -> float | None: ...
-    @property
-    def latency_after(self) -> float | None: ...
-    @property
-    def latency_ratio(self) -> float | None: ...
 
 
 class Layer(Protocol):
@@ -107,18 +92,17 @@ def _option(layer: Layer, lp: LayerPlan) -> Option:
     raise KeyError(f"{layer.name} has no option rank={lp.rank} order={lp.order!r}")
 
 
-def check_budget(budget: Mapping[str, float | None]) -> tuple[str, float]:
+def unreachable_message(kind: str, value: float, reachable: float, why: str = "") -> str:
+    """The sentence for a budget below what every candidate at its cheapest option reaches."""
+    return (
+        f"no plan reaches {_LABELS[kind]} <= {value:.3g}x the original: converting every candidate at its "
+        f"cheapest option reaches {reachable:.3f}x at best{why}; relax the budget to at least {reachable:.3f}"
+    )
+
+
+def check_budget(budget: Mapping[str, float | None] | Budget) -> tuple[str, float]:
     """``(kind, value)`` of the one budget given; a ConfigError unless exactly one is, in range."""
-    given = {k: v for k, v in budget.items() if v is not None}
-    if len(given) != 1 or any(k not in BUDGETS for k in given):
-        raise ConfigError(f"a plan takes exactly one budget ({', '.join(BUDGETS)}), got {len(given)}")
-    ((kind, value),) = given.items()
-    if kind == "max_error":
-        if not (isinstance(value, (int, float)) and value >= 0):
-            raise ConfigError(f"max_error must be a number >= 0, got {value!r}")
-    elif not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ConfigError(f"{kind} must be in (0, 1], got {value!r}")
-    return kind, float(value)
+    return (budget if isinstance(budget, Budget) else Budget(**budget)).bound
 
 
 def choose_plan(
@@ -142,7 +126,7 @@ def choose_plan(
     usable = [[o for o in layer.options if o.latency_ratio is None or o.latency_ratio < 1.0] for layer in candidates]
     total, savings = _savings(kind, candidates, usable, params, macs, model_latency)
     tables = [
-        [Choice(saving=s, loss=layer_loss(layer, o)) for s, o in zip(layer_savings, opts)]
+        [Item(saving=s, loss=layer_loss(layer, o)) for s, o in zip(layer_savings, opts)]
         for layer, opts, layer_savings in zip(candidates, usable, savings)
     ]
     if kind == "max_error":
@@ -159,10 +143,7 @@ def choose_plan(
                 if slower
                 else ""
             )
-            raise BudgetError(
-                f"no plan reaches {_LABELS[kind]} <= {value:.3g}x the original: converting every candidate at its "
-                f"cheapest option reaches {smallest:.3f}x at best{why}; relax the budget to at least {smallest:.3f}"
-            )
+            raise BudgetError(unreachable_message(kind, value, smallest, why))
         picks = found
     chosen = {
         layer.name: LayerPlan(opts[j].rank, opts[j].order, opts[j].layout)

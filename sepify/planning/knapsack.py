@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Choice", "min_loss_for_saving", "max_saving_for_loss"]
+__all__ = ["Item", "min_loss_for_saving", "max_saving_for_loss"]
 
 
 @dataclass(frozen=True)
-class Choice:
+class Item:
     """One option of one layer: its saving and its predicted loss (>= 0)."""
 
     saving: float
@@ -48,7 +48,7 @@ def _backtrack(back: list[torch.Tensor], prev: list[torch.Tensor], state: int) -
 
 
 def _solve(
-    layers: Sequence[Sequence[Choice]], weights: list[list[int]], size: int, minimise_loss: bool
+    layers: Sequence[Sequence[Item]], weights: list[list[int]], size: int, minimise_loss: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Shared DP over buckets ``0..size`` (moves past ``size`` clamp to ``size``).
 
@@ -89,12 +89,12 @@ def _solve(
     return cost, saving, loss, back, prev
 
 
-def min_loss_for_saving(layers: Sequence[Sequence[Choice]], required: float) -> list[int | None] | None:
+def min_loss_for_saving(layers: Sequence[Sequence[Item]], required: float) -> list[int | None] | None:
     """Per layer, the index of the chosen option (None = skip), or None if unreachable.
 
     Minimises total loss subject to ``sum(saving) >= required``.
 
-    >>> layers = [[Choice(5, 1.0), Choice(8, 3.0)], [Choice(4, 0.5)]]
+    >>> layers = [[Item(5, 1.0), Item(8, 3.0)], [Item(4, 0.5)]]
     >>> min_loss_for_saving(layers, 9)
     [0, 0]
     >>> min_loss_for_saving(layers, 12)
@@ -116,12 +116,12 @@ def min_loss_for_saving(layers: Sequence[Sequence[Choice]], required: float) -> 
     return _backtrack(back, prev, state)
 
 
-def max_saving_for_loss(layers: Sequence[Sequence[Choice]], allowed: float) -> list[int | None]:
+def max_saving_for_loss(layers: Sequence[Sequence[Item]], allowed: float) -> list[int | None]:
     """Per layer, the chosen option index (None = skip) maximising saving with ``sum(loss) <= allowed``.
 
     Options with no saving are never chosen.
 
-    >>> layers = [[Choice(5, 1.0), Choice(8, 3.0)], [Choice(4, 0.5)]]
+    >>> layers = [[Item(5, 1.0), Item(8, 3.0)], [Item(4, 0.5)]]
     >>> max_saving_for_loss(layers, 1.5)
     [0, 0]
     >>> max_saving_for_loss(layers, 3.5)

@@ -10,77 +10,40 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sepify.core.cost import ratio
-from sepify.graph.candidates import SkipReason
 from sepify.io.atomic import JsonExportable, returned_and_written
 from sepify.planning.budget import choose_plan, option_error, predicted_error
+from sepify.planning.choice import Option
 from sepify.planning.plan import Plan
 from sepify.report import render
-from sepify.report.conversion import tuples_as_lists
+from sepify.report.conversion import LayerFields
 
-__all__ = ["AuditOption", "AuditLayer", "AuditReport"]
-
-
-@dataclass(frozen=True)
-class AuditOption:
-    """One way to convert one conv."""
-
-    rank: int
-    order: str
-    params_after: int
-    macs_after: int
-    weight_error: float
-    output_error: float | None = None  # the layer's own ||y_r - y|| / ||y|| on the example inputs
-    # the same after refinement (least-squares refit of the last factor, kept only where better, as refinement does)
-    refined_error: float | None = None
-    latency_before: float | None = None  # seconds, median, original conv
-    latency_after: float | None = None  # seconds, median, the pair in its fastest layout
-    layout: str | None = None  # the fastest layout, where the pair has a choice and latency was measured
-
-    @property
-    def latency_ratio(self) -> float | None:
-        return ratio(self.latency_after, self.latency_before)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["latency_ratio"] = self.latency_ratio
-        return d
+__all__ = ["AuditLayer", "AuditReport"]
 
 
 @dataclass(frozen=True)
-class AuditLayer:
-    """One conv: its cost, why it is skipped, or its options."""
+class AuditLayer(LayerFields):
+    """One conv (its configuration: :class:`~sepify.report.conversion.LayerFields`): its cost, why it is skipped,
+    or its options."""
 
-    name: str
-    skip_reason: SkipReason | None
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    groups: int
-    calls: int
-    input_size: tuple[int, ...] | None
-    output_size: tuple[int, ...] | None
     params: int
     macs: int
     mac_share: float  # of the whole model's MACs
     param_share: float
-    options: tuple[AuditOption, ...] = ()
+    options: tuple[Option, ...] = ()
     model_error_rank1: float | None = None  # whole-model output error (the worst output), only this layer at rank 1
     sensitivity_order: str | None = None  # the order used for model_error_rank1
-    kind: str = "conv2d"  # conv1d ... conv3d, conv_transpose1d ... conv_transpose3d
 
     @property
     def candidate(self) -> bool:
         return self.skip_reason is None
 
-    def option(self, rank: int, order: str) -> AuditOption:
+    def option(self, rank: int, order: str) -> Option:
         for o in self.options:
             if (o.rank, o.order) == (rank, order):
                 return o
         raise KeyError(f"{self.name} has no option rank={rank} order={order!r}")
 
-    def best_at(self, rank: int) -> AuditOption | None:
+    def best_at(self, rank: int) -> Option | None:
         """The option at ``rank`` with the lowest (output, then weight) error."""
         found = [o for o in self.options if o.rank == rank]
         return min(found, key=option_error) if found else None
@@ -91,8 +54,7 @@ class AuditLayer:
         return max((o.rank for o in self.options if o.order != "pw-dw-pw"), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        d = tuples_as_lists({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"})
-        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
+        d = self._fields_dict(("name", "skip_reason"))
         d["options"] = [o.to_dict() for o in self.options]
         return d
 

@@ -20,24 +20,25 @@ from sepify.io.atomic import JsonExportable, returned_and_written
 from sepify.planning.plan import LayerPlan, Plan
 from sepify.report import render
 
-__all__ = ["LayerReport", "ConversionReport", "tuples_as_lists"]
+__all__ = ["LayerFields", "LayerReport", "ConversionReport", "tuples_as_lists", "FAR_OUTPUT_ERROR", "FAR_AGREEMENT"]
+
+# Past these, a converted model is far from the original on the example inputs (report.far_from_original)
+FAR_OUTPUT_ERROR = 0.3
+FAR_AGREEMENT = 0.9
 
 
 @dataclass(frozen=True)
-class LayerReport:
-    """One conv of the model, converted or skipped.
+class LayerFields:
+    """What every per-layer row says of its conv (:meth:`sepify.planning.choice.Geometry.report_fields`).
 
-    For a skipped conv ``rank``/``order``/``weight_error`` are None and the
-    *after* counts equal the *before* counts. ``input_size``/``output_size``
-    are the spatial sizes (``(L,)``, ``(H, W)`` or ``(D, H, W)``) at the first
-    call (None if never called); ``calls`` counts the calls on the example
-    inputs and MACs sum over all of them. ``kind`` is ``conv1d`` ...
+    ``input_size``/``output_size`` are the spatial sizes (``(L,)``, ``(H, W)`` or ``(D, H, W)``) at the first
+    call (None if never called); ``calls`` counts the calls on the example inputs. ``kind`` is ``conv1d`` ...
     ``conv3d`` or ``conv_transpose1d`` ... ``conv_transpose3d``.
     """
 
     name: str
-    converted: bool
     skip_reason: SkipReason | None
+    kind: str
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, ...]
@@ -50,6 +51,23 @@ class LayerReport:
     calls: int
     input_size: tuple[int, ...] | None
     output_size: tuple[int, ...] | None
+
+    def _fields_dict(self, first: tuple[str, ...]) -> dict[str, Any]:
+        """Every field as JSON-ready values, ``first`` leading (CSV columns and JSON keys keep that order)."""
+        d = tuples_as_lists(dataclasses.asdict(self))
+        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
+        return {**{k: d.pop(k) for k in first}, **d}
+
+
+@dataclass(frozen=True)
+class LayerReport(LayerFields):
+    """One conv of the model, converted or skipped (its configuration: :class:`LayerFields`).
+
+    For a skipped conv ``rank``/``order``/``weight_error`` are None and the
+    *after* counts equal the *before* counts. MACs sum over every call.
+    """
+
+    converted: bool
     params_before: int
     params_after: int
     macs_before: int
@@ -62,7 +80,6 @@ class LayerReport:
     layout: str | None = None  # how the pair runs, where it has a choice (SeparableConv.layouts)
     latency_before: float | None = None  # seconds, median, the conv at its input shape (latency=True)
     latency_after: float | None = None  # seconds, median, the pair, timed interleaved with the conv
-    kind: str = "conv2d"
 
     @property
     def latency_ratio(self) -> float | None:
@@ -93,8 +110,7 @@ class LayerReport:
         return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = tuples_as_lists(dataclasses.asdict(self))
-        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
+        d = self._fields_dict(("name", "converted", "skip_reason"))
         d["larger_than_original"] = self.larger_than_original
         d["latency_ratio"] = self.latency_ratio
         d["realisation"] = self.realisation
@@ -127,6 +143,17 @@ class ConversionReport(JsonExportable):
     fidelity: tuple[FidelityStage, ...] = ()
     latency_before: float | None = None  # seconds, median whole-model forward on the example inputs (latency=True)
     latency_after: float | None = None  # the converted model's, timed interleaved with the original
+
+    # -- how far the converted model is from the original ------------------
+    @property
+    def far_from_original(self) -> bool:
+        """Whether the converted model's outputs are far from the original's on the example inputs: relative
+        output error above :data:`FAR_OUTPUT_ERROR` or top-1 agreement below :data:`FAR_AGREEMENT` (the CLI
+        says so, and ``--strict`` refuses to write such a model)."""
+        error, agreement = self.output_error, self.top1_agreement
+        return bool(self.converted) and (
+            (error is not None and error > FAR_OUTPUT_ERROR) or (agreement is not None and agreement < FAR_AGREEMENT)
+        )
 
     # -- totals ---------------------------------------------------------
     @property

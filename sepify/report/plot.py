@@ -12,8 +12,9 @@ from sepify.report.render import shorten
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from sepify.planning.choice import Option
     from sepify.planning.plan import Plan
-    from sepify.report.audit import AuditOption, AuditReport
+    from sepify.report.audit import AuditReport
 
 __all__ = ["plot_audit", "audit_figure"]
 
@@ -22,7 +23,7 @@ _COLORS = {"dw-pw": "#1f77b4", "pw-dw": "#ff7f0e", "pw-dw-pw": "#2ca02c"}
 _MAX_ROWS = 60
 
 
-def _error(option: AuditOption) -> float:
+def _error(option: Option) -> float:
     return option.output_error if option.output_error is not None else option.weight_error
 
 

@@ -39,8 +39,23 @@ SAFE_ROUTE = "use an import spec such as torchvision.models:resnet18 with --weig
 torchvision = pytest.importorskip("torchvision")
 
 
+PROGRESS = re.compile(r"^(convert|audit|plan|distill): ")
+
+
 def run(*args: str | Path) -> object:
     return runner.invoke(app, [str(a) for a in args])
+
+
+def flat(result: object) -> str:
+    """The output as one line: usage errors come in a box, wrapped."""
+    return " ".join(line.strip(" │") for line in result.output.splitlines())  # type: ignore[attr-defined]
+
+
+def said(result: object) -> str:
+    """What a command said, without its progress lines (under CliRunner stderr is not a terminal, so progress is
+    a plain line per phase)."""
+    lines = [line for line in result.output.splitlines() if not PROGRESS.match(line)]  # type: ignore[attr-defined]
+    return "\n".join(lines)
 
 
 def digest(path: Path) -> str:
@@ -112,12 +127,14 @@ def test_import_spec_with_weights_writes_default_output(tmp_path: Path, weights:
 
 def test_pickled_model_with_trust(pickled: Path) -> None:
     before = digest(pickled)
-    result = run("convert", pickled, "--trust-pickle", *SMALL, "-q")
+    result = run("convert", pickled, "--trust-pickle", *SMALL, "-q", "--max-mac-ratio", "0.9")
     assert result.exit_code == 0, result.output
-    out = pickled.parent / "resnet.sep.pt"
-    assert result.output.splitlines()[0] == f"wrote {out}"  # --quiet: what was written and one summary line
-    assert result.output.splitlines()[1].startswith("converted 17 of 20 convs; MACs 0.")
-    assert len(result.output.splitlines()) == 2 and out.is_file()
+    out, plan = pickled.parent / "resnet.sep.pt", pickled.parent / "resnet.sep.plan.json"
+    # --quiet: what was written (the plan made for the budget, then the model) and one summary line
+    assert result.output.splitlines()[:2] == [f"wrote {plan}", f"wrote {out}"]
+    assert re.match(r"converted \d+ of 20 convs; MACs 0\.[0-8]\d*x", result.output.splitlines()[2])
+    assert len(result.output.splitlines()) == 3 and out.is_file()
+    assert sepify.Plan.from_json(plan).meta["mac_ratio"] <= 0.9
     assert digest(pickled) == before  # the input is never modified
 
 
@@ -287,7 +304,7 @@ def test_input_is_never_the_output(pickled: Path) -> None:
 def test_pickle_without_trust_is_refused(pickled: Path) -> None:
     result = run("convert", pickled, *SMALL)
     assert result.exit_code == 1
-    assert result.output.strip() == (
+    assert said(result) == (
         f"error: {pickled}: holds a pickled object (torchvision.models.resnet.BasicBlock, "
         "torchvision.models.resnet.ResNet), and loading it runs code from the file; re-run with --trust-pickle "
         f"if you trust its source, or {SAFE_ROUTE}"
@@ -328,7 +345,7 @@ def test_bad_model_files(tmp_path: Path, setup: object, message: str) -> None:
     setup(path)  # type: ignore[operator]
     result = run("convert", path, *SMALL)
     assert result.exit_code == 1
-    assert result.output.strip() == "error: " + message.format(p=path)
+    assert said(result) == "error: " + message.format(p=path)
     assert "Traceback" not in result.output
 
 
@@ -338,7 +355,7 @@ def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
     result = run("convert", cut, "--trust-pickle", *SMALL)
     assert result.exit_code == 1
     assert (
-        result.output.strip()
+        said(result)
         == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
     )
 
@@ -346,7 +363,7 @@ def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
 def test_state_dict_without_architecture(weights: Path) -> None:
     result = run("convert", weights, *SMALL)
     assert result.exit_code == 1
-    assert result.output.strip() == (
+    assert said(result) == (
         f"error: {weights}: holds a state_dict (122 tensors) but no architecture; pass an import spec that builds "
         f"the model and this file as weights, e.g. sepify convert torchvision.models:resnet18 --weights {weights}"
     )
@@ -375,7 +392,7 @@ def test_pt2_needs_trust(tmp_path: Path) -> None:
 def test_wrong_input_shape(tmp_path: Path) -> None:
     result = run("convert", TINY, "--input-shape", "1,5,16,16")
     assert result.exit_code == 1
-    assert result.output.startswith("error: the model (Sequential) failed on example inputs (1, 5, 16, 16) float32: ")
+    assert said(result).startswith("error: the model (Sequential) failed on example inputs (1, 5, 16, 16) float32: ")
     assert not (tmp_path / "build.sep.pt").exists()
 
 
@@ -444,30 +461,34 @@ def test_audit_plan_out_then_convert_with_plan(tmp_path: Path) -> None:
 def test_audit_json_format_parses() -> None:
     result = run("audit", TINY, *TINY_INPUT, "--format", "json", "--max-error", "0.2")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # stdout holds the JSON alone (progress goes to stderr)
     assert data["format"] == "sepify.audit-report" and data["plan"]["format"] == "sepify.plan"
     assert len(data["layers"]) == 4
 
 
-def test_audit_unreachable_budget_is_one_sentence_after_the_audit() -> None:
+def test_an_unreachable_budget_is_refused_before_anything_is_measured() -> None:
     result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.05")
     assert result.exit_code == 1
-    assert result.output.startswith("3 of 4 convs are candidates")  # the finished audit is not thrown away
-    error = result.output.strip().splitlines()[-1]
-    assert error.startswith("error: no plan reaches MACs <= 0.05x the original: ")
-    assert "relax the budget to at least 0." in error
+    assert "measuring" not in result.output and "candidates" not in result.output  # nothing was measured
+    assert said(result) == (
+        "error: no plan reaches MACs <= 0.05x the original: converting every candidate at its cheapest option "
+        "reaches 0.095x at best; relax the budget to at least 0.095"
+    )
+    converting = run("convert", TINY, *TINY_INPUT, "--max-mac-ratio", "0.05", "-o", "x.pt")
+    assert converting.exit_code == 1 and said(converting) == said(result) and not Path("x.pt").exists()
 
 
 def test_audit_budgets_are_exclusive() -> None:
     result = run("audit", TINY, *TINY_INPUT, "--max-mac-ratio", "0.5", "--max-error", "0.1")
     assert result.exit_code == 2
-    assert result.output.startswith("error: a budget takes exactly one bound (max_mac_ratio, max_param_ratio, ")
+    assert "--max-mac-ratio and --max-error were both given; pass one budget" in flat(result)
 
 
 def test_convert_rank_auto_needs_tolerance() -> None:
     result = run("convert", TINY, *TINY_INPUT, "--rank", "auto")
     assert result.exit_code == 2
-    assert result.output.startswith("error: rank='auto' needs a tolerance in [0, 1)")
+    assert "--rank auto needs it: the largest weight error per layer" in flat(result)
+    assert "loading" not in result.output  # refused before any work
     result = run("convert", TINY, *TINY_INPUT, "--rank", "auto", "--tolerance", "0.5", "-q")
     assert result.exit_code == 0, result.output
 
@@ -531,7 +552,8 @@ def test_synthetic_calibration_from_the_command_line(tmp_path: Path) -> None:
     result = run("convert", *args, "--calibration-samples", "16", "--report", "r.json", "-q")
     assert result.exit_code == 0, result.output
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
-    assert notes[0].startswith("calibrated on 16 synthetic inputs matched to the model's 3 BatchNorm layers'")
+    assert notes[0].startswith("planned for predicted output error <= 0.1: ")  # the default budget
+    assert notes[1].startswith("calibrated on 16 synthetic inputs matched to the model's 3 BatchNorm layers'")
     assert not (tmp_path / "synthetic").exists()
 
 
@@ -616,13 +638,13 @@ def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(tmp_path: Pa
     )
     result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "--rank", "2", "-o", "a.pt")
     assert result.exit_code == 0, result.output
-    assert max(len(line) for line in result.output.splitlines()) <= 100
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100  # stderr: one unwrapped sentence a line
     assert "skipped 1 conv: 1 pointwise (a_very_long…on_and_on_.1) (--all lists them)" in result.output
     row = next(line for line in result.output.splitlines() if "3->8 3x3" in line)
     assert row.startswith("a_very_long_module_…at_goes_on_and_on_.0  3->8 3x3     2 dw-pw  13.82K -> 6.53K")
     wide = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "--rank", "2", "-o", "a.pt", "--force", "--wide")
     assert "a_very_long_module_name_that_goes_on_and_on_" * 3 + ".1" in wide.output  # --wide: names whole
-    result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "-o", "b.pt", "--json")
+    result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "-o", "b.pt", "--json", "--rank", "2")
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 2

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sepify.core.cost import exact_rank
-from sepify.core.cp import CPByRank, CPFactorization, CPStarts, _als, _relative_error, cp_ranks
+from sepify.core.cost import cp_ranks, exact_rank
+from sepify.core.cp import CPByRank, CPFactorization, CPStarts, _als, _relative_error
 from sepify.core.decompose import Factorization
 
 

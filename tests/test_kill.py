@@ -32,7 +32,7 @@ def build():
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 16384)
     ).eval()
 """
-ARGV = ["convert", "big.py:build", "--input-shape", "1,3,8,8", "--weights", "w.pt", "-o", "out.pt", "-q"]
+ARGV = ["convert", "big.py:build", "--input-shape", "1,3,8,8", "--weights", "w.pt", "--rank", "1", "-o", "out.pt", "-q"]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from error classes to codes is :data:`sepify.cli.app.EXIT_CODES`.
 
 from __future__ import annotations
 
-from sepify.cli import audit, convert, distill  # noqa: F401 - registers the commands on the app
+from sepify.cli import audit, convert, distill, plan  # noqa: F401 - registers the commands on the app
 from sepify.cli.app import app
 
 __all__ = ["app", "main"]

@@ -1,9 +1,10 @@
-"""The typer app, its global options, and the one place where errors become exit codes."""
+"""The typer app, its global options, and the one place where errors become exit codes and sentences in flags."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import warnings
@@ -16,13 +17,15 @@ from rich.markup import escape
 
 from sepify.errors import ConfigError, SepifyError, SepifyWarning
 
-__all__ = ["app", "out", "err", "EXIT_CODES", "errors_as_exit_codes"]
+__all__ = ["app", "out", "err", "EXIT_CODES", "errors_as_exit_codes", "in_flags", "safe_path"]
 
 app = typer.Typer(
     name="sepify",
     no_args_is_help=True,
+    add_completion=False,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Rewrite a trained model's convolutions into depthwise + pointwise pairs, and report what it saves.",
 )
 out = Console()
@@ -34,6 +37,39 @@ EXIT_CODES: dict[type[SepifyError], int] = {
     ConfigError: 2,  # an option value the library refused: a usage error, like Click's own
     SepifyError: 1,
 }
+
+# The library's sentences name its Python arguments; on the command line they name the flags.
+_FLAGS: list[tuple[str, str]] = [
+    (r"\bplan=sepify\.Budget\(max_error=([0-9.]+)\)", r"--max-error \1"),
+    (r"\bpass train_all=True\b", "pass --train-all"),
+    (r"\btrain_all=True\b", "--train-all"),
+    (r"\brank='auto'", "--rank auto"),
+    (r"\bexclude=\[\.\.\.\]", "--exclude GLOB"),
+    (r"\bcalibration=\.\.\.", "--calibration DATA"),
+    (r"\brun audit\(\.\.\., timing=True\)", "pass --latency"),
+    (r"\b(max_mac_ratio|max_param_ratio|max_latency_ratio|max_error|batch_size|checkpoint_dir|tolerance)\b", ""),
+]
+
+
+def in_flags(message: str) -> str:
+    """A library sentence with its Python argument names as the CLI's flags.
+
+    >>> in_flags("batch_size 200 is larger than the 96 samples given")
+    '--batch-size 200 is larger than the 96 samples given'
+    >>> in_flags("nothing to distill: the student has no converted layers; pass train_all=True")
+    'nothing to distill: the student has no converted layers; pass --train-all'
+    """
+    for pattern, flag in _FLAGS:
+        message = re.sub(pattern, flag or (lambda m: "--" + m.group(1).replace("_", "-")), message)
+    return message
+
+
+def safe_path(path: object) -> str:
+    """A path as the terminal can print it: characters its encoding lacks are escaped, never an error after the
+    file was written (``PYTHONIOENCODING=ascii`` and ``-o ü.pt``)."""
+    text = str(path)
+    encoding = getattr(err.file, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def _exit_code(error: SepifyError) -> int:
@@ -71,7 +107,7 @@ def errors_as_exit_codes(debug: bool) -> Iterator[None]:
     except SepifyError as e:
         if debug or os.environ.get("SEPIFY_DEBUG") == "1":
             raise
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(safe_path(in_flags(str(e))))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=_exit_code(e)) from None
 
 
@@ -103,7 +139,8 @@ def _show_once(recorded: list[warnings.WarningMessage]) -> None:
             continue
         shown.add(key)
         prefix = "" if issubclass(w.category, SepifyWarning) else f"{w.category.__name__}: "
-        err.print(f"[bold yellow]warning:[/] {escape(prefix + str(w.message))}", highlight=False, soft_wrap=True)
+        text = safe_path(in_flags(prefix + str(w.message)))
+        err.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _version_callback(value: bool) -> None:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, err, errors_as_exit_codes, out
-from sepify.cli.output import print_lines, progress_bar, run_inputs
+from sepify.cli.app import app, errors_as_exit_codes
+from sepify.cli.groups import ADVANCED, command
+from sepify.cli.output import print_lines, progress_display, wrote
+from sepify.cli.preflight import check_run, data_path, model_path
 from sepify.errors import BudgetError, OutputError
-from sepify.io.outputs import check_outputs
 from sepify.report.render import plan_summary
-from sepify.vocab import Backend, TableFormat
+from sepify.vocab import TableFormat
 
 if TYPE_CHECKING:
     from sepify.planning.plan import Plan
@@ -22,184 +24,111 @@ if TYPE_CHECKING:
 
 __all__ = ["audit"]
 
-PLANNING = "Planning"
-AUDIT_EXAMPLES = [
-    ("which layers are worth slimming", "sepify audit torchvision.models:resnet50 --input-shape 1,3,224,224"),
-    (
-        "plan for half the MACs, then convert",
-        "sepify audit torchvision.models:resnet50 --max-mac-ratio 0.5 --plan-out plan.json",
-    ),
-    (
-        "errors measured after calibration",
-        "sepify audit sepify.zoo:digits_cnn --input-shape 1,1,16,16 --calibration digits_calibration.npy",
-    ),
+EXAMPLES = [
+    ("which layers are worth slimming", "sepify audit torchvision.models:resnet50"),
+    ("keep the measurements; plan from them later", "sepify audit model.pt --trust-pickle --audit-out a.json"),
+    ("plan for half the MACs", "sepify audit model.pt --trust-pickle --max-mac-ratio 0.5 --plan-out p.json"),
 ]
 
 
-def _budget(flag: str, what: str, metavar: str = "RATIO") -> object:
-    return typer.Option(flag, metavar=metavar, help=what, show_default=False, rich_help_panel=PLANNING)
+def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
 
 
-TimeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--latency", metavar="", help="Time each conv against its pairs on this machine.", rich_help_panel=o.TIMING
-    ),
-]
-MaxMacOpt = Annotated[float | None, _budget("--max-mac-ratio", "Plan: MACs <= R x original, least predicted error.")]
-MaxParamOpt = Annotated[float | None, _budget("--max-param-ratio", "Plan: params <= R x original.")]
-MaxLatencyOpt = Annotated[
-    float | None, _budget("--max-latency-ratio", "Plan: latency <= R x original (needs --latency).")
-]
-MaxErrorOpt = Annotated[
-    float | None, _budget("--max-error", "Plan: most MACs saved with predicted output error <= E.", "ERROR")
-]
-PlanOutOpt = Annotated[Path | None, _budget("--plan-out", "Write the plan (JSON) for `sepify convert --plan`.", "FILE")]
-PlotOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--plot",
-        metavar="FILE.png",
-        help="Write a PNG chart of MACs saved vs error per layer (needs matplotlib).",
-        show_default=False,
-        rich_help_panel=o.OUTPUT,
-    ),
-]
-AuditFormatOpt = Annotated[
-    TableFormat,
-    typer.Option(
-        "--format", metavar="FORMAT", help="How to print the audit: table, json, csv or md.", rich_help_panel=o.OUTPUT
-    ),
-]
-RanksOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ranks",
-        metavar="R,R,...",
-        help="Only these ranks, e.g. 1,2,4 (default: every useful rank).",
-        show_default=False,
-        rich_help_panel=o.CONVERSION,
-    ),
-]
+@dataclass(frozen=True)
+class AuditOutput:
+    """What the audit measures and writes."""
+
+    audit_out: Annotated[Path | None, _opt("--audit-out", metavar="FILE", panel=o.COMMON, help="Keep the "
+                                           "measurements (JSON): `sepify plan FILE` plans from them later.")] = None  # fmt: skip
+    plan_out: Annotated[Path | None, _opt("--plan-out", metavar="FILE", panel=o.COMMON, help="Write the plan a "
+                                          "budget picks, for `sepify convert --plan`.")] = None  # fmt: skip
+    ranks: Annotated[str | None, _opt("--ranks", metavar="R,R,...", help="Only these ranks, e.g. 1,2,4.")] = None
+    include: o.IncludeOpt = None
+    exclude: o.ExcludeOpt = None
+    plot: Annotated[Path | None, _opt("--plot", metavar="FILE.png", help="A chart of MACs saved vs error per layer "
+                                      "(needs matplotlib).")] = None  # fmt: skip
+    fmt: Annotated[TableFormat, _opt("--format", metavar="FORMAT", help="table (default), json, csv or "
+                                     "md.")] = TableFormat.TABLE  # fmt: skip
+    wide: Annotated[bool, _opt("--wide", metavar="", help="Every column, whole names.")] = False
+    all_rows: Annotated[bool, _opt("--all", metavar="", help="List skipped convs in the table too.")] = False
+    as_json: Annotated[bool, _opt("--json", metavar="", help="The audit as JSON on stdout, alone.")] = False
 
 
-@app.command(add_help_option=False, epilog=o.epilog(AUDIT_EXAMPLES))
+@command(app, epilog=o.epilog(EXAMPLES))
 def audit(
     model: o.ModelArg,
-    # Model
-    input_shape: o.InputShapeOpt = None,
-    weights: o.WeightsOpt = None,
-    kwargs: o.KwargsOpt = None,
-    attr: o.AttrOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device_name: o.DeviceOpt = "cpu",
-    train: o.TrainOpt = False,
-    # Planning
-    max_mac_ratio: MaxMacOpt = None,
-    max_param_ratio: MaxParamOpt = None,
-    max_latency_ratio: MaxLatencyOpt = None,
-    max_error: MaxErrorOpt = None,
-    plan_out: PlanOutOpt = None,
-    # Conversion
-    ranks: RanksOpt = None,
-    include: o.IncludeOpt = None,
-    exclude: o.ExcludeOpt = None,
-    # Calibration
-    calibration: o.CalibrationOpt = None,
-    calibration_samples: o.CalibrationSamplesOpt = None,
-    image_size: o.ImageSizeOpt = None,
-    mean: o.MeanOpt = None,
-    std: o.StdOpt = None,
-    # Timing
-    latency: TimeOpt = False,
-    latency_backend: o.LatencyBackendOpt = Backend.EAGER,
-    threads: o.ThreadsOpt = None,
-    # Output
-    fmt: AuditFormatOpt = TableFormat.TABLE,
-    plot: PlotOpt = None,
-    force: o.ForceOpt = False,
-    quiet: o.QuietOpt = False,
-    wide: o.WideOpt = False,
-    all_rows: o.AllRowsOpt = False,
-    as_json: o.JsonOpt = False,
-    debug: o.DebugOpt = False,
-    _help: o.HelpOpt = False,
+    load: o.ModelOptions,
+    budget: o.BudgetOptions,
+    data: o.CalibrationOptions,
+    timing: o.TimingOptions,
+    written: AuditOutput,
+    run: o.RunOptions,
 ) -> None:
     """Show which convs are worth slimming: cost, savings and error at every useful rank.
 
-    With a budget (--max-mac-ratio, --max-param-ratio, --max-latency-ratio
-    or --max-error) it also picks a rank and order per layer; --plan-out
-    saves that plan for `sepify convert --plan`. With --calibration the
-    errors are measured on those inputs and plans are made for the
-    refinement that `convert --calibration` applies.
+    With a budget it also plans a rank and order per layer (--plan-out saves the plan for `sepify convert
+    --plan`); a MAC or parameter budget no plan can meet is refused before anything is measured. --audit-out
+    keeps the measurements for `sepify plan`. With --calibration, errors are measured on those inputs after the
+    refinement `convert --calibration` applies.
     """
-    with errors_as_exit_codes(debug):
-        # torch and the pipeline load here, not at import: `sepify --help` stays fast
+    with errors_as_exit_codes(run.debug):
+        wanted = budget.budget()
+        if written.plan_out is not None and wanted is None:
+            raise typer.BadParameter("needs a budget, e.g. --max-mac-ratio 0.5", param_hint="--plan-out")
+        if written.plot is not None:
+            _check_matplotlib()
+        inputs = {"model": model_path(model), "--weights": load.weights, "--calibration": data_path(data.calibration)}
+        outputs = {"--audit-out": written.audit_out, "--plan-out": written.plan_out, "--plot": written.plot}
+        check_run(inputs, outputs, force=run.force)
+        # torch and the pipeline load here, not at import: `sepify --help` and refusals stay fast
         import torch
 
-        from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_numbers
-        from sepify.options import Calibration, Selection, Timing
+        from sepify.cli.inputs import calibration_setting, device, load_model, make_inputs, parse_numbers
+        from sepify.options import Selection, Timing
         from sepify.pipeline.audit import audit as audit_model
-        from sepify.planning.budget import check_budget
 
-        rank_list = [int(r) for r in parse_numbers(ranks, "--ranks", int) or []] or None
-        budget = {
-            "max_mac_ratio": max_mac_ratio,
-            "max_param_ratio": max_param_ratio,
-            "max_latency_ratio": max_latency_ratio,
-            "max_error": max_error,
-        }
-        given = {k: v for k, v in budget.items() if v is not None}
-        if given:
-            check_budget(given)
-        elif plan_out is not None:
-            raise typer.BadParameter("--plan-out needs a budget, e.g. --max-mac-ratio 0.5", param_hint="--plan-out")
-        if plot is not None:
-            _check_matplotlib()
-        inputs = run_inputs(model, weights=weights, calibration=calibration)
-        check_outputs({"--plan-out": plan_out, "--plot": plot}, inputs, force=force)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        on = device(device_name)
-        args = make_inputs(input_shape, on)
-        calib = None
-        if calibration == "synthetic":
-            calib = Calibration("synthetic", samples=calibration_samples)
-        elif calibration is not None:
-            calib = Calibration(calibration_tensor(calibration, args, calibration_samples, image_size, mean, std))
-        loaded = load(
-            model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train, attr=attr
-        )
-        with progress_bar("tracing", quiet) as progress:
+        ranks = [int(r) for r in parse_numbers(written.ranks, "--ranks", int) or []] or None
+        if timing.threads is not None:
+            torch.set_num_threads(timing.threads)
+        on = device(load.device)
+        args = make_inputs(load.input_shape, on)
+        calibration = calibration_setting(data, args)
+        loaded = load_model(model, load, on, run.quiet, command="audit")
+        with progress_display("audit", "analysing the model", run.quiet) as progress:
             report = audit_model(
                 loaded.model,
                 args,
-                ranks=rank_list,
-                select=Selection(include, exclude),
-                calibration=calib,
-                timing=Timing(backend=latency_backend.value, threads=threads) if latency else None,
+                ranks=ranks,
+                select=Selection(written.include, written.exclude),
+                calibration=calibration,
+                timing=Timing(backend=timing.latency_backend.value, threads=timing.threads) if timing.latency else None,
+                budget=wanted,
                 progress=progress,
             )
-        fmt = TableFormat.JSON if as_json else fmt
+        fmt = TableFormat.JSON if written.as_json else written.fmt
+        machine = fmt is not TableFormat.TABLE  # machine-readable stdout stays clean: what was written goes to stderr
+        if written.audit_out is not None:  # the measurements are kept even when the budget turns out unreachable
+            report.to_json(written.audit_out, overwrite=run.force)
+            wrote(written.audit_out, to_stderr=machine)
         try:
-            plan = report.plan(**given) if given else None
+            plan = report.plan(**wanted.as_dict()) if wanted is not None else None
         except BudgetError:
-            if not quiet:  # the finished audit is worth showing, and says what is reachable
-                _print(report, None, fmt, wide=wide, all_rows=all_rows)
+            if not run.quiet:  # the finished audit is worth showing, and says what is reachable
+                _print(report, None, fmt, wide=written.wide, all_rows=written.all_rows)
             raise
-        if not quiet:
-            _print(report, plan, fmt, wide=wide, all_rows=all_rows)
+        if not run.quiet:
+            _print(report, plan, fmt, wide=written.wide, all_rows=written.all_rows)
         elif plan is not None:
             print_lines("\n".join(plan_summary(plan)[:1]))
-        console = out if fmt is TableFormat.TABLE else err  # machine-readable stdout stays clean
-        if plan is not None and plan_out is not None:
-            plan.to_json(plan_out, overwrite=force)
-            console.print(f"wrote {plan_out}", highlight=False, soft_wrap=True)
-        if plot is not None:
+        if plan is not None and written.plan_out is not None:
+            plan.to_json(written.plan_out, overwrite=run.force)
+            wrote(written.plan_out, to_stderr=machine)
+        if written.plot is not None:
             from sepify.report.plot import plot_audit
 
-            plot_audit(report, plot, plan, overwrite=force)
-            console.print(f"wrote {plot}", highlight=False, soft_wrap=True)
+            plot_audit(report, written.plot, plan, overwrite=run.force)
+            wrote(written.plot, to_stderr=machine)
 
 
 def _check_matplotlib() -> None:

@@ -1,298 +1,261 @@
-"""``sepify convert``: a thin command over :func:`sepify.convert` and :func:`sepify.io.save.save_model`."""
+"""``sepify convert``: plan (to a budget, by default a predicted output error of 0.1), convert and write, in one
+command; a thin layer over :func:`sepify.convert` and :func:`sepify.io.save.save_model`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, err, errors_as_exit_codes, out
-from sepify.cli.output import check_report_path, print_lines, progress_bar, run_inputs, step, write_report
-from sepify.errors import NothingConvertedError, OutputError, first_line
-from sepify.io.outputs import check_outputs
-from sepify.vocab import Backend, Format, MemoryFormat, Order
+from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.groups import ADVANCED, command
+from sepify.cli.output import (
+    check_report_path,
+    highlight,
+    print_lines,
+    progress_display,
+    step,
+    write_report,
+    wrote,
+)
+from sepify.cli.preflight import check_run, data_path, model_path
+from sepify.errors import ModelError, NothingConvertedError, OutputError, first_line
+from sepify.io.paths import check_output_name, default_output, format_of, plan_path, weights_path
+from sepify.options import DEFAULT_BUDGET
+from sepify.vocab import Format, MemoryFormat, Order, SkipReason
 
 if TYPE_CHECKING:
     import torch
 
+    from sepify.options import Budget
     from sepify.pipeline.convert import ConversionResult
 
 __all__ = ["convert"]
 
-CONVERT_EXAMPLES = [
-    (
-        "exact (rank 'full'), to check the pipeline",
-        "sepify convert sepify.zoo:digits_cnn --input-shape 1,1,16,16 --rank full",
-    ),
-    (
-        "a torchvision model from your checkpoint",
-        "sepify convert torchvision.models:resnet18 --weights ckpt.pt -o slim.pt",
-    ),
-    ("calibrated on your own images", "sepify convert torchvision.models:resnet18 --calibration photos/ --rank 2"),
-    ("a plan from `sepify audit`", "sepify convert torchvision.models:resnet50 --plan plan.json --report r.json"),
-]
-
-Inputs = dict[str, Path | None]
-
-OutputOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="Where to write the converted model. Default: <stem>.sep<ext> beside the input (for an import spec: "
-        "<callable>.sep.pt here).",
-        show_default=False,
-        rich_help_panel=o.OUTPUT,
-    ),
-]
-RankOpt = Annotated[
-    str,
-    typer.Option(
-        "--rank",
-        metavar="N|full|auto",
-        help="Depth multiplier: a positive integer, 'full' (exact), or 'auto' (per layer the smallest rank within "
-        "--tolerance).",
-        rich_help_panel=o.CONVERSION,
-    ),
-]
-ToleranceOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--tolerance",
-        metavar="ERROR",
-        help="With --rank auto: the largest relative weight error to accept per layer, e.g. 0.1.",
-        show_default=False,
-        rich_help_panel=o.CONVERSION,
-    ),
-]
-OrderOpt = Annotated[
-    Order,
-    typer.Option(
-        "--order",
-        metavar="ORDER",
-        help="Per-layer structure: dw-pw (MobileNet), pw-dw, pw-dw-pw (CP bottleneck; rank = its width) or auto "
-        "(the lower error).",
-        rich_help_panel=o.CONVERSION,
-    ),
-]
-PlanOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--plan",
-        metavar="FILE",
-        help="Apply a plan file (from `sepify audit --plan-out`).",
-        show_default=False,
-        rich_help_panel=o.CONVERSION,
-    ),
-]
-ReportOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--report",
-        metavar="FILE",
-        help="Also write the report: .json, .csv or .md.",
-        show_default=False,
-        rich_help_panel=o.OUTPUT,
-    ),
-]
-FormatOpt = Annotated[
-    Format | None,
-    typer.Option(
-        "--format",
-        metavar="FORMAT",
-        help="pt, pt2, onnx, openvino (IR: an .xml with its .bin beside it) or safetensors (which writes a "
-        ".plan.json beside it). pt2, onnx and openvino files are run in their runtime and checked against PyTorch "
-        "after writing. Default: pt2 for a .pt2 input, else pt.",
-        show_default=False,
-        rich_help_panel=o.OUTPUT,
-    ),
-]
-DistillStepsOpt = Annotated[
-    int,
-    typer.Option(
-        "--distill-steps",
-        metavar="N",
-        help="Knowledge-distillation steps after the closed-form refinement (needs --calibration).",
-        rich_help_panel=o.CALIBRATION,
-    ),
-]
-TrainAllOpt = Annotated[
-    bool,
-    typer.Option(
-        "--train-all",
-        metavar="",
-        help="Distill every parameter, not only the converted layers.",
-        rich_help_panel=o.CALIBRATION,
-    ),
-]
-NoRefineOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-refine",
-        metavar="",
-        help="Skip the closed-form refinement (init only, then distillation if asked).",
-        rich_help_panel=o.CALIBRATION,
-    ),
-]
-TuneLayoutOpt = Annotated[
-    bool,
-    typer.Option(
-        "--tune-layout",
-        metavar="",
-        help="Time the equivalent layouts of each pair at rank > 1 on this machine and keep the faster (outputs then "
-        "depend on timing, at float rounding level).",
-        rich_help_panel=o.TIMING,
-    ),
-]
-SkipSlowerOpt = Annotated[
-    bool,
-    typer.Option(
-        "--skip-slower",
-        metavar="",
-        help="Leave a conv alone when its pair was timed no faster (implies --latency).",
-        rich_help_panel=o.TIMING,
-    ),
-]
-MemoryFormatOpt = Annotated[
-    MemoryFormat,
-    typer.Option(
-        "--memory-format",
-        metavar="LAYOUT",
-        help="preserve, or channels_last: store the conv weights channels-last (often faster on CPUs for "
-        "depthwise convs; see docs/benchmarks.md).",
-        rich_help_panel=o.OUTPUT,
-    ),
+EXAMPLES = [
+    ("half the MACs, least predicted error", "sepify convert model.pt --trust-pickle --max-mac-ratio 0.5"),
+    ("calibrated on your own images", "sepify convert model.pt --trust-pickle --calibration photos/"),
+    ("exact (rank 'full'): checks the pipeline", "sepify convert torchvision.models:resnet18 --rank full"),
+    ("a plan from `sepify audit` or `sepify plan`", "sepify convert model.pt --trust-pickle --plan plan.json"),
 ]
 
 
-@app.command(add_help_option=False, epilog=o.epilog(CONVERT_EXAMPLES))
+def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """How each chosen conv becomes a pair, when not by a budget."""
+
+    rank: Annotated[str | None, _opt("--rank", metavar="N|full|auto", help="Convert every conv at depth multiplier "
+                                     "N, 'full' (exact) or 'auto' (smallest within --tolerance), not to a budget.")] = None  # fmt: skip
+    order: Annotated[Order, _opt("--order", metavar="ORDER", help="With --rank: dw-pw (default), pw-dw, pw-dw-pw "
+                                 "(bottleneck; rank = its width) or auto.")] = Order.DW_PW  # fmt: skip
+    tolerance: Annotated[float | None, _opt("--tolerance", metavar="E", min=0.0, max=1.0,
+                                            help="With --rank auto: the largest weight error per layer.")] = None  # fmt: skip
+    plan: Annotated[Path | None, _opt("--plan", metavar="FILE", help="Apply a plan from `sepify audit --plan-out` "
+                                      "or `sepify plan`.")] = None  # fmt: skip
+    allow_larger: Annotated[bool, _opt("--allow-larger", metavar="", help="Build a pair even where --rank makes it "
+                                       "larger than its conv.")] = False  # fmt: skip
+    include: o.IncludeOpt = None
+    exclude: o.ExcludeOpt = None
+    skip_shared: o.SkipSharedOpt = False
+    no_refine: Annotated[bool, _opt("--no-refine", metavar="", help="With --calibration: skip the closed-form "
+                                    "refinement.")] = False  # fmt: skip
+    distill_steps: Annotated[int, _opt("--distill-steps", metavar="N", min=0, help="With --calibration: distill "
+                                       "this many steps after refinement.")] = 0  # fmt: skip
+    train_all: Annotated[bool, _opt("--train-all", metavar="", help="Distill every parameter, not only the "
+                                    "converted layers.")] = False  # fmt: skip
+    skip_slower: Annotated[bool, _opt("--skip-slower", metavar="", help="Leave a conv alone where its pair was timed "
+                                      "no faster (implies --latency).")] = False  # fmt: skip
+    tune_layout: Annotated[bool, _opt("--tune-layout", metavar="", help="Time each pair's equivalent layouts and "
+                                      "keep the faster.")] = False  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConvertOutput:
+    """What is written and printed."""
+
+    output: Annotated[Path | None, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="Default "
+                                        "<stem>.sep.pt beside MODEL.")] = None  # fmt: skip
+    fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
+                                       "(default: from the -o name, else pt).")] = None  # fmt: skip
+    report: Annotated[Path | None, _opt("--report", metavar="FILE", help="Also write the report: .json, .csv or "
+                                        ".md.")] = None  # fmt: skip
+    memory_format: Annotated[MemoryFormat, _opt("--memory-format", metavar="LAYOUT", help="preserve or "
+                                                "channels_last.")] = MemoryFormat.PRESERVE  # fmt: skip
+    allow_unchanged: Annotated[bool, _opt("--allow-unchanged", metavar="", help="Write the model even when no conv "
+                                          "was converted.")] = False  # fmt: skip
+    strict: Annotated[bool, _opt("--strict", metavar="", help="Write nothing (exit 1) when the converted model is far "
+                                 "from the original (output error > 0.3 or top-1 agreement < 90%).")] = False  # fmt: skip
+    max_output_error: Annotated[float | None, _opt("--max-output-error", metavar="E", min=0.0, help="Write nothing "
+                                                   "(exit 1) when the measured output error is above E.")] = None  # fmt: skip
+    wide: Annotated[bool, _opt("--wide", metavar="", help="Every column, whole names.")] = False
+    all_rows: Annotated[bool, _opt("--all", metavar="", help="List skipped convs in the table too.")] = False
+    as_json: Annotated[bool, _opt("--json", metavar="", help="The report as JSON on stdout, alone.")] = False
+
+
+@command(app, epilog=o.epilog(EXAMPLES))
 def convert(
     model: o.ModelArg,
-    # Model
-    input_shape: o.InputShapeOpt = None,
-    weights: o.WeightsOpt = None,
-    kwargs: o.KwargsOpt = None,
-    attr: o.AttrOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device_name: o.DeviceOpt = "cpu",
-    train: o.TrainOpt = False,
-    # Conversion
-    rank: RankOpt = "1",
-    order: OrderOpt = Order.DW_PW,
-    tolerance: ToleranceOpt = None,
-    plan: PlanOpt = None,
-    include: o.IncludeOpt = None,
-    exclude: o.ExcludeOpt = None,
-    skip_shared: o.SkipSharedOpt = False,
-    allow_larger: o.AllowLargerOpt = False,
-    # Calibration
-    calibration: o.CalibrationOpt = None,
-    calibration_samples: o.CalibrationSamplesOpt = None,
-    image_size: o.ImageSizeOpt = None,
-    mean: o.MeanOpt = None,
-    std: o.StdOpt = None,
-    no_refine: NoRefineOpt = False,
-    distill_steps: DistillStepsOpt = 0,
-    train_all: TrainAllOpt = False,
-    # Timing
-    latency: o.LatencyOpt = False,
-    latency_backend: o.LatencyBackendOpt = Backend.EAGER,
-    threads: o.ThreadsOpt = None,
-    skip_slower: SkipSlowerOpt = False,
-    tune_layout: TuneLayoutOpt = False,
-    # Output
-    output: OutputOpt = None,
-    fmt: FormatOpt = None,
-    report: ReportOpt = None,
-    memory_format: MemoryFormatOpt = MemoryFormat.PRESERVE,
-    force: o.ForceOpt = False,
-    allow_unchanged: o.AllowUnchangedOpt = False,
-    quiet: o.QuietOpt = False,
-    wide: o.WideOpt = False,
-    all_rows: o.AllRowsOpt = False,
-    as_json: o.JsonOpt = False,
-    debug: o.DebugOpt = False,
-    _help: o.HelpOpt = False,
+    load: o.ModelOptions,
+    budget: o.BudgetOptions,
+    how: ConversionOptions,
+    data: o.CalibrationOptions,
+    timing: o.TimingOptions,
+    written: ConvertOutput,
+    run: o.RunOptions,
 ) -> None:
-    """Convert a model's convolutions (1-3 D, transposed too) into depthwise + pointwise pairs and save it.
+    """Slim MODEL's convs into depthwise + pointwise pairs and write the result.
 
-    Prints the per-layer report (params, MACs, savings, weight and output
-    error) and writes the converted model; the input is never modified.
+    e.g. [bold]sepify convert model.pt --trust-pickle --max-mac-ratio 0.5[/]
     """
-    with errors_as_exit_codes(debug):
-        # torch and the pipeline load here, not at import: `sepify --help` stays fast
+    with errors_as_exit_codes(run.debug):
+        wanted = _budget(budget, how)
+        target, fmt = _checked_outputs(model, load, how, data, written, run, wanted is not None)
+        # torch and the pipeline load here, not at import: `sepify --help` and refusals stay fast
         import torch
 
-        from sepify.cli.inputs import calibration_tensor, device, load, make_inputs, parse_rank
-        from sepify.options import Calibration, Distill, Selection, Timing
+        from sepify.cli.inputs import calibration_setting, device, load_model, make_inputs, parse_rank
+        from sepify.options import Distill, Selection, Timing
         from sepify.pipeline.convert import convert as convert_model
         from sepify.planning.plan import Plan
 
-        on = device(device_name)
-        args = make_inputs(input_shape, on)
-        the_plan = Plan.from_json(plan) if plan is not None else None
-        distillation = Distill(steps=distill_steps, train_all=train_all) if distill_steps else None
-        timed = latency or skip_slower or tune_layout
-        if threads is not None:
-            torch.set_num_threads(threads)
-        timing = (
-            Timing(
-                latency=latency,
-                skip_slower=skip_slower,
-                tune_layout=tune_layout,
-                backend=latency_backend.value,
-                threads=threads,
-            )
-            if timed
-            else None
-        )
-        inputs = run_inputs(model, weights=weights, calibration=calibration, plan=plan)
-        chosen, target = _checked_outputs(model, output, fmt, report, force, inputs)
-        calib = None
-        if calibration == "synthetic":
-            calib = Calibration("synthetic", samples=calibration_samples, refine=not no_refine)
-        elif calibration is not None:
-            data = calibration_tensor(calibration, args, calibration_samples, image_size, mean, std)
-            calib = Calibration(data, refine=not no_refine)
-        loaded = load(
-            model, trust_pickle=trust_pickle, kwargs=kwargs, weights=weights, on=on, quiet=quiet, train=train, attr=attr
-        )
-        with progress_bar("converting", quiet) as progress:
+        on = device(load.device)
+        args = make_inputs(load.input_shape, on)
+        calibration = calibration_setting(data, args, refine=not how.no_refine)
+        if timing.threads is not None:
+            torch.set_num_threads(timing.threads)
+        timed = timing.latency or how.skip_slower or how.tune_layout
+        loaded = load_model(model, load, on, run.quiet)
+        with progress_display("convert", "analysing the model", run.quiet) as progress:
             result = convert_model(
                 loaded.model,
                 args,
-                rank=parse_rank(rank),
-                order=order.value,
-                tolerance=tolerance,
-                plan=the_plan,
-                select=Selection(include, exclude, skip_shared, allow_larger=allow_larger),
-                calibration=calib,
-                distill=distillation,
-                timing=timing,
+                rank=parse_rank(how.rank) if how.rank is not None else None,
+                order=how.order.value,
+                tolerance=how.tolerance,
+                plan=Plan.from_json(how.plan) if how.plan is not None else wanted,
+                select=Selection(how.include, how.exclude, how.skip_shared, allow_larger=how.allow_larger),
+                calibration=calibration,
+                distill=Distill(steps=how.distill_steps, train_all=how.train_all) if how.distill_steps else None,
+                timing=Timing(
+                    latency=timing.latency,
+                    skip_slower=how.skip_slower,
+                    tune_layout=how.tune_layout,
+                    backend=timing.latency_backend.value,
+                    threads=timing.threads,
+                )
+                if timed
+                else None,  # fmt: skip
                 progress=progress,
             )
-        if as_json:
-            print_lines(result.report.to_json(), end="")
-        elif not quiet:
-            print_lines(result.report.to_text(wide=wide, all_rows=all_rows))
-        if not result.report.converted and not allow_unchanged:
-            raise NothingConvertedError(
-                f"no conv of {model} was converted ({result.report.skip_summary()}), so nothing was written; "
-                "change the selection, or pass --allow-unchanged to write the unchanged copy"
-            )
-        if memory_format is MemoryFormat.CHANNELS_LAST:
+        _show(result, written, run.quiet)
+        _refuse_unwanted(result, model, written, wanted)
+        if written.memory_format is MemoryFormat.CHANNELS_LAST:
             result.model.to(memory_format=torch.channels_last)
-        written = _write(result, target, chosen, args, report, force, quiet or as_json)
-        # with --json stdout holds the JSON alone; what was written goes to stderr
-        console = err if as_json else out
-        for path in written:
-            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-        _check_written(result, target, chosen, args, quiet or as_json)
-        if quiet and not as_json:
+        for path in _write(result, target, fmt, args, written, run, wanted is not None):
+            wrote(path, to_stderr=written.as_json)
+        _check_written(result, target, fmt, args, run.quiet or written.as_json)
+        if run.quiet and not written.as_json:
             print_lines(result.report.summary_line())
+
+
+def _budget(budget: o.BudgetOptions, how: ConversionOptions) -> Budget | None:
+    """The budget to plan for: the one given, else the default unless --rank or --plan choose otherwise."""
+    given = budget.budget()
+    if given is not None and (how.rank is not None or how.plan is not None):
+        other = "--rank" if how.rank is not None else "--plan"
+        raise typer.BadParameter(f"a budget and {other} both choose the ranks; pass one of them", param_hint=other)
+    if how.rank is not None and how.plan is not None:
+        raise typer.BadParameter("--rank and --plan both choose the ranks; pass one of them", param_hint="--plan")
+    if how.rank == "auto" and how.tolerance is None:
+        raise typer.BadParameter("--rank auto needs it: the largest weight error per layer, e.g. 0.3",
+                                 param_hint="--tolerance")  # fmt: skip
+    if how.tolerance is not None and how.rank != "auto":
+        raise typer.BadParameter("applies only to --rank auto; drop it or pass --rank auto", param_hint="--tolerance")
+    if given is None and how.rank is None and how.plan is None:
+        return DEFAULT_BUDGET
+    return given
+
+
+def _checked_outputs(
+    model: str,
+    load: o.ModelOptions,
+    how: ConversionOptions,
+    data: o.CalibrationOptions,
+    written: ConvertOutput,
+    run: o.RunOptions,
+    planned: bool,
+) -> tuple[Path, str]:
+    """Every input and output checked before any work; the model's path and format."""
+    source = model_path(model)
+    default = Format.PT2 if source is not None and source.suffix == ".pt2" else Format.PT
+    fmt = written.fmt or (format_of(written.output, default) if written.output is not None else default)
+    target = written.output or default_output(model, fmt)
+    check_output_name(target, fmt.value)
+    if written.report is not None:
+        check_report_path(written.report)
+    inputs = {
+        "model": source, "--weights": load.weights, "--calibration": data_path(data.calibration), "--plan": how.plan,
+    }  # fmt: skip
+    outputs = {
+        "-o": target,
+        "plan (beside -o)": plan_path(target) if fmt is Format.SAFETENSORS or planned else None,
+        "weights (beside -o)": weights_path(target) if fmt is Format.OPENVINO else None,
+        "--report": written.report,
+    }
+    check_run(inputs, outputs, force=run.force)
+    return target, fmt.value
+
+
+def _show(result: ConversionResult, written: ConvertOutput, quiet: bool) -> None:
+    report = result.report
+    if written.as_json:
+        print_lines(report.to_json(), end="")
+    elif not quiet:
+        print_lines(report.to_text(wide=written.wide, all_rows=written.all_rows))
+    if report.far_from_original:
+        agreement = f", top-1 agreement {report.top1_agreement:.0%}" if report.top1_agreement is not None else ""
+        highlight(
+            f"the converted model is far from the original on the example inputs (output error "
+            f"{report.output_error:.3g}{agreement}); plan to a budget (--max-error 0.1), give --calibration data, "
+            "or raise --rank"
+        )
+
+
+def _refuse_unwanted(result: ConversionResult, model: str, written: ConvertOutput, wanted: Budget | None) -> None:
+    """Nothing converted, or farther from the original than asked: nothing is written."""
+    report = result.report
+    if not report.converted and not written.allow_unchanged:
+        budgeted = wanted is not None and any(row.skip_reason is SkipReason.NOT_PLANNED for row in report.layers)
+        if budgeted:
+            assert wanted is not None
+            default = " (the default)" if wanted == DEFAULT_BUDGET else ""
+            raise NothingConvertedError(
+                f"no conv of {model} could be converted within {wanted.describe()}{default}, so nothing was written; "
+                "relax the budget (--max-error 0.3, --max-mac-ratio 0.5), give --calibration data, or pass "
+                "--allow-unchanged to write the copy"
+            )
+        raise NothingConvertedError(
+            f"no conv of {model} was converted ({report.skip_summary()}), so nothing was written; change the "
+            "selection, or pass --allow-unchanged to write the unchanged copy"
+        )
+    error = report.output_error
+    if written.max_output_error is not None and (error is None or error > written.max_output_error):
+        raise ModelError(
+            f"the converted model's output error {error if error is None else format(error, '.3g')} is above "
+            f"--max-output-error {written.max_output_error:g}, so nothing was written; plan to a budget, give "
+            "--calibration data, or raise --rank"
+        )
+    if written.strict and report.far_from_original:
+        raise ModelError(
+            "--strict: the converted model is far from the original (see the warning), so nothing was written"
+        )
 
 
 def _write(
@@ -300,26 +263,32 @@ def _write(
     target: Path,
     fmt: str,
     args: tuple[torch.Tensor, ...],
-    report: Path | None,
-    force: bool,
-    quiet: bool,
+    written: ConvertOutput,
+    run: o.RunOptions,
+    planned: bool,
 ) -> list[Path]:
-    """The model, then the report; the report is written even when the model cannot be (it says what was done)."""
+    """The plan made for a budget, the model, then the report (written even when the model cannot be)."""
     from sepify.io.save import save_model
 
+    plan_json = result.report.to_plan().to_json()
+    files: list[Path] = []
     try:
-        with step(f"writing {target}", quiet):
-            plan_json = result.report.to_plan().to_json()
-            written = save_model(result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=force)
+        with step("convert", f"writing {target}", run.quiet or written.as_json):
+            if planned and fmt != Format.SAFETENSORS:  # safetensors keeps its plan beside it anyway
+                from sepify.io.atomic import write_text_atomic
+
+                write_text_atomic(plan_path(target), plan_json, overwrite=run.force)
+                files.append(plan_path(target))
+            files += save_model(result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=run.force)
     except OutputError as e:
-        if report is None:
+        if written.report is None:
             raise
-        write_report(result.report, report, overwrite=force)
-        raise OutputError(f"{e} (the conversion report was written to {report})") from e
-    if report is not None:
-        write_report(result.report, report, overwrite=force)
-        written.append(report)
-    return written
+        write_report(result.report, written.report, overwrite=run.force)
+        raise OutputError(f"{e} (the conversion report was written to {written.report})") from e
+    if written.report is not None:
+        write_report(result.report, written.report, overwrite=run.force)
+        files.append(written.report)
+    return files
 
 
 def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple[Any, ...], quiet: bool) -> None:
@@ -329,46 +298,20 @@ def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple
     if fmt not in ("pt2", "onnx", "openvino"):
         return
     try:
-        with step(f"checking {target}", quiet):
+        with step("convert", f"checking {target}", quiet):
             check = check_export(target, fmt, result.model, args)
     except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
-        err.print(
-            f"[bold yellow]warning:[/] {target} was written but could not be run back to check it "
-            f"({first_line(e)}); load it in your runtime and compare with the PyTorch model",
-            highlight=False,
-            soft_wrap=True,
+        highlight(
+            f"{target} was written but could not be run back to check it ({first_line(e)}); load it in your runtime "
+            "and compare with the PyTorch model"
         )
         return
     if check is None:
         return
     if not check.ok:
-        err.print(
-            f"[bold yellow]warning:[/] {target}: {check.describe()}, more than {TOLERANCE:g}; the exporter changed "
-            "what the model computes: save as --format pt, or report it with the model",
-            highlight=False,
-            soft_wrap=True,
+        highlight(
+            f"{target}: {check.describe()}, more than {TOLERANCE:g}; the exporter changed what the model computes: "
+            "save as --format pt, or report it with the model"
         )
     elif not quiet:
         out.print(f"checked {target}: {check.describe()}", highlight=False, soft_wrap=True)
-
-
-def _checked_outputs(
-    model: str, output: Path | None, fmt: Format | None, report: Path | None, force: bool, inputs: Inputs
-) -> tuple[str, Path]:
-    """The format and model path to write; every output path is checked before any slow work."""
-    from sepify.io.load import default_output
-    from sepify.io.save import EXTENSIONS, check_output_name, plan_path, weights_path
-
-    input_path = inputs["model"]
-    chosen = fmt.value if fmt else ("pt2" if input_path is not None and input_path.suffix == ".pt2" else "pt")
-    target = output or default_output(model, EXTENSIONS[chosen])
-    check_output_name(target, chosen)
-    if report is not None:
-        check_report_path(report)
-    outputs = {
-        "-o": target,
-        "plan (beside -o)": plan_path(target) if chosen == "safetensors" else None,
-        "weights (beside -o)": weights_path(target) if chosen == "openvino" else None,
-    }
-    check_outputs({**outputs, "--report": report}, inputs, force=force)
-    return chosen, target

@@ -1,268 +1,278 @@
-"""``sepify distill``: a thin command over :func:`sepify.distill`; runs the same under ``torchrun``."""
+"""``sepify distill``: a thin command over :func:`sepify.distill`; runs the same under ``torchrun``.
+
+It keeps convert's promises: every input (student, teacher, weights, data, evaluation data, the checkpoint it
+resumes from) and every output (the model and the files beside it, the log, the checkpoint) is checked before
+any work; nothing is written that is not finite; every write is atomic.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, err, errors_as_exit_codes, out
-from sepify.cli.output import print_lines, progress_bar, run_inputs, step
-from sepify.errors import ConfigError
-from sepify.io.outputs import check_outputs
+from sepify.cli.app import app, errors_as_exit_codes
+from sepify.cli.groups import ADVANCED, command
+from sepify.cli.output import print_lines, progress_display, step, wrote
+from sepify.cli.preflight import Inputs, check_run, data_path, model_path
+from sepify.errors import OutputError
+from sepify.io.paths import check_output_name, format_of, plan_path, weights_path
+from sepify.vocab import Format, Loss
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["distill"]
 
-TRAINING = "Training"
-DISTILL_EXAMPLES = [
-    (
-        "recover a slim digits CNN on its training images",
-        "sepify distill digits.sep.pt --trust-pickle --teacher sepify.zoo:digits_cnn --data digits_calibration.npy "
-        "--input-shape 1,1,16,16 -o digits.distilled.pt",
-    ),
-    (
-        "match the converted layers' outputs too",
-        "sepify distill slim.pt --trust-pickle --teacher sepify.zoo:digits_cnn --data x.npy --loss both -o d.pt",
-    ),
-    (
-        "two processes on one machine (torch.distributed, gloo on CPU)",
-        "torchrun --standalone --nproc-per-node 2 -m sepify distill slim.pt --trust-pickle --teacher ... --data ...",
-    ),
-]
+EXAMPLES = [
+    ("recover a slim model on its training images (defaults: the benchmark's)",
+     "sepify distill slim.pt --trust-pickle --teacher model.pt --data train.npy"),
+    ("on two processes (torch.distributed, gloo on CPU)",
+     "torchrun --nproc-per-node 2 -m sepify distill slim.pt --teacher ..."),
+    ("keep checkpoints; continue after an interruption",
+     "sepify distill ... --checkpoint-dir ckpt  (then the same with --resume)"),
+]  # fmt: skip
+
+
+def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
+
 
 StudentArg = Annotated[
     str,
-    typer.Argument(
-        metavar="STUDENT",
-        help="The converted model: a .pt written by `sepify convert` (needs --trust-pickle), or a .safetensors written "
-        "by `sepify convert --format safetensors` (rebuilt on the teacher's architecture, no pickle).",
-        show_default=False,
-    ),
-]
-TeacherOpt = Annotated[
-    str,
-    typer.Option(
-        "--teacher",
-        metavar="MODEL",
-        help="The original model, as `convert` takes it (an import spec with --weights/--kwargs/--attr, or a file).",
-        show_default=False,
-        rich_help_panel=o.MODEL,
-    ),
-]
-DataOpt = Annotated[
-    str,
-    typer.Option(
-        "--data",
-        metavar="PATH|SPEC",
-        help="Unlabelled training inputs: an image folder, a .pt/.npy tensor, or package.module:factory returning a "
-        "torch Dataset (streamed, never loaded whole).",
-        show_default=False,
-        rich_help_panel=TRAINING,
-    ),
-]
-EvalDataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--eval-data",
-        metavar="PATH|SPEC",
-        help="Held-out inputs, same forms as --data; the weights with the lowest eval loss are kept.",
-        show_default=False,
-        rich_help_panel=TRAINING,
-    ),
-]
-StepsOpt = Annotated[
-    int, typer.Option("--steps", min=1, metavar="N", help="Optimiser steps.", rich_help_panel=TRAINING)
-]
-BatchOpt = Annotated[
-    int,
-    typer.Option(
-        "--batch-size",
-        min=1,
-        metavar="B",
-        help="Global batch (split across torchrun processes).",
-        rich_help_panel=TRAINING,
-    ),
-]
-LrOpt = Annotated[float, typer.Option("--lr", metavar="LR", help="AdamW peak learning rate.", rich_help_panel=TRAINING)]
-LossOpt = Annotated[
-    str,
-    typer.Option("--loss", metavar="mse|kl", help="Output matching: mse, or kl on logits.", rich_help_panel=TRAINING),
-]
-TrainAllOpt = Annotated[
-    bool,
-    typer.Option(
-        "--train-all", metavar="", help="Train every parameter, not only the converted pairs.", rich_help_panel=TRAINING
-    ),
-]
-CheckpointOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--checkpoint-dir",
-        metavar="DIR",
-        help="Write checkpoint.pt here every --checkpoint-every steps and when interrupted.",
-        show_default=False,
-        rich_help_panel=TRAINING,
-    ),
-]
-CheckpointEveryOpt = Annotated[
-    int,
-    typer.Option("--checkpoint-every", min=1, metavar="N", help="Steps between checkpoints.", rich_help_panel=TRAINING),
-]
-ResumeOpt = Annotated[
-    bool,
-    typer.Option(
-        "--resume", metavar="", help="Continue from --checkpoint-dir (ends as an uninterrupted run would).",
-        rich_help_panel=TRAINING,
-    ),
+    typer.Argument(metavar="STUDENT", help="The converted model: a .pt from `sepify convert` (needs --trust-pickle) "
+                   "or a .safetensors (rebuilt on the teacher's architecture, no pickle).", show_default=False),
 ]  # fmt: skip
-LogOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--log", metavar="FILE", help="A JSON-lines log of step, loss, lr, samples/s, eval loss.", show_default=False,
-        rich_help_panel=o.OUTPUT,
-    ),
-]  # fmt: skip
-OutOpt = Annotated[
-    Path,
-    typer.Option(
-        "-o", "--output", metavar="FILE", help="Where to write the distilled model (.pt).", rich_help_panel=o.OUTPUT
-    ),
-]
 
 
-@app.command(add_help_option=False, epilog=o.epilog(DISTILL_EXAMPLES))
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The teacher, the data and how long to train (unset: :class:`sepify.Distill`'s defaults)."""
+
+    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original model, as "
+                                 "`convert` takes MODEL.")]  # fmt: skip
+    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Unlabelled inputs: an image folder, a "
+                              ".pt/.npy file, or package.module:factory returning a Dataset (streamed).")]  # fmt: skip
+    eval_data: Annotated[str | None, _opt("--eval-data", metavar="DATA", help="Held-out inputs; the best weights on "
+                                          "them are kept.")] = None  # fmt: skip
+    steps: Annotated[int | None, _opt("--steps", metavar="N", min=1, help="Optimiser steps (default 300).")] = None
+    batch_size: Annotated[int | None, _opt("--batch-size", metavar="B", min=1, help="Global batch, split across "
+                                           "processes (default 64).")] = None  # fmt: skip
+    lr: Annotated[float | None, _opt("--lr", metavar="LR", min=0.0, help="Peak learning rate (default 0.01).")] = None
+    loss: Annotated[Loss | None, _opt("--loss", metavar="LOSS", help="mse (default; relative to the outputs' mean "
+                                      "square), kl (logits), feature (converted layers) or both.")] = None  # fmt: skip
+    train_all: Annotated[bool, _opt("--train-all", metavar="", help="Train every parameter, not only the "
+                                    "pairs.")] = False  # fmt: skip
+    checkpoint_dir: Annotated[Path | None, _opt("--checkpoint-dir", metavar="DIR", help="Write checkpoint.pt here "
+                                                "every --checkpoint-every steps and when interrupted.")] = None  # fmt: skip
+    checkpoint_every: Annotated[int, _opt("--checkpoint-every", metavar="N", min=1, help="Steps between "
+                                          "checkpoints (default 100).")] = 100  # fmt: skip
+    resume: Annotated[bool, _opt("--resume", metavar="", help="Continue from --checkpoint-dir's checkpoint (ends as "
+                                 "an uninterrupted run would).")] = False  # fmt: skip
+    image_size: o.ImageSizeOpt = None
+    mean: o.MeanOpt = None
+    std: o.StdOpt = None
+
+
+@dataclass(frozen=True)
+class DistillOutput:
+    """What is written."""
+
+    output: Annotated[Path, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="Where to write the "
+                                 "distilled model.")]  # fmt: skip
+    fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
+                                       "(default: from the -o name, else pt).")] = None  # fmt: skip
+    log: Annotated[Path | None, _opt("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "
+                                     "for a .csv name.")] = None  # fmt: skip
+
+
+@command(app, epilog=o.epilog(EXAMPLES))
 def distill(
-    student: StudentArg,
-    teacher: TeacherOpt,
-    data: DataOpt,
-    output: OutOpt,
-    # Model
-    input_shape: o.InputShapeOpt = None,
-    weights: o.WeightsOpt = None,
-    kwargs: o.KwargsOpt = None,
-    attr: o.AttrOpt = None,
-    trust_pickle: o.TrustPickleOpt = False,
-    device_name: o.DeviceOpt = "cpu",
-    # Training
-    eval_data: EvalDataOpt = None,
-    steps: StepsOpt = 1000,
-    batch_size: BatchOpt = 32,
-    lr: LrOpt = 1e-3,
-    loss: LossOpt = "output",
-    train_all: TrainAllOpt = False,
-    checkpoint_dir: CheckpointOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 100,
-    resume: ResumeOpt = False,
-    image_size: o.ImageSizeOpt = None,
-    mean: o.MeanOpt = None,
-    std: o.StdOpt = None,
-    # Output
-    log: LogOpt = None,
-    force: o.ForceOpt = False,
-    quiet: o.QuietOpt = False,
-    debug: o.DebugOpt = False,
-    _help: o.HelpOpt = False,
+    student: StudentArg, load: o.LoadOptions, train: TrainingOptions, written: DistillOutput, run: o.RunOptions
 ) -> None:
     """Distill a converted model from the original on unlabelled data, to recover what the conversion lost.
 
-    Streams --data in batches (AdamW, warm-up then cosine decay), keeps the
-    best --eval-data weights, checkpoints and resumes exactly, and runs the
-    same under torchrun (one process per core or GPU; rank 0 writes).
+    Streams --data in batches (AdamW, warm-up then cosine decay), keeps the best --eval-data weights,
+    checkpoints and resumes exactly, and runs the same under torchrun (one process per core or GPU; the first
+    writes). With no options it trains as the benchmark does (docs/benchmarks.md).
     """
-    with errors_as_exit_codes(debug):
-        from sepify.cli.inputs import device, load, make_inputs
+    with errors_as_exit_codes(run.debug):
+        rank = int(os.environ.get("RANK", "0"))
+        fmt, checkpoint = _checked(student, load, train, written, run)
+
+        from sepify.cli.inputs import device, load_model
         from sepify.options import Distill
         from sepify.pipeline.distill import distill as distill_model
 
-        rank = int(os.environ.get("RANK", "0"))
-        inputs = run_inputs(teacher, weights=weights, calibration=data if Path(data).exists() else None)
-        inputs["student"] = Path(student)
-        check_outputs({"-o": output, "--log": None if resume else log}, inputs, force=force)  # resume appends
-        on = device(device_name)
-        args = make_inputs(input_shape, on)
-        teacher_model = load(
-            teacher,
-            trust_pickle=trust_pickle,
-            kwargs=kwargs,
-            weights=weights,
-            on=on,
-            quiet=quiet,
-            train=False,
-            attr=attr,
-        ).model
-        student_model = _student(Path(student), teacher_model, trust_pickle, quiet).to(on)
-        train_data = _data(data, args, image_size, mean, std)
-        held = _data(eval_data, args, image_size, mean, std) if eval_data is not None else None
-        with progress_bar("distilling", quiet or rank != 0) as progress:
-            settings = Distill(
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                loss="mse" if loss == "output" else loss,
-                train_all=train_all,
-                checkpoint_dir=checkpoint_dir,
-                checkpoint_every=checkpoint_every,
-            )
+        on = device(load.device)
+        teacher = load_model(train.teacher, load, on, run.quiet or rank != 0, command="distill").model
+        student_model = _student(Path(student), teacher, load, run.quiet).to(on)
+        train_data, args = _data(train.data, load, train, on)
+        held = _data(train.eval_data, load, train, on, args)[0] if train.eval_data is not None else None
+        defaults = Distill()
+        settings = Distill(
+            steps=train.steps or defaults.steps,
+            batch_size=train.batch_size or defaults.batch_size,
+            lr=train.lr or defaults.lr,
+            loss=(train.loss or defaults.loss).__str__(),
+            train_all=train.train_all,
+            checkpoint_dir=train.checkpoint_dir,
+            checkpoint_every=train.checkpoint_every,
+        )
+        if checkpoint is not None and rank == 0:
+            _check_room(checkpoint.parent, student_model)
+        with progress_display("distill", "distilling", run.quiet or rank != 0) as progress:
             result = distill_model(
-                student_model,
-                teacher_model,
-                train_data,
-                settings,
-                eval_data=held,
-                resume=resume,
-                log=log,
+                student_model, teacher, train_data, settings, eval_data=held, log=written.log, resume=train.resume,
                 progress=progress,
-            )
+            )  # fmt: skip
         if rank != 0:
             return
-        last = result.history[-1] if result.history else None
-        summary = f"distilled {steps} steps, global batch {result.global_batch} on {result.world_size} process(es)"
-        if last is not None:
-            summary += f"; final loss {last.loss:.4g}" + (
-                f", eval {last.eval_loss:.4g}" if last.eval_loss is not None else ""
-            )
-        if not quiet:
-            print_lines(summary)
+        if not run.quiet:
+            print_lines(_summary(result, settings))
             for note in result.notes:
                 print_lines(note)
         from sepify.io.save import save_model
 
-        with step(f"writing {output}", quiet):
-            save_model(result.model, output, "pt", example_args=args, plan_json="", overwrite=force)
-        (err if quiet else out).print(f"wrote {output}", highlight=False, soft_wrap=True)
+        with step("distill", f"writing {written.output}", run.quiet):
+            plan_json = _plan_json(result.model) if fmt is Format.SAFETENSORS else ""
+            files = save_model(result.model, written.output, fmt.value, example_args=args, plan_json=plan_json,
+                               overwrite=run.force)  # fmt: skip
+        for path in files:
+            wrote(path, to_stderr=run.quiet)
+        if run.quiet:
+            print_lines(_summary(result, settings))
 
 
-def _student(path: Path, teacher: nn.Module, trust_pickle: bool, quiet: bool) -> nn.Module:
+def _checked(
+    student: str, load: o.LoadOptions, train: TrainingOptions, written: DistillOutput, run: o.RunOptions
+) -> tuple[Format, Path | None]:
+    """Every input and output of the run, checked before any work: the format, and the checkpoint file."""
+    if train.resume and train.checkpoint_dir is None:
+        raise typer.BadParameter("needs --checkpoint-dir, where the interrupted run wrote its checkpoint",
+                                 param_hint="--resume")  # fmt: skip
+    fmt = written.fmt or format_of(written.output, Format.PT)
+    check_output_name(written.output, fmt.value)
+    folder = train.checkpoint_dir
+    checkpoint = folder / "checkpoint.pt" if folder is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: the checkpoint folder is a file; pass a folder as --checkpoint-dir")
+    inputs: Inputs = {
+        "STUDENT": Path(student),
+        "--teacher": model_path(train.teacher),
+        "--weights": load.weights,
+        "--data": data_path(train.data),
+        "--eval-data": data_path(train.eval_data),
+        "checkpoint": checkpoint if train.resume else None,
+    }
+    model_files = {
+        "-o": written.output,
+        "plan (beside -o)": plan_path(written.output) if fmt is Format.SAFETENSORS else None,
+        "weights (beside -o)": weights_path(written.output) if fmt is Format.OPENVINO else None,
+    }
+    # the log, and the checkpoint (written over and over; its folder is made if missing): a resumed run continues
+    # its own, a new run replaces an old one's only with --force
+    run_files = {"--log": written.log, "checkpoint": checkpoint if folder is not None and folder.is_dir() else folder}
+    # no output may be an input or another output, whatever --force says ...
+    check_run({k: v for k, v in inputs.items() if k != "checkpoint"}, {**model_files, **run_files}, force=True)
+    check_run({"checkpoint": inputs["checkpoint"]}, model_files | {"--log": written.log}, force=True)
+    # ... and an existing one needs --force
+    check_run({}, model_files, force=run.force)
+    check_run({}, run_files, force=run.force or train.resume)
+    return fmt, checkpoint
+
+
+def _check_room(folder: Path, student: nn.Module) -> None:
+    """A checkpoint holds the weights, the optimiser's two moments and the best weights: about 4x the student."""
+    folder = folder if folder.exists() else folder.parent
+    need = 4 * sum(p.numel() * p.element_size() for p in student.parameters())
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OutputError(
+            f"{folder}: {free / 2**20:.0f} MiB free, but a checkpoint needs about {need / 2**20:.0f} MiB; free some "
+            "space or pass another --checkpoint-dir"
+        )
+
+
+def _summary(result: Any, settings: Any) -> str:
+    last = result.history[-1] if result.history else None
+    summary = f"distilled {settings.steps} steps, global batch {result.global_batch} on {result.world_size} process(es)"
+    if last is not None:
+        summary += f"; final loss {last.loss:.4g}" + (
+            f", eval {last.eval_loss:.4g}" if last.eval_loss is not None else ""
+        )
+    return summary
+
+
+def _plan_json(model: nn.Module) -> str:
+    """The plan a safetensors student needs to be rebuilt: its pairs' ranks, orders and layouts."""
+    from sepify.core.modules import SeparableConv
+    from sepify.planning.plan import LayerPlan, Plan
+
+    layers = {
+        name: LayerPlan(m.rank, m.order, m.layout if len(m.layouts) > 1 else None)
+        for name, m in model.named_modules()
+        if isinstance(m, SeparableConv)
+    }
+    return Plan(layers).to_json()
+
+
+def _student(path: Path, teacher: nn.Module, load: o.LoadOptions, quiet: bool) -> nn.Module:
     """A converted model from `sepify convert`'s .pt (pickle) or .safetensors (rebuilt on a copy of the teacher)."""
     import copy
 
+    from sepify.cli.inputs import check_device
     from sepify.io.load import detect_kind, load_model
 
     if path.is_file() and detect_kind(path) == "safetensors":
-        from sepify.pipeline.convert import load_converted
+        from sepify.pipeline.load import load_converted
 
         return load_converted(copy.deepcopy(teacher), path)
-    with step(f"loading {path}", quiet):
-        return load_model(str(path), trust_pickle=trust_pickle).model
+    with step("distill", f"loading {path}", quiet):
+        model = load_model(str(path), trust_pickle=load.trust_pickle).model
+    check_device(model, str(path))
+    return model
 
 
-def _data(source: str, args: tuple[Any, ...], image_size: str | None, mean: str | None, std: str | None) -> Any:
-    """A tensor from a file or image folder (as --calibration reads them), or the Dataset a factory returns."""
-    from sepify.io.load import is_import_spec
+def _data(
+    source: str, load: o.LoadOptions, train: TrainingOptions, on: torch.device, args: tuple[Any, ...] | None = None
+) -> tuple[Any, tuple[Any, ...]]:
+    """The samples (a tensor from a file or image folder, or the Dataset a factory returns) and example inputs:
+    ``--input-shape``'s, else the data's first sample."""
+    from sepify.cli.inputs import calibration_tensor, make_inputs
+    from sepify.io.load import import_callable
+    from sepify.io.paths import is_import_spec
 
+    if args is None and load.input_shape:
+        args = make_inputs(load.input_shape, on)
     if is_import_spec(source):
-        from sepify.io.load import import_callable  # the same import rules as MODEL
+        from sepify.calibrate.distill.data import Samples
 
-        made = import_callable(source)()
-        if not hasattr(made, "__getitem__") and not hasattr(made, "__iter__"):
-            raise ConfigError(f"{source!r}: returned a {type(made).__name__}, not a Dataset or an iterable of samples")
-        return made
-    from sepify.cli.inputs import calibration_tensor
+        try:
+            made = import_callable(source)()
+        except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
+            from sepify.errors import CalibrationError, first_line
 
-    return calibration_tensor(source, args, None, image_size, mean, std)
+            raise CalibrationError(f"{source!r}: building the data raised {first_line(e)}; fix the factory") from e
+        if args is None:  # the first sample, as a batch of one
+            args = tuple(t[:1].to(on) for t in Samples(made, 1)(0))
+        return made, args
+    shaped = args if args is not None else make_inputs(["1,3,224,224"], on) if Path(source).is_dir() else None
+    data = calibration_tensor(source, shaped, None, _images(train)) if shaped else _tensor(source)
+    return data, args if args is not None else (data[:1].to(on),)
+
+
+def _images(train: TrainingOptions) -> o.CalibrationOptions:
+    return o.CalibrationOptions(image_size=train.image_size, mean=train.mean, std=train.std)
+
+
+def _tensor(source: str) -> Any:
+    from sepify.io.datasets import load_calibration
+
+    return load_calibration(source, None)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import typer
 from torch import nn
 
+from sepify.cli.options import CalibrationOptions, LoadOptions
 from sepify.cli.output import step
-from sepify.errors import ConfigError
+from sepify.errors import ConfigError, ModelLoadError
 from sepify.io.datasets import load_calibration
-from sepify.io.load import LoadedModel, load_model
+from sepify.io.load import LoadedModel
+from sepify.io.load import load_model as load_source
 
 __all__ = [
     "parse_input_shape",
@@ -25,7 +26,9 @@ __all__ = [
     "parse_rank",
     "parse_numbers",
     "calibration_tensor",
-    "load",
+    "calibration_setting",
+    "load_model",
+    "check_device",
 ]
 
 _DTYPES = {
@@ -148,39 +151,42 @@ def parse_numbers(text: str | None, hint: str, kind: type) -> list[Any] | None:
 
 
 def calibration_tensor(
-    source: str,
-    args: tuple[torch.Tensor, ...],
-    samples: int | None,
-    image_size: str | None,
-    mean: str | None,
-    std: str | None,
+    source: str, args: tuple[torch.Tensor, ...], samples: int | None, data: CalibrationOptions | None = None
 ) -> torch.Tensor:
-    """``--calibration`` and its image options as samples shaped like the first example input, on its device."""
-    data = load_calibration(
+    """Samples from a file or image folder, shaped like the first example input and on its device."""
+    tensor = load_calibration(
         source,
         tuple(args[0].shape[1:]),
         samples=samples,
-        image_size=parse_numbers(image_size, "--image-size", int),
-        mean=parse_numbers(mean, "--mean", float),
-        std=parse_numbers(std, "--std", float),
+        image_size=parse_numbers(data.image_size, "--image-size", int) if data else None,
+        mean=parse_numbers(data.mean, "--mean", float) if data else None,
+        std=parse_numbers(data.std, "--std", float) if data else None,
     )
-    return data.to(args[0].device)
+    return tensor.to(args[0].device)
 
 
-def load(
-    model: str,
-    *,
-    trust_pickle: bool,
-    kwargs: str | None,
-    weights: Path | None,
-    on: torch.device,
-    quiet: bool,
-    train: bool,
-    attr: str | None = None,
+def calibration_setting(data: CalibrationOptions, args: tuple[torch.Tensor, ...], *, refine: bool = True) -> Any:
+    """``--calibration`` and its options as what :func:`sepify.convert` and :func:`sepify.audit` take."""
+    from sepify.options import Calibration
+
+    if data.calibration is None:
+        return None
+    if data.calibration == "synthetic":
+        return Calibration("synthetic", samples=data.calibration_samples, refine=refine)
+    return Calibration(calibration_tensor(data.calibration, args, data.calibration_samples, data), refine=refine)
+
+
+def load_model(
+    source: str, load: LoadOptions, on: torch.device, quiet: bool, *, command: str = "convert"
 ) -> LoadedModel:
-    """Load MODEL and put it on ``on`` in the mode to convert in (eval unless ``train``)."""
-    with step(f"loading {model}", quiet):
-        loaded = load_model(model, trust_pickle=trust_pickle, kwargs=parse_kwargs(kwargs), weights=weights, attr=attr)
+    """Load MODEL (or the teacher) and put it on ``on`` in the mode to convert in (eval unless ``--train``)."""
+    train = bool(getattr(load, "train", False))
+    with step(command, f"loading {source}", quiet):
+        loaded = load_source(
+            source, trust_pickle=load.trust_pickle, kwargs=parse_kwargs(load.kwargs), weights=load.weights,
+            attr=load.attr,
+        )  # fmt: skip
+    check_device(loaded.model, source)
     # fx freezes `self.training` branches into the graph, so the mode is chosen
     # before tracing; deployment (eval) is what a converted model is for.
     loaded.model.to(on)
@@ -188,9 +194,18 @@ def load(
         # an exported program's graph fixed its mode at export time (and its
         # module refuses .train()); nothing to choose here
         if train:
-            raise ConfigError(f"{model}: a torch.export program has its mode fixed at export; drop --train")
+            raise ConfigError(f"{source}: a torch.export program has its mode fixed at export; drop --train")
         return loaded
     # nn.Module.train itself: wrappers such as ultralytics' YOLO override
     # train() to start a training run.
     nn.Module.train(loaded.model, train)
     return loaded
+
+
+def check_device(model: nn.Module, source: str) -> None:
+    """A model whose parameters have no values (built on the meta device) is refused with a sentence."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelLoadError(
+            f"{source}: the model holds parameters on the meta device (shapes without values); build it with its "
+            "weights (or pass --weights)"
+        )

@@ -1,287 +1,249 @@
-"""Option declarations shared by the commands: each defined once, as an ``Annotated`` alias.
+"""The option groups the commands are composed of, each declared once (see :mod:`sepify.cli.groups`).
 
-Choices are enums, so help and shell completion list them; panels group the
-options in ``--help``.
+Options most users need sit in the ``Options`` panel, the first screen of ``--help``; the rest are ``Advanced``
+(``--help-all``). Choices are the :mod:`sepify.vocab` enums; numbers are range-checked by typer, so a bad value
+is a usage error (exit 2) naming the flag, before torch is even imported.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sepify.cli.groups import ADVANCED, HelpAllOpt
 from sepify.vocab import Backend
 
-MODEL, CONVERSION, CALIBRATION, TIMING, OUTPUT = "Model", "Conversion", "Calibration", "Timing", "Output"
+if TYPE_CHECKING:
+    from sepify.options import Budget
+
+__all__ = [
+    "COMMON",
+    "ADVANCED",
+    "epilog",
+    "ModelArg",
+    "LoadOptions",
+    "ModelOptions",
+    "BudgetOptions",
+    "SelectOptions",
+    "CalibrationOptions",
+    "TimingOptions",
+    "RunOptions",
+    "ImageSizeOpt",
+    "MeanOpt",
+    "StdOpt",
+]
+
+COMMON = "Options"
 
 
 def epilog(examples: list[tuple[str, str]]) -> str:
-    """A command's help epilog: each example is a comment line saying what it does, then the command."""
+    """A command's examples: a comment line saying what each does, then the command (each under 78 columns, so
+    that a copy from an 80-column terminal is whole)."""
+    assert all(len(command) <= 76 for _, command in examples), "examples must fit 80 columns"
     return "[bold]Examples[/]\n\n" + "\n\n".join(f"  [dim]# {what}[/]\n  {command}" for what, command in examples)
 
 
-def _show_help(ctx: typer.Context, value: bool) -> None:
-    if value and not ctx.resilient_parsing:
-        typer.echo(ctx.get_help(), nl=False)
-        raise typer.Exit()
+def _option(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
 
 
-# Declared by each command (with add_help_option=False) so that it sits in the Output panel without a type.
-HelpOpt = Annotated[
-    bool,
-    typer.Option(
-        "--help",
-        "-h",
-        metavar="",
-        is_eager=True,
-        expose_value=True,
-        callback=_show_help,
-        help="Show this message and exit.",
-        rich_help_panel=OUTPUT,
-    ),
-]
+def _flag(*flags: str, help: str, panel: str = ADVANCED) -> Any:
+    return typer.Option(*flags, metavar="", help=help, rich_help_panel=panel)
 
 
 ModelArg = Annotated[
     str,
     typer.Argument(
         metavar="MODEL",
-        help="A model file saved with torch.save(model) or torch.export (.pt2), or an import spec such as "
-        "[bold]torchvision.models:resnet18[/] or [bold]path/to/file.py:build[/] (safest: no pickle).",
+        help="A torch.save file, a .pt2, or package.module:builder.",
         show_default=False,
     ),
 ]
+
+# -- loading a model -------------------------------------------------------------------------------------------------
+
 InputShapeOpt = Annotated[
     list[str] | None,
-    typer.Option(
-        "--input-shape",
-        metavar="SHAPE",
-        help="Shape of one example input, e.g. 1,3,224,224; add :int64 (or another dtype) for integer inputs, "
-        "which are drawn from [0, 10). Repeat for models with several inputs. Default 1,3,224,224.",
-        show_default=False,
-        rich_help_panel=MODEL,
-    ),
-]
+    _option("--input-shape", metavar="SHAPE", panel=COMMON, help="Example input (default 1,3,224,224)."),
+]  # fmt: skip
 TrustPickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        metavar="",
-        help="Allow loading a pickled model or .pt2 archive (runs code from the file).",
-        rich_help_panel=MODEL,
-    ),
+    bool, _flag("--trust-pickle", help="Allow a pickled model (runs its code).", panel=COMMON)
+]
+WeightsOpt = Annotated[
+    Path | None, _option("--weights", metavar="FILE", help="A state_dict (.pt/.pth, no pickle) or .safetensors.")
 ]
 KwargsOpt = Annotated[
     str | None,
-    typer.Option(
-        "--kwargs",
-        metavar="JSON",
-        help="JSON keyword arguments for an import spec, e.g. '{\"num_classes\": 10}'.",
-        rich_help_panel=MODEL,
-    ),
+    _option("--kwargs", metavar="JSON", help="Keyword arguments for an import spec: '{\"num_classes\": 10}'."),
 ]
 AttrOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--attr",
-        metavar="NAME",
-        help="The nn.Module inside what an import spec returns, for wrappers: e.g. ultralytics:YOLO --attr model.",
-        show_default=False,
-        rich_help_panel=MODEL,
-    ),
+    str | None, _option("--attr", metavar="NAME", help="The network inside what an import spec returns (YOLO: model).")
 ]
-WeightsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--weights",
-        metavar="FILE",
-        help="A state_dict (.pt/.pth, read with weights_only=True) or .safetensors.",
-        rich_help_panel=MODEL,
-    ),
+DeviceOpt = Annotated[str, _option("--device", metavar="DEVICE", help="cpu (default) or cuda.")]
+TrainOpt = Annotated[bool, _flag("--train", help="Convert in training mode (default: eval, as deployed).")]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How MODEL (or the teacher) is loaded and what it is run on."""
+
+    input_shape: InputShapeOpt = None
+    trust_pickle: TrustPickleOpt = False
+    weights: WeightsOpt = None
+    kwargs: KwargsOpt = None
+    attr: AttrOpt = None
+    device: DeviceOpt = "cpu"
+
+
+@dataclass(frozen=True)
+class ModelOptions(LoadOptions):
+    """A model to convert or audit: loaded, and in which mode."""
+
+    train: TrainOpt = False
+
+
+# -- budgets ---------------------------------------------------------------------------------------------------------
+
+
+def _ratio(text: str) -> float:
+    """A share of the original's cost: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number; pass a share of the original's, e.g. 0.5") from None
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"{value:g} is not in (0, 1]; pass a share of the original's, e.g. 0.5")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    """A predicted relative error: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number; pass a relative error, e.g. 0.1") from None
+    if not value >= 0:
+        raise typer.BadParameter(f"{value:g} is below 0; pass a relative error, e.g. 0.1")
+    return value
+
+
+_RATIO = {"parser": _ratio}
+MaxMacOpt = Annotated[
+    float | None,
+    _option("--max-mac-ratio", metavar="R", panel=COMMON, help="At most R x the MACs, least error.", **_RATIO),
+]  # fmt: skip
+MaxParamOpt = Annotated[
+    float | None, _option("--max-param-ratio", metavar="R", help="At most R x the original's params.", **_RATIO)
 ]
-DeviceOpt = Annotated[
-    str,
-    typer.Option(
-        "--device", metavar="DEVICE", help="Device to load and convert on: cpu or cuda.", rich_help_panel=MODEL
-    ),
+MaxLatencyOpt = Annotated[
+    float | None,
+    _option("--max-latency-ratio", metavar="R", help="At most R x the original's latency (needs --latency).", **_RATIO),
 ]
-TrainOpt = Annotated[
-    bool,
-    typer.Option(
-        "--train",
-        metavar="",
-        help="Trace and convert in training mode (default: eval mode, as the model is deployed).",
-        rich_help_panel=MODEL,
-    ),
-]
-IncludeOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--include",
-        metavar="GLOB",
-        help="Only convs matching this glob (repeatable).",
-        show_default=False,
-        rich_help_panel=CONVERSION,
-    ),
-]
-ExcludeOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--exclude",
-        metavar="GLOB",
-        help="Leave convs matching this glob alone (repeatable).",
-        show_default=False,
-        rich_help_panel=CONVERSION,
-    ),
-]
-SkipSharedOpt = Annotated[
-    bool,
-    typer.Option(
-        "--skip-shared", metavar="", help="Leave convs called more than once alone.", rich_help_panel=CONVERSION
-    ),
-]
+MaxErrorOpt = Annotated[
+    float | None,
+    _option("--max-error", metavar="E", panel=COMMON, parser=_nonnegative,
+            help="Predicted output error <= E (default 0.1)."),
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """At most one budget; a plan picks a rank and order per layer to meet it."""
+
+    max_mac_ratio: MaxMacOpt = None
+    max_param_ratio: MaxParamOpt = None
+    max_latency_ratio: MaxLatencyOpt = None
+    max_error: MaxErrorOpt = None
+
+    def budget(self) -> Budget | None:
+        """The :class:`~sepify.Budget` asked for, or None; two at once is a usage error."""
+        from sepify.options import Budget
+
+        given = {k: v for k, v in vars(self).items() if v is not None}
+        if len(given) > 1:
+            flags = " and ".join("--" + k.replace("_", "-") for k in given)
+            raise typer.BadParameter(f"{flags} were both given; pass one budget", param_hint="budget")
+        return Budget(**given) if given else None
+
+
+# -- which convs -----------------------------------------------------------------------------------------------------
+
+IncludeOpt = Annotated[list[str] | None, _option("--include", metavar="GLOB", help="Only convs matching (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, _option("--exclude", metavar="GLOB", help="Leave matching convs alone.")]
+SkipSharedOpt = Annotated[bool, _flag("--skip-shared", help="Leave convs called more than once alone.")]
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """Which convs may be converted."""
+
+    include: IncludeOpt = None
+    exclude: ExcludeOpt = None
+    skip_shared: SkipSharedOpt = False
+
+
+# -- calibration data ------------------------------------------------------------------------------------------------
+
 CalibrationOpt = Annotated[
     str | None,
-    typer.Option(
-        "--calibration",
-        metavar="PATH|synthetic|random",
-        help="Unlabelled inputs: an image folder or a .pt/.npy tensor file; with no data, 'synthetic' (inputs "
-        "matched to the model's BatchNorm statistics) or 'random' (noise).",
-        show_default=False,
-        rich_help_panel=CALIBRATION,
-    ),
-]
+    _option("--calibration", metavar="DATA", panel=COMMON, help="Images folder, .pt/.npy or 'synthetic'."),
+]  # fmt: skip
 CalibrationSamplesOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--calibration-samples",
-        metavar="N",
-        min=1,
-        help="Use at most N calibration samples (default: all; 256 for 'random', 64 for 'synthetic').",
-        show_default=False,
-        rich_help_panel=CALIBRATION,
-    ),
+    int | None, _option("--calibration-samples", metavar="N", min=1, help="Use at most N calibration samples.")
 ]
 ImageSizeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--image-size",
-        metavar="H,W",
-        help="Resize calibration images to H,W (default: the input's H,W).",
-        show_default=False,
-        rich_help_panel=CALIBRATION,
-    ),
+    str | None, _option("--image-size", metavar="H,W", help="Resize images (default: the input's).")
 ]
-MeanOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--mean",
-        metavar="M,M,M",
-        help="Per-channel mean for images (default ImageNet's for RGB, 0.5 for grayscale).",
-        show_default=False,
-        rich_help_panel=CALIBRATION,
-    ),
-]
-StdOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--std",
-        metavar="S,S,S",
-        help="Per-channel std for images (default ImageNet's for RGB, 0.5 for grayscale).",
-        show_default=False,
-        rich_help_panel=CALIBRATION,
-    ),
-]
-LatencyOpt = Annotated[
-    bool,
-    typer.Option(
-        "--latency",
-        metavar="",
-        help="Time each pair against the conv it replaces at the layer's input shape (this machine, "
-        "--input-shape's batch), every layout, the fastest kept; and the whole model.",
-        rich_help_panel=TIMING,
-    ),
-]
+MeanOpt = Annotated[str | None, _option("--mean", metavar="M,M,M", help="Image mean (default ImageNet's; 0.5 gray).")]
+StdOpt = Annotated[str | None, _option("--std", metavar="S,S,S", help="Image std (default ImageNet's; 0.5 gray).")]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Unlabelled inputs the conversion is fitted and judged on."""
+
+    calibration: CalibrationOpt = None
+    calibration_samples: CalibrationSamplesOpt = None
+    image_size: ImageSizeOpt = None
+    mean: MeanOpt = None
+    std: StdOpt = None
+
+
+# -- timing ----------------------------------------------------------------------------------------------------------
+
+LatencyOpt = Annotated[bool, _flag("--latency", help="Time each conv against its pairs on this machine.")]
 LatencyBackendOpt = Annotated[
     Backend,
-    typer.Option(
-        "--latency-backend",
-        help="Where to measure time: eager PyTorch, compile (torch.compile; seconds per layer), onnxruntime (each "
-        "layer as its ONNX graph with the padding and activation fused with it, the whole model exported; the onnx "
-        "extra) or openvino (the openvino extra), where deployed pairs run fused and faster.",
-        rich_help_panel=TIMING,
-    ),
-]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        metavar="N",
-        min=1,
-        help="Threads to time with (torch, onnxruntime, OpenVINO; default: torch's).",
-        show_default=False,
-        rich_help_panel=TIMING,
-    ),
-]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", metavar="", help="Overwrite existing output files.", rich_help_panel=OUTPUT)
-]
-QuietOpt = Annotated[
-    bool,
-    typer.Option(
-        "--quiet",
-        "-q",
-        metavar="",
-        help="Print only what was written and one summary line (no table, no progress).",
-        rich_help_panel=OUTPUT,
-    ),
-]
-WideOpt = Annotated[
-    bool,
-    typer.Option(
-        "--wide",
-        metavar="",
-        help="Print the full table (every column) instead of the compact one.",
-        rich_help_panel=OUTPUT,
-    ),
-]
-AllRowsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--all",
-        metavar="",
-        help="List skipped convs in the table too, not only as a summary line.",
-        rich_help_panel=OUTPUT,
-    ),
-]
-JsonOpt = Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        metavar="",
-        help="Print the report as JSON on stdout (and nothing else there).",
-        rich_help_panel=OUTPUT,
-    ),
-]
-AllowLargerOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-larger",
-        metavar="",
-        help="Build a pair even where --rank makes it larger than its conv (default: skip it as no-saving).",
-        rich_help_panel=CONVERSION,
-    ),
-]
-AllowUnchangedOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-unchanged",
-        metavar="",
-        help="Write the model even when no conv was converted (otherwise that is an error, exit 1).",
-        rich_help_panel=OUTPUT,
-    ),
-]
-DebugOpt = Annotated[
-    bool, typer.Option("--debug", metavar="", help="Show the traceback of sepify errors.", rich_help_panel=OUTPUT)
-]
+    _option("--latency-backend", metavar="BACKEND", help="eager (default), compile, onnxruntime or openvino: where "
+            "time is measured (each layer with what the runtime fuses with it)."),
+]  # fmt: skip
+ThreadsOpt = Annotated[int | None, _option("--threads", metavar="N", min=1, help="Threads to time with.")]
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """Measured time on this machine, in the runtime you deploy on."""
+
+    latency: LatencyOpt = False
+    latency_backend: LatencyBackendOpt = Backend.EAGER
+    threads: ThreadsOpt = None
+
+
+# -- every command ---------------------------------------------------------------------------------------------------
+
+ForceOpt = Annotated[bool, _flag("--force", help="Overwrite existing outputs.")]
+QuietOpt = Annotated[bool, _flag("--quiet", "-q", help="Print only a summary line.", panel=COMMON)]
+DebugOpt = Annotated[bool, _flag("--debug", help="Show the traceback of sepify errors.")]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What every command takes."""
+
+    force: ForceOpt = False
+    quiet: QuietOpt = False
+    debug: DebugOpt = False
+    help_all: HelpAllOpt = False

@@ -25,6 +25,7 @@ __all__ = [
     "separable_macs",
     "exact_rank",
     "ratio",
+    "cp_ranks",
 ]
 
 
@@ -172,3 +173,15 @@ def ratio(after: float | None, before: float | None) -> float | None:
     (0.25, None, None)
     """
     return after / before if after is not None and before is not None and before > 0 else None
+
+
+def cp_ranks(limit: int, count: int = 12) -> list[int]:
+    """About ``count`` ranks from 1 to ``limit``, spaced geometrically (the audit's grid).
+
+    >>> cp_ranks(40, 8)
+    [1, 2, 3, 5, 8, 14, 24, 40]
+    """
+    if limit <= count:
+        return list(range(1, limit + 1))
+    ranks = {max(1, round(limit ** (k / (count - 1)))) for k in range(count)}
+    return sorted(ranks)

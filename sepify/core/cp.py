@@ -38,7 +38,7 @@ from sepify.core.cost import exact_rank
 from sepify.core.decompose import Factorization
 from sepify.errors import ConfigError
 
-__all__ = ["CPFactorization", "CPByRank", "CPStarts", "cp_ranks"]
+__all__ = ["CPFactorization", "CPByRank", "CPStarts"]
 
 _SWEEPS = 20  # ALS sweeps at most (with line search; 30 plain ones left errors up to 7% higher); fewer past _TOL
 _PROBE_SWEEPS = 5  # sweeps both starts get before only the one ahead goes on
@@ -49,18 +49,6 @@ _TOL = 1e-5  # of the squared error relative to ||W||^2
 # starts, so large layers at large ranks get fewer sweeps. Only one start goes past _PROBE_SWEEPS, so this is
 # an upper bound.
 _WORK = 2 * 10**10
-
-
-def cp_ranks(limit: int, count: int = 12) -> list[int]:
-    """About ``count`` ranks from 1 to ``limit``, spaced geometrically (the audit's grid).
-
-    >>> cp_ranks(40, 8)
-    [1, 2, 3, 5, 8, 14, 24, 40]
-    """
-    if limit <= count:
-        return list(range(1, limit + 1))
-    ranks = {max(1, round(limit ** (k / (count - 1)))) for k in range(count)}
-    return sorted(ranks)
 
 
 class CPStarts:

@@ -38,10 +38,12 @@ def _check_finite(source: str, data: Tensor) -> Tensor:
     return data
 
 
-def _check_shape(source: str, data: Tensor, sample_shape: Sequence[int]) -> Tensor:
-    """Samples must have the input's rank and channel count; spatial sizes may differ (convs don't mind)."""
+def _check_shape(source: str, data: Tensor, sample_shape: Sequence[int] | None) -> Tensor:
+    """Samples must have the input's rank and channel count (when it is known); spatial sizes may differ."""
     if data.dim() == 0 or data.shape[0] == 0:
         raise CalibrationError(f"{source}: holds no samples; pass at least one")
+    if sample_shape is None:
+        return data
     shape = tuple(data.shape[1:])
     if len(shape) != len(sample_shape) or (shape and sample_shape and shape[0] != sample_shape[0]):
         raise CalibrationError(
@@ -119,7 +121,7 @@ def _load_npy(path: Path, samples: int | None) -> Tensor:
 
 def load_calibration(
     source: str | os.PathLike[str],
-    sample_shape: Sequence[int],
+    sample_shape: Sequence[int] | None,
     *,
     samples: int | None = None,
     image_size: Sequence[int] | None = None,
@@ -137,7 +139,8 @@ def load_calibration(
             ``weights_only=True``), a ``.npy`` array (no pickle), or
             ``"random"`` (Gaussian noise, with a :class:`~sepify.errors.SepifyWarning`:
             fidelity on real inputs will be worse).
-        sample_shape: one sample's shape, e.g. ``(3, 224, 224)``.
+        sample_shape: one sample's shape, e.g. ``(3, 224, 224)`` (None: whatever a tensor file holds; images and
+            ``"random"`` need it).
         samples: at most this many (default 256 for ``"random"``).
     """
     if str(source) == "random":
@@ -147,6 +150,8 @@ def load_calibration(
             stacklevel=2,
         )
         gen = torch.Generator().manual_seed(seed)
+        if sample_shape is None:
+            raise CalibrationError("'random' samples need the input's shape; pass --input-shape")
         return torch.randn((samples or 256, *sample_shape), generator=gen)
     path = Path(source)
     if not path.exists():
@@ -154,6 +159,8 @@ def load_calibration(
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise CalibrationError(f"samples must be a positive integer, got {samples!r}")
     if path.is_dir():
+        if sample_shape is None:
+            raise CalibrationError(f"{path}: images are resized to the model's input; pass --input-shape")
         shape = list(sample_shape)
         if image_size is not None and len(shape) == 3:
             if len(image_size) != 2:
@@ -173,6 +180,10 @@ def load_calibration(
             ) from e
         if not isinstance(obj, Tensor):
             raise CalibrationError(f"{path}: holds a {type(obj).__name__}, not a tensor of samples")
+        if obj.layout != torch.strided:
+            raise CalibrationError(
+                f"{path}: holds a sparse tensor ({obj.layout}); save dense samples (tensor.to_dense())"
+            )
         if obj.is_complex() or obj.dtype == torch.bool:
             raise CalibrationError(f"{path}: holds {obj.dtype} values, not real numbers; save float samples")
         data = obj.float() if not obj.is_floating_point() else obj

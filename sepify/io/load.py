@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from sepify.errors import ModelLoadError
+from sepify.io.paths import is_import_spec
 
 __all__ = [
     "LoadedModel",
     "detect_kind",
     "load_model",
-    "default_output",
     "is_import_spec",
     "load_state_dict_file",
     "load_weights_into",
@@ -366,20 +366,6 @@ def _attribute(obj: object, dotted: str, source: str) -> Any:
             )
         obj = getattr(obj, part)
     return obj
-
-
-def is_import_spec(text: str) -> bool:
-    """``package.module:callable`` or ``file.py:callable``; an existing path is a file."""
-    return ":" in text and not Path(text).exists()
-
-
-def default_output(source: str, extension: str) -> Path:
-    """``<stem>.sep.<extension>`` beside a model file; ``<callable>.sep.<extension>`` here for an import spec."""
-    if is_import_spec(source):
-        name = source.rpartition(":")[2].split(".")[-1] or "model"
-        return Path.cwd() / f"{name}.sep.{extension}"
-    path = Path(source)
-    return path.with_name(f"{path.stem}.sep.{extension}")
 
 
 def load_model(

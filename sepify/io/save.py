@@ -20,35 +20,11 @@ from torch import Tensor, nn
 
 from sepify.errors import OutputError, SepifyError, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
+from sepify.io.paths import PLAN_METADATA_KEY, check_output_name, plan_path, weights_path
 from sepify.runtime.export import exported_program, onnx_program, openvino_model
-from sepify.vocab import FORMATS, Format
+from sepify.vocab import FORMATS
 
-__all__ = ["FORMATS", "EXTENSIONS", "save_model", "plan_path", "weights_path", "check_output_name", "PLAN_METADATA_KEY"]
-
-EXTENSIONS = {f.value: f.extension for f in Format}
-PLAN_METADATA_KEY = "sepify.plan"
-
-
-def plan_path(weights_path: Path) -> Path:
-    """Where the plan of ``name.safetensors`` lives: ``name.plan.json`` beside it."""
-    return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + ".plan.json")
-
-
-def weights_path(xml_path: Path) -> Path:
-    """Where the weights of OpenVINO IR ``name.xml`` live: ``name.bin`` beside it (OpenVINO looks there)."""
-    return xml_path.with_suffix(".bin")
-
-
-def check_output_name(path: Path, fmt: str) -> None:
-    """An OutputError when ``fmt`` needs a name ``path`` does not have (OpenVINO IR reads ``name.xml`` + ``name.bin``).
-
-    >>> check_output_name(Path("slim.onnx"), "openvino")
-    Traceback (most recent call last):
-    ...
-    sepify.errors.OutputError: slim.onnx: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml
-    """
-    if fmt == "openvino" and path.suffix != ".xml":
-        raise OutputError(f"{path}: OpenVINO IR is an .xml file with a .bin beside it; name the output <name>.xml")
+__all__ = ["save_model"]
 
 
 def save_model(

@@ -162,8 +162,10 @@ def convert(
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
 
     planning_notes: list[str] = []
+    explicit_plan = plan if isinstance(plan, Plan) else None  # a budget's plan follows the selection
     if isinstance(plan, Budget):
         plan, planning_notes = _planned(model, args, plan, select, calib, timed, progress)
+    plan_meta = dict(plan.meta) if plan is not None and explicit_plan is None else {}
     analysis = analyze(model, args, inplace=inplace, select=select)
     params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
     builder = LayerBuilder(rank, order, tolerance, plan, timed, allow_larger=select.allow_larger if select else False)
@@ -196,9 +198,10 @@ def convert(
         fidelity=stages,
         latency_before=times[0],
         latency_after=times[1],
+        plan_meta=plan_meta,
     )
     logger.info("converted %d of %d convs", len(report.converted), len(rows))
-    _warn_if_unselected(report, select, plan)
+    _warn_if_unselected(report, select, explicit_plan)
     return ConversionResult(model=analysis.model, report=report)
 
 

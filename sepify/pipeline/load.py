@@ -15,7 +15,7 @@ from sepify.errors import ConfigError, ModelLoadError, PlanError
 from sepify.graph.conv_kinds import inherits_forward, plain_view
 from sepify.graph.rewrite import replace_submodule
 from sepify.io.load import load_weights_into, safetensors_metadata
-from sepify.io.save import PLAN_METADATA_KEY, plan_path
+from sepify.io.paths import PLAN_METADATA_KEY, plan_path
 from sepify.planning.plan import Plan
 
 __all__ = ["load_converted", "apply_planned_layout"]

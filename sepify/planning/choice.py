@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sepify.core.cost import conv_macs, conv_params, exact_rank, ratio, separable_macs, separable_params
-from sepify.core.cp import cp_ranks
+from sepify.core.cost import conv_macs, conv_params, cp_ranks, exact_rank, ratio, separable_macs, separable_params
 from sepify.errors import ConfigError
 from sepify.vocab import ORDERS, SVD_ORDERS, SkipReason
 

@@ -2,7 +2,8 @@
 
 Each candidate layer offers "skip" plus a few options, each with a saving
 (MACs, params or seconds) and a predicted loss. Two problems are solved by
-dynamic programming over a discretised resource (vectorised with torch):
+dynamic programming over a discretised resource (vectorised with NumPy, so that re-planning a saved audit
+needs no torch):
 
 * ``min_loss_for_saving``: least total loss with total saving >= required.
   Savings are rounded *down* to whole units (``required / max(4000, 200 *
@@ -21,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 __all__ = ["Item", "min_loss_for_saving", "max_saving_for_loss"]
 
@@ -38,7 +39,10 @@ def _buckets(n_layers: int) -> int:
     return max(4000, 200 * n_layers)
 
 
-def _backtrack(back: list[torch.Tensor], prev: list[torch.Tensor], state: int) -> list[int | None]:
+Array = np.ndarray
+
+
+def _backtrack(back: list[Array], prev: list[Array], state: int) -> list[int | None]:
     picks: list[int | None] = [None] * len(back)
     for i in range(len(back) - 1, -1, -1):
         j = int(back[i][state])
@@ -49,40 +53,40 @@ def _backtrack(back: list[torch.Tensor], prev: list[torch.Tensor], state: int) -
 
 def _solve(
     layers: Sequence[Sequence[Item]], weights: list[list[int]], size: int, minimise_loss: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[Array, Array, Array, list[Array], list[Array]]:
     """Shared DP over buckets ``0..size`` (moves past ``size`` clamp to ``size``).
 
     Returns per final bucket: objective, exact saving, exact loss, and the
     back-pointers. The objective is the loss (minimised) or the saving
     (maximised, as its negative).
     """
-    index = torch.arange(size + 1)
-    cost = torch.full((size + 1,), math.inf, dtype=torch.float64)
-    saving = torch.zeros(size + 1, dtype=torch.float64)
-    loss = torch.zeros(size + 1, dtype=torch.float64)
+    index = np.arange(size + 1)
+    cost = np.full(size + 1, math.inf)
+    saving = np.zeros(size + 1)
+    loss = np.zeros(size + 1)
     cost[0] = 0.0
     back, prev = [], []
     for options, ws in zip(layers, weights):
-        best_cost, best_saving, best_loss = cost.clone(), saving.clone(), loss.clone()
-        choice, source = torch.full((size + 1,), -1), index.clone()
+        best_cost, best_saving, best_loss = cost.copy(), saving.copy(), loss.copy()
+        choice, source = np.full(size + 1, -1), index.copy()
         for j, (c, w) in enumerate(zip(options, ws)):
             if w < 0:
                 continue  # option unusable in this problem
             step = c.loss if minimise_loss else -c.saving
-            target = torch.clamp(index + w, max=size)
-            for_target = torch.full((size + 1,), math.inf, dtype=torch.float64)
-            for_target.scatter_reduce_(0, target, cost + step, reduce="amin")
+            target = np.minimum(index + w, size)
+            for_target = np.full(size + 1, math.inf)
+            np.minimum.at(for_target, target, cost + step)
             # which source produced each target's minimum (first one on ties)
             hit = (cost + step) == for_target[target]
-            src = torch.full((size + 1,), size + 1)
-            src.scatter_reduce_(0, target[hit], index[hit], reduce="amin")
+            src = np.full(size + 1, size + 1)
+            np.minimum.at(src, target[hit], index[hit])
             better = for_target < best_cost
-            src = torch.where(better, src, torch.zeros_like(src))
-            best_cost = torch.where(better, for_target, best_cost)
-            best_saving = torch.where(better, saving[src] + c.saving, best_saving)
-            best_loss = torch.where(better, loss[src] + c.loss, best_loss)
-            choice = torch.where(better, torch.full_like(choice, j), choice)
-            source = torch.where(better, src, source)
+            src = np.where(better, src, 0)
+            best_cost = np.where(better, for_target, best_cost)
+            best_saving = np.where(better, saving[src] + c.saving, best_saving)
+            best_loss = np.where(better, loss[src] + c.loss, best_loss)
+            choice = np.where(better, j, choice)
+            source = np.where(better, src, source)
         back.append(choice)
         prev.append(source)
         cost, saving, loss = best_cost, best_saving, best_loss
@@ -109,10 +113,10 @@ def min_loss_for_saving(layers: Sequence[Sequence[Item]], required: float) -> li
     # round down: a bucket never over-counts a saving; useless options get -1
     weights = [[int(math.floor(c.saving / unit + 1e-9)) if c.saving > 0 else -1 for c in opts] for opts in layers]
     cost, saving, _, back, prev = _solve(layers, weights, size, minimise_loss=True)
-    feasible = torch.isfinite(cost) & (saving >= required * (1 - 1e-12))
+    feasible = np.isfinite(cost) & (saving >= required * (1 - 1e-12))
     if not bool(feasible.any()):
         return None
-    state = int(torch.argmin(torch.where(feasible, cost, torch.full_like(cost, math.inf))))
+    state = int(np.argmin(np.where(feasible, cost, math.inf)))
     return _backtrack(back, prev, state)
 
 
@@ -144,7 +148,7 @@ def max_saving_for_loss(layers: Sequence[Sequence[Item]], allowed: float) -> lis
             ws.append(w if w <= size + slack else -1)
         weights.append(ws)
     cost, _, loss, back, prev = _solve(layers, weights, size + slack, minimise_loss=False)
-    feasible = torch.isfinite(cost) & (loss <= allowed * (1 + 1e-12))
-    objective = torch.where(feasible, cost, torch.full_like(cost, math.inf))
-    state = int(torch.argmin(objective))  # most saving; the first (least loss) on ties
+    feasible = np.isfinite(cost) & (loss <= allowed * (1 + 1e-12))
+    objective = np.where(feasible, cost, math.inf)
+    state = int(np.argmin(objective))  # most saving; the first (least loss) on ties
     return _backtrack(back, prev, state)

@@ -18,7 +18,7 @@ from sepify.errors import PlanError
 from sepify.io.atomic import JsonExportable
 from sepify.vocab import LAYOUTS, ORDERS
 
-__all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["Plan", "LayerPlan", "PLAN_FORMAT", "PLAN_VERSION", "read_json"]
 
 PLAN_FORMAT = "sepify.plan"
 PLAN_VERSION = 1
@@ -124,29 +124,39 @@ class Plan(JsonExportable):
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike[str]) -> Plan:
         """Read a plan from JSON text (a string starting with ``{``) or from a file path."""
-        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
-            return cls.from_json_text(text_or_path)
-        path = Path(text_or_path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read the plan ({e.strerror or e}); check the path") from e
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PlanError(f"{path}: is not UTF-8 text, so not a plan; regenerate it with sepify audit") from e
-        return cls.from_json_text(text, str(path))
+        data, source = read_json(text_or_path, "plan")
+        return cls.from_dict(data, source)
 
     @classmethod
     def from_json_text(cls, text: str, source: str = "plan") -> Plan:
         """Read a plan from JSON text; ``source`` names it in error messages."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
-        except RecursionError as e:
-            raise PlanError(f"{source} is nested too deeply to be a plan; regenerate it") from e
-        return cls.from_dict(data, source)
+        return cls.from_dict(_parsed(text, source, "plan"), source)
+
+
+def read_json(text_or_path: str | os.PathLike[str], what: str) -> tuple[Any, str]:
+    """JSON text (a string starting with ``{``) or a file's, parsed, and how messages name it; one
+    :class:`PlanError` sentence for anything unreadable (``what``: ``"plan"``, ``"audit"``)."""
+    if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+        return _parsed(text_or_path, what, what), what
+    path = Path(text_or_path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PlanError(f"{path}: cannot read the {what} ({e.strerror or e}); check the path") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanError(f"{path}: is not UTF-8 text, so not a {what}; regenerate it with sepify audit") from e
+    return _parsed(text, str(path), what), str(path)
+
+
+def _parsed(text: str, source: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from e
+    except RecursionError as e:
+        raise PlanError(f"{source} is nested too deeply to be a {what}; regenerate it") from e
 
 
 def _layer_dict(layer: LayerPlan) -> dict[str, Any]:

@@ -10,14 +10,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from sepify.errors import PlanError
 from sepify.io.atomic import JsonExportable, returned_and_written
 from sepify.planning.budget import choose_plan, option_error, predicted_error
 from sepify.planning.choice import Option
-from sepify.planning.plan import Plan
+from sepify.planning.plan import Plan, read_json
 from sepify.report import render
-from sepify.report.conversion import LayerFields
+from sepify.report.fields import LayerFields
+from sepify.vocab import SkipReason
 
-__all__ = ["AuditLayer", "AuditReport"]
+__all__ = ["AuditLayer", "AuditReport", "AUDIT_FORMAT", "AUDIT_VERSION"]
+
+AUDIT_FORMAT = "sepify.audit-report"
+AUDIT_VERSION = 2  # 2: rows carry every LayerFields field; options pay in params and MACs
 
 
 @dataclass(frozen=True)
@@ -136,8 +141,8 @@ class AuditReport(JsonExportable):
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "sepify.audit-report",
-            "version": 1,
+            "format": AUDIT_FORMAT,
+            "version": AUDIT_VERSION,
             "inputs": self.inputs,
             "mode": self.mode,
             "totals": {"params": self.params, "macs": self.macs, "model_latency": self.model_latency},
@@ -145,6 +150,40 @@ class AuditReport(JsonExportable):
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "audit") -> AuditReport:
+        """The audit :meth:`to_dict` wrote (``sepify audit --audit-out``): planning again needs no model.
+
+        Raises:
+            PlanError: not a sepify audit, another version, or damaged.
+        """
+        if not isinstance(data, dict) or data.get("format") != AUDIT_FORMAT:
+            raise PlanError(f'{source} is not a sepify audit (no "format": "{AUDIT_FORMAT}" field)')
+        if data.get("version") != AUDIT_VERSION:
+            raise PlanError(f"{source} is a version {data.get('version')!r} audit; this sepify reads {AUDIT_VERSION}")
+        try:
+            totals = data["totals"]
+            return cls(
+                layers=tuple(_layer_of(row) for row in data["layers"]),
+                params=int(totals["params"]),
+                macs=int(totals["macs"]),
+                inputs=str(data["inputs"]),
+                mode=str(data["mode"]),
+                model_latency=totals.get("model_latency"),
+                notes=tuple(data.get("notes", ())),
+                timed_in=data.get("timed_in"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(
+                f"{source} is a damaged audit ({type(e).__name__}: {e}); write it again with sepify audit --audit-out"
+            ) from e
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> AuditReport:
+        """Read an audit from the JSON file ``sepify audit --audit-out`` wrote."""
+        data, source = read_json(path, "audit")
+        return cls.from_dict(data, source)
 
     def to_csv(self, path: str | os.PathLike[str] | None = None) -> str:
         """One row per (layer, option); written atomically to ``path`` when given."""
@@ -165,3 +204,21 @@ class AuditReport(JsonExportable):
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+_TUPLES = ("kernel_size", "stride", "dilation", "input_size", "output_size")
+_OPTION_FIELDS = tuple(Option.__dataclass_fields__)
+
+
+def _layer_of(row: dict[str, Any]) -> AuditLayer:
+    """One row of :meth:`AuditReport.to_dict` back as an :class:`AuditLayer`."""
+    fields = {k: v for k, v in row.items() if k in AuditLayer.__dataclass_fields__}
+    for key in _TUPLES:
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    if isinstance(fields.get("padding"), list):
+        fields["padding"] = tuple(fields["padding"])
+    reason = fields.get("skip_reason")
+    fields["skip_reason"] = SkipReason(reason) if reason is not None else None
+    fields["options"] = tuple(Option(**{k: o[k] for k in _OPTION_FIELDS if k in o}) for o in row.get("options", ()))
+    return AuditLayer(**fields)

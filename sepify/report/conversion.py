@@ -8,55 +8,22 @@ Counts are raw integers everywhere except in the human-readable forms
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from sepify.calibrate.stages import FidelityStage
 from sepify.core.cost import ratio
-from sepify.graph.candidates import SkipReason
 from sepify.io.atomic import JsonExportable, returned_and_written
 from sepify.planning.plan import LayerPlan, Plan
 from sepify.report import render
+from sepify.report.fields import LayerFields
 
-__all__ = ["LayerFields", "LayerReport", "ConversionReport", "tuples_as_lists", "FAR_OUTPUT_ERROR", "FAR_AGREEMENT"]
+__all__ = ["LayerReport", "ConversionReport", "FAR_OUTPUT_ERROR", "FAR_AGREEMENT"]
 
 # Past these, a converted model is far from the original on the example inputs (report.far_from_original)
 FAR_OUTPUT_ERROR = 0.3
 FAR_AGREEMENT = 0.9
-
-
-@dataclass(frozen=True)
-class LayerFields:
-    """What every per-layer row says of its conv (:meth:`sepify.planning.choice.Geometry.report_fields`).
-
-    ``input_size``/``output_size`` are the spatial sizes (``(L,)``, ``(H, W)`` or ``(D, H, W)``) at the first
-    call (None if never called); ``calls`` counts the calls on the example inputs. ``kind`` is ``conv1d`` ...
-    ``conv3d`` or ``conv_transpose1d`` ... ``conv_transpose3d``.
-    """
-
-    name: str
-    skip_reason: SkipReason | None
-    kind: str
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: str | tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-    padding_mode: str
-    bias: bool
-    calls: int
-    input_size: tuple[int, ...] | None
-    output_size: tuple[int, ...] | None
-
-    def _fields_dict(self, first: tuple[str, ...]) -> dict[str, Any]:
-        """Every field as JSON-ready values, ``first`` leading (CSV columns and JSON keys keep that order)."""
-        d = tuples_as_lists(dataclasses.asdict(self))
-        d["skip_reason"] = self.skip_reason.value if self.skip_reason else None
-        return {**{k: d.pop(k) for k in first}, **d}
 
 
 @dataclass(frozen=True)
@@ -143,6 +110,7 @@ class ConversionReport(JsonExportable):
     fidelity: tuple[FidelityStage, ...] = ()
     latency_before: float | None = None  # seconds, median whole-model forward on the example inputs (latency=True)
     latency_after: float | None = None  # the converted model's, timed interleaved with the original
+    plan_meta: dict[str, Any] = field(default_factory=dict)  # a budget's plan: the budget, predicted ratios and error
 
     # -- how far the converted model is from the original ------------------
     @property
@@ -207,9 +175,10 @@ class ConversionReport(JsonExportable):
         return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none skipped"
 
     def to_plan(self) -> Plan:
-        """The plan that reproduces this conversion (converted layers only)."""
+        """The plan that reproduces this conversion (converted layers only; what a budget planned, in its meta)."""
         return Plan(
-            {r.name: LayerPlan(int(r.rank), str(r.order), r.layout) for r in self.converted if r.rank and r.order}
+            {r.name: LayerPlan(int(r.rank), str(r.order), r.layout) for r in self.converted if r.rank and r.order},
+            dict(self.plan_meta),
         )
 
     def layer(self, name: str) -> LayerReport:
@@ -278,8 +247,3 @@ class ConversionReport(JsonExportable):
 
     def __str__(self) -> str:
         return self.to_text()
-
-
-def tuples_as_lists(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no tuples: shapes, strides and sizes become lists."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -355,8 +355,7 @@ def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
     result = run("convert", cut, "--trust-pickle", *SMALL)
     assert result.exit_code == 1
     assert (
-        said(result)
-        == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
+        said(result) == f"error: {cut}: is truncated or corrupt (an incomplete zip archive); re-save or re-download it"
     )
 
 

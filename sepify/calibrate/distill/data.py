@@ -93,6 +93,7 @@ class Samples:
             raise ConfigError(f"batch_size {batch_size} is larger than the {self.length} samples given")
         self._iterator: Iterator[Any] | None = None
         self._position = 0  # global samples consumed from the stream
+        self._last: tuple[int, list[tuple[Tensor, ...]]] | None = None  # the last global batch read from it
         self._cache: list[tuple[Tensor, ...]] | None = None
 
     @property
@@ -188,7 +189,15 @@ class Samples:
         return batch
 
     def _from_stream(self, step: int) -> list[tuple[Tensor, ...]]:
-        """Global batch ``step`` of an iterable: samples ``step*B ..``; earlier ones are skipped (resume)."""
+        """Global batch ``step`` of an iterable: samples ``step*B ..``; earlier ones are skipped (resume). The last
+        batch read is kept: an iterator that cannot start over is then still read once, in order."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        batch = self._read_stream(step)
+        self._last = (step, batch)
+        return batch
+
+    def _read_stream(self, step: int) -> list[tuple[Tensor, ...]]:
         assert self.stream is not None
         start = step * self.batch_size
         if self._iterator is None or self._position > start:

@@ -337,3 +337,20 @@ def test_no_output_can_be_an_input_or_another_output(tmp_path: Path, flag: str, 
         assert code == 1 and any(r in said for r in refusals), said
     else:
         assert code == 0, said
+
+
+def test_a_full_disk_while_writing_is_a_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save reports a full disk from its C++ writer as a RuntimeError; sepify says what happened."""
+    real = torch.save
+
+    def full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        real(obj, f, *args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, said = run_hostile(tmp_path, [*BASE, "--data", "data.npy", "-o", "out.pt"])
+    assert code == 1 and said.endswith(
+        "error: out.pt: writing failed (the file could not be written: is the disk full?); nothing was replaced, so "
+        "free some space or write elsewhere"
+    )
+    assert not Path("out.pt").exists()

@@ -214,8 +214,9 @@ def test_rank_auto_needs_tolerance(net: nn.Module, x: torch.Tensor) -> None:
 
 def test_audit_report_renders(net: nn.Module, x: torch.Tensor, tmp_path) -> None:  # type: ignore[no-untyped-def]
     report = sepify.audit(net, x)
-    text = str(report)
+    text = report.to_text()  # the full table
     assert "3 of 4 convs are candidates" in text and "skip: pointwise" in text
+    assert max(len(line) for line in str(report).splitlines()) <= 100  # print(report): the compact view
     assert report.to_markdown().startswith("| layer | kind | status |")
     rows = report.to_csv().splitlines()
     assert len(rows) == 1 + sum(max(1, len(la.options)) for la in report.layers)

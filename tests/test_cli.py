@@ -625,7 +625,10 @@ def test_help_does_not_import_torch() -> None:
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
-def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(tmp_path: Path) -> None:
+def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
     (tmp_path / "long.py").write_text(
         "import torch\n"
         "def build():\n"
@@ -640,7 +643,7 @@ def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(tmp_path: Pa
     assert max(len(line) for line in result.stdout.splitlines()) <= 100  # stderr: one unwrapped sentence a line
     assert "skipped 1 conv: 1 pointwise (a_very_long…on_and_on_.1) (--all lists them)" in result.output
     row = next(line for line in result.output.splitlines() if "3->8 3x3" in line)
-    assert row.startswith("a_very_long_module_…at_goes_on_and_on_.0  3->8 3x3     2 dw-pw  13.82K -> 6.53K")
+    assert row.startswith("a_very_long_module_n…at_goes_on_and_on_.0  3->8 3x3     2 dw-pw  13.82K -> 6.53K")
     wide = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "--rank", "2", "-o", "a.pt", "--force", "--wide")
     assert "a_very_long_module_name_that_goes_on_and_on_" * 3 + ".1" in wide.output  # --wide: names whole
     result = run("convert", "long.py:build", "--input-shape", "1,3,8,8", "-o", "b.pt", "--json", "--rank", "2")
@@ -649,3 +652,40 @@ def test_terminal_views_fit_100_columns_and_json_is_alone_on_stdout(tmp_path: Pa
     assert data["format"] == "sepify.conversion-report" and len(data["layers"]) == 2
     result = run("audit", "long.py:build", "--input-shape", "1,3,8,8", "--json", "--max-mac-ratio", "0.9")
     assert json.loads(result.stdout)["plan"]["format"] == "sepify.plan"
+
+
+@pytest.mark.parametrize("command", ["convert", "audit", "plan", "distill"])
+def test_the_first_help_screen_fits_80_by_24(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Usage, the options most users need and an example, on one screen; every option behind --help-all."""
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run(command, "-h")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    first = "\n".join(lines[:24])
+    assert f"Usage: sepify {command}" in first and "--help-all" in first
+    assert ("e.g. sepify" in first) or ("Examples" in first and f"sepify {command}" in first.split("Examples")[-1])
+    every = run(command, "--help-all")
+    assert "Advanced" in every.output and len(every.output.splitlines()) > len(lines)
+
+
+def test_the_top_level_help_takes_h_too() -> None:
+    result = run("-h")
+    assert result.exit_code == 0 and "Commands" in result.output and "plan" in result.output
+
+
+def test_tables_fit_the_terminal_and_a_redirected_run_says_what_it_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run("convert", SPEC, *SMALL, "--max-mac-ratio", "0.7", "-o", "slim.pt")
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "layer" in result.stdout and "MACs" in result.stdout  # the table, with its columns that matter
+    # stderr is not a terminal under CliRunner: a plain line per phase (at most every 10 s within one)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("convert: ")]
+    assert progress[:2] == ["convert: loading torchvision.models:resnet18", "convert: analysing the model"]
+    assert any(line.startswith("convert: measuring layer output errors ") for line in progress)
+    assert sepify.Plan.from_json(tmp_path / "slim.plan.json").meta["mac_ratio"] <= 0.7
+    quiet = run("convert", SPEC, *SMALL, "--max-mac-ratio", "0.7", "-o", "slim.pt", "--force", "-q")
+    assert not [line for line in quiet.stderr.splitlines() if line.startswith("convert: ")]  # -q silences it

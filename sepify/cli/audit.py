@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, errors_as_exit_codes
+from sepify.cli.app import app, errors_as_exit_codes, out
 from sepify.cli.groups import ADVANCED, command
 from sepify.cli.output import print_lines, progress_display, wrote
 from sepify.cli.preflight import check_run, data_path, model_path
@@ -40,9 +40,9 @@ class AuditOutput:
     """What the audit measures and writes."""
 
     audit_out: Annotated[Path | None, _opt("--audit-out", metavar="FILE", panel=o.COMMON, help="Keep the "
-                                           "measurements (JSON): `sepify plan FILE` plans from them later.")] = None  # fmt: skip
-    plan_out: Annotated[Path | None, _opt("--plan-out", metavar="FILE", panel=o.COMMON, help="Write the plan a "
-                                          "budget picks, for `sepify convert --plan`.")] = None  # fmt: skip
+                                           "measurements, for sepify plan.")] = None  # fmt: skip
+    plan_out: Annotated[Path | None, _opt("--plan-out", metavar="FILE", panel=o.COMMON, help="Write the plan, for convert "
+                                          "--plan.")] = None  # fmt: skip
     ranks: Annotated[str | None, _opt("--ranks", metavar="R,R,...", help="Only these ranks, e.g. 1,2,4.")] = None
     include: o.IncludeOpt = None
     exclude: o.ExcludeOpt = None
@@ -65,12 +65,9 @@ def audit(
     written: AuditOutput,
     run: o.RunOptions,
 ) -> None:
-    """Show which convs are worth slimming: cost, savings and error at every useful rank.
+    """Measure which convs are worth slimming, at every useful rank; plan under a budget.
 
-    With a budget it also plans a rank and order per layer (--plan-out saves the plan for `sepify convert
-    --plan`); a MAC or parameter budget no plan can meet is refused before anything is measured. --audit-out
-    keeps the measurements for `sepify plan`. With --calibration, errors are measured on those inputs after the
-    refinement `convert --calibration` applies.
+    e.g. [bold]sepify audit model.pt --trust-pickle --audit-out audit.json[/]
     """
     with errors_as_exit_codes(run.debug):
         wanted = budget.budget()
@@ -149,4 +146,4 @@ def _print(report: AuditReport, plan: Plan | None, fmt: TableFormat, *, wide: bo
     elif fmt is TableFormat.MD:
         print_lines(report.to_markdown(), end="")
     else:
-        print_lines(report.to_text(plan, wide=wide, all_rows=all_rows))
+        print_lines(report.to_text(plan, wide=wide, all_rows=all_rows, width=out.size.width))

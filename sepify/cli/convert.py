@@ -218,7 +218,7 @@ def _show(result: ConversionResult, written: ConvertOutput, quiet: bool) -> None
     if written.as_json:
         print_lines(report.to_json(), end="")
     elif not quiet:
-        print_lines(report.to_text(wide=written.wide, all_rows=written.all_rows))
+        print_lines(report.to_text(wide=written.wide, all_rows=written.all_rows, width=out.size.width))
     if report.far_from_original:
         agreement = f", top-1 agreement {report.top1_agreement:.0%}" if report.top1_agreement is not None else ""
         highlight(

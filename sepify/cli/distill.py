@@ -46,8 +46,8 @@ def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: 
 
 StudentArg = Annotated[
     str,
-    typer.Argument(metavar="STUDENT", help="The converted model: a .pt from `sepify convert` (needs --trust-pickle) "
-                   "or a .safetensors (rebuilt on the teacher's architecture, no pickle).", show_default=False),
+    typer.Argument(metavar="STUDENT", help="The converted model (.pt, or .safetensors: no pickle).",
+                   show_default=False),
 ]  # fmt: skip
 
 
@@ -55,10 +55,10 @@ StudentArg = Annotated[
 class TrainingOptions:
     """The teacher, the data and how long to train (unset: :class:`sepify.Distill`'s defaults)."""
 
-    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original model, as "
-                                 "`convert` takes MODEL.")]  # fmt: skip
-    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Unlabelled inputs: an image folder, a "
-                              ".pt/.npy file, or package.module:factory returning a Dataset (streamed).")]  # fmt: skip
+    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original, as convert's "
+                                 "MODEL.")]  # fmt: skip
+    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Images folder, .pt/.npy, or "
+                              "module:Dataset.")]  # fmt: skip
     eval_data: Annotated[str | None, _opt("--eval-data", metavar="DATA", help="Held-out inputs; the best weights on "
                                           "them are kept.")] = None  # fmt: skip
     steps: Annotated[int | None, _opt("--steps", metavar="N", min=1, help="Optimiser steps (default 300).")] = None
@@ -85,7 +85,7 @@ class DistillOutput:
     """What is written."""
 
     output: Annotated[Path, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="Where to write the "
-                                 "distilled model.")]  # fmt: skip
+                                 "result.")]  # fmt: skip
     fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
     log: Annotated[Path | None, _opt("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "
@@ -96,11 +96,9 @@ class DistillOutput:
 def distill(
     student: StudentArg, load: o.LoadOptions, train: TrainingOptions, written: DistillOutput, run: o.RunOptions
 ) -> None:
-    """Distill a converted model from the original on unlabelled data, to recover what the conversion lost.
+    """Distill STUDENT from the original on unlabelled data (torchrun: several processes).
 
-    Streams --data in batches (AdamW, warm-up then cosine decay), keeps the best --eval-data weights,
-    checkpoints and resumes exactly, and runs the same under torchrun (one process per core or GPU; the first
-    writes). With no options it trains as the benchmark does (docs/benchmarks.md).
+    e.g. [bold]sepify distill slim.pt --trust-pickle --teacher model.pt --data x.npy -o out.pt[/]
     """
     with errors_as_exit_codes(run.debug):
         rank = int(os.environ.get("RANK", "0"))

@@ -69,9 +69,7 @@ InputShapeOpt = Annotated[
     list[str] | None,
     _option("--input-shape", metavar="SHAPE", panel=COMMON, help="Example input (default 1,3,224,224)."),
 ]  # fmt: skip
-TrustPickleOpt = Annotated[
-    bool, _flag("--trust-pickle", help="Allow a pickled model (runs its code).", panel=COMMON)
-]
+TrustPickleOpt = Annotated[bool, _flag("--trust-pickle", help="Allow a pickled model (runs its code).", panel=COMMON)]
 WeightsOpt = Annotated[
     Path | None, _option("--weights", metavar="FILE", help="A state_dict (.pt/.pth, no pickle) or .safetensors.")
 ]

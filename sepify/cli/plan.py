@@ -23,18 +23,21 @@ EXAMPLES = [
 ]
 
 AuditArg = Annotated[
-    Path, typer.Argument(metavar="AUDIT", help="The JSON file `sepify audit --audit-out` wrote.", show_default=False)
+    Path, typer.Argument(metavar="AUDIT", help="What sepify audit --audit-out wrote.", show_default=False)
 ]
 PlanOutOpt = Annotated[
     Path | None,
-    typer.Option("-o", "--output", metavar="FILE", help="Write the plan, for `sepify convert --plan`.",
+    typer.Option("-o", "--output", metavar="FILE", help="Write the plan, for convert --plan.",
                  rich_help_panel=o.COMMON, show_default=False),
 ]  # fmt: skip
 
 
 @command(app, epilog=o.epilog(EXAMPLES))
 def plan(audit: AuditArg, budget: o.BudgetOptions, run: o.RunOptions, output: PlanOutOpt = None) -> None:
-    """Plan under a budget from a saved audit: which conv becomes which pair, and what that predicts."""
+    """Plan under a budget from a saved audit, without the model.
+
+    e.g. [bold]sepify plan audit.json --max-mac-ratio 0.6 -o plan.json[/]
+    """
     with errors_as_exit_codes(run.debug):
         wanted = budget.budget()
         if wanted is None:

@@ -203,7 +203,7 @@ class AuditReport(JsonExportable):
         return "\n".join(lines + (render.plan_summary(plan) if plan is not None else []))
 
     def __str__(self) -> str:
-        return self.to_text()
+        return self.to_text(wide=False)
 
 
 _TUPLES = ("kernel_size", "stride", "dilation", "input_size", "output_size")

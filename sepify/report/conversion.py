@@ -246,4 +246,4 @@ class ConversionReport(JsonExportable):
         return f"converted {len(self.converted)} of {len(self.layers)} convs; MACs {macs}, params {params}; output error {error}"
 
     def __str__(self) -> str:
-        return self.to_text()
+        return self.to_text(wide=False)

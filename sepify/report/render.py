@@ -37,7 +37,7 @@ __all__ = [
     "TERMINAL_WIDTH",
 ]
 
-TERMINAL_WIDTH = 100  # the compact views fit this many columns
+TERMINAL_WIDTH = 100  # print(report): the compact views fit this many columns; the CLI passes the terminal's
 _MIN_NAME = 12
 
 
@@ -292,11 +292,19 @@ def shorten(name: str, width: int) -> str:
     return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
-def _fit(header: list[str], rows: list[list[str]], width: int) -> list[str]:
-    """A text table whose first column (names) is shortened in the middle until the table fits ``width``."""
-    other = sum(max(len(c) for c in col) for col in zip(header[1:], *(r[1:] for r in rows))) + 2 * (len(header) - 1)
-    names = max([len(header[0]), *(len(r[0]) for r in rows)])
-    room = max(_MIN_NAME, min(names, width - other - 2))
+def _fit(header: list[str], rows: list[list[str]], width: int, droppable: tuple[str, ...] = ()) -> list[str]:
+    """A text table that fits ``width``: the first column (names) shortened in the middle, then the ``droppable``
+    columns left out, in that order, while it still does not fit."""
+    header, rows = list(header), [list(r) for r in rows]
+    for column in (None, *droppable):
+        if column is not None and column in header:
+            k = header.index(column)
+            header, rows = header[:k] + header[k + 1 :], [r[:k] + r[k + 1 :] for r in rows]
+        other = sum(max(len(c) for c in col) for col in zip(header[1:], *(r[1:] for r in rows))) + 2 * (len(header) - 1)
+        names = max([len(header[0]), *(len(r[0]) for r in rows)])
+        room = max(_MIN_NAME, min(names, width - other - 1))
+        if room + other + 1 <= width:
+            break
     return text_table(header, [[shorten(r[0], room), *r[1:]] for r in rows], left=1)
 
 
@@ -356,7 +364,7 @@ def conversion_compact(report: ConversionReport, *, all_rows: bool = False, widt
         if timed:
             row.append("-" if r.latency_ratio is None else f"{r.latency_ratio:.2f}x")
         rows.append(row)
-    table = _fit(header, rows, width) if rows else []
+    table = _fit(header, rows, width, droppable=("params", "w err", "conv")) if rows else []
     prose = _wrapped([*_skipped_line(skipped, "skipped"), *([""] if rest else []), *rest], width)
     return [*_wrapped(totals, width), "", *table, *prose]
 
@@ -431,7 +439,7 @@ def audit_compact(
     ]
     if report.model_latency is not None:
         tail.append(f"model latency {1e3 * report.model_latency:.2f} ms (median)")
-    table = _fit(header, rows, width) if rows else []
+    table = _fit(header, rows, width, droppable=("conv", "r1 order", "MACs (share)")) if rows else []
     return [*_wrapped(head, width), "", *table, *_wrapped(tail + list(report.notes), width)]
 
 

@@ -147,8 +147,9 @@ class Distill:
         feature_layers: the converted layers ``"feature"`` matches (default: all of them).
         bn_train: run the student's BatchNorm in train mode (statistics update); default eval mode.
         augment: applied to each batch of inputs before both models see it.
-        checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` there every so many steps (and when
-            interrupted), atomically; :func:`sepify.distill` ``resume=True`` continues from it.
+        checkpoint_dir: write ``checkpoint.pt`` there every ``checkpoint_every`` steps (and when interrupted),
+            atomically; :func:`sepify.distill` ``resume=True`` continues from it.
+        checkpoint_every: steps between checkpoints.
         tensorboard: a TensorBoard log directory (needs the tensorboard package).
 
     Examples:

@@ -354,3 +354,8 @@ def test_a_full_disk_while_writing_is_a_sentence(tmp_path: Path, monkeypatch: py
         "free some space or write elsewhere"
     )
     assert not Path("out.pt").exists()
+
+
+def test_a_missing_required_option_is_a_usage_error(tmp_path: Path) -> None:
+    code, said = run_hostile(tmp_path, [*BASE, "--data", "data.npy"])
+    assert code == 2 and "Missing option '-o' / '--output'" in said

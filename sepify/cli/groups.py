@@ -51,7 +51,8 @@ def _parameters(annotation: Any) -> list[inspect.Parameter] | None:
         info = next((a for a in get_args(hint)[1:] if isinstance(a, OptionInfo)), None) if _annotated(hint) else None
         if info is not None and info.rich_help_panel == ADVANCED:
             info.hidden = True
-        found.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=f.default))
+        default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default  # required: no default
+        found.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint, default=default))
     return found
 
 

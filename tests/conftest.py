@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one torch thread each, or the workers fight over the cores (their
+    # subprocesses, the tutorials among them, keep their own threads)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -435,6 +435,7 @@ def test_batches_of_different_sizes_stay_whole_in_any_order() -> None:
 # -- synthetic calibration (no data) -----------------------------------------------------
 
 
+@pytest.mark.slow  # synthesis on a trained model: seconds
 def test_synthetic_calibration_keeps_the_task_where_no_data_cannot(digits) -> None:  # type: ignore[no-untyped-def]
     model, _, x_test, y_test, original = digits
     example = x_test[:4]
@@ -457,6 +458,7 @@ def test_synthetic_calibration_keeps_the_task_where_no_data_cannot(digits) -> No
     assert accuracies["synthetic"] >= original - 0.01
 
 
+@pytest.mark.slow  # synthesis on a trained model: seconds
 def test_calibration_synthetic_is_sugar_with_a_note_and_no_batchnorm_refresh(digits) -> None:  # type: ignore[no-untyped-def]
     model, _, x_test, _, _ = digits
     result = sepify.convert(model, x_test[:4], rank=2, calibration=sepify.Calibration("synthetic", samples=32))

@@ -192,6 +192,7 @@ def test_macs_of_every_kind_equal_fvcore() -> None:
             assert row.macs_after == after[row.name], (row.name, order)
 
 
+@pytest.mark.slow  # a torchvision video model: seconds
 def test_video_model_converts_exactly() -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

@@ -177,6 +177,7 @@ def test_a_model_is_written_in_the_format_its_name_says(tmp_path: Path) -> None:
     assert isinstance(rebuilt[0], sepify.SeparableConv2d)
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_an_unencodable_output_name_never_fails_after_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With PYTHONIOENCODING=ascii the name is printed escaped; the file is written and the exit code is 0."""
     import subprocess

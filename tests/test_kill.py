@@ -70,6 +70,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a subprocess killed while it writes
 def test_sigterm_while_writing_leaves_no_temp_and_no_partial_output(folder: Path) -> None:
     weights = digest(folder / "w.pt")
     proc = start(folder)

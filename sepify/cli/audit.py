@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.app import app, errors_as_exit_codes
 from sepify.cli.groups import ADVANCED, command
 from sepify.cli.output import print_lines, progress_display, wrote
 from sepify.cli.preflight import check_run, data_path, model_path
@@ -146,4 +147,4 @@ def _print(report: AuditReport, plan: Plan | None, fmt: TableFormat, *, wide: bo
     elif fmt is TableFormat.MD:
         print_lines(report.to_markdown(), end="")
     else:
-        print_lines(report.to_text(plan, wide=wide, all_rows=all_rows, width=out.size.width))
+        print_lines(report.to_text(plan, wide=wide, all_rows=all_rows, width=shutil.get_terminal_size().columns))

@@ -3,6 +3,7 @@ command; a thin layer over :func:`sepify.convert` and :func:`sepify.io.save.save
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -218,7 +219,9 @@ def _show(result: ConversionResult, written: ConvertOutput, quiet: bool) -> None
     if written.as_json:
         print_lines(report.to_json(), end="")
     elif not quiet:
-        print_lines(report.to_text(wide=written.wide, all_rows=written.all_rows, width=out.size.width))
+        print_lines(
+            report.to_text(wide=written.wide, all_rows=written.all_rows, width=shutil.get_terminal_size().columns)
+        )
     if report.far_from_original:
         agreement = f", top-1 agreement {report.top1_agreement:.0%}" if report.top1_agreement is not None else ""
         highlight(

@@ -55,10 +55,8 @@ StudentArg = Annotated[
 class TrainingOptions:
     """The teacher, the data and how long to train (unset: :class:`sepify.Distill`'s defaults)."""
 
-    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original, as convert's "
-                                 "MODEL.")]  # fmt: skip
-    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Images folder, .pt/.npy, or "
-                              "module:Dataset.")]  # fmt: skip
+    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original model.")]  # fmt: skip
+    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Images, .pt/.npy or module:fn.")]  # fmt: skip
     eval_data: Annotated[str | None, _opt("--eval-data", metavar="DATA", help="Held-out inputs; the best weights on "
                                           "them are kept.")] = None  # fmt: skip
     steps: Annotated[int | None, _opt("--steps", metavar="N", min=1, help="Optimiser steps (default 300).")] = None
@@ -84,8 +82,7 @@ class TrainingOptions:
 class DistillOutput:
     """What is written."""
 
-    output: Annotated[Path, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="Where to write the "
-                                 "result.")]  # fmt: skip
+    output: Annotated[Path, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="The result.")]  # fmt: skip
     fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
     log: Annotated[Path | None, _opt("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "

@@ -359,13 +359,22 @@ def test_truncated_file(tmp_path: Path, pickled: Path) -> None:
     )
 
 
-def test_state_dict_without_architecture(weights: Path) -> None:
+@pytest.mark.slow  # builds torchvision's classifiers on the meta device to find the architecture: seconds
+def test_state_dict_without_architecture(weights: Path, tmp_path: Path) -> None:
     result = run("convert", weights, *SMALL)
     assert result.exit_code == 1
     assert said(result) == (
         f"error: {weights}: holds a state_dict (122 tensors) but no architecture; pass an import spec that builds "
         f"the model and this file as weights, e.g. sepify convert torchvision.models:resnet18 --weights {weights}"
     )
+    # the hint is built from what the file holds: another architecture, another class count
+    other = tmp_path / "mobile.pt"
+    torch.save(torchvision.models.mobilenet_v2(num_classes=7).state_dict(), other)
+    assert said(run("convert", other, *SMALL)).endswith(
+        f"e.g. sepify convert torchvision.models:mobilenet_v2 --kwargs '{{\"num_classes\": 7}}' --weights {other}"
+    )
+    torch.save({"a.weight": torch.zeros(3, 3)}, tmp_path / "mine.pt")
+    assert "e.g. sepify convert package.module:build_model --weights" in said(run("convert", tmp_path / "mine.pt"))
 
 
 def test_torchscript_is_explained(tmp_path: Path) -> None:

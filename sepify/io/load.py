@@ -15,6 +15,7 @@ import pickle
 import pickletools
 import struct
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -209,9 +210,10 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
         raise ModelLoadError(f"{path}: is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); re-save it") from e
     obj = _unwrap_checkpoint(obj)
     if _is_state_dict(obj):
+        spec, kwargs = architecture_of(obj) or ("package.module:build_model", "")
         raise ModelLoadError(
             f"{path}: holds a state_dict ({len(obj)} tensors) but no architecture; pass an import spec that builds "
-            f"the model and this file as weights, e.g. sepify convert torchvision.models:resnet18 --weights {path}"
+            f"the model and this file as weights, e.g. sepify convert {spec}{kwargs} --weights {path}"
         )
     if isinstance(obj, torch.jit.ScriptModule):
         raise ModelLoadError(_torchscript_message(path))
@@ -220,6 +222,55 @@ def _load_pickle_file(path: Path, kind: str, trust_pickle: bool) -> nn.Module:
             f"{path}: holds a {type(obj).__name__}, not an nn.Module; pass a saved model or {_SAFE_ROUTE}"
         )
     return obj
+
+
+def architecture_of(state: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The torchvision classifier whose state_dict has exactly these names and shapes (the last layer's class count
+    aside), as ``("torchvision.models:name", " --kwargs '{...}'")``; None when none has or torchvision is missing.
+
+    Candidates are built on the meta device (shapes, no memory, no download): one per torchvision module first,
+    then every model of the modules whose top-level names match (a second or two in all).
+    """
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+    tops = {k.split(".")[0] for k in shapes}
+    families: dict[str, list[str]] = {}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        families.setdefault(torchvision.models.get_model_builder(name).__module__, []).append(name)
+    for names in families.values():
+        first = _meta_state(torchvision, names[0])
+        if first is None or {k.split(".")[0] for k in first} != tops:
+            continue
+        for name in names:
+            candidate = first if name == names[0] else _meta_state(torchvision, name)
+            found = _matching(name, shapes, candidate) if candidate is not None else None
+            if found is not None:
+                return found
+    return None
+
+
+def _meta_state(torchvision: Any, name: str) -> dict[str, tuple[int, ...]] | None:
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return {k: tuple(v.shape) for k, v in torchvision.models.get_model(name).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is not the one
+        return None
+
+
+def _matching(name: str, shapes: Mapping[str, tuple[int, ...]], candidate: Mapping[str, tuple[int, ...]]) -> Any:
+    if candidate.keys() != shapes.keys():
+        return None
+    differ = [k for k in shapes if shapes[k] != candidate[k]]
+    if not differ:
+        return f"torchvision.models:{name}", ""
+    classes = {shapes[k][0] for k in differ}
+    if len(classes) == 1 and all(shapes[k][1:] == candidate[k][1:] for k in differ):  # the classifier only
+        return f"torchvision.models:{name}", f" --kwargs '{{\"num_classes\": {classes.pop()}}}'"
+    return None
 
 
 def _torchscript_message(path: Path) -> str:

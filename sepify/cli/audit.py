@@ -6,13 +6,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes
-from sepify.cli.groups import ADVANCED, command
+from sepify.cli.groups import command
 from sepify.cli.output import print_lines, progress_display, wrote
 from sepify.cli.preflight import check_run, data_path, model_path
 from sepify.errors import BudgetError, OutputError
@@ -32,28 +32,24 @@ EXAMPLES = [
 ]
 
 
-def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
-    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
-
-
 @dataclass(frozen=True)
 class AuditOutput:
     """What the audit measures and writes."""
 
-    audit_out: Annotated[Path | None, _opt("--audit-out", metavar="FILE", panel=o.COMMON, help="Keep the "
+    audit_out: Annotated[Path | None, o.option("--audit-out", metavar="FILE", panel=o.COMMON, help="Keep the "
                                            "measurements, for sepify plan.")] = None  # fmt: skip
-    plan_out: Annotated[Path | None, _opt("--plan-out", metavar="FILE", panel=o.COMMON, help="Write the plan, for convert "
+    plan_out: Annotated[Path | None, o.option("--plan-out", metavar="FILE", panel=o.COMMON, help="Write the plan, for convert "
                                           "--plan.")] = None  # fmt: skip
-    ranks: Annotated[str | None, _opt("--ranks", metavar="R,R,...", help="Only these ranks, e.g. 1,2,4.")] = None
+    ranks: Annotated[str | None, o.option("--ranks", metavar="R,R,...", help="Only these ranks, e.g. 1,2,4.")] = None
     include: o.IncludeOpt = None
     exclude: o.ExcludeOpt = None
-    plot: Annotated[Path | None, _opt("--plot", metavar="FILE.png", help="A chart of MACs saved vs error per layer "
+    plot: Annotated[Path | None, o.option("--plot", metavar="FILE.png", help="A chart of MACs saved vs error per layer "
                                       "(needs matplotlib).")] = None  # fmt: skip
-    fmt: Annotated[TableFormat, _opt("--format", metavar="FORMAT", help="table (default), json, csv or "
+    fmt: Annotated[TableFormat, o.option("--format", metavar="FORMAT", help="table (default), json, csv or "
                                      "md.")] = TableFormat.TABLE  # fmt: skip
-    wide: Annotated[bool, _opt("--wide", metavar="", help="Every column, whole names.")] = False
-    all_rows: Annotated[bool, _opt("--all", metavar="", help="List skipped convs in the table too.")] = False
-    as_json: Annotated[bool, _opt("--json", metavar="", help="The audit as JSON on stdout, alone.")] = False
+    wide: Annotated[bool, o.option("--wide", metavar="", help="Every column, whole names.")] = False
+    all_rows: Annotated[bool, o.option("--all", metavar="", help="List skipped convs in the table too.")] = False
+    as_json: Annotated[bool, o.option("--json", metavar="", help="The audit as JSON on stdout, alone.")] = False
 
 
 @command(app, epilog=o.epilog(EXAMPLES))

@@ -12,7 +12,7 @@ import typer
 
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes, out
-from sepify.cli.groups import ADVANCED, command
+from sepify.cli.groups import command
 from sepify.cli.output import (
     check_report_path,
     highlight,
@@ -44,36 +44,32 @@ EXAMPLES = [
 ]
 
 
-def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
-    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
-
-
 @dataclass(frozen=True)
 class ConversionOptions:
     """How each chosen conv becomes a pair, when not by a budget."""
 
-    rank: Annotated[str | None, _opt("--rank", metavar="N|full|auto", help="Convert every conv at depth multiplier "
+    rank: Annotated[str | None, o.option("--rank", metavar="N|full|auto", help="Convert every conv at depth multiplier "
                                      "N, 'full' (exact) or 'auto' (smallest within --tolerance), not to a budget.")] = None  # fmt: skip
-    order: Annotated[Order, _opt("--order", metavar="ORDER", help="With --rank: dw-pw (default), pw-dw, pw-dw-pw "
+    order: Annotated[Order, o.option("--order", metavar="ORDER", help="With --rank: dw-pw (default), pw-dw, pw-dw-pw "
                                  "(bottleneck; rank = its width) or auto.")] = Order.DW_PW  # fmt: skip
-    tolerance: Annotated[float | None, _opt("--tolerance", metavar="E", min=0.0, max=1.0,
+    tolerance: Annotated[float | None, o.option("--tolerance", metavar="E", min=0.0, max=1.0,
                                             help="With --rank auto: the largest weight error per layer.")] = None  # fmt: skip
-    plan: Annotated[Path | None, _opt("--plan", metavar="FILE", help="Apply a plan from `sepify audit --plan-out` "
+    plan: Annotated[Path | None, o.option("--plan", metavar="FILE", help="Apply a plan from `sepify audit --plan-out` "
                                       "or `sepify plan`.")] = None  # fmt: skip
-    allow_larger: Annotated[bool, _opt("--allow-larger", metavar="", help="Build a pair even where --rank makes it "
+    allow_larger: Annotated[bool, o.option("--allow-larger", metavar="", help="Build a pair even where --rank makes it "
                                        "larger than its conv.")] = False  # fmt: skip
     include: o.IncludeOpt = None
     exclude: o.ExcludeOpt = None
     skip_shared: o.SkipSharedOpt = False
-    no_refine: Annotated[bool, _opt("--no-refine", metavar="", help="With --calibration: skip the closed-form "
+    no_refine: Annotated[bool, o.option("--no-refine", metavar="", help="With --calibration: skip the closed-form "
                                     "refinement.")] = False  # fmt: skip
-    distill_steps: Annotated[int, _opt("--distill-steps", metavar="N", min=0, help="With --calibration: distill "
+    distill_steps: Annotated[int, o.option("--distill-steps", metavar="N", min=0, help="With --calibration: distill "
                                        "this many steps after refinement.")] = 0  # fmt: skip
-    train_all: Annotated[bool, _opt("--train-all", metavar="", help="Distill every parameter, not only the "
+    train_all: Annotated[bool, o.option("--train-all", metavar="", help="Distill every parameter, not only the "
                                     "converted layers.")] = False  # fmt: skip
-    skip_slower: Annotated[bool, _opt("--skip-slower", metavar="", help="Leave a conv alone where its pair was timed "
+    skip_slower: Annotated[bool, o.option("--skip-slower", metavar="", help="Leave a conv alone where its pair was timed "
                                       "no faster (implies --latency).")] = False  # fmt: skip
-    tune_layout: Annotated[bool, _opt("--tune-layout", metavar="", help="Time each pair's equivalent layouts and "
+    tune_layout: Annotated[bool, o.option("--tune-layout", metavar="", help="Time each pair's equivalent layouts and "
                                       "keep the faster.")] = False  # fmt: skip
 
 
@@ -81,23 +77,23 @@ class ConversionOptions:
 class ConvertOutput:
     """What is written and printed."""
 
-    output: Annotated[Path | None, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="Default "
+    output: Annotated[Path | None, o.option("-o", "--output", metavar="FILE", panel=o.COMMON, help="Default "
                                         "<stem>.sep.pt beside MODEL.")] = None  # fmt: skip
-    fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
+    fmt: Annotated[Format | None, o.option("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
-    report: Annotated[Path | None, _opt("--report", metavar="FILE", help="Also write the report: .json, .csv or "
+    report: Annotated[Path | None, o.option("--report", metavar="FILE", help="Also write the report: .json, .csv or "
                                         ".md.")] = None  # fmt: skip
-    memory_format: Annotated[MemoryFormat, _opt("--memory-format", metavar="LAYOUT", help="preserve or "
+    memory_format: Annotated[MemoryFormat, o.option("--memory-format", metavar="LAYOUT", help="preserve or "
                                                 "channels_last.")] = MemoryFormat.PRESERVE  # fmt: skip
-    allow_unchanged: Annotated[bool, _opt("--allow-unchanged", metavar="", help="Write the model even when no conv "
+    allow_unchanged: Annotated[bool, o.option("--allow-unchanged", metavar="", help="Write the model even when no conv "
                                           "was converted.")] = False  # fmt: skip
-    strict: Annotated[bool, _opt("--strict", metavar="", help="Write nothing (exit 1) when the converted model is far "
+    strict: Annotated[bool, o.option("--strict", metavar="", help="Write nothing (exit 1) when the converted model is far "
                                  "from the original (output error > 0.3 or top-1 agreement < 90%).")] = False  # fmt: skip
-    max_output_error: Annotated[float | None, _opt("--max-output-error", metavar="E", min=0.0, help="Write nothing "
+    max_output_error: Annotated[float | None, o.option("--max-output-error", metavar="E", min=0.0, help="Write nothing "
                                                    "(exit 1) when the measured output error is above E.")] = None  # fmt: skip
-    wide: Annotated[bool, _opt("--wide", metavar="", help="Every column, whole names.")] = False
-    all_rows: Annotated[bool, _opt("--all", metavar="", help="List skipped convs in the table too.")] = False
-    as_json: Annotated[bool, _opt("--json", metavar="", help="The report as JSON on stdout, alone.")] = False
+    wide: Annotated[bool, o.option("--wide", metavar="", help="Every column, whole names.")] = False
+    all_rows: Annotated[bool, o.option("--all", metavar="", help="List skipped convs in the table too.")] = False
+    as_json: Annotated[bool, o.option("--json", metavar="", help="The report as JSON on stdout, alone.")] = False
 
 
 @command(app, epilog=o.epilog(EXAMPLES))

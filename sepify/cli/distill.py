@@ -17,7 +17,7 @@ import typer
 
 from sepify.cli import options as o
 from sepify.cli.app import app, errors_as_exit_codes
-from sepify.cli.groups import ADVANCED, command
+from sepify.cli.groups import command
 from sepify.cli.output import print_lines, progress_display, step, wrote
 from sepify.cli.preflight import Inputs, check_run, data_path, model_path
 from sepify.errors import OutputError
@@ -40,10 +40,6 @@ EXAMPLES = [
 ]  # fmt: skip
 
 
-def _opt(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
-    return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
-
-
 StudentArg = Annotated[
     str,
     typer.Argument(metavar="STUDENT", help="The converted model (.pt, or .safetensors: no pickle).",
@@ -55,23 +51,25 @@ StudentArg = Annotated[
 class TrainingOptions:
     """The teacher, the data and how long to train (unset: :class:`sepify.Distill`'s defaults)."""
 
-    teacher: Annotated[str, _opt("--teacher", metavar="MODEL", panel=o.COMMON, help="The original model.")]  # fmt: skip
-    data: Annotated[str, _opt("--data", metavar="DATA", panel=o.COMMON, help="Images, .pt/.npy or module:fn.")]  # fmt: skip
-    eval_data: Annotated[str | None, _opt("--eval-data", metavar="DATA", help="Held-out inputs; the best weights on "
+    teacher: Annotated[str, o.option("--teacher", metavar="MODEL", panel=o.COMMON, help="The original model.")]  # fmt: skip
+    data: Annotated[str, o.option("--data", metavar="DATA", panel=o.COMMON, help="Images, .pt/.npy or module:fn.")]  # fmt: skip
+    eval_data: Annotated[str | None, o.option("--eval-data", metavar="DATA", help="Held-out inputs; the best weights on "
                                           "them are kept.")] = None  # fmt: skip
-    steps: Annotated[int | None, _opt("--steps", metavar="N", min=1, help="Optimiser steps (default 300).")] = None
-    batch_size: Annotated[int | None, _opt("--batch-size", metavar="B", min=1, help="Global batch, split across "
+    steps: Annotated[int | None, o.option("--steps", metavar="N", min=1, help="Optimiser steps (default 300).")] = None
+    batch_size: Annotated[int | None, o.option("--batch-size", metavar="B", min=1, help="Global batch, split across "
                                            "processes (default 64).")] = None  # fmt: skip
-    lr: Annotated[float | None, _opt("--lr", metavar="LR", min=0.0, help="Peak learning rate (default 0.01).")] = None
-    loss: Annotated[Loss | None, _opt("--loss", metavar="LOSS", help="mse (default; relative to the outputs' mean "
+    lr: Annotated[float | None, o.option("--lr", metavar="LR", min=0.0, help="Peak learning rate (default 0.01).")] = (
+        None
+    )
+    loss: Annotated[Loss | None, o.option("--loss", metavar="LOSS", help="mse (default; relative to the outputs' mean "
                                       "square), kl (logits), feature (converted layers) or both.")] = None  # fmt: skip
-    train_all: Annotated[bool, _opt("--train-all", metavar="", help="Train every parameter, not only the "
+    train_all: Annotated[bool, o.option("--train-all", metavar="", help="Train every parameter, not only the "
                                     "pairs.")] = False  # fmt: skip
-    checkpoint_dir: Annotated[Path | None, _opt("--checkpoint-dir", metavar="DIR", help="Write checkpoint.pt here "
+    checkpoint_dir: Annotated[Path | None, o.option("--checkpoint-dir", metavar="DIR", help="Write checkpoint.pt here "
                                                 "every --checkpoint-every steps and when interrupted.")] = None  # fmt: skip
-    checkpoint_every: Annotated[int, _opt("--checkpoint-every", metavar="N", min=1, help="Steps between "
+    checkpoint_every: Annotated[int, o.option("--checkpoint-every", metavar="N", min=1, help="Steps between "
                                           "checkpoints (default 100).")] = 100  # fmt: skip
-    resume: Annotated[bool, _opt("--resume", metavar="", help="Continue from --checkpoint-dir's checkpoint (ends as "
+    resume: Annotated[bool, o.option("--resume", metavar="", help="Continue from --checkpoint-dir's checkpoint (ends as "
                                  "an uninterrupted run would).")] = False  # fmt: skip
     image_size: o.ImageSizeOpt = None
     mean: o.MeanOpt = None
@@ -82,10 +80,10 @@ class TrainingOptions:
 class DistillOutput:
     """What is written."""
 
-    output: Annotated[Path, _opt("-o", "--output", metavar="FILE", panel=o.COMMON, help="The result.")]  # fmt: skip
-    fmt: Annotated[Format | None, _opt("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
+    output: Annotated[Path, o.option("-o", "--output", metavar="FILE", panel=o.COMMON, help="The result.")]  # fmt: skip
+    fmt: Annotated[Format | None, o.option("--format", metavar="FORMAT", help="pt, pt2, onnx, openvino or safetensors "
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
-    log: Annotated[Path | None, _opt("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "
+    log: Annotated[Path | None, o.option("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "
                                      "for a .csv name.")] = None  # fmt: skip
 
 

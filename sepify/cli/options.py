@@ -23,6 +23,8 @@ __all__ = [
     "COMMON",
     "ADVANCED",
     "epilog",
+    "option",
+    "flag",
     "ModelArg",
     "LoadOptions",
     "ModelOptions",
@@ -46,11 +48,13 @@ def epilog(examples: list[tuple[str, str]]) -> str:
     return "[bold]Examples[/]\n\n" + "\n\n".join(f"  [dim]# {what}[/]\n  {command}" for what, command in examples)
 
 
-def _option(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+def option(*flags: str, metavar: str, help: str, panel: str = ADVANCED, **kwargs: Any) -> Any:
+    """A typer option with a value: in the ``Advanced`` panel (behind ``--help-all``) unless ``panel`` says."""
     return typer.Option(*flags, metavar=metavar, help=help, rich_help_panel=panel, show_default=False, **kwargs)
 
 
-def _flag(*flags: str, help: str, panel: str = ADVANCED) -> Any:
+def flag(*flags: str, help: str, panel: str = ADVANCED) -> Any:
+    """A typer on/off option, in the ``Advanced`` panel unless ``panel`` says."""
     return typer.Option(*flags, metavar="", help=help, rich_help_panel=panel)
 
 
@@ -67,21 +71,21 @@ ModelArg = Annotated[
 
 InputShapeOpt = Annotated[
     list[str] | None,
-    _option("--input-shape", metavar="SHAPE", panel=COMMON, help="Example input (default 1,3,224,224)."),
+    option("--input-shape", metavar="SHAPE", panel=COMMON, help="Example input (default 1,3,224,224)."),
 ]  # fmt: skip
-TrustPickleOpt = Annotated[bool, _flag("--trust-pickle", help="Allow a pickled model (runs its code).", panel=COMMON)]
+TrustPickleOpt = Annotated[bool, flag("--trust-pickle", help="Allow a pickled model (runs its code).", panel=COMMON)]
 WeightsOpt = Annotated[
-    Path | None, _option("--weights", metavar="FILE", help="A state_dict (.pt/.pth, no pickle) or .safetensors.")
+    Path | None, option("--weights", metavar="FILE", help="A state_dict (.pt/.pth, no pickle) or .safetensors.")
 ]
 KwargsOpt = Annotated[
     str | None,
-    _option("--kwargs", metavar="JSON", help="Keyword arguments for an import spec: '{\"num_classes\": 10}'."),
+    option("--kwargs", metavar="JSON", help="Keyword arguments for an import spec: '{\"num_classes\": 10}'."),
 ]
 AttrOpt = Annotated[
-    str | None, _option("--attr", metavar="NAME", help="The network inside what an import spec returns (YOLO: model).")
+    str | None, option("--attr", metavar="NAME", help="The network inside what an import spec returns (YOLO: model).")
 ]
-DeviceOpt = Annotated[str, _option("--device", metavar="DEVICE", help="cpu (default) or cuda.")]
-TrainOpt = Annotated[bool, _flag("--train", help="Convert in training mode (default: eval, as deployed).")]
+DeviceOpt = Annotated[str, option("--device", metavar="DEVICE", help="cpu (default) or cuda.")]
+TrainOpt = Annotated[bool, flag("--train", help="Convert in training mode (default: eval, as deployed).")]
 
 
 @dataclass(frozen=True)
@@ -131,18 +135,18 @@ def _nonnegative(text: str) -> float:
 _RATIO = {"parser": _ratio}
 MaxMacOpt = Annotated[
     float | None,
-    _option("--max-mac-ratio", metavar="R", panel=COMMON, help="At most R x the MACs, least error.", **_RATIO),
+    option("--max-mac-ratio", metavar="R", panel=COMMON, help="At most R x the MACs, least error.", **_RATIO),
 ]  # fmt: skip
 MaxParamOpt = Annotated[
-    float | None, _option("--max-param-ratio", metavar="R", help="At most R x the original's params.", **_RATIO)
+    float | None, option("--max-param-ratio", metavar="R", help="At most R x the original's params.", **_RATIO)
 ]
 MaxLatencyOpt = Annotated[
     float | None,
-    _option("--max-latency-ratio", metavar="R", help="At most R x the original's latency (needs --latency).", **_RATIO),
+    option("--max-latency-ratio", metavar="R", help="At most R x the original's latency (needs --latency).", **_RATIO),
 ]
 MaxErrorOpt = Annotated[
     float | None,
-    _option("--max-error", metavar="E", panel=COMMON, parser=_nonnegative,
+    option("--max-error", metavar="E", panel=COMMON, parser=_nonnegative,
             help="Predicted output error <= E (default 0.1)."),
 ]  # fmt: skip
 
@@ -169,9 +173,9 @@ class BudgetOptions:
 
 # -- which convs -----------------------------------------------------------------------------------------------------
 
-IncludeOpt = Annotated[list[str] | None, _option("--include", metavar="GLOB", help="Only convs matching (repeatable).")]
-ExcludeOpt = Annotated[list[str] | None, _option("--exclude", metavar="GLOB", help="Leave matching convs alone.")]
-SkipSharedOpt = Annotated[bool, _flag("--skip-shared", help="Leave convs called more than once alone.")]
+IncludeOpt = Annotated[list[str] | None, option("--include", metavar="GLOB", help="Only convs matching (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, option("--exclude", metavar="GLOB", help="Leave matching convs alone.")]
+SkipSharedOpt = Annotated[bool, flag("--skip-shared", help="Leave convs called more than once alone.")]
 
 
 @dataclass(frozen=True)
@@ -187,16 +191,16 @@ class SelectOptions:
 
 CalibrationOpt = Annotated[
     str | None,
-    _option("--calibration", metavar="DATA", panel=COMMON, help="Images folder, .pt/.npy or 'synthetic'."),
+    option("--calibration", metavar="DATA", panel=COMMON, help="Images folder, .pt/.npy or 'synthetic'."),
 ]  # fmt: skip
 CalibrationSamplesOpt = Annotated[
-    int | None, _option("--calibration-samples", metavar="N", min=1, help="Use at most N calibration samples.")
+    int | None, option("--calibration-samples", metavar="N", min=1, help="Use at most N calibration samples.")
 ]
 ImageSizeOpt = Annotated[
-    str | None, _option("--image-size", metavar="H,W", help="Resize images (default: the input's).")
+    str | None, option("--image-size", metavar="H,W", help="Resize images (default: the input's).")
 ]
-MeanOpt = Annotated[str | None, _option("--mean", metavar="M,M,M", help="Image mean (default ImageNet's; 0.5 gray).")]
-StdOpt = Annotated[str | None, _option("--std", metavar="S,S,S", help="Image std (default ImageNet's; 0.5 gray).")]
+MeanOpt = Annotated[str | None, option("--mean", metavar="M,M,M", help="Image mean (default ImageNet's; 0.5 gray).")]
+StdOpt = Annotated[str | None, option("--std", metavar="S,S,S", help="Image std (default ImageNet's; 0.5 gray).")]
 
 
 @dataclass(frozen=True)
@@ -212,13 +216,13 @@ class CalibrationOptions:
 
 # -- timing ----------------------------------------------------------------------------------------------------------
 
-LatencyOpt = Annotated[bool, _flag("--latency", help="Time each conv against its pairs on this machine.")]
+LatencyOpt = Annotated[bool, flag("--latency", help="Time each conv against its pairs on this machine.")]
 LatencyBackendOpt = Annotated[
     Backend,
-    _option("--latency-backend", metavar="BACKEND", help="eager (default), compile, onnxruntime or openvino: where "
+    option("--latency-backend", metavar="BACKEND", help="eager (default), compile, onnxruntime or openvino: where "
             "time is measured (each layer with what the runtime fuses with it)."),
 ]  # fmt: skip
-ThreadsOpt = Annotated[int | None, _option("--threads", metavar="N", min=1, help="Threads to time with.")]
+ThreadsOpt = Annotated[int | None, option("--threads", metavar="N", min=1, help="Threads to time with.")]
 
 
 @dataclass(frozen=True)
@@ -232,9 +236,9 @@ class TimingOptions:
 
 # -- every command ---------------------------------------------------------------------------------------------------
 
-ForceOpt = Annotated[bool, _flag("--force", help="Overwrite existing outputs.")]
-QuietOpt = Annotated[bool, _flag("--quiet", "-q", help="Print only a summary line.", panel=COMMON)]
-DebugOpt = Annotated[bool, _flag("--debug", help="Show the traceback of sepify errors.")]
+ForceOpt = Annotated[bool, flag("--force", help="Overwrite existing outputs.")]
+QuietOpt = Annotated[bool, flag("--quiet", "-q", help="Print only a summary line.", panel=COMMON)]
+DebugOpt = Annotated[bool, flag("--debug", help="Show the traceback of sepify errors.")]
 
 
 @dataclass(frozen=True)

@@ -261,7 +261,9 @@ def _meta_state(torchvision: Any, name: str) -> dict[str, tuple[int, ...]] | Non
         return None
 
 
-def _matching(name: str, shapes: Mapping[str, tuple[int, ...]], candidate: Mapping[str, tuple[int, ...]]) -> Any:
+def _matching(
+    name: str, shapes: Mapping[str, tuple[int, ...]], candidate: Mapping[str, tuple[int, ...]]
+) -> tuple[str, str] | None:
     if candidate.keys() != shapes.keys():
         return None
     differ = [k for k in shapes if shapes[k] != candidate[k]]

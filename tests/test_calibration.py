@@ -504,3 +504,30 @@ def test_refit_errors_of_every_rank_from_one_factorisation_match_rank_by_rank(or
     for r in ranks:
         assert math.isclose(fast[r], slow[r], rel_tol=1e-4, abs_tol=1e-7), (r, fast[r], slow[r])
     assert all(fast[r] >= fast[r + 1] - 1e-12 for r in ranks[:-1])  # more components never fit worse
+
+
+def test_a_refinement_that_hurts_the_whole_model_is_undone(
+    plain_net: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refit is kept only where it helps its own layer; if together they hurt the model, none is kept."""
+    from sepify.calibrate import stages
+
+    real = stages.refine_pairs
+
+    def harmful(teacher, student, order, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(teacher, student, order, *args, **kwargs)
+        with torch.no_grad():
+            for _, pair in order:
+                pair.last.weight.mul_(-3.0)
+        return result
+
+    x = torch.randn(40, 3, 8, 8)
+    closed_form = sepify.convert(plain_net, x[:1], rank=1).model
+    monkeypatch.setattr(stages, "refine_pairs", harmful)
+    result = sepify.convert(plain_net, x[:1], rank=1, calibration=sepify.Calibration(x, refresh_bn=False))
+    assert [s.stage for s in result.report.fidelity] == ["init"]
+    assert any(note.startswith("refinement raised the held-out output error (") for note in result.report.notes)
+    for name, pair in result.model.named_modules():
+        if isinstance(pair, sepify.SeparableConv):  # every pair is back to its closed-form initialisation
+            for key, value in pair.state_dict().items():
+                torch.testing.assert_close(value, closed_form.get_submodule(name).state_dict()[key])

@@ -140,6 +140,7 @@ class _Run:
                 self.notes.append(f"did not refine {name}: it runs at {calls[name]} call sites, and the refit fits one")
         order = [(n, pairs[n]) for n in calls if n in pairs and calls[n] == 1]
         data = self.data
+        before = {n: {k: v.detach().clone() for k, v in pair.state_dict().items()} for n, pair in order}
         result = refine_pairs(self.teacher, self.student, order, data.fit, data.heldout, self.progress)
         self.notes += [f"did not refine {name}: {why}" for name, why in result.skipped.items()]
         self.notes += [
@@ -148,7 +149,16 @@ class _Run:
             for name, span in result.coverage.items()
             if span < COVERAGE_NOTE
         ]
-        self.measure("refined")
+        init = self.stages[-1]
+        if _worse(self.measure("refined"), init):
+            # each refit was kept only where it helped its own layer; together they can still hurt the model
+            refined = self.stages.pop()
+            for name, pair in order:
+                pair.load_state_dict(before[name])
+            self.notes.append(
+                f"refinement raised the held-out output error ({init.output_error:.3g} -> {refined.output_error:.3g}), "
+                "so the closed-form pairs were kept"
+            )
 
     def refresh_bn(self) -> None:
         """Recompute BatchNorm statistics; put the old ones back if held-out fidelity got worse."""

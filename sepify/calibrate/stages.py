@@ -24,6 +24,7 @@ from sepify.calibrate.refine import refine_pairs
 from sepify.calibrate.verify import heldout_fidelity
 from sepify.core.modules import SeparableConv
 from sepify.errors import CalibrationError, first_line
+from sepify.graph.measured import OutputView, viewed
 from sepify.graph.probe import describe_inputs, float_leaves
 from sepify.options import Calibration, Distill
 
@@ -94,6 +95,7 @@ def calibrate_pairs(
     options: Calibration,
     distillation: Distill | None,
     progress: ProgressFn | None = None,
+    view: OutputView | None = None,
 ) -> tuple[tuple[FidelityStage, ...], list[str]]:
     """Refine, refresh BatchNorm and distill the ``pairs`` of ``student`` against ``teacher``.
 
@@ -103,7 +105,7 @@ def calibrate_pairs(
     and every module's own mode is restored. Returns the measured stages and
     notes for the report.
     """
-    run = _Run(teacher, student, data, progress)
+    run = _Run(teacher, student, data, progress, view)
     with _eval_mode(teacher, student):
         _check_batches(teacher, data)
         run.measure("init")
@@ -119,8 +121,16 @@ def calibrate_pairs(
 class _Run:
     """One calibration run: each stage changes the student, then is measured on the held-out batches."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, data: CalibrationData, progress: ProgressFn | None):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        data: CalibrationData,
+        progress: ProgressFn | None,
+        view: OutputView | None = None,
+    ):
         self.teacher, self.student, self.data, self.progress = teacher, student, data, progress
+        self.view = view  # outputs measured before a saturating activation (their logits)
         self.samples = sum(int(a[0].shape[0]) for a in data.heldout)
         self.stages: list[FidelityStage] = []
         self.notes: list[str] = []
@@ -128,11 +138,13 @@ class _Run:
 
     def measure(self, stage: str) -> FidelityStage:
         if self.references is None:
-            with torch.no_grad():
-                self.references = [self.teacher(*args) for args in self.data.heldout]
-        err, top1 = heldout_fidelity(self.references, self.student, self.data.heldout)
+            self.references = [viewed(self.teacher, args, self.view) for args in self.data.heldout]
+        err, top1 = heldout_fidelity(self.references, self.student, self.data.heldout, self._forward)
         self.stages.append(FidelityStage(stage, err, top1, self.samples))
         return self.stages[-1]
+
+    def _forward(self, model: nn.Module, args: tuple[Any, ...]) -> Any:
+        return viewed(model, args, self.view)
 
     def refine(self, pairs: Mapping[str, SeparableConv], calls: Mapping[str, int]) -> None:
         for name in pairs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -100,16 +100,20 @@ def top1_agreement(reference: Any, converted: Any) -> float | None:
 
 
 def heldout_fidelity(
-    references: Sequence[Any], student: torch.nn.Module, batches: Sequence[Any]
+    references: Sequence[Any],
+    student: torch.nn.Module,
+    batches: Sequence[Any],
+    forward: Callable[[torch.nn.Module, tuple[Any, ...]], Any] | None = None,
 ) -> tuple[float | None, float | None]:
     """Output error and top-1 agreement of ``student`` over all ``batches`` against the original's outputs on
-    them, ``references`` (computed once by the caller: the original does not change between stages; no grad)."""
+    them, ``references`` (computed once by the caller: the original does not change between stages; no grad).
+    ``forward(model, args)`` gives what is compared (default: the model's outputs)."""
     num = den = 0.0
     agree = rows = 0
     comparable = True
     with torch.no_grad():
         for ref, args in zip(references, batches, strict=True):
-            out = student(*args)
+            out = forward(student, args) if forward is not None else student(*args)
             energy = _error_energy(ref, out)
             if energy is None:
                 comparable = False

@@ -17,6 +17,7 @@ from torch import fx, nn
 from sepify.errors import ConfigError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
+from sepify.graph.measured import OutputView, output_view
 from sepify.graph.neighbours import layer_contexts
 from sepify.graph.probe import ProbeResult, all_finite, float_leaves, preserved_state, probe
 from sepify.graph.rewrite import replace_submodule
@@ -53,6 +54,7 @@ class Analysis:
     args: tuple[Any, ...]
     lifted: list[str]  # convs created from functional F.conv2d calls on parameters
     rewritten_root: bool = False  # the root's own forward called F.convNd on its parameters: return the graph
+    view: OutputView | None = None  # outputs measured before their saturating activation (graph.measured)
 
     @property
     def model(self) -> nn.Module:
@@ -262,4 +264,5 @@ def analyze(
     contexts = layer_contexts(target)
     for site in sites:
         site.context = contexts.get(site.qualname, site.context)
-    return Analysis(work, outcome, target, before, sites, args, lifted, rewritten_root)
+    view = output_view(target) if isinstance(target, fx.GraphModule) else None
+    return Analysis(work, outcome, target, before, sites, args, lifted, rewritten_root, view)

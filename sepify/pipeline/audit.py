@@ -32,6 +32,7 @@ from sepify.core.modules import SeparableConv, weight_of
 from sepify.errors import BudgetError, ConfigError, ModelError
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs
 from sepify.graph.candidates import ConvSite, kind_notes
+from sepify.graph.measured import viewed
 from sepify.graph.probe import describe_inputs, preserved_state, time_forwards
 from sepify.graph.rewrite import temporarily_replaced
 from sepify.options import Budget, Calibration, Selection, Timing, as_int
@@ -121,7 +122,7 @@ def audit(
     factors = {s.qualname: LayerFactors(weight_of(s.module), s.module.groups, cp_work=_CP_WORK) for s in candidates}
     errors = _LayerErrors(options, factors, refine=calib is not None and calib.refine)
     errors.measure(analysis, candidates, data_args, report_progress)
-    reference = _forward(analysis.target, data_args) if sensitivity and candidates else None
+    reference = viewed(analysis.target, data_args, analysis.view) if sensitivity and candidates else None
     model_latency, latency_notes = _model_latency(analysis, args, timed)
     rows = []
     total_params = count_params(analysis.target)
@@ -131,6 +132,8 @@ def audit(
         rows.append(_audit_layer(analysis, site, options, factors, errors, timer, data_args, reference, total_params))
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
+    if analysis.view is not None:
+        notes.append(f"whole-model errors measured on {analysis.view.description}: the outputs saturate")
     notes += synthetic
     if timed is not None:
         notes.append(timed.note())
@@ -285,17 +288,12 @@ def _calibration_args(calibration: Calibration | None, n_args: int) -> tuple[Any
     return tuple(torch.cat(parts) for parts in zip(*batches))
 
 
-def _forward(module: nn.Module, args: tuple[Any, ...]) -> Any:
-    with preserved_state(module), torch.no_grad():
-        return module(*args)
-
-
 def _model_error_rank1(
     analysis: Analysis, site: ConvSite, factors: LayerFactors, order: str, args: tuple[Any, ...], reference: Any
 ) -> float | None:
     pair = _pair(site.module, order, 1, factors)
     with temporarily_replaced(analysis.target, site.in_model, pair):
-        return worst_output_error(reference, _forward(analysis.target, args))
+        return worst_output_error(reference, viewed(analysis.target, args, analysis.view))
 
 
 class _OptionTimer:

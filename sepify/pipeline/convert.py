@@ -27,6 +27,7 @@ from sepify.core.modules import SeparableConv
 from sepify.errors import ConfigError, InputShapeError, ModelError, SepifyWarning
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs
 from sepify.graph.candidates import kind_notes, matches_any
+from sepify.graph.measured import viewed
 from sepify.graph.probe import ProbeResult, all_finite, describe_inputs, probe, time_forwards
 from sepify.graph.rewrite import swap_modules
 from sepify.options import DEFAULT_BUDGET, Budget, Calibration, Distill, Selection, Timing
@@ -172,12 +173,15 @@ def convert(
     rows, pairs = builder.build(analysis.sites)
     # the teacher for calibration: the traced model before any swap
     teacher = copy.deepcopy(analysis.target) if calib is not None and pairs else None
+    view = analysis.view  # saturated outputs are measured on their logits
+    reference = viewed(analysis.target, args, view) if view is not None else analysis.before.output
     _swap(analysis, pairs, builder.meta)
     stages, notes = _calibrate(analysis, teacher, pairs, calib, distillation, progress)
     after = _probe_converted(analysis, args)
+    measured = viewed(analysis.target, args, view) if view is not None else after.output
     times, timing_notes = _time_models(model if not inplace else teacher, analysis.model, args, timed)
 
-    errors, why = output_errors(analysis.before.output, after.output)
+    errors, why = output_errors(reference, measured)
     report = ConversionReport(
         layers=tuple(rows),
         params_before=params_before,
@@ -191,7 +195,8 @@ def convert(
         output_error=max((e for e in errors if e is not None), default=None),
         output_errors=tuple(errors),
         output_error_reason=why,
-        top1_agreement=top1_agreement(analysis.before.output, after.output),
+        top1_agreement=top1_agreement(reference, measured),
+        measured_on=view.description if view is not None else None,
         notes=tuple(
             planning_notes + _lifted_note(analysis) + kind_notes(analysis.sites) + synthetic + notes + timing_notes
         ),
@@ -322,7 +327,9 @@ def _calibrate(
         group_by=grouped_by_outputs(teacher),
     )
     calls = {name: call.calls for name, call in analysis.before.convs.items()}
-    return calibrate_pairs(teacher, analysis.target, pairs, calls, data, calibration, distillation, progress)
+    return calibrate_pairs(
+        teacher, analysis.target, pairs, calls, data, calibration, distillation, progress, analysis.view
+    )
 
 
 def _time_models(

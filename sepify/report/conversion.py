@@ -111,6 +111,7 @@ class ConversionReport(JsonExportable):
     latency_before: float | None = None  # seconds, median whole-model forward on the example inputs (latency=True)
     latency_after: float | None = None  # the converted model's, timed interleaved with the original
     plan_meta: dict[str, Any] = field(default_factory=dict)  # a budget's plan: the budget, predicted ratios and error
+    measured_on: str | None = None  # where errors were measured when not on the outputs (saturated outputs' logits)
 
     # -- how far the converted model is from the original ------------------
     @property
@@ -215,6 +216,7 @@ class ConversionReport(JsonExportable):
                 "output_errors": list(self.output_errors),
                 "output_error_reason": self.output_error_reason,
                 "top1_agreement": self.top1_agreement,
+                "measured_on": self.measured_on or "the outputs",
             },
             "latency": {"before": self.latency_before, "after": self.latency_after, "ratio": self.latency_ratio},
             "fidelity": [stage.to_dict() for stage in self.fidelity],

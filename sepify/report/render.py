@@ -144,7 +144,8 @@ def conversion_summary(report: ConversionReport) -> list[str]:
         f"({pct(report.macs_after, report.macs_before)}); convs only: {format_count(report.conv_macs_before)} -> "
         f"{format_count(report.conv_macs_after)} ({pct(report.conv_macs_after, report.conv_macs_before)})",
     ]
-    verify = "output error: " + ("-" if report.output_error is None else f"{report.output_error:.3e}")
+    on = f" (on {report.measured_on})" if report.measured_on else ""
+    verify = f"output error{on}: " + ("-" if report.output_error is None else f"{report.output_error:.3e}")
     if report.output_error is None and report.output_error_reason:
         verify += f" ({report.output_error_reason})"
     elif len(report.output_errors) > 1:

@@ -1,0 +1,96 @@
+"""What fidelity is measured on: the model's outputs, with saturated ones seen before their activation.
+
+A classifier or detector that ends in a softmax, log-softmax or sigmoid answers with probabilities that are 0 or
+1 almost everywhere once it is confident: a conversion that changes the decision on 5% of the inputs moves those
+outputs by a few 1e-40, and every error computed from them reads ~0. So where an output of the traced graph is
+such an activation's result, fidelity is measured on the activation's input, its logits, which move as the task
+does. :func:`output_view` finds those outputs; :func:`viewed` runs a traced model and returns its outputs with
+them replaced, in the same structure. Models without a graph (swap mode) are measured on their outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from sepify.graph.probe import preserved_state
+
+__all__ = ["OutputView", "output_view", "viewed"]
+
+_FUNCTIONS = {torch.softmax, F.softmax, torch.log_softmax, F.log_softmax, torch.sigmoid, F.sigmoid}
+_METHODS = {"softmax", "log_softmax", "sigmoid"}
+_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Sigmoid, nn.Softmax2d)
+
+
+@dataclass(frozen=True)
+class OutputView:
+    """Outputs measured before their saturating activation: output node name -> the activation's input node."""
+
+    replaced: dict[str, str]
+    description: str  # for reports: "the inputs of the final softmax (logits)"
+
+
+def _saturating_input(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
+    """The input of ``node`` and the activation's name, when ``node`` is a softmax, log-softmax or sigmoid."""
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        kind = getattr(node.target, "__name__", str(node.target))
+    elif node.op == "call_method" and node.target in _METHODS:
+        kind = str(node.target)
+    elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _MODULES):
+        kind = type(gm.get_submodule(str(node.target))).__name__.lower()
+    else:
+        return None
+    first = node.args[0] if node.args else None
+    return (first, kind) if isinstance(first, fx.Node) else None
+
+
+def output_view(gm: fx.GraphModule) -> OutputView | None:
+    """Which outputs of ``gm`` a saturating activation makes, and what to measure instead; None when none does."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    replaced, kinds = {}, []
+    for leaf in pytree.tree_leaves(output.args[0]):
+        if isinstance(leaf, fx.Node) and (found := _saturating_input(gm, leaf)) is not None:
+            replaced[leaf.name] = found[0].name
+            kinds.append(found[1])
+    if not replaced:
+        return None
+    names = " and ".join(sorted(set(kinds)))
+    return OutputView(replaced, f"the inputs of the final {names} (logits)")
+
+
+class _Capture(fx.Interpreter):
+    """Runs a graph and keeps the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names = names
+        self.kept: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.names:
+            self.kept[n.name] = value
+        return value
+
+
+def viewed(module: nn.Module, args: tuple[Any, ...], view: OutputView | None) -> Any:
+    """``module(*args)`` without gradients and side effects, its saturated outputs replaced by their logits."""
+    with preserved_state(module), torch.no_grad():
+        if view is None or not isinstance(module, fx.GraphModule):
+            return module(*args)
+        capture = _Capture(module, set(view.replaced.values()))
+        result = capture.run(*args)
+    output = next(n for n in reversed(module.graph.nodes) if n.op == "output")
+    nodes, _ = pytree.tree_flatten(output.args[0])
+    values, spec = pytree.tree_flatten(result)
+    if len(nodes) != len(values):  # a structure fx and the output do not agree on: measure the outputs
+        return result
+    for i, node in enumerate(nodes):
+        if isinstance(node, fx.Node) and node.name in view.replaced:
+            values[i] = capture.kept[view.replaced[node.name]]
+    return pytree.tree_unflatten(values, spec)

@@ -48,18 +48,22 @@ def test_a_saturated_classifier_is_measured_on_its_logits() -> None:
 
 def test_which_outputs_are_seen_before_their_activation() -> None:
     class Heads(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, scale: float) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
+            self.scale = scale
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            y = self.conv(x).mean((2, 3))
+            y = self.conv(x).mean((2, 3)) * self.scale
             return torch.sigmoid(y), y.log_softmax(1), y * 2
 
-    gm = trace_model(Heads()).graph_module
+    x = torch.randn(8, 3, 10, 10)
+    gm = trace_model(Heads(1e6)).graph_module  # logits in the millions: every probability is 0 or 1
     assert gm is not None
-    view = output_view(gm)
+    view = output_view(gm, (x,))
     assert view is not None and len(view.replaced) == 2  # the sigmoid and the log-softmax; the plain output stays
     assert view.description == "the inputs of the final log_softmax and sigmoid (logits)"
+    calm = trace_model(Heads(1.0)).graph_module  # probabilities in between: measured as they are
+    assert calm is not None and output_view(calm, (x,)) is None
     plain = trace_model(nn.Sequential(nn.Conv2d(3, 4, 3))).graph_module
-    assert plain is not None and output_view(plain) is None
+    assert plain is not None and output_view(plain, (x,)) is None

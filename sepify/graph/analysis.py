@@ -264,5 +264,5 @@ def analyze(
     contexts = layer_contexts(target)
     for site in sites:
         site.context = contexts.get(site.qualname, site.context)
-    view = output_view(target) if isinstance(target, fx.GraphModule) else None
+    view = output_view(target, args) if isinstance(target, fx.GraphModule) else None
     return Analysis(work, outcome, target, before, sites, args, lifted, rewritten_root, view)

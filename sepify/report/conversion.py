@@ -241,7 +241,7 @@ class ConversionReport(JsonExportable):
         return "\n".join([*render.text_table(*render.conversion_table(self)), "", *render.conversion_summary(self)])
 
     def summary_line(self) -> str:
-        """One line: ``converted 2 of 3 convs; MACs 0.245x, params 0.370x; output error 1.31e-01``."""
+        """One line: ``converted 2 of 3 convs; MACs 0.245x, params 0.370x; output error 0.131``."""
         error = "-" if self.output_error is None else f"{self.output_error:.3g}"
         macs = "-" if self.mac_ratio is None else f"{self.mac_ratio:.3f}x"
         params = "-" if self.param_ratio is None else f"{self.param_ratio:.3f}x"

@@ -115,9 +115,9 @@ def timings(x: torch.Tensor) -> None:
         result = sepify.convert(model, x, rank=1)
         names = [r.name for r in result.report.converted]
         t_conv1 = median_time(lambda m=model: sepify.convert(m, x, rank=1))
-        t_cf1 = median_time(lambda m=model: closed_form_seconds(m, names, 1))
+        t_cf1 = median_time(lambda m=model: closed_form_seconds(m, names, 1))  # noqa: B023 (called at once)
         t_convf = median_time(lambda m=model: sepify.convert(m, x, rank="full"))
-        t_cff = median_time(lambda m=model: closed_form_seconds(m, names, "full"))
+        t_cff = median_time(lambda m=model: closed_form_seconds(m, names, "full"))  # noqa: B023 (called at once)
         print(f"{name:<16} {len(names):>5} {t_conv1:>11.3f}s {t_cf1:>15.3f}s {t_convf:>12.3f}s {t_cff:>16.3f}s")
 
     print("\nscaling: a stack of N Conv2d(32, 32, 3) on 1x32x8x8, rank 1")
@@ -125,8 +125,8 @@ def timings(x: torch.Tensor) -> None:
     for n in (125, 250, 500):
         stack = nn.Sequential(*[nn.Conv2d(32, 32, 3, padding=1) for _ in range(n)]).eval()
         xs = torch.randn(1, 32, 8, 8)
-        t = median_time(lambda s=stack: sepify.convert(s, xs, rank=1))
-        cf = median_time(lambda s=stack: closed_form_seconds(s, [str(i) for i in range(n)], 1))
+        t = median_time(lambda s=stack, xs=xs: sepify.convert(s, xs, rank=1))
+        cf = median_time(lambda s=stack, n=n: closed_form_seconds(s, [str(i) for i in range(n)], 1))
         print(f"{n:>5} {t:>8.3f}s {1e3 * t / n:>8.2f}ms {cf:>11.3f}s")
 
 

@@ -90,8 +90,8 @@ def main() -> None:
                         torch._dynamo.reset()
                         original = torch.compile(original)
                         converted = {k: torch.compile(m) for k, m in converted.items()}
-                    fns: list[Callable[[], object]] = [lambda: original(x_in)]
-                    fns += [lambda m=m: m(x_in) for m in converted.values()]
+                    fns: list[Callable[[], object]] = [lambda o=original, x=x_in: o(x)]
+                    fns += [lambda m=m, x=x_in: m(x) for m in converted.values()]
                     with torch.no_grad():
                         times = interleaved_medians(fns, args.reps, warmup=2)
                     for (label, result), t in zip(variants.items(), times[1:]):

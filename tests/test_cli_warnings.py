@@ -6,6 +6,7 @@ its files. Each test here runs in-process under a 60 s alarm, which interrupts s
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,3 +100,24 @@ def test_distill_ends() -> None:
     assert result.exit_code == 0, result.output
     assert Path("out.pt").is_file()
     assert result.output.count("this model warns in its forward") == 1
+
+
+def test_convert_and_audit_measure_where_they_are_told() -> None:
+    def measured(*flags: str) -> dict[str, object]:
+        result = run("convert", "warns.py:build", *INPUT, "--rank", "1", "--include", "c2", *flags,
+                     "--report", "r.json", "--force", "-q")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        verification: dict[str, object] = json.loads(Path("r.json").read_text())["verification"]
+        return verification
+
+    # only c2 is converted: c1's output is untouched, the model's is not
+    on_c1 = measured("--measure-on", "c1")
+    assert on_c1["measured_on"] == "c1" and on_c1["output_error"] == 0.0
+    outputs = measured()
+    assert outputs["measured_on"] == "the outputs" and float(outputs["output_error"]) > 0.05  # type: ignore[arg-type]
+    assert measured("--measure-on", "0")["output_error"] == outputs["output_error"]
+    refused = run("audit", "warns.py:build", *INPUT, "--measure-on", "1")
+    assert refused.exit_code == 2  # a usage error, as for every refused option value
+    assert "error: --measure-on 1 is not an output: the model returns 1 floating-point tensor(s); pass an index " in (
+        " ".join(refused.output.split())
+    )

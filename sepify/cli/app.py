@@ -47,7 +47,11 @@ _FLAGS: list[tuple[str, str]] = [
     (r"\bexclude=\[\.\.\.\]", "--exclude GLOB"),
     (r"\bcalibration=\.\.\.", "--calibration DATA"),
     (r"\brun audit\(\.\.\., timing=True\)", "pass --latency"),
-    (r"\b(max_mac_ratio|max_param_ratio|max_latency_ratio|max_error|batch_size|checkpoint_dir|tolerance)\b", ""),
+    (r"\bmeasure_on=", "--measure-on "),
+    (
+        r"\b(measure_on|max_mac_ratio|max_param_ratio|max_latency_ratio|max_error|batch_size|checkpoint_dir|tolerance)\b",
+        "",
+    ),
 ]
 
 

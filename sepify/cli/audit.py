@@ -98,6 +98,7 @@ def audit(
                 calibration=calibration,
                 timing=Timing(backend=timing.latency_backend.value, threads=timing.threads) if timing.latency else None,
                 budget=wanted,
+                measure_on=load.measured(),
                 progress=progress,
             )
         fmt = TableFormat.JSON if written.as_json else written.fmt

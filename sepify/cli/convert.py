@@ -149,6 +149,7 @@ def convert(
                 )
                 if timed
                 else None,  # fmt: skip
+                measure_on=load.measured(),
                 progress=progress,
             )
         _show(result, written, run.quiet)

@@ -88,6 +88,21 @@ DeviceOpt = Annotated[str, option("--device", metavar="DEVICE", help="cpu (defau
 TrainOpt = Annotated[bool, flag("--train", help="Convert in training mode (default: eval, as deployed).")]
 
 
+def _measure_on(text: str) -> str | int:
+    """An output index (an integer, negative from the end) or a node/module name of the traced graph."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+MeasureOnOpt = Annotated[
+    str | None,
+    option("--measure-on", metavar="WHAT", help="Errors on output INDEX, graph node/module NAME, or 'outputs' "
+            "(default: the outputs; saturated softmax/sigmoid ones on their logits)."),
+]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How MODEL (or the teacher) is loaded and what it is run on."""
@@ -102,9 +117,14 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class ModelOptions(LoadOptions):
-    """A model to convert or audit: loaded, and in which mode."""
+    """A model to convert or audit: loaded, in which mode, and what its errors are measured on."""
 
     train: TrainOpt = False
+    measure_on: MeasureOnOpt = None
+
+    def measured(self) -> str | int | None:
+        """``--measure-on`` as the API takes it: an int for an output index, else the name."""
+        return None if self.measure_on is None else _measure_on(self.measure_on)
 
 
 # -- budgets ---------------------------------------------------------------------------------------------------------

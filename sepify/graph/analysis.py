@@ -17,7 +17,7 @@ from torch import fx, nn
 from sepify.errors import ConfigError, ModelError, first_line
 from sepify.graph.candidates import ConvSite, find_conv_sites
 from sepify.graph.lift import lift_functional_convs
-from sepify.graph.measured import OutputView, output_view
+from sepify.graph.measured import OutputView, chosen_view
 from sepify.graph.neighbours import layer_contexts
 from sepify.graph.probe import ProbeResult, all_finite, float_leaves, preserved_state, probe
 from sepify.graph.rewrite import replace_submodule
@@ -225,6 +225,7 @@ def analyze(
     *,
     inplace: bool = False,
     select: Selection | None = None,
+    measure_on: str | int | None = None,
 ) -> Analysis:
     """Copy, trace and probe ``model`` and classify its convs; see the module docstring."""
     if not isinstance(model, nn.Module):
@@ -264,5 +265,5 @@ def analyze(
     contexts = layer_contexts(target)
     for site in sites:
         site.context = contexts.get(site.qualname, site.context)
-    view = output_view(target, args) if isinstance(target, fx.GraphModule) else None
+    view = chosen_view(target, args, before.output, measure_on)
     return Analysis(work, outcome, target, before, sites, args, lifted, rewritten_root, view)

@@ -63,6 +63,7 @@ def audit(
     timing: Timing | bool | None = None,
     sensitivity: bool = True,
     budget: Budget | None = None,
+    measure_on: str | int | None = None,
     progress: ProgressFn | None = None,
 ) -> AuditReport:
     """Measure what separating each conv would save and cost; never mutates ``model``.
@@ -86,6 +87,8 @@ def audit(
             parameter budget no plan can meet is refused before anything is
             measured (what every candidate at its cheapest option reaches is
             known from the shapes alone).
+        measure_on: what whole-model errors are computed on, as for :func:`sepify.convert` (an output index, a
+            node or module name, ``"outputs"``; default: the outputs, saturated ones on their logits).
         progress: called as ``progress(step, done, total)`` while working.
 
     Returns:
@@ -112,7 +115,7 @@ def audit(
         check_backend(timed.backend)
     args = normalize_inputs(example_inputs)
     calib, synthetic = resolve_synthetic(calib, model, args, progress)
-    analysis = analyze(model, args, select=select)
+    analysis = analyze(model, args, select=select, measure_on=measure_on)
     data_args = _calibration_args(calib, len(args)) or args
     report_progress = progress or (lambda step, done, total: None)
     candidates = [s for s in analysis.sites if s.eligible]
@@ -133,7 +136,8 @@ def audit(
     report_progress("auditing layers", len(rows), len(rows))
     notes = [f"output errors measured on {describe_inputs(data_args)} of calibration data"] if calib else []
     if analysis.view is not None:
-        notes.append(f"whole-model errors measured on {analysis.view.description}: the outputs saturate")
+        why = ": the outputs saturate" if analysis.view.replaced else ""
+        notes.append(f"whole-model errors measured on {analysis.view.description}{why}")
     notes += synthetic
     if timed is not None:
         notes.append(timed.note())

@@ -65,6 +65,7 @@ def convert(
     calibration: Calibration | Any | None = None,
     distill: Distill | int | None = None,
     timing: Timing | bool | None = None,
+    measure_on: str | int | None = None,
     inplace: bool = False,
     progress: ProgressFn | None = None,
 ) -> ConversionResult:
@@ -116,6 +117,11 @@ def convert(
             the conv it replaces at the layer's input shape (every layout, the
             fastest kept) and the whole model; with ``skip_slower`` leave a
             conv alone when its pair was not faster.
+        measure_on: what every output error (report, plan, calibration stages) is computed on: ``None``
+            (default) the outputs, except those a final softmax, log-softmax or sigmoid makes and saturates,
+            which are measured on their logits; ``"outputs"`` the outputs as returned; an int, that output tensor
+            alone (the floating-point tensors of the output in order; negative counts from the end); a string,
+            that node or module of the traced graph alone (e.g. ``"fc"`` for a classifier's logits).
         inplace: convert ``model`` itself instead of a deep copy (functional
             convs are then not lifted); ``result.model`` is ``model``.
         progress: called as ``progress(step, done, total)`` during calibration.
@@ -165,9 +171,9 @@ def convert(
     planning_notes: list[str] = []
     explicit_plan = plan if isinstance(plan, Plan) else None  # a budget's plan follows the selection
     if isinstance(plan, Budget):
-        plan, planning_notes = _planned(model, args, plan, select, calib, timed, progress)
+        plan, planning_notes = _planned(model, args, plan, select, calib, timed, measure_on, progress)
     plan_meta = dict(plan.meta) if plan is not None and explicit_plan is None else {}
-    analysis = analyze(model, args, inplace=inplace, select=select)
+    analysis = analyze(model, args, inplace=inplace, select=select, measure_on=measure_on)
     params_before = count_params(model)  # analyze() leaves it untouched (it lifts only in a copy)
     builder = LayerBuilder(rank, order, tolerance, plan, timed, allow_larger=select.allow_larger if select else False)
     rows, pairs = builder.build(analysis.sites)
@@ -257,6 +263,7 @@ def _planned(
     select: Selection | None,
     calibration: Calibration | None,
     timing: Timing | None,
+    measure_on: str | int | None,
     progress: ProgressFn | None,
 ) -> tuple[Plan, list[str]]:
     """Audit (with the same calibration and timing) and plan under ``budget``: what ``plan=Budget(...)`` converts."""
@@ -264,7 +271,7 @@ def _planned(
 
     audit_timing = timing if timing is not None and budget.bound[0] == "max_latency_ratio" else timing
     report = audit(model, args, select=select, calibration=calibration, timing=audit_timing, budget=budget,
-                   progress=progress)  # fmt: skip
+                   measure_on=measure_on, progress=progress)  # fmt: skip
     plan = report.plan(**budget.as_dict())
     info = plan.meta
     note = (

@@ -261,7 +261,10 @@ class Timing:
 
     def note(self) -> str:
         """The report note saying where latency was measured."""
-        return f"latency measured in {self.describe()} at the example inputs' batch size"
+        note = f"latency measured in {self.describe()} at the example inputs' batch size"
+        if self.backend == "onnxruntime":  # the honest baseline: the original as fast as it can be shipped
+            note += "; whole models (the original too) in the faster of torch.onnx's two exports"
+        return note
 
     def describe(self) -> str:
         """Where and how time was measured, for reports: ``"eager PyTorch, 2 threads"``."""

@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import sepify
 from sepify.io.save import save_model
-from sepify.runtime.check import check_export
+from sepify.runtime import runners, timing
+from sepify.runtime.check import check_export, relative_difference
+from sepify.runtime.export import ONNX_EXPORTERS, onnx_bytes
+from sepify.runtime.runners import fastest_onnx
+from sepify.runtime.sessions import onnxruntime_session
 
 
 def _net(seed: int) -> nn.Module:
@@ -35,3 +41,61 @@ def test_what_cannot_be_checked_is_none(tmp_path: Path) -> None:
     save_model(_net(0), path, "pt", example_args=(torch.randn(1, 3, 8, 8),), plan_json="{}")
     assert check_export(path, "pt", _net(0), (torch.randn(1, 3, 8, 8),)) is None  # pt is PyTorch itself
     assert check_export(path, "pt2", _net(0), ([torch.randn(1, 3, 8, 8)],)) is None  # not tensor inputs
+
+
+class PaddedConvs(nn.Module):
+    """CREPE's pattern: an explicit F.pad before each conv (the two exporters write it differently)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv1d(1, 16, 64, stride=4)
+        self.b = nn.Conv1d(16, 8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(F.pad(x[:, None], (30, 30))))
+        return self.b(F.pad(x, (7, 8))).mean(-1)
+
+
+@pytest.mark.parametrize("layout", ["grouped", "rank-major"])
+def test_both_exporters_write_a_converted_model_that_runs(layout: str) -> None:
+    pytest.importorskip("onnxruntime")
+    model = PaddedConvs().eval()
+    x = torch.randn(2, 256)
+    slim = sepify.convert(model, x, rank=3, order="pw-dw").model
+    for pair in slim.modules():
+        if isinstance(pair, sepify.SeparableConv) and layout in pair.layouts:
+            pair.layout = layout
+    for exporter in ONNX_EXPORTERS:
+        session = onnxruntime_session(onnx_bytes(slim, (x,), exporter=exporter))
+        name = session.get_inputs()[0].name
+        for batch in (x, torch.randn(5, 256)):  # a dynamic batch in both
+            with torch.no_grad():
+                want = slim(batch)
+            got = torch.from_numpy(session.run(None, {name: batch.numpy()})[0])
+            assert relative_difference([want], [got]) < 1e-5, exporter
+
+
+def test_the_faster_export_that_reproduces_the_model_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    model, x = PaddedConvs().eval(), torch.randn(2, 256)
+    for faster in ONNX_EXPORTERS:  # whichever the clock says is faster is kept
+        monkeypatch.setattr(
+            timing, "interleaved_medians", lambda fns, reps, f=faster: [0.0 if e == f else 1.0 for e in ONNX_EXPORTERS]
+        )
+        exporter, graph = fastest_onnx(model, (x,))
+        assert exporter == faster
+        assert graph == onnx_bytes(model, (x,), exporter=faster)
+    # an export that computes something else is never kept, however fast
+    wrong = onnx_bytes(PaddedConvs().eval().requires_grad_(False).apply(_scramble), (x,), exporter="torchscript")
+    real = runners.onnx_bytes
+    monkeypatch.setattr(runners, "onnx_bytes", lambda m, a, *, exporter, **k: wrong if exporter == "torchscript"
+                        else real(m, a, exporter=exporter, **k))  # fmt: skip
+    monkeypatch.setattr(timing, "interleaved_medians", lambda fns, reps: [1.0] * len(fns))
+    assert fastest_onnx(model, (x,))[0] == "dynamo"
+
+
+def _scramble(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv1d):
+        with torch.no_grad():
+            module.weight.mul_(-1)

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from sepify.runtime.sessions import installed, onnxruntime_session, openvino_compiled
 
-__all__ = ["ExportCheck", "check_export", "TOLERANCE"]
+__all__ = ["ExportCheck", "check_export", "relative_difference", "TOLERANCE"]
 
 TOLERANCE = 1e-3  # float32 runtimes reorder sums; a larger relative difference is a wrong export
 
@@ -74,11 +74,12 @@ def check_export(path: Path, fmt: str, model: nn.Module, args: tuple[Any, ...]) 
         for inputs in batches:
             want = [t for t in tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
             got = run([a.detach().float().cpu() for a in inputs])
-            worst = max(worst, _relative_difference(want, got))
+            worst = max(worst, relative_difference(want, got))
     return ExportCheck(runtime, worst, (batch, batch + 1) if dynamic else (batch,))
 
 
-def _relative_difference(want: list[Tensor], got: list[Tensor]) -> float:
+def relative_difference(want: list[Tensor], got: list[Tensor]) -> float:
+    """The worst over outputs of max |difference| / max |PyTorch's|; inf when the outputs do not line up."""
     if len(want) != len(got):
         return float("inf")
     worst = 0.0

@@ -1,12 +1,19 @@
 """Exporting a model for a runtime: the one place that calls ``torch.onnx.export``, ``torch.export.export`` and
 ``openvino.convert_model``.
 
+ONNX comes from either of torch.onnx's exporters (:data:`ONNX_EXPORTERS`): the dynamo exporter (the default since
+PyTorch 2.9) and the TorchScript one. Neither is always faster in onnxruntime: the TorchScript graph keeps an
+``F.pad`` before a conv as its own ``Pad`` node, where the dynamo graph folds it into the conv, and onnxruntime runs
+CREPE's padded convs about 2x faster the first way; resnet50 is the same either way. Timing and saving try both
+(:func:`sepify.runtime.runners.fastest_onnx`).
+
 Each function raises what its exporter raises; callers say what failed in their own words (an output that cannot
 be written, a model that cannot be timed).
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +23,9 @@ from torch import Tensor, nn
 
 from sepify.errors import SepifyWarning, first_line
 
-__all__ = ["onnx_program", "exported_program", "openvino_model", "with_dynamic_batch"]
+__all__ = ["ONNX_EXPORTERS", "onnx_bytes", "onnx_program", "exported_program", "openvino_model", "with_dynamic_batch"]
+
+ONNX_EXPORTERS = ("dynamo", "torchscript")
 
 
 def with_dynamic_batch(export: Callable[[tuple[Any, ...], Any], Any], args: tuple[Any, ...], what: str) -> Any:
@@ -61,6 +70,32 @@ def onnx_program(model: nn.Module, args: tuple[Any, ...], *, dynamic_batch: bool
     program = with_dynamic_batch(export, args, "ONNX") if dynamic_batch else export(args, None)
     assert program is not None  # the dynamo exporter always returns its program
     return program
+
+
+def onnx_bytes(
+    model: nn.Module, args: tuple[Any, ...], *, exporter: str = "dynamo", dynamic_batch: bool = True
+) -> bytes:
+    """``model`` on ``args`` as a serialized ONNX model from ``exporter`` (one of :data:`ONNX_EXPORTERS`).
+
+    The TorchScript exporter names the inputs ``input_0``, ``input_1``... and
+    traces the model: a forward whose control flow depends on values can
+    export something else, so callers compare its outputs before using it
+    (:func:`sepify.runtime.runners.fastest_onnx`).
+    """
+    if exporter == "dynamo":
+        return bytes(onnx_program(model, args, dynamic_batch=dynamic_batch).model_proto.SerializeToString())
+    if exporter != "torchscript":
+        raise ValueError(f"exporter must be one of {ONNX_EXPORTERS}, got {exporter!r}")
+    names = [f"input_{i}" for i in range(len(args))]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # its deprecation notice and tracer warnings: the result is checked against the model instead
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, args, buffer, dynamo=False, input_names=names,  # type: ignore[arg-type]  # a file object works
+            dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch else None,
+        )  # fmt: skip
+    return buffer.getvalue()
 
 
 def exported_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

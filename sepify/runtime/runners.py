@@ -18,8 +18,10 @@ side.
 * ``"onnxruntime"``: a layer (a conv or a pair, in its layout) as its small
   ONNX graph with the neighbours the runtime fuses with it
   (:func:`sepify.runtime.layers.layer_graph`, :mod:`sepify.runtime.context`);
-  a whole model exported with ``torch.onnx`` (:mod:`sepify.runtime.export`),
-  in a session of :mod:`sepify.runtime.sessions`.
+  a whole model in the faster of torch.onnx's two exports of it
+  (:func:`fastest_onnx`: the original too, so a slim model is compared with
+  the best way to ship the original), in a session of
+  :mod:`sepify.runtime.sessions`.
 * ``"openvino"``: the same layer graphs read by OpenVINO; a whole model
   through ``openvino.convert_model``; compiled for the CPU with the latency
   hint, the thread count given, and OpenVINO's default inference precision
@@ -34,15 +36,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from sepify.core.functional import ConvLayer
 from sepify.core.modules import SeparableConv
 from sepify.errors import ModelError, first_line
+from sepify.runtime.check import TOLERANCE, relative_difference
 from sepify.runtime.context import InContext, LayerContext
-from sepify.runtime.export import onnx_program, openvino_model
+from sepify.runtime.export import ONNX_EXPORTERS, onnx_bytes, openvino_model
 from sepify.runtime.sessions import onnxruntime_session, openvino_compiled
 
-__all__ = ["Runner", "layer_runner", "model_runner"]
+__all__ = ["Runner", "fastest_onnx", "layer_runner", "model_runner"]
 
 Runner = Callable[[], Any]
 
@@ -88,9 +92,57 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
             converted = openvino_model(model, tuple(tensors))
         return _openvino(converted, tensors, threads)
     with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"):
-        program = onnx_program(model, args, dynamic_batch=False)
-    names = [i.name for i in program.model_proto.graph.input]
-    return _onnxruntime(program.model_proto.SerializeToString(), dict(zip(names, tensors)), threads)
+        _, graph = fastest_onnx(model, tuple(tensors), threads, dynamic_batch=False)
+    return _onnxruntime(graph, _feeds(graph, tensors), threads)
+
+
+def fastest_onnx(
+    model: nn.Module, args: tuple[Tensor, ...], threads: int | None = None, *, dynamic_batch: bool = True, reps: int = 5
+) -> tuple[str, bytes]:
+    """``(exporter, serialized model)``: the faster in onnxruntime of torch.onnx's two exports of ``model``.
+
+    Each export that succeeds is run on ``args`` (and, with a dynamic batch,
+    on a batch one larger) and kept only if it reproduces the model's outputs (:data:`sepify.runtime.check.TOLERANCE`: a
+    trace can bake in a branch); those left are timed interleaved (median of
+    ``reps``). Raises the first exporter's error when neither is usable.
+    """
+    from sepify.runtime.timing import interleaved_medians  # timing builds on this module's runners
+
+    batches = [args, tuple(torch.cat([a, a[:1]]) for a in args)] if dynamic_batch else [args]
+    with torch.no_grad():
+        wants = [[t for t in tree_leaves(model(*inputs)) if isinstance(t, Tensor)] for inputs in batches]
+    usable: dict[str, tuple[bytes, Runner]] = {}
+    failure: Exception | None = None
+    for exporter in ONNX_EXPORTERS:
+        try:
+            graph = onnx_bytes(model, args, exporter=exporter, dynamic_batch=dynamic_batch)
+            runs = [_onnxruntime(graph, _feeds(graph, list(inputs)), threads) for inputs in batches]
+            difference = max(
+                relative_difference(want, [torch.from_numpy(o) for o in run()]) for want, run in zip(wants, runs)
+            )
+            run = runs[0]
+        except Exception as e:  # noqa: BLE001 - the other exporter may still work; the first error is raised
+            failure = failure or e
+            continue
+        if difference <= TOLERANCE:
+            usable[exporter] = (graph, run)
+        else:
+            failure = failure or ValueError(f"the {exporter} export differs from the model by {difference:.1e}")
+    if not usable:
+        assert failure is not None
+        raise failure
+    names = list(usable)
+    times = interleaved_medians([usable[n][1] for n in names], reps) if len(names) > 1 else [0.0]
+    best = names[min(range(len(names)), key=times.__getitem__)]
+    return best, usable[best][0]
+
+
+def _feeds(graph: bytes, tensors: list[Tensor]) -> dict[str, Tensor]:
+    """The graph's input names (each exporter names them its own way) with the tensors, in order."""
+    import onnx
+
+    names = [i.name for i in onnx.load_from_string(graph).graph.input]
+    return dict(zip(names, tensors, strict=False))
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import sepify
 from sepify.cli import app
 from sepify.io.load import load_model
+from sepify.runtime import timing as runtime_timing
 
 runner = CliRunner()
 SMALL = ["--input-shape", "1,3,32,32"]
@@ -183,8 +184,12 @@ def test_integer_and_several_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["pt", "pt2", "onnx", "openvino", "safetensors"])
-def test_every_output_format_round_trips(tmp_path: Path, tiny_weights: Path, fmt: str) -> None:
+def test_every_output_format_round_trips(
+    tmp_path: Path, tiny_weights: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip({"onnx": "onnxruntime", "openvino": "openvino", "safetensors": "safetensors"}.get(fmt, "torch"))
+    # ONNX: both exporters tie on this tiny model, so the default (dynamo) export is written, whatever the noise
+    monkeypatch.setattr(runtime_timing, "interleaved_medians", lambda fns, reps, **k: [1.0] * len(fns))
     out = tmp_path / f"model.{'xml' if fmt == 'openvino' else fmt}"
     argv = ("--weights", tiny_weights, *TINY_INPUT, "--rank", "2", "--format", fmt, "-o", out)
     result = run("convert", TINY, *argv)

@@ -104,7 +104,9 @@ def fastest_onnx(
     Each export that succeeds is run on ``args`` (and, with a dynamic batch,
     on a batch one larger) and kept only if it reproduces the model's outputs (:data:`sepify.runtime.check.TOLERANCE`: a
     trace can bake in a branch); those left are timed interleaved (median of
-    ``reps``). Raises the first exporter's error when neither is usable.
+    ``reps``); the dynamo export is kept unless the other takes under 0.9x
+    its time (timing noise must not change the file from run to run).
+    Raises the first exporter's error when neither is usable.
     """
     from sepify.runtime.timing import interleaved_medians  # timing builds on this module's runners
 
@@ -132,9 +134,15 @@ def fastest_onnx(
         assert failure is not None
         raise failure
     names = list(usable)
-    times = interleaved_medians([usable[n][1] for n in names], reps) if len(names) > 1 else [0.0]
-    best = names[min(range(len(names)), key=times.__getitem__)]
+    if len(names) == 1:
+        return names[0], usable[names[0]][0]
+    times = dict(zip(names, interleaved_medians([usable[n][1] for n in names], reps), strict=True))
+    first = names[0]  # the default exporter, unless another is clearly faster: files stay the same run to run
+    best = min(names, key=lambda n: times[n] / (1.0 if n == first else _CLEARLY_FASTER))
     return best, usable[best][0]
+
+
+_CLEARLY_FASTER = 0.9  # another exporter's graph is chosen over the default only when it takes < 0.9x the time
 
 
 def _feeds(graph: bytes, tensors: list[Tensor]) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 
 import sepify
 from sepify.runtime.export import ONNX_EXPORTERS, onnx_bytes
-from sepify.runtime.runners import _feeds, _onnxruntime, fastest_onnx
+from sepify.runtime.runners import _onnxruntime, fastest_onnx
 from sepify.runtime.timing import interleaved_medians
 
 
@@ -60,7 +60,7 @@ def main() -> None:
                 onnx_bytes(m, (x,), exporter=e, dynamic_batch=False) for m in (model, slim) for e in ONNX_EXPORTERS
             ]
             chosen = [fastest_onnx(m, (x,), args.threads, dynamic_batch=False)[0] for m in (model, slim)]
-        runs = [_onnxruntime(g, _feeds(g, [x]), args.threads) for g in graphs]
+        runs = [_onnxruntime(g, [x], args.threads) for g in graphs]
         ms = [1000 * t for t in interleaved_medians(runs, 30, warmup=3)]
         best = {e: ms[i] for i, e in enumerate(ONNX_EXPORTERS)}, {e: ms[2 + i] for i, e in enumerate(ONNX_EXPORTERS)}
         print(f"{name:<11} {ms[0]:>9.2f}ms {ms[1]:>7.2f}ms {ms[2]:>9.2f}ms {ms[3]:>7.2f}ms "

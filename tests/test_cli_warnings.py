@@ -45,7 +45,7 @@ runner = CliRunner()
 
 
 class Hung(Exception):
-    pass
+    """Raised by the alarm when a command outlives its work."""
 
 
 @pytest.fixture(autouse=True)

@@ -127,9 +127,7 @@ def _chunk_normals(
 
     before = torch.nn.functional.pad(products(0, most).cumsum(-1), (1, 0))  # [..., q]: sum over p < q
     after = torch.nn.functional.pad(products(steps, span).flip(-1).cumsum(-1).flip(-1), (0, 1))  # p >= T + e
-    q = torch.tensor([lag for lag, _ in lags], device=phases.device)
-    phase = torch.tensor([p for _, p in lags], device=phases.device)
-    feature = torch.arange(r, device=phases.device)[:, None] * stride + phase  # (r, K): the phase channel of (k, a)
+    q, feature = _tap_features(lags, r, stride, phases.device)
     lag = (q[None, :] - q[:, None]).clamp_min(0)  # (a, b) -> q_b - q_a where that is >= 0
     late = (q.clamp_max(span - steps))[:, None]  # (a, 1): position of p = q_a + T among the tail positions
     i, j = feature[:, :, None, None], feature[None, None, :, :]
@@ -145,8 +143,13 @@ def _window_sums(phases: Tensor, lags: list[tuple[int, int]], steps: int, r: int
     """``(C, r * K)``: feature ``(k, a)`` summed over the batch and its window of ``steps`` positions."""
     stride = phases.shape[2] // r
     totals = torch.nn.functional.pad(phases.sum(0).cumsum(-1), (1, 0))  # (C, r*s, M+1)
-    q = torch.tensor([lag for lag, _ in lags], device=phases.device)
-    phase = torch.tensor([p for _, p in lags], device=phases.device)
-    feature = torch.arange(r, device=phases.device)[:, None] * stride + phase
+    q, feature = _tap_features(lags, r, stride, phases.device)
     sums = totals[:, feature, q + steps] - totals[:, feature, q]
     return sums.reshape(phases.shape[1], -1)
+
+
+def _tap_features(lags: list[tuple[int, int]], r: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``q (K,)``: each tap's offset in phase samples; ``feature (r, K)``: the phase channel feature ``(k, a)`` reads."""
+    q = torch.tensor([lag for lag, _ in lags], device=device)
+    phase = torch.tensor([p for _, p in lags], device=device)
+    return q, torch.arange(r, device=device)[:, None] * stride + phase

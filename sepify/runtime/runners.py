@@ -75,7 +75,7 @@ def layer_runner(
     graph = layer_graph(module, context.conv_input_shape(tuple(x.shape)), context).SerializeToString()
     if backend == "openvino":
         return _openvino(graph, [x], threads)
-    return _onnxruntime(graph, {"x": x}, threads)
+    return _onnxruntime(graph, [x], threads)
 
 
 def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads: int | None = None) -> Runner:
@@ -92,8 +92,7 @@ def model_runner(model: nn.Module, args: tuple[Any, ...], backend: str, threads:
             converted = openvino_model(model, tuple(tensors))
         return _openvino(converted, tensors, threads)
     with _failure_is_the_models(model, "export it to ONNX to time it in onnxruntime"):
-        _, graph = fastest_onnx(model, tuple(tensors), threads, dynamic_batch=False)
-    return _onnxruntime(graph, _feeds(graph, tensors), threads)
+        return _fastest_onnx(model, tuple(tensors), threads, dynamic_batch=False)[2]  # its session, already timed
 
 
 def fastest_onnx(
@@ -108,6 +107,14 @@ def fastest_onnx(
     its time (timing noise must not change the file from run to run).
     Raises the first exporter's error when neither is usable.
     """
+    exporter, graph, _ = _fastest_onnx(model, args, threads, dynamic_batch=dynamic_batch, reps=reps)
+    return exporter, graph
+
+
+def _fastest_onnx(
+    model: nn.Module, args: tuple[Tensor, ...], threads: int | None, *, dynamic_batch: bool, reps: int = 5
+) -> tuple[str, bytes, Runner]:
+    """:func:`fastest_onnx`, with the winner's onnxruntime session on ``args`` as a runner."""
     from sepify.runtime.timing import interleaved_medians  # timing builds on this module's runners
 
     batches = [args, tuple(torch.cat([a, a[:1]]) for a in args)] if dynamic_batch else [args]
@@ -118,7 +125,7 @@ def fastest_onnx(
     for exporter in ONNX_EXPORTERS:
         try:
             graph = onnx_bytes(model, args, exporter=exporter, dynamic_batch=dynamic_batch)
-            runs = [_onnxruntime(graph, _feeds(graph, list(inputs)), threads) for inputs in batches]
+            runs = [_onnxruntime(graph, list(inputs), threads) for inputs in batches]
             difference = max(
                 relative_difference(want, [torch.from_numpy(o) for o in run()]) for want, run in zip(wants, runs)
             )
@@ -135,22 +142,14 @@ def fastest_onnx(
         raise failure
     names = list(usable)
     if len(names) == 1:
-        return names[0], usable[names[0]][0]
+        return names[0], *usable[names[0]]
     times = dict(zip(names, interleaved_medians([usable[n][1] for n in names], reps), strict=True))
     first = names[0]  # the default exporter, unless another is clearly faster: files stay the same run to run
     best = min(names, key=lambda n: times[n] / (1.0 if n == first else _CLEARLY_FASTER))
-    return best, usable[best][0]
+    return best, *usable[best]
 
 
 _CLEARLY_FASTER = 0.9  # another exporter's graph is chosen over the default only when it takes < 0.9x the time
-
-
-def _feeds(graph: bytes, tensors: list[Tensor]) -> dict[str, Tensor]:
-    """The graph's input names (each exporter names them its own way) with the tensors, in order."""
-    import onnx
-
-    names = [i.name for i in onnx.load_from_string(graph).graph.input]
-    return dict(zip(names, tensors, strict=False))
 
 
 @contextlib.contextmanager
@@ -187,7 +186,9 @@ def _eager(module: Callable[..., Any], args: tuple[Any, ...]) -> Runner:
     return run
 
 
-def _onnxruntime(model: bytes, feeds: dict[str, Tensor], threads: int | None) -> Runner:
+def _onnxruntime(model: bytes, feeds: list[Tensor], threads: int | None) -> Runner:
+    """A session of ``model`` fed ``feeds`` in the order of its inputs (each exporter names them its own way)."""
     session = onnxruntime_session(model, threads)
-    arrays = {name: t.detach().float().cpu().numpy() for name, t in feeds.items()}
+    names = [i.name for i in session.get_inputs()]
+    arrays = {name: t.detach().float().cpu().numpy() for name, t in zip(names, feeds, strict=True)}
     return lambda: session.run(None, arrays)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from sepify.options import Budget, Calibration, Distill, Selection, Timing
     from sepify.pipeline.audit import audit
     from sepify.pipeline.convert import ConversionResult, convert, load_converted
+    from sepify.pipeline.deploy import Int8Fidelity, int8_fidelity, save
     from sepify.pipeline.distill import DistillResult, DistillStep, distill
     from sepify.planning.choice import Option
     from sepify.planning.plan import LayerPlan, Plan
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "convert": "sepify.pipeline.convert",
     "load_converted": "sepify.pipeline.load",
+    "save": "sepify.pipeline.deploy",
+    "int8_fidelity": "sepify.pipeline.deploy",
+    "Int8Fidelity": "sepify.pipeline.deploy",
     "ConversionResult": "sepify.pipeline.convert",
     "audit": "sepify.pipeline.audit",
     "distill": "sepify.pipeline.distill",
@@ -123,6 +127,8 @@ __all__ = [
     "audit",
     "distill",
     "load_converted",
+    "save",
+    "int8_fidelity",
     # options
     "Selection",
     "Calibration",
@@ -131,6 +137,7 @@ __all__ = [
     "Budget",
     # results
     "ConversionResult",
+    "Int8Fidelity",
     "DistillResult",
     "DistillStep",
     "ConversionReport",

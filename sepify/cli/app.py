@@ -48,6 +48,8 @@ _FLAGS: list[tuple[str, str]] = [
     (r"\bcalibration=\.\.\.", "--calibration DATA"),
     (r"\brun audit\(\.\.\., timing=True\)", "pass --latency"),
     (r"\bmeasure_on=", "--measure-on "),
+    (r"\bint8=\.\.\.", "--int8"),
+    (r"\bformat=(\w+)", r"--format \1"),
     (
         r"\b(measure_on|max_mac_ratio|max_param_ratio|max_latency_ratio|max_error|batch_size|checkpoint_dir|tolerance)\b",
         "",

@@ -83,6 +83,9 @@ class ConvertOutput:
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
     report: Annotated[Path | None, o.option("--report", metavar="FILE", help="Also write the report: .json, .csv or "
                                         ".md.")] = None  # fmt: skip
+    int8: Annotated[bool, o.option("--int8", metavar="", help="With --format onnx or openvino: post-training int8, "
+                               "ranges from --calibration (else synthetic samples); prints its error and time "
+                               "against float32.")] = False  # fmt: skip
     memory_format: Annotated[MemoryFormat, o.option("--memory-format", metavar="LAYOUT", help="preserve or "
                                                 "channels_last.")] = MemoryFormat.PRESERVE  # fmt: skip
     allow_unchanged: Annotated[bool, o.option("--allow-unchanged", metavar="", help="Write the model even when no conv "
@@ -156,9 +159,13 @@ def convert(
         _refuse_unwanted(result, model, written, wanted)
         if written.memory_format is MemoryFormat.CHANNELS_LAST:
             result.model.to(memory_format=torch.channels_last)
-        for path in _write(result, target, fmt, args, written, run, wanted is not None):
+        int8 = _int8_batches(loaded.model, args, calibration, run.quiet) if written.int8 else None
+        for path in _write(result, target, fmt, args, written, run, wanted is not None, int8):
             wrote(path, to_stderr=written.as_json)
-        _check_written(result, target, fmt, args, run.quiet or written.as_json)
+        if int8 is not None:
+            _check_int8(result, loaded.model, target, fmt, args, int8, timing.threads, run.quiet)
+        else:
+            _check_written(result, target, fmt, args, run.quiet or written.as_json)
         if run.quiet and not written.as_json:
             print_lines(result.report.summary_line())
 
@@ -196,6 +203,10 @@ def _checked_outputs(
     fmt = written.fmt or (format_of(written.output, default) if written.output is not None else default)
     target = written.output or default_output(model, fmt)
     check_output_name(target, fmt.value)
+    if written.int8:
+        from sepify.runtime.quantize import check_int8
+
+        check_int8(fmt.value)
     if written.report is not None:
         check_report_path(written.report)
     inputs = {
@@ -266,6 +277,7 @@ def _write(
     written: ConvertOutput,
     run: o.RunOptions,
     planned: bool,
+    int8: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> list[Path]:
     """The plan made for a budget, the model, then the report (written even when the model cannot be)."""
     from sepify.io.save import save_model
@@ -279,7 +291,9 @@ def _write(
 
                 write_text_atomic(plan_path(target), plan_json, overwrite=run.force)
                 files.append(plan_path(target))
-            files += save_model(result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=run.force)
+            files += save_model(
+                result.model, target, fmt, example_args=args, plan_json=plan_json, overwrite=run.force, int8=int8
+            )
     except OutputError as e:
         if written.report is None:
             raise
@@ -315,3 +329,55 @@ def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple
         )
     elif not quiet:
         out.print(f"checked {target}: {check.describe()}", highlight=False, soft_wrap=True)
+
+
+def _int8_batches(
+    original: torch.nn.Module, args: tuple[torch.Tensor, ...], calibration: Any, quiet: bool
+) -> list[tuple[torch.Tensor, ...]]:
+    """Samples for int8 activation ranges: the calibration data, else synthetic samples (a model with BatchNorm),
+    else the example inputs alone (with a warning: ranges from one batch clip other inputs)."""
+    from sepify.calibrate.synthetic import SYNTHETIC, batchnorm_layers
+    from sepify.pipeline.deploy import int8_batches
+
+    data = calibration.data if calibration is not None else SYNTHETIC if batchnorm_layers(original) else None
+    if data is None:
+        highlight(
+            "--int8 without --calibration: activation ranges come from the example inputs alone and may clip "
+            "other inputs; give --calibration DATA"
+        )
+    with step("convert", "collecting int8 activation ranges", quiet):
+        return int8_batches(data, original, args)
+
+
+def _check_int8(
+    result: ConversionResult,
+    original: torch.nn.Module,
+    target: Path,
+    fmt: str,
+    args: tuple[torch.Tensor, ...],
+    batches: list[tuple[torch.Tensor, ...]],
+    threads: int | None,
+    quiet: bool,
+) -> None:
+    """The int8 file run on calibration samples against the float32 model and the original, and timed against the
+    float32 export on the example inputs: one line, and a warning where int8 loses more than it gains."""
+    from sepify.pipeline.deploy import int8_fidelity
+    from sepify.report.conversion import FAR_AGREEMENT, FAR_OUTPUT_ERROR
+
+    try:
+        with step("convert", f"checking {target} (int8) against float32", quiet):
+            check = int8_fidelity(target, result.model, batches[0], original=original, threads=threads,
+                                  timed_inputs=args)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
+        highlight(f"{target} was written but could not be run back to check it ({first_line(e)}); compare it with "
+                  "the PyTorch model in your runtime")  # fmt: skip
+        return
+    samples = int(batches[0][0].shape[0])
+    line = f"checked {target} on {samples} calibration samples: {check.describe()}"
+    far = (check.error_vs_original or 0.0) > FAR_OUTPUT_ERROR or (check.agreement_vs_original or 1.0) < FAR_AGREEMENT
+    if far:
+        highlight(f"{line}; int8 is far from the original: drop --int8 or give --calibration data")
+    elif check.slower:
+        highlight(f"{line}; int8 is no faster than float32 here: drop --int8")
+    elif not quiet:
+        out.print(line, highlight=False, soft_wrap=True)

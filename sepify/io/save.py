@@ -12,16 +12,18 @@ weights (``compress_to_fp16=False``: the file computes what PyTorch does).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sepify.errors import OutputError, SepifyError, first_line
+from sepify.errors import ConfigError, OutputError, SepifyError, first_line
 from sepify.io.atomic import atomic_path, write_text_atomic
 from sepify.io.paths import PLAN_METADATA_KEY, check_output_name, plan_path, weights_path
 from sepify.runtime.export import exported_program, onnx_program, openvino_model
+from sepify.runtime.quantize import check_int8, int8_onnx, int8_openvino
 from sepify.runtime.runners import fastest_onnx
 from sepify.runtime.sessions import installed
 from sepify.vocab import FORMATS
@@ -37,15 +39,23 @@ def save_model(
     example_args: tuple[Any, ...],
     plan_json: str,
     overwrite: bool = True,
+    int8: Sequence[tuple[Tensor, ...]] | None = None,
 ) -> list[Path]:
     """Write ``model`` to ``path`` in ``fmt`` atomically; returns the files written.
 
     ``safetensors`` stores ``plan_json`` in the file's metadata and also
     writes it to ``<name>.plan.json`` beside the weights (first), so that
     :func:`sepify.load_converted` can rebuild the model without pickle.
-    With ``overwrite=False`` no existing file is replaced.
+    With ``overwrite=False`` no existing file is replaced. ``int8``: batches of
+    model arguments to quantize an ONNX or OpenVINO file with
+    (:mod:`sepify.runtime.quantize`); other formats refuse it.
     """
     path = Path(path)
+    if int8 is not None:
+        try:
+            check_int8(fmt)
+        except ConfigError as e:
+            raise OutputError(f"{path}: {e}") from e
     if fmt == "pt":
         with atomic_path(path, overwrite=overwrite) as tmp:
             torch.save(model, tmp)
@@ -62,9 +72,9 @@ def save_model(
             torch.export.save(program, tmp)
         return [path]
     if fmt == "onnx":
-        return [_save_onnx(model, path, example_args, overwrite)]
+        return [_save_onnx(model, path, example_args, overwrite, int8)]
     if fmt == "openvino":
-        return _save_openvino(model, path, example_args, overwrite)
+        return _save_openvino(model, path, example_args, overwrite, int8)
     if fmt == "safetensors":
         try:
             from safetensors.torch import save_file
@@ -91,7 +101,9 @@ def _dedupe_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> list[Path]:
+def _save_openvino(
+    model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool, int8: Sequence[tuple[Tensor, ...]] | None
+) -> list[Path]:
     """OpenVINO IR: ``path`` (.xml) and its weights beside it (.bin), each written atomically, weights first."""
     import tempfile
 
@@ -108,6 +120,13 @@ def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrit
             f"{path}: OpenVINO could not convert the model ({first_line(e)}); save as --format onnx (OpenVINO reads "
             "it too) or pt"
         ) from e
+    if int8 is not None:
+        try:
+            converted = int8_openvino(converted, int8)
+        except Exception as e:  # noqa: BLE001 - quantizer failures are many and specific
+            raise OutputError(
+                f"{path}: NNCF could not quantize the model to int8 ({first_line(e)}); write it without int8=..."
+            ) from e
     with tempfile.TemporaryDirectory() as folder:
         staged = Path(folder) / "model.xml"
         ov.save_model(converted, str(staged), compress_to_fp16=False)
@@ -118,7 +137,9 @@ def _save_openvino(model: nn.Module, path: Path, args: tuple[Any, ...], overwrit
     return [weights, path]
 
 
-def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool) -> Path:
+def _save_onnx(
+    model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: bool, int8: Sequence[tuple[Tensor, ...]] | None
+) -> Path:
     try:
         import onnx  # noqa: F401 - torch.onnx needs it; fail with our message first
         import onnxscript  # noqa: F401
@@ -128,7 +149,10 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
         with atomic_path(path, overwrite=overwrite) as tmp:
             if installed("onnxruntime") and all(isinstance(a, Tensor) and a.dim() >= 1 for a in args):
                 # both exporters, each checked and timed in onnxruntime: the faster is written
-                tmp.write_bytes(fastest_onnx(model, args)[1])
+                graph = fastest_onnx(model, args)[1]
+                tmp.write_bytes(graph if int8 is None else _int8_onnx(graph, int8, path))
+            elif int8 is not None:
+                raise OutputError(f"{path}: int8 ONNX needs onnxruntime and tensor inputs; write it without int8=...")
             else:
                 onnx_program(model, args).save(str(tmp))  # the temp name ends in the target's extension
     except SepifyError:
@@ -139,3 +163,12 @@ def _save_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], overwrite: b
             "(both keep every module as it is)"
         ) from e
     return path
+
+
+def _int8_onnx(graph: bytes, batches: Sequence[tuple[Tensor, ...]], path: Path) -> bytes:
+    try:
+        return int8_onnx(graph, batches)
+    except Exception as e:  # noqa: BLE001 - quantizer failures are many and specific
+        raise OutputError(
+            f"{path}: onnxruntime could not quantize the model to int8 ({first_line(e)}); write it without int8=..."
+        ) from e

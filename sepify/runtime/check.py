@@ -12,6 +12,7 @@ the check is then None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from sepify.runtime.sessions import installed, onnxruntime_session, openvino_compiled
 
-__all__ = ["ExportCheck", "check_export", "relative_difference", "TOLERANCE"]
+__all__ = ["ExportCheck", "check_export", "file_runner", "relative_difference", "TOLERANCE"]
 
 TOLERANCE = 1e-3  # float32 runtimes reorder sums; a larger relative difference is a wrong export
 
@@ -61,10 +62,9 @@ def check_export(path: Path, fmt: str, model: nn.Module, args: tuple[Any, ...]) 
     """
     if not args or not all(isinstance(a, Tensor) and a.dim() >= 1 for a in args):
         return None
-    runner = _runner(path, fmt)
-    if runner is None:
+    if not _runtime_installed(fmt):
         return None
-    run, runtime, dynamic = runner
+    run, runtime, dynamic = file_runner(path, fmt)
     batch = int(args[0].shape[0])
     batches = [args]
     if dynamic:
@@ -93,16 +93,25 @@ def relative_difference(want: list[Tensor], got: list[Tensor]) -> float:
     return worst
 
 
-def _runner(path: Path, fmt: str) -> tuple[Any, str, bool] | None:
-    """A function from input tensors to output tensors, the runtime's name, and whether the batch is dynamic."""
+def _runtime_installed(fmt: str) -> bool:
+    return fmt == "pt2" or (fmt == "onnx" and installed("onnxruntime")) or (fmt == "openvino" and installed("openvino"))
+
+
+def file_runner(
+    path: Path, fmt: str, *, exact: bool = True, threads: int | None = None
+) -> tuple[Callable[[list[Tensor]], list[Tensor]], str, bool]:
+    """A function from input tensors to the output tensors of the file at ``path`` in its runtime, the runtime's
+    name, and whether the file's batch is dynamic. ``exact``: OpenVINO in float32 (to compare with PyTorch);
+    otherwise as deployed (its latency hint and default precision). Raises ValueError for a format with no
+    runtime here."""
     if fmt == "pt2":
         program = torch.export.load(path)
         module = program.module()
         dims = [s.shape[0] for s in _placeholder_values(program)]
         dynamic = bool(dims) and not isinstance(dims[0], int)
         return (lambda xs: [t for t in tree_leaves(module(*xs)) if isinstance(t, Tensor)]), "torch.export", dynamic
-    if fmt == "onnx" and installed("onnxruntime"):
-        session = onnxruntime_session(path)
+    if fmt == "onnx":
+        session = onnxruntime_session(path, threads)
         names = [i.name for i in session.get_inputs()]
         dynamic = not isinstance(session.get_inputs()[0].shape[0], int)
 
@@ -111,8 +120,8 @@ def _runner(path: Path, fmt: str) -> tuple[Any, str, bool] | None:
             return [torch.from_numpy(o) for o in outputs]
 
         return run_onnx, "onnxruntime", dynamic
-    if fmt == "openvino" and installed("openvino"):
-        compiled = openvino_compiled(path, exact=True)
+    if fmt == "openvino":
+        compiled = openvino_compiled(path, threads, exact=exact)
         dynamic = compiled.inputs[0].get_partial_shape()[0].is_dynamic
 
         def run_openvino(xs: list[Tensor]) -> list[Tensor]:
@@ -120,7 +129,7 @@ def _runner(path: Path, fmt: str) -> tuple[Any, str, bool] | None:
             return [torch.from_numpy(outputs[o]) for o in compiled.outputs]
 
         return run_openvino, "OpenVINO", dynamic
-    return None
+    raise ValueError(f"no runtime runs {fmt} files")
 
 
 def _placeholder_values(program: Any) -> list[Any]:

@@ -121,3 +121,13 @@ def test_convert_and_audit_measure_where_they_are_told() -> None:
     assert "error: --measure-on 1 is not an output: the model returns 1 floating-point tensor(s); pass an index " in (
         " ".join(refused.output.split())
     )
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_convert_ends_and_reports_int8_against_float32(fmt: str) -> None:
+    result = run("convert", "warns.py:build", *INPUT, "--rank", "2", "--format", fmt, "--int8",
+                 "--calibration", "data.npy")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("this model warns in its forward") == 1
+    runtime = "onnxruntime" if fmt == "onnx" else "OpenVINO"
+    assert f"on 32 calibration samples: int8 in {runtime}: output error " in " ".join(result.output.split())

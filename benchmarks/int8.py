@@ -1,0 +1,106 @@
+"""Slim, int8, or both: the four ways to ship a trained model, timed side by side in onnxruntime and OpenVINO.
+
+Run:  python benchmarks/int8.py [--tasks digits crepe-tiny] [--draws 3] [--batches 1 8] [--threads 1]
+
+For each trained model: the original in float32 (ONNX: the faster of torch.onnx's two exports; OpenVINO: its own
+conversion), the original in int8, sepify's slim model (audited and refined on the draw's calibration data, planned
+at the budget that keeps the task within 1 point: ``realistic.py``) in float32 and in int8. int8 is what
+``sepify convert --int8`` writes (:func:`sepify.save`: onnxruntime's ``quantize_static``, QDQ, per-channel weights;
+NNCF for OpenVINO), with ranges from the same calibration data. The task metric is the worst over ``--draws``
+independent draws of test and calibration data; times (draw 0) are interleaved medians of 30 calls, relative to
+the original float32 file in the same runtime at the same batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from tasks import crepe_task, digits_task
+from torch import Tensor, nn
+
+import sepify
+from sepify.runtime.check import file_runner
+from sepify.runtime.timing import interleaved_medians
+
+BUDGETS = {"digits": 0.12, "crepe-tiny": 0.50, "crepe-full": 0.35}
+RUNTIMES = {"onnxruntime": ".onnx", "OpenVINO": ".xml"}
+ROWS = ("original fp32", "original int8", "slim fp32", "slim int8")
+
+
+class FileModel(nn.Module):
+    """A written file run by its runtime, callable like the model (for the task metric)."""
+
+    def __init__(self, path: Path, fmt: str, threads: int) -> None:
+        super().__init__()
+        self.run = file_runner(path, fmt, exact=False, threads=threads)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run([x.detach().float()])[0]
+
+
+def task_for(name: str, draw: int):  # noqa: ANN201 - benchmarks/tasks.Task
+    return digits_task(draw) if name == "digits" else crepe_task(name.removeprefix("crepe-"), draw=draw)
+
+
+def files(model: nn.Module, slim: nn.Module, example: Tensor, data: Tensor, folder: Path, ext: str) -> dict[str, Path]:
+    """The four files of one runtime."""
+    written = {}
+    for row in ROWS:
+        source = model if row.startswith("original") else slim
+        path = folder / f"{row.replace(' ', '-')}{ext}"
+        written[row] = sepify.save(source, path, example, int8=data if row.endswith("int8") else None)[-1]
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["digits", "crepe-tiny"])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s); metric: worst of {args.draws} draws; time: slim or int8 / original fp32")
+    header = f"{'model':<11} {'runtime':<12} {'file':<14} {'MACs':>5} {'metric':>7}"
+    print(header + "".join(f" {'batch ' + str(b):>9}" for b in args.batches))
+    for name in args.tasks:
+        metrics: dict[tuple[str, str], float] = {}
+        times: dict[tuple[str, str, int], float] = {}
+        mac_ratio = 1.0
+        for draw in range(args.draws):
+            task = task_for(name, draw)
+            model = task.build()
+            data = task.calibration if name == "digits" else task.recordings
+            assert data is not None
+            audit = sepify.audit(model, task.example, calibration=data)
+            result = sepify.convert(model, task.example, plan=audit.plan(max_mac_ratio=BUDGETS[name]), calibration=data)
+            mac_ratio = result.report.mac_ratio
+            with tempfile.TemporaryDirectory() as d:
+                for runtime, ext in RUNTIMES.items():
+                    fmt = "onnx" if ext == ".onnx" else "openvino"
+                    written = files(model, result.model, task.example[:1], data, Path(d), ext)
+                    for row, path in written.items():
+                        value = task.metric(FileModel(path, fmt, args.threads))
+                        metrics[runtime, row] = min(metrics.get((runtime, row), 1.0), value)
+                    if draw:
+                        continue
+                    for batch in args.batches:
+                        x = torch.cat([task.example] * batch)[:batch]
+                        runs = [file_runner(p, fmt, exact=False, threads=args.threads)[0] for p in written.values()]
+                        medians = interleaved_medians([lambda r=r: r([x]) for r in runs], args.reps)
+                        for row, t in zip(written, medians, strict=True):
+                            times[runtime, row, batch] = t / medians[0]
+        for runtime in RUNTIMES:
+            for row in ROWS:
+                macs = mac_ratio if row.startswith("slim") else 1.0
+                cells = "".join(f" {times[runtime, row, b]:>8.3f}x" for b in args.batches)
+                print(f"{name:<11} {runtime:<12} {row:<14} {macs:>5.3f} {metrics[runtime, row]:>7.4f}{cells}",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""int8 deployment files: the runtime's own quantizer, ranges from the user's samples, measured against float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+from typer.testing import CliRunner
+
+import sepify
+from sepify.cli import app
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slim() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    net = _net()
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    return net, sepify.convert(net, x[:2], rank=3).model, x
+
+
+def test_onnx_int8_has_per_channel_int8_weights_and_stays_near_float32(slim, tmp_path: Path) -> None:
+    net, model, x = slim
+    files = sepify.save(model, tmp_path / "slim.onnx", x[:2], int8=x)
+    graph = onnx.load(str(files[-1])).graph
+    kinds = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    int8_kernels = [w for w in weights.values() if w.dtype == np.int8 and w.ndim == 4]
+    assert int8_kernels, "no conv kernel was stored as int8"
+    scales = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+              and weights[n.input[0]].ndim == 4]  # fmt: skip
+    assert all(weights[n.input[1]].size == weights[n.input[0]].shape[0] for n in scales)  # one scale per channel
+    check = sepify.int8_fidelity(files[-1], model, x, original=net, time=False)
+    assert check.error_vs_float is not None and 1e-5 < check.error_vs_float < 0.05  # quantized, and close
+    assert check.error_vs_original is not None and check.float_error_vs_original is not None
+    assert abs(check.error_vs_original - check.float_error_vs_original) < 0.05
+    assert check.time_ratio is None
+
+
+def test_activation_ranges_come_from_the_samples_given(slim, tmp_path: Path) -> None:
+    """Ranges fitted to inputs 30x larger than the ones the file then sees waste most of the int8 steps."""
+    _, model, x = slim
+    matched = sepify.save(model, tmp_path / "matched.onnx", x[:2], int8=x)[-1]
+    mismatched = sepify.save(model, tmp_path / "wide.onnx", x[:2], int8=30 * x)[-1]
+    good = sepify.int8_fidelity(matched, model, x, time=False).error_vs_float
+    bad = sepify.int8_fidelity(mismatched, model, x, time=False).error_vs_float
+    assert good is not None and bad is not None and bad > 3 * good
+
+
+def test_openvino_int8_runs_near_float32(slim, tmp_path: Path) -> None:
+    net, model, x = slim
+    files = sepify.save(model, tmp_path / "slim.xml", x[:2], int8=x)
+    assert [f.suffix for f in files] == [".bin", ".xml"]
+    assert "FakeQuantize" in files[-1].read_text() or "fake_quantize" in files[-1].read_text().lower()
+    check = sepify.int8_fidelity(files[-1], model, x, original=net)
+    assert check.runtime == "OpenVINO" and check.error_vs_float is not None and check.error_vs_float < 0.05
+    assert check.time_ratio is not None and check.time_ratio > 0
+
+
+def test_synthetic_ranges_need_batchnorm(tmp_path: Path) -> None:
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    with pytest.raises(sepify.ConfigError, match="no.*BatchNorm|has none"):
+        sepify.save(plain, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), int8="synthetic")
+    assert not (tmp_path / "m.onnx").exists()
+    files = sepify.save(_net(), tmp_path / "bn.onnx", torch.randn(1, 3, 8, 8), int8="synthetic")
+    assert b"QuantizeLinear" in files[-1].read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["pt", "pt2", "safetensors"])
+def test_int8_in_a_format_without_a_quantizer_is_refused_before_any_work(fmt: str, tmp_path: Path) -> None:
+    torch.save(_net(), tmp_path / "m.pt")
+    out = tmp_path / f"slim.{'sep.pt' if fmt == 'pt' else fmt}"
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "m.pt"), "--trust-pickle", "--input-shape",
+                                      "1,3,8,8", "--int8", "--format", fmt, "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 2  # a usage error, as for every option the library refuses
+    message = " ".join(result.output.split())
+    assert f"int8 is written as ONNX or OpenVINO IR only, not {fmt}; choose --format onnx or --format openvino" in (
+        message
+    )
+    assert "Traceback" not in result.output and "analysing" not in result.output
+    assert not out.exists()
+
+
+def test_a_missing_quantizer_is_named_with_its_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sepify.runtime import quantize, sessions
+
+    monkeypatch.setattr(sessions, "installed", lambda module: module != "nncf")
+    quantize.check_int8("onnx")
+    with pytest.raises(sepify.ConfigError, match=r"int8 openvino needs nncf's quantizer.*pip install nncf"):
+        quantize.check_int8("openvino")

@@ -91,7 +91,7 @@ def main() -> None:
                     for batch in args.batches:
                         x = torch.cat([task.example] * batch)[:batch]
                         runs = [file_runner(p, fmt, exact=False, threads=args.threads)[0] for p in written.values()]
-                        medians = interleaved_medians([lambda r=r: r([x]) for r in runs], args.reps)
+                        medians = interleaved_medians([lambda r=r, x=x: r([x]) for r in runs], args.reps)
                         for row, t in zip(written, medians, strict=True):
                             times[runtime, row, batch] = t / medians[0]
         for runtime in RUNTIMES:

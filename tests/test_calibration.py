@@ -252,6 +252,20 @@ def test_trained_digits_cnn_survives_rank_1_with_refinement(digits) -> None:  # 
     assert stages[:2] == ["init", "refined"]
 
 
+@pytest.mark.slow  # synthesising samples and refining on them: about 15 s
+def test_a_default_conversion_that_saves_little_without_data_says_what_would_help(digits) -> None:  # type: ignore[no-untyped-def]
+    model, x_train, x_test, y_test, original = digits
+    bare = sepify.convert(model, x_test[:1])  # the default budget: predicted output error <= 0.1
+    assert bare.report.mac_ratio is not None and bare.report.mac_ratio > 0.9
+    hint = [n for n in bare.report.notes if n.startswith("little fits this error budget without data")]
+    assert hint and "synthetic calibration (the model has BatchNorm)" in hint[0]
+    # and what it promises: the same budget with synthetic samples slims far more and keeps the accuracy
+    synthetic = sepify.convert(model, x_test[:1], calibration="synthetic")
+    assert synthetic.report.mac_ratio is not None and synthetic.report.mac_ratio < 0.8
+    assert zoo.accuracy(synthetic.model, x_test, y_test) >= original - 0.01
+    assert not any(n.startswith("little fits") for n in synthetic.report.notes)
+
+
 def test_distillation_improves_heldout_loss_and_is_deterministic(digits) -> None:  # type: ignore[no-untyped-def]
     model, x_train, x_test, y_test, original = digits
     runs = [

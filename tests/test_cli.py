@@ -608,6 +608,20 @@ def test_skip_slower_flag_reports_times_and_converts_only_faster_pairs(tmp_path:
         assert row["converted"] or row["skip_reason"] == "slower"
 
 
+def test_naming_a_latency_backend_times_there(tmp_path: Path) -> None:
+    """`--latency-backend onnxruntime` alone is a request to time in onnxruntime, not a setting for later."""
+    argv = ("--rank", "2", "--report", "r.json", "--force", "-q")
+    for backend, timed in (("eager", False), ("onnxruntime", True)):
+        result = run("convert", TINY, *TINY_INPUT, *argv, "--latency-backend", backend)
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert (report["latency"]["ratio"] is not None) == timed
+        assert any(r["latency_before"] is not None for r in report["layers"]) == timed
+    result = run("audit", TINY, *TINY_INPUT, "--latency-backend", "onnxruntime", "--json")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime" in result.output
+
+
 def test_memory_format_channels_last(tmp_path: Path) -> None:
     argv = ("--rank", "2", "--order", "pw-dw", "--memory-format", "channels_last", "-q")
     result = run("convert", TINY, *TINY_INPUT, *argv)

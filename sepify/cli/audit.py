@@ -96,7 +96,9 @@ def audit(
                 ranks=ranks,
                 select=Selection(written.include, written.exclude),
                 calibration=calibration,
-                timing=Timing(backend=timing.latency_backend.value, threads=timing.threads) if timing.latency else None,
+                timing=Timing(backend=timing.latency_backend.value, threads=timing.threads)
+                if timing.measured
+                else None,
                 budget=wanted,
                 measure_on=load.measured(),
                 progress=progress,

@@ -130,7 +130,7 @@ def convert(
         calibration = calibration_setting(data, args, refine=not how.no_refine)
         if timing.threads is not None:
             torch.set_num_threads(timing.threads)
-        timed = timing.latency or how.skip_slower or how.tune_layout
+        timed = timing.measured or how.skip_slower or how.tune_layout
         loaded = load_model(model, load, on, run.quiet)
         with progress_display("convert", "analysing the model", run.quiet) as progress:
             result = convert_model(
@@ -144,7 +144,7 @@ def convert(
                 calibration=calibration,
                 distill=Distill(steps=how.distill_steps, train_all=how.train_all) if how.distill_steps else None,
                 timing=Timing(
-                    latency=timing.latency,
+                    latency=timing.measured,
                     skip_slower=how.skip_slower,
                     tune_layout=how.tune_layout,
                     backend=timing.latency_backend.value,

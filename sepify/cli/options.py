@@ -240,7 +240,7 @@ LatencyOpt = Annotated[bool, flag("--latency", help="Time each conv against its 
 LatencyBackendOpt = Annotated[
     Backend,
     option("--latency-backend", metavar="BACKEND", help="eager (default), compile, onnxruntime or openvino: where "
-            "time is measured (each layer with what the runtime fuses with it)."),
+            "time is measured (each layer with what the runtime fuses with it); other than eager implies --latency."),
 ]  # fmt: skip
 ThreadsOpt = Annotated[int | None, option("--threads", metavar="N", min=1, help="Threads to time with.")]
 
@@ -252,6 +252,11 @@ class TimingOptions:
     latency: LatencyOpt = False
     latency_backend: LatencyBackendOpt = Backend.EAGER
     threads: ThreadsOpt = None
+
+    @property
+    def measured(self) -> bool:
+        """Whether to time: ``--latency``, or a runtime named with ``--latency-backend`` (naming one is asking)."""
+        return self.latency or self.latency_backend is not Backend.EAGER
 
 
 # -- every command ---------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ conversion), the original in int8, sepify's slim model (audited and refined on t
 at the budget that keeps the task within 1 point: ``realistic.py``) in float32 and in int8. int8 is what
 ``sepify convert --int8`` writes (:func:`sepify.save`: onnxruntime's ``quantize_static``, QDQ, per-channel weights;
 NNCF for OpenVINO), with ranges from the same calibration data. The task metric is the worst over ``--draws``
-independent draws of test and calibration data; times (draw 0) are interleaved medians of 30 calls, relative to
-the original float32 file in the same runtime at the same batch.
+independent draws of test and calibration data; times (draw 0) are :func:`sepify.compare_deployments`'s (what
+``sepify convert --int8`` prints): interleaved medians, relative to the original float32 in the same runtime at the
+same batch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from tasks import crepe_task, digits_task
 from torch import Tensor, nn
 
 import sepify
-from sepify.runtime.check import file_runner
-from sepify.runtime.timing import interleaved_medians
+from sepify.runtime.check import runtime_runner
 
 BUDGETS = {"digits": 0.12, "crepe-tiny": 0.50, "crepe-full": 0.35}
 RUNTIMES = {"onnxruntime": ".onnx", "OpenVINO": ".xml"}
@@ -35,7 +35,7 @@ class FileModel(nn.Module):
 
     def __init__(self, path: Path, fmt: str, threads: int) -> None:
         super().__init__()
-        self.run = file_runner(path, fmt, exact=False, threads=threads)[0]
+        self.run = runtime_runner(path, fmt, exact=False, threads=threads)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run([x.detach().float()])[0]
@@ -88,12 +88,14 @@ def main() -> None:
                         metrics[runtime, row] = min(metrics.get((runtime, row), 1.0), value)
                     if draw:
                         continue
-                    for batch in args.batches:
+                    for batch in args.batches:  # the comparison `sepify convert --int8` prints, on the written file
                         x = torch.cat([task.example] * batch)[:batch]
-                        runs = [file_runner(p, fmt, exact=False, threads=args.threads)[0] for p in written.values()]
-                        medians = interleaved_medians([lambda r=r, x=x: r([x]) for r in runs], args.reps)
-                        for row, t in zip(written, medians, strict=True):
-                            times[runtime, row, batch] = t / medians[0]
+                        found = sepify.compare_deployments(
+                            model, result.model, task.example, int8=data, runtime=runtime.lower(),
+                            threads=args.threads, timed_inputs=x, written=written["slim int8"], reps=args.reps,
+                        )  # fmt: skip
+                        for option in found.options:
+                            times[runtime, option.name.replace("float32", "fp32"), batch] = option.time_ratio
         for runtime in RUNTIMES:
             for row in ROWS:
                 macs = mac_ratio if row.startswith("slim") else 1.0

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from sepify.options import Budget, Calibration, Distill, Selection, Timing
     from sepify.pipeline.audit import audit
     from sepify.pipeline.convert import ConversionResult, convert, load_converted
-    from sepify.pipeline.deploy import Int8Fidelity, int8_fidelity, save
+    from sepify.pipeline.deploy import Deployment, Deployments, compare_deployments, save
     from sepify.pipeline.distill import DistillResult, DistillStep, distill
     from sepify.planning.choice import Option
     from sepify.planning.plan import LayerPlan, Plan
@@ -68,8 +68,9 @@ _LAZY = {
     "convert": "sepify.pipeline.convert",
     "load_converted": "sepify.pipeline.load",
     "save": "sepify.pipeline.deploy",
-    "int8_fidelity": "sepify.pipeline.deploy",
-    "Int8Fidelity": "sepify.pipeline.deploy",
+    "compare_deployments": "sepify.pipeline.deploy",
+    "Deployment": "sepify.pipeline.deploy",
+    "Deployments": "sepify.pipeline.deploy",
     "ConversionResult": "sepify.pipeline.convert",
     "audit": "sepify.pipeline.audit",
     "distill": "sepify.pipeline.distill",
@@ -128,7 +129,7 @@ __all__ = [
     "distill",
     "load_converted",
     "save",
-    "int8_fidelity",
+    "compare_deployments",
     # options
     "Selection",
     "Calibration",
@@ -137,7 +138,8 @@ __all__ = [
     "Budget",
     # results
     "ConversionResult",
-    "Int8Fidelity",
+    "Deployments",
+    "Deployment",
     "DistillResult",
     "DistillStep",
     "ConversionReport",

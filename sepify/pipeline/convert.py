@@ -269,8 +269,7 @@ def _planned(
     """Audit (with the same calibration and timing) and plan under ``budget``: what ``plan=Budget(...)`` converts."""
     from sepify.pipeline.audit import audit  # the audit is this module's caller's peer: imported where used
 
-    audit_timing = timing if timing is not None and budget.bound[0] == "max_latency_ratio" else timing
-    report = audit(model, args, select=select, calibration=calibration, timing=audit_timing, budget=budget,
+    report = audit(model, args, select=select, calibration=calibration, timing=timing, budget=budget,
                    measure_on=measure_on, progress=progress)  # fmt: skip
     plan = report.plan(**budget.as_dict())
     info = plan.meta

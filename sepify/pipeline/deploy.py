@@ -2,16 +2,20 @@
 
 int8 is post-training static quantization by the runtime's own tool
 (:mod:`sepify.runtime.quantize`), with activation ranges from calibration
-samples. Whether it pays is measured, not assumed: :func:`int8_fidelity`
-runs the written file against the float32 model and the original, and times
-it against the float32 export in the same runtime (docs/benchmarks.md,
-"int8": on our CPU, depthwise convs in int8 can run slower than in float32).
+samples. Whether it pays is measured, not assumed: :func:`compare_deployments`
+runs the original and the slim model, each in float32 and int8, against the
+original and times them side by side in the runtime (docs/benchmarks.md,
+"Slim, int8, or both": on our CPU, depthwise convs in int8 can run slower than
+in float32, and int8 of the original can beat a slim model).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,11 +31,10 @@ from sepify.graph.analysis import normalize_inputs
 from sepify.io.paths import format_of
 from sepify.io.save import save_model
 from sepify.runtime.quantize import INT8_SAMPLES
-from sepify.runtime.runners import model_runner
 from sepify.runtime.timing import interleaved_medians
 from sepify.vocab import Format
 
-__all__ = ["Int8Fidelity", "int8_batches", "int8_fidelity", "save"]
+__all__ = ["Deployment", "Deployments", "compare_deployments", "int8_batches", "save"]
 
 
 def save(
@@ -56,8 +59,8 @@ def save(
         int8: write an int8 ONNX or OpenVINO file, with activation ranges
             from these unlabelled samples (a tensor ``(N, ...)``, a DataLoader
             or a list of batches; the first 256), or ``"synthetic"``
-            (:func:`sepify.synthesize_calibration`). Check what it cost with
-            :func:`int8_fidelity`.
+            (:func:`sepify.synthesize_calibration`). See what int8 costs and
+            saves with :func:`compare_deployments`.
         plan_json: the plan stored with safetensors weights
             (``result.report.to_plan().to_json()``).
         overwrite: replace existing files (written atomically either way).
@@ -69,9 +72,9 @@ def save(
         >>> slim = sepify.convert(net, x[:1], rank=2).model
         >>> with tempfile.TemporaryDirectory() as d:
         ...     files = sepify.save(slim, f"{d}/slim.onnx", x[:1], int8=x)
-        ...     check = sepify.int8_fidelity(files[-1], slim, x[:8], original=net)
-        >>> [f.name for f in files], check.runtime, check.error_vs_float < 0.1
-        (['slim.onnx'], 'onnxruntime', True)
+        ...     found = sepify.compare_deployments(net, slim, x, int8=x, written=files[-1], reps=3)
+        >>> [f.name for f in files], abs(found.get("slim int8").error - found.get("slim float32").error) < 0.05
+        (['slim.onnx'], True)
     """
     path = Path(path)
     args = normalize_inputs(example_inputs)
@@ -96,94 +99,159 @@ def int8_batches(data: Any, model: nn.Module, args: tuple[Any, ...]) -> list[tup
     return [tuple(a.detach().cpu() for a in batch) for batch in prepared.fit]
 
 
-class Int8Fidelity(NamedTuple):
-    """An int8 file measured on the same inputs against the float32 model it was written from and the original.
+class Deployment(NamedTuple):
+    """One way to ship a model: which model, in which precision, how fast and how close to the original."""
+
+    model: str  # "original" or "slim"
+    precision: str  # "float32" or "int8"
+    time_ratio: float  # median time over the original float32's, same runtime, threads and batch
+    error: float | None  # output error against the original PyTorch model on the compared inputs
+    agreement: float | None  # top-1 agreement with it (None when the output is not one (N, classes) tensor)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.precision}"
+
+
+@dataclass(frozen=True)
+class Deployments:
+    """The original and the slim model, each in float32 and int8, run and timed side by side in one runtime.
 
     Errors are relative output errors (``||y' - y|| / ||y||`` over every
-    floating output); agreements are the share of samples whose top-1 class
-    is unchanged (None when the output is not one ``(N, classes)`` tensor);
-    ``float_*`` are the float32 model's own, so that what int8 adds shows;
-    ``time_ratio`` is the int8 file's median time over the float32 export's
-    in ``runtime``.
+    floating output) against the original PyTorch model on ``samples``
+    inputs; times are interleaved medians at batch ``batch``. Each runtime
+    runs as deployed: OpenVINO computes "float32" files in its default
+    precision (bf16 on CPUs that have it).
     """
 
     runtime: str
-    error_vs_float: float | None
-    error_vs_original: float | None = None
-    float_error_vs_original: float | None = None
-    agreement_vs_original: float | None = None
-    float_agreement_vs_original: float | None = None
-    time_ratio: float | None = None
+    threads: int
+    batch: int
+    samples: int
+    options: tuple[Deployment, ...]
 
-    def describe(self) -> str:
-        """``"int8 in onnxruntime: output error 0.0194 against float32; against the original 0.182 (float32
-        0.170), top-1 agreement 97% (float32 100%); 1.56x the float32 time"``."""
-        parts = [f"int8 in {self.runtime}: output error {_number(self.error_vs_float)} against float32"]
-        if self.error_vs_original is not None:
-            against = f"against the original {_number(self.error_vs_original)} (float32 {_number(self.float_error_vs_original)})"
-            if self.agreement_vs_original is not None:
-                float_agreement = self.float_agreement_vs_original
-                against += f", top-1 agreement {self.agreement_vs_original:.0%}" + (
-                    f" (float32 {float_agreement:.0%})" if float_agreement is not None else ""
-                )
-            parts.append(against)
-        if self.time_ratio is not None:
-            parts.append(f"{self.time_ratio:.2f}x the float32 time")
-        return "; ".join(parts)
+    def get(self, name: str) -> Deployment:
+        """The option called ``name`` (``"slim int8"``...)."""
+        return next(o for o in self.options if o.name == name)
 
-    @property
-    def slower(self) -> bool:
-        """Whether int8 runs no faster than float32 here (beyond timing noise)."""
-        return self.time_ratio is not None and self.time_ratio > _NOT_FASTER
+    def better_than(self, name: str) -> list[Deployment]:
+        """The options faster than ``name`` (beyond timing noise) that are no farther from the original."""
+        this = self.get(name)
+        return [
+            o
+            for o in self.options
+            if o.name != name
+            and o.time_ratio < this.time_ratio * _CLEARLY_FASTER
+            and (o.error or 0.0) <= (this.error or 0.0) + _SAME_ERROR
+        ]
+
+    def to_text(self, marked: str | None = None) -> str:
+        """A small table, ``marked`` (the written option) flagged ``(written)``."""
+        lines = [
+            f"in {self.runtime} ({self.threads} thread{'s' if self.threads > 1 else ''}, batch {self.batch}; "
+            f"errors against the original on {self.samples} samples):",
+            f"  {'':<26} {'time':>7} {'output error':>13} {'top-1':>6}",
+        ]
+        for o in self.options:
+            label = o.name + (" (written)" if o.name == marked else "")
+            agreement = "-" if o.agreement is None else f"{o.agreement:.0%}"
+            lines.append(f"  {label:<26} {o.time_ratio:>6.3f}x {_number(o.error):>13} {agreement:>6}")
+        return "\n".join(lines)
 
 
-_NOT_FASTER = 0.95  # an int8 file under 0.95x of the float32 time is faster; above, it is not worth its error
+_CLEARLY_FASTER = 0.95  # timing noise: an option is faster when it takes under 0.95x the time
+_SAME_ERROR = 1e-3  # output errors this close are the same closeness to the original
 
 
-def int8_fidelity(
-    path: str | os.PathLike[str],
-    model: nn.Module,
+def compare_deployments(
+    original: nn.Module,
+    slim: nn.Module,
     inputs: Any,
     *,
-    original: nn.Module | None = None,
-    format: str | None = None,  # noqa: A002 - as in save()
+    int8: Any,
+    runtime: str = "onnxruntime",
     threads: int | None = None,
-    time: bool = True,
     timed_inputs: Any = None,
-) -> Int8Fidelity:
-    """The int8 file at ``path`` run on ``inputs`` against ``model`` (the float32 model it was written from) and
-    ``original``; with ``time``, timed against ``model``'s float32 export in the same runtime on ``timed_inputs``
-    (default: ``inputs``)."""
-    from sepify.runtime.check import file_runner
+    written: str | os.PathLike[str] | None = None,
+    reps: int = 10,
+) -> Deployments:
+    """Run and time the four ways to ship: ``original`` and ``slim``, each in float32 and int8, in ``runtime``.
 
-    path = Path(path)
+    Each is exported as :func:`save` would write it (ONNX: the faster of
+    torch.onnx's two exports; OpenVINO: its own conversion; int8 with ranges
+    from ``int8``, any data :func:`save` takes), run on ``inputs`` against
+    ``original`` in PyTorch, and timed interleaved on ``timed_inputs``
+    (default ``inputs``). ``written``: the slim int8 file already written, run
+    instead of quantizing again (so that the file you ship is what is measured).
+    Times are medians of at least ``reps`` interleaved rounds, more where a
+    round is short (about a second of rounds in all, at most 200).
+
+    Examples:
+        >>> import torch, sepify
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3)).eval()
+        >>> x = torch.randn(32, 3, 16, 16)
+        >>> slim = sepify.convert(net, x[:1], rank=2).model
+        >>> found = sepify.compare_deployments(net, slim, x, int8=x, timed_inputs=x[:1], reps=3)
+        >>> [o.name for o in found.options]
+        ['original float32', 'original int8', 'slim float32', 'slim int8']
+        >>> found.get("original float32").time_ratio, found.get("original int8").error < 0.05
+        (1.0, True)
+    """
+    from sepify.runtime.check import runtime_runner
+    from sepify.runtime.export import openvino_model
+    from sepify.runtime.quantize import int8_onnx, int8_openvino
+    from sepify.runtime.runners import fastest_onnx
+
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ConfigError(f"deployments are compared in onnxruntime or openvino, not {runtime!r}")
     args = normalize_inputs(inputs)
-    fmt = format or format_of(path, Format.ONNX).value
-    run, runtime, _ = file_runner(path, fmt, exact=False)
+    timed = args if timed_inputs is None else normalize_inputs(timed_inputs)
+    batches = int8_batches(int8, original, timed)
+    fmt = Format.ONNX.value if runtime == "onnxruntime" else Format.OPENVINO.value
+    sources: dict[str, Any] = {}
+    for label, model in (("original", original), ("slim", slim)):
+        if fmt == Format.ONNX:
+            graph = fastest_onnx(model, timed, threads)[1]
+            sources[f"{label} float32"] = graph
+            sources[f"{label} int8"] = int8_onnx(graph, batches) if label == "original" or written is None else None
+        else:
+            sources[f"{label} float32"] = openvino_model(model, timed)
+            converted = openvino_model(model, timed) if label == "original" or written is None else None
+            sources[f"{label} int8"] = int8_openvino(converted, batches) if converted is not None else None
+    if written is not None:
+        sources["slim int8"] = Path(written)
+    runners = {name: runtime_runner(source, fmt, exact=False, threads=threads)[0] for name, source in sources.items()}
     with torch.no_grad():
-        want = model(*args)
-        reference = original(*args) if original is not None else None
-    got = run([a.detach().float().cpu() for a in args])
-    floats = [t for t in tree_leaves(want) if isinstance(t, Tensor)]
-    against: dict[str, float | None] = {}
-    if reference is not None:
-        expected = [t for t in tree_leaves(reference) if isinstance(t, Tensor)]
-        against = {
-            "error_vs_original": output_error(expected, got),
-            "float_error_vs_original": output_error(expected, floats),
-            "agreement_vs_original": top1_agreement(_single(expected), _single(got)),
-            "float_agreement_vs_original": top1_agreement(_single(expected), _single(floats)),
-        }
-    ratio = None
-    if time:
-        backend = "openvino" if fmt == Format.OPENVINO else "onnxruntime"
-        timed = args if timed_inputs is None else normalize_inputs(timed_inputs)
-        float_runner = model_runner(model, timed, backend, threads)
-        file_run, _, _ = file_runner(path, fmt, exact=False, threads=threads)
-        arrays = [a.detach().float().cpu() for a in timed]
-        before, after = interleaved_medians([float_runner, lambda: file_run(arrays)], 10)
-        ratio = after / before if before > 0 and math.isfinite(after) else None
-    return Int8Fidelity(runtime, output_error(floats, got), time_ratio=ratio, **against)
+        reference = [t for t in tree_leaves(original(*args)) if isinstance(t, Tensor)]
+    feeds = [a.detach().float().cpu() for a in args]
+    outputs = {name: run(feeds) for name, run in runners.items()}
+    timed_feeds = [a.detach().float().cpu() for a in timed]
+    calls = [functools.partial(run, timed_feeds) for run in runners.values()]
+    medians = interleaved_medians(calls, max(reps, _reps_for(calls)))
+    base = medians[0]
+    options = []
+    for name, t in zip(runners, medians, strict=True):
+        model_name, precision = name.split(" ")
+        options.append(
+            Deployment(
+                model_name,
+                precision,
+                time_ratio=t / base if base > 0 else math.nan,
+                error=output_error(reference, outputs[name]),
+                agreement=top1_agreement(_single(reference), _single(outputs[name])),
+            )
+        )
+    used_threads = threads or torch.get_num_threads()
+    return Deployments(runtime, used_threads, int(timed[0].shape[0]), int(args[0].shape[0]), tuple(options))
+
+
+def _reps_for(calls: list[Any], seconds: float = 1.0, most: int = 200) -> int:
+    """Rounds that take about ``seconds`` in all (at most ``most``): medians of sub-millisecond calls need many."""
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    round_s = time.perf_counter() - start
+    return min(most, int(seconds / round_s)) if round_s > 0 else most
 
 
 def _single(outputs: list[Tensor]) -> Tensor | None:

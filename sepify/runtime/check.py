@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from sepify.runtime.sessions import installed, onnxruntime_session, openvino_compiled
 
-__all__ = ["ExportCheck", "check_export", "file_runner", "relative_difference", "TOLERANCE"]
+__all__ = ["ExportCheck", "check_export", "runtime_runner", "relative_difference", "TOLERANCE"]
 
 TOLERANCE = 1e-3  # float32 runtimes reorder sums; a larger relative difference is a wrong export
 
@@ -64,7 +64,7 @@ def check_export(path: Path, fmt: str, model: nn.Module, args: tuple[Any, ...]) 
         return None
     if not _runtime_installed(fmt):
         return None
-    run, runtime, dynamic = file_runner(path, fmt)
+    run, runtime, dynamic = runtime_runner(path, fmt)
     batch = int(args[0].shape[0])
     batches = [args]
     if dynamic:
@@ -97,14 +97,16 @@ def _runtime_installed(fmt: str) -> bool:
     return fmt == "pt2" or (fmt == "onnx" and installed("onnxruntime")) or (fmt == "openvino" and installed("openvino"))
 
 
-def file_runner(
-    path: Path, fmt: str, *, exact: bool = True, threads: int | None = None
+def runtime_runner(
+    path: Path | bytes | Any, fmt: str, *, exact: bool = True, threads: int | None = None
 ) -> tuple[Callable[[list[Tensor]], list[Tensor]], str, bool]:
     """A function from input tensors to the output tensors of the file at ``path`` in its runtime, the runtime's
-    name, and whether the file's batch is dynamic. ``exact``: OpenVINO in float32 (to compare with PyTorch);
+    name, and whether the file's batch is dynamic. ``path`` may also be what the file would hold: ONNX bytes, an
+    ``openvino.Model``. ``exact``: OpenVINO in float32 (to compare with PyTorch);
     otherwise as deployed (its latency hint and default precision). Raises ValueError for a format with no
     runtime here."""
     if fmt == "pt2":
+        assert isinstance(path, (str, Path)), "a pt2 program is read from its file"
         program = torch.export.load(path)
         module = program.module()
         dims = [s.shape[0] for s in _placeholder_values(program)]

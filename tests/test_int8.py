@@ -127,3 +127,22 @@ def test_a_missing_quantizer_is_named_with_its_install_command(monkeypatch: pyte
     quantize.check_int8("onnx")
     with pytest.raises(sepify.ConfigError, match=r"int8 openvino needs nncf's quantizer.*pip install nncf"):
         quantize.check_int8("openvino")
+
+
+def test_better_than_means_clearly_faster_and_no_farther_from_the_original() -> None:
+    from sepify.pipeline.deploy import Deployment, Deployments
+
+    options = (
+        Deployment("original", "float32", 1.0, 0.0, 1.0),
+        Deployment("original", "int8", 0.44, 0.010, 1.0),  # faster and closer than the slim int8
+        Deployment("slim", "float32", 0.69, 0.181, 1.0),  # faster but within timing noise (0.69 > 0.95 x 0.70)
+        Deployment("slim", "int8", 0.70, 0.182, 0.97),
+    )
+    found = Deployments("onnxruntime", 2, 1, 32, options)
+    assert [o.name for o in found.better_than("slim int8")] == ["original int8"]
+    assert found.better_than("original int8") == []  # nothing faster
+    # everything is faster than the original in float32, and farther from it
+    assert found.better_than("original float32") == []
+    lines = found.to_text("slim int8").splitlines()
+    assert lines[0] == "in onnxruntime (2 threads, batch 1; errors against the original on 32 samples):"
+    assert lines[-1].split() == ["slim", "int8", "(written)", "0.700x", "0.182", "97%"]

@@ -30,7 +30,7 @@ from sepify.errors import ConfigError
 from sepify.graph.analysis import normalize_inputs
 from sepify.io.paths import format_of
 from sepify.io.save import save_model
-from sepify.runtime.quantize import INT8_SAMPLES
+from sepify.runtime.quantize import INT8_SAMPLES, check_int8
 from sepify.runtime.timing import interleaved_medians
 from sepify.vocab import Format
 
@@ -79,6 +79,8 @@ def save(
     path = Path(path)
     args = normalize_inputs(example_inputs)
     fmt = format or format_of(path, Format.PT).value
+    if int8 is not None:
+        check_int8(fmt)  # before any samples are synthesised
     batches = None if int8 is None else int8_batches(int8, model, args)
     return save_model(model, path, fmt, example_args=args, plan_json=plan_json, overwrite=overwrite, int8=batches)
 

@@ -10,9 +10,9 @@
   default preset: symmetric per-channel weights), the tool OpenVINO documents.
 
 Both quantize every layer they can: whether that is faster depends on the CPU
-and the model (docs/benchmarks.md, "int8": depthwise convs in int8 can be
-slower than in float32), so callers time the result against float32 rather
-than assume it.
+and the model (docs/benchmarks.md, "Slim, int8, or both": depthwise convs in
+int8 can be slower than in float32), so callers time the result against
+float32 rather than assume it (:func:`sepify.compare_deployments`).
 
 Examples:
     >>> import torch

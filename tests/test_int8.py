@@ -66,6 +66,7 @@ def test_activation_ranges_come_from_the_samples_given(slim, tmp_path: Path) -> 
     assert bad > 3 * good
 
 
+@pytest.mark.slow  # NNCF's statistics collection: a few seconds
 def test_openvino_int8_runs_near_float32(slim, tmp_path: Path) -> None:
     net, model, x = slim
     files = sepify.save(model, tmp_path / "slim.xml", x[:2], int8=x)
@@ -74,7 +75,7 @@ def test_openvino_int8_runs_near_float32(slim, tmp_path: Path) -> None:
     assert _error_against(model, files[-1], "openvino", x) < 0.05
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])  # NNCF: 7 s
 def test_the_four_ways_to_ship_are_measured_against_the_original(slim, runtime: str) -> None:
     net, model, x = slim
     found = sepify.compare_deployments(net, model, x, int8=x, runtime=runtime, timed_inputs=x[:4], reps=3)

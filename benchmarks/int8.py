@@ -1,6 +1,7 @@
 """Slim, int8, or both: the four ways to ship a trained model, timed side by side in onnxruntime and OpenVINO.
 
-Run:  python benchmarks/int8.py [--tasks digits crepe-tiny] [--draws 3] [--batches 1 8] [--threads 1]
+Run:  python benchmarks/int8.py [--tasks digits crepe-tiny crepe-full resnet50] [--draws 3] [--batches 1 8]
+      [--threads 1]
 
 For each trained model: the original in float32 (ONNX: the faster of torch.onnx's two exports; OpenVINO: its own
 conversion), the original in int8, sepify's slim model (audited and refined on the draw's calibration data, planned
@@ -9,7 +10,8 @@ at the budget that keeps the task within 1 point: ``realistic.py``) in float32 a
 NNCF for OpenVINO), with ranges from the same calibration data. The task metric is the worst over ``--draws``
 independent draws of test and calibration data; times (draw 0) are :func:`sepify.compare_deployments`'s (what
 ``sepify convert --int8`` prints): interleaved medians, relative to the original float32 in the same runtime at the
-same batch.
+same batch. resnet50 has random weights: latency only (slim: ``Budget(max_mac_ratio=0.6)`` without data; int8
+ranges from random images).
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ def files(model: nn.Module, slim: nn.Module, example: Tensor, data: Tensor, fold
     return written
 
 
+LATENCY_ONLY = {"resnet50": (0.6, (3, 224, 224))}  # random weights: MAC budget (no data), input shape
+
+
+def latency_only(name: str, batches: list[int], threads: int, reps: int) -> None:
+    """A model with random weights: the four ways timed, no metric (int8 ranges from random images)."""
+    import torchvision
+
+    budget, shape = LATENCY_ONLY[name]
+    model = getattr(torchvision.models, name)().eval()
+    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    slim = sepify.convert(model, example, plan=sepify.Budget(max_mac_ratio=budget))
+    data = torch.randn(32, *shape, generator=torch.Generator().manual_seed(1))
+    for runtime in RUNTIMES:
+        cells: dict[str, str] = {}
+        for batch in batches:
+            found = sepify.compare_deployments(model, slim.model, example, int8=data, runtime=runtime.lower(),
+                                               threads=threads, timed_inputs=example.expand(batch, *shape), reps=reps)  # fmt: skip
+            for option in found.options:
+                cells[option.name] = cells.get(option.name, "") + f" {option.time_ratio:>8.3f}x"
+        for option_name, row in cells.items():
+            macs = slim.report.mac_ratio if option_name.startswith("slim") else 1.0
+            label = option_name.replace("float32", "fp32")
+            print(f"{name:<11} {runtime:<12} {label:<14} {macs:>5.3f} {'-':>7}{row}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["digits", "crepe-tiny"])
@@ -68,6 +95,9 @@ def main() -> None:
     header = f"{'model':<11} {'runtime':<12} {'file':<14} {'MACs':>5} {'metric':>7}"
     print(header + "".join(f" {'batch ' + str(b):>9}" for b in args.batches))
     for name in args.tasks:
+        if name in LATENCY_ONLY:
+            latency_only(name, args.batches, args.threads, args.reps)
+            continue
         metrics: dict[tuple[str, str], float] = {}
         times: dict[tuple[str, str, int], float] = {}
         mac_ratio = 1.0

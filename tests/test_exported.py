@@ -76,6 +76,32 @@ def test_both_exporters_write_a_converted_model_that_runs(layout: str) -> None:
             assert relative_difference([want], [got]) < 1e-5, exporter
 
 
+class FunctionalRoot(nn.Module):
+    """A forward that calls F.conv2d on its own parameters: the converted model is the GraphModule of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(16, 8, 3, 3))
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(F.conv2d(x, self.w, padding=1)))
+
+
+def test_a_converted_graph_module_exports_with_both_exporters() -> None:
+    pytest.importorskip("onnxruntime")
+    x = torch.randn(2, 8, 12, 12)
+    slim = sepify.convert(FunctionalRoot().eval(), x, rank=2).model
+    assert isinstance(slim, torch.fx.GraphModule)  # the TorchScript exporter once mistook its graph for a script's
+    for exporter in ONNX_EXPORTERS:
+        session = onnxruntime_session(onnx_bytes(slim, (x,), exporter=exporter))
+        with torch.no_grad():
+            want = slim(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert relative_difference([want], [got]) < 1e-5, exporter
+
+
 def test_the_faster_export_that_reproduces_the_model_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("onnxruntime")
     model, x = PaddedConvs().eval(), torch.randn(2, 256)

@@ -86,6 +86,9 @@ def onnx_bytes(
         return bytes(onnx_program(model, args, dynamic_batch=dynamic_batch).model_proto.SerializeToString())
     if exporter != "torchscript":
         raise ValueError(f"exporter must be one of {ONNX_EXPORTERS}, got {exporter!r}")
+    if isinstance(getattr(model, "graph", None), torch.fx.Graph):
+        # the TorchScript exporter takes any module with a `graph` for a ScriptModule and calls `graph.outputs()`
+        model = _Forward(model)
     names = [f"input_{i}" for i in range(len(args))]
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -96,6 +99,17 @@ def onnx_bytes(
             dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch else None,
         )  # fmt: skip
     return buffer.getvalue()
+
+
+class _Forward(nn.Module):
+    """A module that only calls ``inner``: hides a GraphModule's fx graph from the TorchScript exporter."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        return self.inner(*args)
 
 
 def exported_program(model: nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

@@ -102,6 +102,23 @@ def test_distill_ends() -> None:
     assert result.output.count("this model warns in its forward") == 1
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_distill_checks_what_it_wrote(int8: bool) -> None:
+    assert run("convert", "warns.py:build", *INPUT, "--rank", "2", "-o", "student.pt", "-q").exit_code == 0
+    result = run(
+        "distill", "student.pt", "--trust-pickle", "--teacher", "warns.py:build", "--data", "data.npy", *INPUT,
+        "--steps", "3", "--batch-size", "8", "-o", "out.onnx", *(["--int8"] if int8 else []),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("this model warns in its forward") == 1
+    text = " ".join(result.output.split())
+    if int8:  # ranges from --data, compared with the teacher (the original) in float32 and int8
+        assert "checked out.onnx against the other ways to ship this model, in onnxruntime (" in text
+        assert "errors against the original on 32 samples" in text
+    else:
+        assert "checked out.onnx: onnxruntime reproduces PyTorch's outputs to " in text
+
+
 def test_convert_and_audit_measure_where_they_are_told() -> None:
     def measured(*flags: str) -> dict[str, object]:
         result = run("convert", "warns.py:build", *INPUT, "--rank", "1", "--include", "c2", *flags,

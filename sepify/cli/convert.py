@@ -6,12 +6,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sepify.cli import options as o
-from sepify.cli.app import app, errors_as_exit_codes, out
+from sepify.cli.app import app, errors_as_exit_codes
 from sepify.cli.groups import command
 from sepify.cli.output import (
     check_report_path,
@@ -23,7 +23,8 @@ from sepify.cli.output import (
     wrote,
 )
 from sepify.cli.preflight import check_run, data_path, model_path
-from sepify.errors import ModelError, NothingConvertedError, OutputError, first_line
+from sepify.cli.written import check_written, int8_samples
+from sepify.errors import ModelError, NothingConvertedError, OutputError
 from sepify.io.paths import check_output_name, default_output, format_of, plan_path, weights_path
 from sepify.options import DEFAULT_BUDGET
 from sepify.vocab import Format, MemoryFormat, Order, SkipReason
@@ -159,13 +160,12 @@ def convert(
         _refuse_unwanted(result, model, written, wanted)
         if written.memory_format is MemoryFormat.CHANNELS_LAST:
             result.model.to(memory_format=torch.channels_last)
-        int8 = _int8_batches(loaded.model, args, calibration, run.quiet) if written.int8 else None
+        samples = calibration.data if calibration is not None else None
+        int8 = int8_samples("convert", loaded.model, args, samples, run.quiet) if written.int8 else None
         for path in _write(result, target, fmt, args, written, run, wanted is not None, int8):
             wrote(path, to_stderr=written.as_json)
-        if int8 is not None:
-            _check_int8(result, loaded.model, target, fmt, args, int8, timing.threads, run.quiet or written.as_json)
-        else:
-            _check_written(result, target, fmt, args, run.quiet or written.as_json)
+        check_written("convert", result.model, loaded.model, target, fmt, args, int8, timing.threads,
+                      run.quiet or written.as_json)  # fmt: skip
         if run.quiet and not written.as_json:
             print_lines(result.report.summary_line())
 
@@ -303,95 +303,3 @@ def _write(
         write_report(result.report, written.report, overwrite=run.force)
         files.append(written.report)
     return files
-
-
-def _check_written(result: ConversionResult, target: Path, fmt: str, args: tuple[Any, ...], quiet: bool) -> None:
-    """Run the written deployment file in its runtime against the PyTorch model; one line, a warning if it differs."""
-    from sepify.runtime.check import TOLERANCE, check_export
-
-    if fmt not in ("pt2", "onnx", "openvino"):
-        return
-    try:
-        with step("convert", f"checking {target}", quiet):
-            check = check_export(target, fmt, result.model, args)
-    except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
-        highlight(
-            f"{target} was written but could not be run back to check it ({first_line(e)}); load it in your runtime "
-            "and compare with the PyTorch model"
-        )
-        return
-    if check is None:
-        return
-    if not check.ok:
-        highlight(
-            f"{target}: {check.describe()}, more than {TOLERANCE:g}; the exporter changed what the model computes: "
-            "save as --format pt, or report it with the model"
-        )
-    elif not quiet:
-        out.print(f"checked {target}: {check.describe()}", highlight=False, soft_wrap=True)
-
-
-def _int8_batches(
-    original: torch.nn.Module, args: tuple[torch.Tensor, ...], calibration: Any, quiet: bool
-) -> list[tuple[torch.Tensor, ...]]:
-    """Samples for int8 activation ranges: the calibration data, else synthetic samples (a model with BatchNorm),
-    else the example inputs alone (with a warning: ranges from one batch clip other inputs)."""
-    from sepify.calibrate.synthetic import SYNTHETIC, batchnorm_layers
-    from sepify.pipeline.deploy import int8_batches
-
-    data = calibration.data if calibration is not None else SYNTHETIC if batchnorm_layers(original) else None
-    if data is None:
-        highlight(
-            "--int8 without --calibration: activation ranges come from the example inputs alone and may clip "
-            "other inputs; give --calibration DATA"
-        )
-    with step("convert", "collecting int8 activation ranges", quiet):
-        return int8_batches(data, original, args)
-
-
-def _check_int8(
-    result: ConversionResult,
-    original: torch.nn.Module,
-    target: Path,
-    fmt: str,
-    args: tuple[torch.Tensor, ...],
-    batches: list[tuple[torch.Tensor, ...]],
-    threads: int | None,
-    quiet: bool,
-) -> None:
-    """The written int8 file beside the other ways to ship this model (the original and the slim model, each in
-    float32 and int8), run on calibration samples and timed on the example inputs in the file's runtime; a warning
-    where another way is faster and no farther from the original."""
-    from sepify.pipeline.deploy import Deployment, compare_deployments
-    from sepify.report.conversion import FAR_AGREEMENT, FAR_OUTPUT_ERROR
-
-    runtime = "onnxruntime" if fmt == Format.ONNX else "openvino"
-    try:
-        with step("convert", f"comparing {target} with the original in float32 and int8", quiet):
-            found = compare_deployments(original, result.model, batches[0], int8=batches, runtime=runtime,
-                                        threads=threads, timed_inputs=args, written=target)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - a runtime that cannot run the file is worth a warning, not a traceback
-        highlight(f"{target} was written but could not be run back to check it ({first_line(e)}); compare it with "
-                  "the PyTorch model in your runtime")  # fmt: skip
-        return
-    written = found.get("slim int8")
-    if not quiet:
-        print_lines(f"checked {target} against the other ways to ship this model, " + found.to_text("slim int8"))
-
-    def far(option: Deployment) -> bool:
-        return (option.error or 0.0) > FAR_OUTPUT_ERROR or (option.agreement or 1.0) < FAR_AGREEMENT
-
-    if far(written) and not far(found.get("slim float32")):  # a far conversion was warned about already
-        highlight(f"{target} (int8) is far from the original (output error {written.error:.3g}); drop --int8 or "
-                  "give --calibration data")  # fmt: skip
-    better = found.better_than("slim int8")
-    if better:
-        best = min(better, key=lambda o: o.time_ratio)
-        how = {
-            "slim float32": "drop --int8",
-            "original int8": "write the original as int8: sepify convert MODEL --exclude '*' --allow-unchanged "
-                             f"--format {fmt} --int8",
-            "original float32": "ship the original",
-        }[best.name]  # fmt: skip
-        highlight(f"the {best.name} model runs faster here ({best.time_ratio:.3f}x against {written.time_ratio:.3f}x "
-                  f"the original float32's time) and is no farther from the original: {how}")  # fmt: skip

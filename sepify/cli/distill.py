@@ -20,6 +20,7 @@ from sepify.cli.app import app, errors_as_exit_codes
 from sepify.cli.groups import command
 from sepify.cli.output import print_lines, progress_display, step, wrote
 from sepify.cli.preflight import Inputs, check_run, data_path, model_path
+from sepify.cli.written import check_written, int8_samples
 from sepify.errors import OutputError
 from sepify.io.paths import check_output_name, format_of, plan_path, weights_path
 from sepify.vocab import Format, Loss
@@ -85,6 +86,8 @@ class DistillOutput:
                                        "(default: from the -o name, else pt).")] = None  # fmt: skip
     log: Annotated[Path | None, o.option("--log", metavar="FILE", help="One line per logged step: JSON lines, or CSV "
                                      "for a .csv name.")] = None  # fmt: skip
+    int8: Annotated[bool, o.option("--int8", metavar="", help="With --format onnx or openvino: post-training int8, "
+                               "ranges from --data; compared with the teacher and float32.")] = False  # fmt: skip
 
 
 @command(app, epilog=o.epilog(EXAMPLES))
@@ -133,12 +136,14 @@ def distill(
                 print_lines(note)
         from sepify.io.save import save_model
 
+        int8 = int8_samples("distill", teacher, args, train_data, run.quiet) if written.int8 else None
         with step("distill", f"writing {written.output}", run.quiet):
             plan_json = _plan_json(result.model) if fmt is Format.SAFETENSORS else ""
             files = save_model(result.model, written.output, fmt.value, example_args=args, plan_json=plan_json,
-                               overwrite=run.force)  # fmt: skip
+                               overwrite=run.force, int8=int8)  # fmt: skip
         for path in files:
             wrote(path, to_stderr=run.quiet)
+        check_written("distill", result.model, teacher, written.output, fmt.value, args, int8, None, run.quiet)
         if run.quiet:
             print_lines(_summary(result, settings))
 
@@ -152,6 +157,10 @@ def _checked(
                                  param_hint="--resume")  # fmt: skip
     fmt = written.fmt or format_of(written.output, Format.PT)
     check_output_name(written.output, fmt.value)
+    if written.int8:
+        from sepify.runtime.quantize import check_int8
+
+        check_int8(fmt.value)
     folder = train.checkpoint_dir
     checkpoint = folder / "checkpoint.pt" if folder is not None else None
     if folder is not None and folder.exists() and not folder.is_dir():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -606,6 +607,50 @@ def test_skip_slower_flag_reports_times_and_converts_only_faster_pairs(tmp_path:
     for row in timed:
         assert (row["latency_after"] < row["latency_before"]) == row["converted"]
         assert row["converted"] or row["skip_reason"] == "slower"
+
+
+FAR = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)  # its output is the feature map itself: rank 1 of random 3x3 kernels is far from it
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+"""
+
+
+def test_a_far_model_is_flagged_and_strict_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "far.py").write_text(FAR)
+    argv = ("convert", "far.py:build", *TINY_INPUT, "--rank", "1", "--report", "r.json")
+    result = run(*argv)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert report["output_error"] > 0.3  # rank 1 on random weights: far
+    assert f"warning: the converted model is far from the original on the example inputs (output error " \
+           f"{report['output_error']:.3g}" in flat(result)  # fmt: skip
+    for extra in (("--strict",), ("--max-output-error", "0.2")):
+        (tmp_path / "build.sep.pt").unlink()
+        refused = run(*argv, "--force", *extra)
+        assert refused.exit_code == 1, refused.output
+        assert "so nothing was written" in flat(refused)
+        assert not (tmp_path / "build.sep.pt").exists()
+        assert run(*argv, "--force", "-q").exit_code == 0
+    assert run(*argv, "--force", "--max-output-error", "0.99").exit_code == 0
+
+
+def test_a_calibrated_model_is_judged_on_held_out_samples_not_on_random_examples(tmp_path: Path) -> None:
+    """--input-shape makes random example inputs; with --calibration the real held-out samples say how far it is."""
+    np.save(tmp_path / "data.npy", np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype("float32"))
+    (tmp_path / "far.py").write_text(FAR)
+    result = run("convert", "far.py:build", *TINY_INPUT, "--rank", "1", "--no-refine", "--calibration", "data.npy",
+                 "--report", "r.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stages = json.loads((tmp_path / "r.json").read_text())["fidelity"]
+    last = stages[-1]
+    assert last["output_error"] > 0.3
+    assert f"far from the original on {last['samples']} held-out calibration samples (output error " \
+           f"{last['output_error']:.3g}" in flat(result)  # fmt: skip
 
 
 def test_naming_a_latency_backend_times_there(tmp_path: Path) -> None:

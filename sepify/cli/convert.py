@@ -231,11 +231,14 @@ def _show(result: ConversionResult, written: ConvertOutput, quiet: bool) -> None
             report.to_text(wide=written.wide, all_rows=written.all_rows, width=shutil.get_terminal_size().columns)
         )
     if report.far_from_original:
-        agreement = f", top-1 agreement {report.top1_agreement:.0%}" if report.top1_agreement is not None else ""
+        error, top1, where = report.closeness
+        measured = ", ".join(
+            ([f"output error {error:.3g}"] if error is not None else [])
+            + ([f"top-1 agreement {top1:.0%}"] if top1 is not None else [])
+        )
         highlight(
-            f"the converted model is far from the original on the example inputs (output error "
-            f"{report.output_error:.3g}{agreement}); plan to a budget (--max-error 0.1), give --calibration data, "
-            "or raise --rank"
+            f"the converted model is far from the original on {where} ({measured}); plan to a budget "
+            "(--max-error 0.1), give --calibration data, or raise --rank"
         )
 
 

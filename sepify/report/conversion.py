@@ -21,7 +21,7 @@ from sepify.report.fields import LayerFields
 
 __all__ = ["LayerReport", "ConversionReport", "FAR_OUTPUT_ERROR", "FAR_AGREEMENT"]
 
-# Past these, a converted model is far from the original on the example inputs (report.far_from_original)
+# Past these, a converted model is far from the original (report.far_from_original, report.closeness)
 FAR_OUTPUT_ERROR = 0.3
 FAR_AGREEMENT = 0.9
 
@@ -115,11 +115,22 @@ class ConversionReport(JsonExportable):
 
     # -- how far the converted model is from the original ------------------
     @property
+    def closeness(self) -> tuple[float | None, float | None, str]:
+        """``(output error, top-1 agreement, where)`` that say how far the converted model is from the original:
+        on the held-out calibration samples after the last kept stage when it was calibrated (real inputs, and more
+        of them: the CLI's example inputs are random when only --input-shape is given), else on the example
+        inputs."""
+        if self.fidelity:
+            last = self.fidelity[-1]
+            return last.output_error, last.top1_agreement, f"{last.samples} held-out calibration samples"
+        return self.output_error, self.top1_agreement, "the example inputs"
+
+    @property
     def far_from_original(self) -> bool:
-        """Whether the converted model's outputs are far from the original's on the example inputs: relative
-        output error above :data:`FAR_OUTPUT_ERROR` or top-1 agreement below :data:`FAR_AGREEMENT` (the CLI
-        says so, and ``--strict`` refuses to write such a model)."""
-        error, agreement = self.output_error, self.top1_agreement
+        """Whether the converted model's outputs are far from the original's (:attr:`closeness`): relative output
+        error above :data:`FAR_OUTPUT_ERROR` or top-1 agreement below :data:`FAR_AGREEMENT` (the CLI says so, and
+        ``--strict`` refuses to write such a model)."""
+        error, agreement, _ = self.closeness
         return bool(self.converted) and (
             (error is not None and error > FAR_OUTPUT_ERROR) or (agreement is not None and agreement < FAR_AGREEMENT)
         )

@@ -651,6 +651,11 @@ def test_a_calibrated_model_is_judged_on_held_out_samples_not_on_random_examples
     assert last["output_error"] > 0.3
     assert f"far from the original on {last['samples']} held-out calibration samples (output error " \
            f"{last['output_error']:.3g}" in flat(result)  # fmt: skip
+    refused = run("convert", "far.py:build", *TINY_INPUT, "--rank", "1", "--no-refine", "--calibration", "data.npy",
+                  "--force", "--max-output-error", "0.2")  # fmt: skip
+    assert refused.exit_code == 1
+    assert f"output error on {last['samples']} held-out calibration samples, {last['output_error']:.3g}, is above " \
+           "--max-output-error 0.2, so nothing was written" in flat(refused)  # fmt: skip
 
 
 def test_naming_a_latency_backend_times_there(tmp_path: Path) -> None:

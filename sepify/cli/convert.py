@@ -94,7 +94,8 @@ class ConvertOutput:
     strict: Annotated[bool, o.option("--strict", metavar="", help="Write nothing (exit 1) when the converted model is far "
                                  "from the original (output error > 0.3 or top-1 agreement < 90%).")] = False  # fmt: skip
     max_output_error: Annotated[float | None, o.option("--max-output-error", metavar="E", min=0.0, help="Write nothing "
-                                                   "(exit 1) when the measured output error is above E.")] = None  # fmt: skip
+                                                   "(exit 1) when the output error (on held-out calibration samples, "
+                                                   "else the example inputs) is above E.")] = None  # fmt: skip
     wide: Annotated[bool, o.option("--wide", metavar="", help="Every column, whole names.")] = False
     all_rows: Annotated[bool, o.option("--all", metavar="", help="List skipped convs in the table too.")] = False
     as_json: Annotated[bool, o.option("--json", metavar="", help="The report as JSON on stdout, alone.")] = False
@@ -259,12 +260,12 @@ def _refuse_unwanted(result: ConversionResult, model: str, written: ConvertOutpu
             f"no conv of {model} was converted ({report.skip_summary()}), so nothing was written; change the "
             "selection, or pass --allow-unchanged to write the unchanged copy"
         )
-    error = report.output_error
+    error, _, where = report.closeness
     if written.max_output_error is not None and (error is None or error > written.max_output_error):
         raise ModelError(
-            f"the converted model's output error {error if error is None else format(error, '.3g')} is above "
-            f"--max-output-error {written.max_output_error:g}, so nothing was written; plan to a budget, give "
-            "--calibration data, or raise --rank"
+            f"the converted model's output error on {where}, {error if error is None else format(error, '.3g')}, "
+            f"is above --max-output-error {written.max_output_error:g}, so nothing was written; plan to a budget, "
+            "give --calibration data, or raise --rank"
         )
     if written.strict and report.far_from_original:
         raise ModelError(

@@ -147,3 +147,24 @@ def test_better_than_means_clearly_faster_and_no_farther_from_the_original() -> 
     lines = found.to_text("slim int8").splitlines()
     assert lines[0] == "in onnxruntime (2 threads, batch 1; errors against the original on 32 samples):"
     assert lines[-1].split() == ["slim", "int8", "(written)", "0.700x", "0.182", "97%"]
+
+
+def test_a_quantizer_failure_is_one_sentence_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime.quantization as q
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Unsupported op Foo in node /x\nmore detail")
+
+    monkeypatch.setattr(q, "quantize_static", broken)
+    torch.save(_net(), tmp_path / "m.pt")
+    out = tmp_path / "slim.onnx"
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "m.pt"), "--trust-pickle", "--input-shape", "1,3,8,8",
+                                      "--rank", "2", "--int8", "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert f"error: {out}: onnxruntime could not quantize the model to int8 (RuntimeError: Unsupported op Foo in node /x); " \
+           "write it without --int8" in message  # fmt: skip
+    assert "Traceback" not in result.output and "more detail" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temp file left either

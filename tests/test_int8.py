@@ -168,3 +168,18 @@ def test_a_quantizer_failure_is_one_sentence_and_leaves_nothing(
            "write it without --int8" in message  # fmt: skip
     assert "Traceback" not in result.output and "more detail" not in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temp file left either
+
+
+@pytest.mark.slow  # every option timed in onnxruntime: about 10 s
+def test_a_timed_calibrated_audit_measures_the_bar_int8_sets(slim) -> None:
+    net, _, x = slim
+    timing = sepify.Timing(backend="onnxruntime", threads=1)
+    report = sepify.audit(net, x[:2], calibration=x, timing=timing)
+    assert report.int8_latency_ratio is not None and report.int8_latency_ratio > 0
+    note = next(n for n in report.notes if n.startswith("the original as int8 runs at "))
+    assert f"{report.int8_latency_ratio:.3f}x its float32 time in onnxruntime" in note
+    again = sepify.AuditReport.from_dict(report.to_dict())
+    assert again.int8_latency_ratio == report.int8_latency_ratio  # `sepify plan` reads it back
+    # no calibration data, no ranges to quantize with: no bar, and no note
+    bare = sepify.audit(net, x[:2], timing=timing)
+    assert bare.int8_latency_ratio is None and not any("as int8" in n for n in bare.notes)

@@ -29,7 +29,7 @@ from sepify.core.factors import LayerFactors
 from sepify.core.functional import ConvLayer
 from sepify.core.measure import conv_output, layer_output_errors, pair_output_error
 from sepify.core.modules import SeparableConv, weight_of
-from sepify.errors import BudgetError, ConfigError, ModelError
+from sepify.errors import BudgetError, ConfigError, ModelError, first_line
 from sepify.graph.analysis import Analysis, analyze, count_params, normalize_inputs
 from sepify.graph.candidates import ConvSite, kind_notes
 from sepify.graph.measured import viewed
@@ -142,6 +142,8 @@ def audit(
     if timed is not None:
         notes.append(timed.note())
     notes += latency_notes
+    int8_ratio, int8_notes = _int8_baseline(model, args, calib, data_args, timed)
+    notes += int8_notes
     return AuditReport(
         layers=tuple(rows),
         params=total_params,
@@ -151,7 +153,34 @@ def audit(
         model_latency=model_latency,
         notes=tuple(notes + kind_notes(analysis.sites)),
         timed_in=timed.describe() if timed else None,
+        int8_latency_ratio=int8_ratio,
     )
+
+
+def _int8_baseline(
+    model: nn.Module, args: tuple[Any, ...], calib: Calibration | None, samples: tuple[Any, ...], timed: Timing | None
+) -> tuple[float | None, list[str]]:
+    """The original as int8 in the timing runtime, when there is calibration data to set its ranges: the bar a
+    plan has to beat (on small CNNs int8 alone can beat any slim model). A note either way."""
+    from sepify.pipeline.deploy import compare_deployments
+    from sepify.runtime.quantize import check_int8
+
+    if timed is None or calib is None or timed.backend not in ("onnxruntime", "openvino"):
+        return None, []
+    try:
+        check_int8("onnx" if timed.backend == "onnxruntime" else "openvino")
+        found = compare_deployments(model, None, samples, int8=calib.data, runtime=timed.backend,
+                                    threads=timed.threads, timed_inputs=args)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot be measured is a note, not a failed audit
+        return None, [f"int8 of the original not measured ({first_line(e)})"]
+    int8 = found.get("original int8")
+    agreement = f", top-1 agreement {int8.agreement:.0%}" if int8.agreement is not None else ""
+    error = "n/a" if int8.error is None else f"{int8.error:.3g}"
+    return int8.time_ratio, [
+        f"the original as int8 runs at {int8.time_ratio:.3f}x its float32 time in {timed.backend} (output error "
+        f"{error}{agreement} on {found.samples} calibration samples): a plan has to run faster than that to beat "
+        "int8 alone (sepify convert --int8 and sepify.compare_deployments compare both)"
+    ]
 
 
 def _model_latency(analysis: Analysis, args: tuple[Any, ...], timed: Timing | None) -> tuple[float | None, list[str]]:

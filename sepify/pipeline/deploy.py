@@ -167,7 +167,7 @@ _SAME_ERROR = 1e-3  # output errors this close are the same closeness to the ori
 
 def compare_deployments(
     original: nn.Module,
-    slim: nn.Module,
+    slim: nn.Module | None,
     inputs: Any,
     *,
     int8: Any,
@@ -185,6 +185,8 @@ def compare_deployments(
     ``original`` in PyTorch, and timed interleaved on ``timed_inputs``
     (default ``inputs``). ``written``: the slim int8 file already written, run
     instead of quantizing again (so that the file you ship is what is measured).
+    ``slim=None`` compares the original's two precisions alone (the audit's
+    int8 baseline).
     Times are medians of at least ``reps`` interleaved rounds, more where a
     round is short (about a second of rounds in all, at most 200).
 
@@ -211,7 +213,8 @@ def compare_deployments(
     batches = int8_batches(int8, original, timed)
     fmt = Format.ONNX.value if runtime == "onnxruntime" else Format.OPENVINO.value
     sources: dict[str, Any] = {}
-    for label, model in (("original", original), ("slim", slim)):
+    models = [("original", original)] + ([("slim", slim)] if slim is not None else [])
+    for label, model in models:
         if fmt == Format.ONNX:
             graph = fastest_onnx(model, timed, threads)[1]
             sources[f"{label} float32"] = graph
@@ -220,7 +223,7 @@ def compare_deployments(
             sources[f"{label} float32"] = openvino_model(model, timed)
             converted = openvino_model(model, timed) if label == "original" or written is None else None
             sources[f"{label} int8"] = int8_openvino(converted, batches) if converted is not None else None
-    if written is not None:
+    if written is not None and slim is not None:
         sources["slim int8"] = Path(written)
     runners = {name: runtime_runner(source, fmt, exact=False, threads=threads)[0] for name, source in sources.items()}
     with torch.no_grad():

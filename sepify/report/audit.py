@@ -76,6 +76,7 @@ class AuditReport(JsonExportable):
     model_latency: float | None = None  # seconds, median of the whole original model
     notes: tuple[str, ...] = field(default_factory=tuple)
     timed_in: str | None = None  # where latency was measured ("onnxruntime, 1 thread"), when it was
+    int8_latency_ratio: float | None = None  # the original as int8 over float32 in timed_in's runtime (calibrated)
 
     @property
     def candidates(self) -> tuple[AuditLayer, ...]:
@@ -145,7 +146,12 @@ class AuditReport(JsonExportable):
             "version": AUDIT_VERSION,
             "inputs": self.inputs,
             "mode": self.mode,
-            "totals": {"params": self.params, "macs": self.macs, "model_latency": self.model_latency},
+            "totals": {
+                "params": self.params,
+                "macs": self.macs,
+                "model_latency": self.model_latency,
+                "int8_latency_ratio": self.int8_latency_ratio,
+            },
             "timed_in": self.timed_in,
             "notes": list(self.notes),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -171,6 +177,7 @@ class AuditReport(JsonExportable):
                 inputs=str(data["inputs"]),
                 mode=str(data["mode"]),
                 model_latency=totals.get("model_latency"),
+                int8_latency_ratio=totals.get("int8_latency_ratio"),
                 notes=tuple(data.get("notes", ())),
                 timed_in=data.get("timed_in"),
             )

@@ -215,16 +215,14 @@ def compare_deployments(
     sources: dict[str, Any] = {}
     models = [("original", original)] + ([("slim", slim)] if slim is not None else [])
     for label, model in models:
+        shipped = Path(written) if label == "slim" and written is not None else None  # measured as written
         if fmt == Format.ONNX:
             graph = fastest_onnx(model, timed, threads)[1]
             sources[f"{label} float32"] = graph
-            sources[f"{label} int8"] = int8_onnx(graph, batches) if label == "original" or written is None else None
+            sources[f"{label} int8"] = shipped or int8_onnx(graph, batches)
         else:
             sources[f"{label} float32"] = openvino_model(model, timed)
-            converted = openvino_model(model, timed) if label == "original" or written is None else None
-            sources[f"{label} int8"] = int8_openvino(converted, batches) if converted is not None else None
-    if written is not None and slim is not None:
-        sources["slim int8"] = Path(written)
+            sources[f"{label} int8"] = shipped or int8_openvino(openvino_model(model, timed), batches)
     runners = {name: runtime_runner(source, fmt, exact=False, threads=threads)[0] for name, source in sources.items()}
     with torch.no_grad():
         reference = [t for t in tree_leaves(original(*args)) if isinstance(t, Tensor)]

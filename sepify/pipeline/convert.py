@@ -19,7 +19,7 @@ from torch import nn
 
 from sepify.calibrate.data import calibration_batches
 from sepify.calibrate.stages import FidelityStage, calibrate_pairs, grouped_by_outputs
-from sepify.calibrate.synthetic import resolve_synthetic
+from sepify.calibrate.synthetic import batchnorm_layers, resolve_synthetic
 from sepify.calibrate.verify import output_errors, top1_agreement
 from sepify.core.cost import ORDERS
 from sepify.core.functional import CONV_TYPES
@@ -280,7 +280,7 @@ def _planned(
     notes = [note]
     if calibration is None and budget.bound[0] == "max_error" and info["mac_ratio"] > _LITTLE_SAVED:
         # without data the audit predicts errors of the factors alone, which refinement would mostly remove
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        has_bn = bool(batchnorm_layers(model))
         notes.append(
             "little fits this error budget without data: calibration samples (a few hundred of your own inputs)"
             + (" or synthetic calibration (the model has BatchNorm)" if has_bn else "")

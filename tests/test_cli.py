@@ -658,6 +658,7 @@ def test_a_calibrated_model_is_judged_on_held_out_samples_not_on_random_examples
            "--max-output-error 0.2, so nothing was written" in flat(refused)  # fmt: skip
 
 
+@pytest.mark.slow  # every option timed in onnxruntime, twice
 def test_naming_a_latency_backend_times_there(tmp_path: Path) -> None:
     """`--latency-backend onnxruntime` alone is a request to time in onnxruntime, not a setting for later."""
     argv = ("--rank", "2", "--report", "r.json", "--force", "-q")

@@ -102,7 +102,7 @@ def test_distill_ends() -> None:
     assert result.output.count("this model warns in its forward") == 1
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.slow)])  # four models compared: 6 s
 def test_distill_checks_what_it_wrote(int8: bool) -> None:
     assert run("convert", "warns.py:build", *INPUT, "--rank", "2", "-o", "student.pt", "-q").exit_code == 0
     result = run(

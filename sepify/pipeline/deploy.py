@@ -72,8 +72,8 @@ def save(
         >>> slim = sepify.convert(net, x[:1], rank=2).model
         >>> with tempfile.TemporaryDirectory() as d:
         ...     files = sepify.save(slim, f"{d}/slim.onnx", x[:1], int8=x)
-        ...     found = sepify.compare_deployments(net, slim, x, int8=x, written=files[-1], reps=3)
-        >>> [f.name for f in files], abs(found.get("slim int8").error - found.get("slim float32").error) < 0.05
+        ...     quantized = b"QuantizeLinear" in files[-1].read_bytes()
+        >>> [f.name for f in files], quantized
         (['slim.onnx'], True)
     """
     path = Path(path)

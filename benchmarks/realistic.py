@@ -101,7 +101,11 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=None, help="only these calibration recipes (labels)")
     parser.add_argument("--synthetic-samples", type=int, default=64, help="inputs synthesised for 'synthetic'")
     parser.add_argument("--draws", type=int, default=1, help="independent draws of test and calibration data")
+    parser.add_argument("--ratios", nargs="+", type=float, default=None, help="MAC budgets (default: per task)")
     args = parser.parse_args()
+    if args.ratios:
+        for name in RATIOS:
+            RATIOS[name] = tuple(args.ratios)
     torch.set_num_threads(args.threads)
     builders: dict[str, Callable[[int], Task]] = {
         "digits": digits_task,

@@ -96,9 +96,8 @@ def int8_openvino(model: Any, batches: Sequence[tuple[Tensor, ...]]) -> Any:
 
     data = [[t.detach().float().cpu().numpy() for t in b] for b in batches]
     dataset = nncf.Dataset(data, lambda item: tuple(item) if len(item) > 1 else item[0])
-    samples = sum(int(b[0].shape[0]) for b in batches)
-    with _quiet_quantizer():
-        return nncf.quantize(model, dataset, subset_size=max(1, min(samples, INT8_SAMPLES)))
+    with _quiet_quantizer():  # subset_size counts dataset items, here whole batches: use them all
+        return nncf.quantize(model, dataset, subset_size=max(1, len(data)))
 
 
 def _preprocessed(graph: bytes, folder: str) -> str:

@@ -221,8 +221,9 @@ def compare_deployments(
             sources[f"{label} float32"] = graph
             sources[f"{label} int8"] = shipped or int8_onnx(graph, batches)
         else:
-            sources[f"{label} float32"] = openvino_model(model, timed)
-            sources[f"{label} int8"] = shipped or int8_openvino(openvino_model(model, timed), batches)
+            converted = openvino_model(model, timed)  # NNCF quantizes a copy: one conversion serves both
+            sources[f"{label} float32"] = converted
+            sources[f"{label} int8"] = shipped or int8_openvino(converted, batches)
     runners = {name: runtime_runner(source, fmt, exact=False, threads=threads)[0] for name, source in sources.items()}
     with torch.no_grad():
         reference = [t for t in tree_leaves(original(*args)) if isinstance(t, Tensor)]

@@ -4,8 +4,11 @@ Run:  python benchmarks/int8.py [--tasks digits crepe-tiny crepe-full resnet50] 
       [--threads 1]
 
 For each trained model: the original in float32 (ONNX: the faster of torch.onnx's two exports; OpenVINO: its own
-conversion), the original in int8, sepify's slim model (audited and refined on the draw's calibration data, planned
-at the budget that keeps the task within 1 point: ``realistic.py``) in float32 and in int8. int8 is what
+conversion), the original in int8, sepify's slim model in float32 and in int8. The slim model is made by the
+documented shipping recipe (docs/guide/speed.md): audited on the draw's calibration data with every option timed in
+onnxruntime (1 thread, at the timed batch ``--plan-batch``), planned at the budget in ``PLANS`` (the fastest found
+to keep the task within 1 point on every draw), converted and refined on the same data. crepe-full is planned by
+MACs alone: timing every option of it adds about 10 minutes per draw. int8 is what
 ``sepify convert --int8`` writes (:func:`sepify.save`: onnxruntime's ``quantize_static``, QDQ, per-channel weights;
 NNCF for OpenVINO), with ranges from the same calibration data. The task metric is the worst over ``--draws``
 independent draws of test and calibration data; times (draw 0) are :func:`sepify.compare_deployments`'s (what
@@ -27,7 +30,12 @@ from torch import Tensor, nn
 import sepify
 from sepify.runtime.check import runtime_runner
 
-BUDGETS = {"digits": 0.12, "crepe-tiny": 0.50, "crepe-full": 0.35}
+PLANS = {  # the shipping recipe's budget per model: sepify convert --max-mac-ratio / --max-latency-ratio
+    "digits": {"max_mac_ratio": 0.2},
+    "crepe-tiny": {"max_latency_ratio": 0.6},
+    "crepe-full": {"max_mac_ratio": 0.35},
+}
+UNTIMED = {"crepe-full"}  # planned by MACs: a timed audit of every option takes ~10 minutes
 RUNTIMES = {"onnxruntime": ".onnx", "OpenVINO": ".xml"}
 ROWS = ("original fp32", "original int8", "slim fp32", "slim int8")
 
@@ -89,9 +97,11 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--plan-batch", type=int, default=8, help="the batch the audit times options at")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); metric: worst of {args.draws} draws; time: slim or int8 / original fp32")
+    print("slim plans: " + ", ".join(f"{k} {v}" for k, v in PLANS.items() if k in args.tasks))
     header = f"{'model':<11} {'runtime':<12} {'file':<14} {'MACs':>5} {'metric':>7}"
     print(header + "".join(f" {'batch ' + str(b):>9}" for b in args.batches))
     for name in args.tasks:
@@ -106,8 +116,10 @@ def main() -> None:
             model = task.build()
             data = task.calibration if name == "digits" else task.recordings
             assert data is not None
-            audit = sepify.audit(model, task.example, calibration=data)
-            result = sepify.convert(model, task.example, plan=audit.plan(max_mac_ratio=BUDGETS[name]), calibration=data)
+            served = torch.cat([task.example] * args.plan_batch)[: args.plan_batch]
+            timing = None if name in UNTIMED else sepify.Timing(backend="onnxruntime", threads=args.threads)
+            audit = sepify.audit(model, served, calibration=data, timing=timing)
+            result = sepify.convert(model, task.example, plan=audit.plan(**PLANS[name]), calibration=data)
             mac_ratio = result.report.mac_ratio
             with tempfile.TemporaryDirectory() as d:
                 for runtime, ext in RUNTIMES.items():

@@ -347,6 +347,37 @@ def test_onnx_layer_graphs_compute_what_the_modules_compute(
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fuse_pads", [True, False])
+def test_layer_timing_keeps_a_pad_its_own_node_as_the_faster_export_does(
+    fuse_pads: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime folds a constant Pad into the next Conv unless told not to; the layers are timed with their Pad
+    kept, as the whole model runs from torch.onnx's TorchScript export (a 64-tap conv folded: 4x slower)."""
+    ort = pytest.importorskip("onnxruntime")
+    from sepify.runtime.context import LayerContext
+    from sepify.runtime.layers import layer_graph
+    from sepify.runtime.sessions import onnxruntime_session
+
+    seen = tmp_path / "optimized.onnx"
+
+    class Saving(ort.SessionOptions):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.optimized_model_filepath = str(seen)
+
+    monkeypatch.setattr(ort, "SessionOptions", Saving)
+    conv, context = nn.Conv2d(8, 16, (9, 1)), LayerContext(pad=(0, 0, 4, 4))
+    onnxruntime_session(layer_graph(conv, (2, 8, 40, 1), context).SerializeToString(), 1, fuse_pads=fuse_pads)
+    ops = [node.op_type for node in pytest.importorskip("onnx").load(seen).graph.node]
+    assert ("Pad" in ops) is not fuse_pads, ops
+
+    from sepify.runtime.runners import layer_runner
+
+    seen.unlink()
+    layer_runner(conv, torch.randn(2, 8, 32, 1), "onnxruntime", 1, context)()
+    assert "Pad" in [node.op_type for node in pytest.importorskip("onnx").load(seen).graph.node]
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow)])
 def test_deployment_backends_time_layers_and_models(net: nn.Module, x: torch.Tensor, backend: str) -> None:
     pytest.importorskip(backend)

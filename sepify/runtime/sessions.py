@@ -46,8 +46,15 @@ def check_backend(backend: str) -> None:
             )
 
 
-def onnxruntime_session(model: bytes | str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An onnxruntime CPU session of an ONNX model (its bytes, or a file) with all graph optimisations."""
+def onnxruntime_session(
+    model: bytes | str | os.PathLike[str], threads: int | None = None, *, fuse_pads: bool = True
+) -> Any:
+    """An onnxruntime CPU session of an ONNX model (its bytes, or a file) with all graph optimisations.
+
+    ``fuse_pads=False`` keeps a zero ``Pad`` before a ``Conv`` as its own node
+    (onnxruntime otherwise moves constant padding into the conv): how a model
+    exported with ``F.pad`` runs (:func:`sepify.runtime.layers.layer_graph`).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -58,7 +65,8 @@ def onnxruntime_session(model: bytes | str | os.PathLike[str], threads: int | No
     # unevenly: three sessions of one graph, 2 threads, took 57-72 us per call with spinning, 74-77 us without.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    disabled = [] if fuse_pads else ["Pad_Fusion"]
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def openvino_compiled(model: Any, threads: int | None = None, *, exact: bool = False) -> Any:

@@ -1,6 +1,6 @@
 """Slim, int8, or both: the four ways to ship a trained model, timed side by side in onnxruntime and OpenVINO.
 
-Run:  python benchmarks/int8.py [--tasks digits crepe-tiny crepe-full resnet50] [--draws 3] [--batches 1 8]
+Run:  python benchmarks/int8.py [--tasks digits crepe-tiny crepe-full resnet50 mtcnn] [--draws 3] [--batches 1 8]
       [--threads 1]
 
 For each trained model: the original in float32 (ONNX: the faster of torch.onnx's two exports; OpenVINO: its own
@@ -47,8 +47,9 @@ class FileModel(nn.Module):
         super().__init__()
         self.run = runtime_runner(path, fmt, exact=False, threads=threads)[0]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run([x.detach().float()])[0]
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        outputs = self.run([x.detach().float()])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def task_for(name: str, draw: int):  # noqa: ANN201 - benchmarks/tasks.Task
@@ -58,6 +59,7 @@ def task_for(name: str, draw: int):  # noqa: ANN201 - benchmarks/tasks.Task
 def files(model: nn.Module, slim: nn.Module, example: Tensor, data: Tensor, folder: Path, ext: str) -> dict[str, Path]:
     """The four files of one runtime."""
     written = {}
+    folder.mkdir(exist_ok=True)
     for row in ROWS:
         source = model if row.startswith("original") else slim
         path = folder / f"{row.replace(' ', '-')}{ext}"
@@ -90,6 +92,65 @@ def latency_only(name: str, batches: list[int], threads: int, reps: int) -> None
             print(f"{name:<11} {runtime:<12} {label:<14} {macs:>5.3f} {'-':>7}{row}", flush=True)
 
 
+MTCNN_NETS = {"rnet": 0.4, "onet": 0.3}  # mtcnn.py's all-faces combination (P-Net kept): closed form, no refinement
+
+
+def mtcnn(batches: list[int], threads: int, reps: int) -> None:
+    """MTCNN's R-Net and O-Net (trained weights): each way of shipping them run inside the detector (P-Net stays the
+    original PyTorch net: it runs on every pyramid size) on mtcnn.py's 52 test faces; time per net at its crop size."""
+    import copy
+
+    from facenet_pytorch import MTCNN
+    from mtcnn import CAPTURE_THRESHOLDS, capture_inputs, detections, mirrored, rgb, score
+    from skimage import data
+
+    lfw = data.lfw_subset()
+    test = [rgb(im) for im in lfw[:50]] + [rgb(data.astronaut()), rgb(data.camera())]
+    photos = [rgb(im) for im in lfw[50:100]] + [rgb(data.chelsea()), rgb(data.coffee())]
+    detector = MTCNN(keep_all=True, device="cpu")
+    reference = detections(detector, test)
+    capture = MTCNN(keep_all=True, device="cpu", thresholds=CAPTURE_THRESHOLDS)
+    captured = capture_inputs(capture, photos + mirrored(photos))
+    crops = {name: torch.cat([t for t in captured[name] if len(t)]) for name in MTCNN_NETS}
+    slims, macs = {}, {}
+    for name, ratio in MTCNN_NETS.items():
+        net, cal = getattr(detector, name), crops[name]
+        audit = sepify.audit(net, cal[:2], calibration=cal)
+        result = sepify.convert(net, cal[:2], plan=audit.plan(max_mac_ratio=ratio))
+        slims[name], macs[name] = result.model, result.report.mac_ratio
+    for runtime, ext in RUNTIMES.items():
+        fmt = "onnx" if ext == ".onnx" else "openvino"
+        with tempfile.TemporaryDirectory() as d:
+            written = {
+                name: files(getattr(detector, name), slims[name], crops[name][:1], crops[name], Path(d) / name, ext)
+                for name in MTCNN_NETS
+            }
+            found = {}
+            for row in ROWS:
+                deployed = copy.deepcopy(detector)
+                for name in MTCNN_NETS:
+                    setattr(deployed, name, FileModel(written[name][row], fmt, threads))
+                total, hits, _, _ = score(reference, detections(deployed, test))
+                found[row] = f"{hits}/{total}"
+            for name in MTCNN_NETS:
+                cells: dict[str, str] = {}
+                for batch in batches:
+                    x = crops[name][:batch]
+                    compared = sepify.compare_deployments(
+                        getattr(detector, name), slims[name], crops[name][:1], int8=crops[name],
+                        runtime=runtime.lower(), threads=threads, timed_inputs=x, reps=reps,
+                    )  # fmt: skip
+                    for option in compared.options:
+                        label = option.name.replace("float32", "fp32")
+                        cells[label] = cells.get(label, "") + f" {option.time_ratio:>8.3f}x"
+                for row in ROWS:
+                    mac = macs[name] if row.startswith("slim") else 1.0
+                    print(
+                        f"{'mtcnn-' + name:<11} {runtime:<12} {row:<14} {mac:>5.3f} {found[row]:>7}{cells[row]}",
+                        flush=True,
+                    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["digits", "crepe-tiny"])
@@ -101,12 +162,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.threads} thread(s); metric: worst of {args.draws} draws; time: slim or int8 / original fp32")
-    print("slim plans: " + ", ".join(f"{k} {v}" for k, v in PLANS.items() if k in args.tasks))
+    plans = [f"{k} {v}" for k, v in PLANS.items() if k in args.tasks]
+    plans += [f"mtcnn-{k} {{'max_mac_ratio': {v}}}" for k, v in MTCNN_NETS.items() if "mtcnn" in args.tasks]
+    print("slim plans: " + ", ".join(plans))
     header = f"{'model':<11} {'runtime':<12} {'file':<14} {'MACs':>5} {'metric':>7}"
     print(header + "".join(f" {'batch ' + str(b):>9}" for b in args.batches))
     for name in args.tasks:
         if name in LATENCY_ONLY:
             latency_only(name, args.batches, args.threads, args.reps)
+            continue
+        if name == "mtcnn":
+            mtcnn(args.batches, args.threads, args.reps)
             continue
         metrics: dict[tuple[str, str], float] = {}
         times: dict[tuple[str, str, int], float] = {}

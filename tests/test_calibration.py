@@ -16,7 +16,7 @@ from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.data import calibration_batches, near_duplicate_groups
 from sepify.calibrate.distill import Samples, train
 from sepify.calibrate.refine import refine_pairs, refined_errors
-from sepify.calibrate.regression import NormalEquations, add_to_normals
+from sepify.calibrate.regression import NormalEquations, add_to_normals, regression_count
 from sepify.core.modules import SeparableConv
 from sepify.graph.rewrite import swap_modules
 from sepify.graph.tracing import trace_model
@@ -223,6 +223,49 @@ def test_refit_does_not_depend_on_resuming(monkeypatch: pytest.MonkeyPatch) -> N
         report = sepify.convert(_Residual().eval(), x[:2], rank=1, calibration=x).report
         errors.append([s.output_error for s in report.fidelity])
     assert errors[0] == errors[1] and errors[0][1] < errors[0][0]
+
+
+@pytest.mark.parametrize(
+    ("conv", "order", "resume"),
+    [
+        (nn.Conv2d(4, 12, 3, padding=1, groups=2), "dw-pw", True),
+        (nn.Conv2d(4, 12, 3, padding=1, groups=2), "pw-dw-pw", False),
+        (nn.Conv2d(4, 12, 3, padding=1), "pw-dw", True),
+        (nn.Conv1d(4, 12, 20, padding=9, bias=False), "pw-dw", False),  # 20 taps: normal equations from correlations
+    ],
+)
+def test_a_refit_solved_in_parts_equals_the_whole(
+    conv: nn.Module, order: str, resume: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer too large for one set of Gram matrices is solved a few regressions at a time, and every choice is
+    still made for the whole layer: the same weights and held-out errors as in one part."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(24, 4, *([10, 10] if isinstance(conv, nn.Conv2d) else [40]))
+    x = x.cumsum(-1) * torch.tensor([3.0, 1.0, 0.3, 0.1]).view(1, 4, *[1] * (x.dim() - 2))  # far from white input
+    monkeypatch.setattr(refine, "RESUME_BYTES", None if resume else 0)
+    found = []
+    for part_bytes in (1 << 40, 1):  # one part; one regression per part
+        monkeypatch.setattr(refine, "PART_BYTES", part_bytes)
+        student = trace_model(copy.deepcopy(teacher)).graph_module
+        assert student is not None
+        pair = SeparableConv.from_conv(conv, 2, order)
+        swap_modules(student, {"0": pair}, {})
+        result = refine_pairs(teacher, student, [("0", pair)], [(x[:16],)], [(x[16:],)])
+        found.append((result, pair))
+    (whole, whole_pair), (parts, parts_pair) = found
+    assert len(refine._parts(parts_pair)) == regression_count(parts_pair) > 1
+    before, after = whole.layers["0"]
+    assert after < before  # the refit changed the layer, so the two ways had a choice to agree on
+    assert parts.layers["0"] == pytest.approx(whole.layers["0"], rel=1e-6)  # float32 features, summed apart
+    assert parts.coverage["0"] == pytest.approx(whole.coverage["0"], rel=1e-6)
+    for a, b in zip(whole_pair.parameters(), parts_pair.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    predicted = []  # and the audit's prediction of each rank's refit, summed over parts
+    for part_bytes in (1 << 40, 1):
+        monkeypatch.setattr(refine, "PART_BYTES", part_bytes)
+        predicted.append(refined_errors(conv, x, order, [1, 2, 3]))
+    assert predicted[0].keys() == {1, 2, 3} and predicted[1] == pytest.approx(predicted[0], rel=1e-6)
 
 
 # -- a real trained model ------------------------------------------------------------
@@ -502,7 +545,7 @@ def test_synthetic_calibration_refuses_models_it_cannot_serve() -> None:
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_refit_errors_of_every_rank_from_one_factorisation_match_rank_by_rank(order: str, bias: bool) -> None:
-    from sepify.calibrate.refine import _errors_one_by_one, _prefix_errors
+    from sepify.calibrate.refine import _prefix_residuals, _residuals_one_by_one
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, 3, padding=1, bias=bias)
@@ -512,8 +555,8 @@ def test_refit_errors_of_every_rank_from_one_factorisation_match_rank_by_rank(or
     with torch.no_grad():
         add_to_normals(normal, pair, x, conv(x) + 0.1 * torch.randn(8, 5, 7, 7))
     ranks = list(range(1, pair.rank + 1))
-    fast = _prefix_errors(normal, order, pair.rank, ranks, 1e-6, bias)
-    slow = _errors_one_by_one(normal, order, pair.rank, ranks, 1e-6, bias)
+    fast = _prefix_residuals(normal, order, pair.rank, ranks, 1e-6, bias)
+    slow = _residuals_one_by_one(normal, order, pair.rank, ranks, 1e-6, bias)
     assert fast is not None and fast.keys() == slow.keys() == set(ranks)
     for r in ranks:
         assert math.isclose(fast[r], slow[r], rel_tol=1e-4, abs_tol=1e-7), (r, fast[r], slow[r])

@@ -45,6 +45,7 @@ from sepify.calibrate.regression import (
     data_free_normals,
     gram_bytes,
     refit_unsupported,
+    regression_count,
     set_weights,
     solve_ridge,
 )
@@ -59,7 +60,9 @@ __all__ = ["refine_pairs", "refined_errors", "RefineResult"]
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-GRAM_BYTES = 1 << 29  # skip a refit whose Gram matrices would exceed 512 MB
+# refine_pairs (and the audit's refined_errors) solve a layer's regressions in parts of at most this many bytes of Gram matrices (a part's refit
+# holds about six times that: the data's, held-out and data-free equations, a blend, its factor)
+PART_BYTES = 1 << 27
 # Original convs' outputs held at once for several layers (at least one layer's), and converted-model states kept
 # to resume each batch's forward from the previous pair: each 1/8 of the memory available when refinement starts,
 # between 256 MB and 4 GB (at 224 px and 256 samples a resnet50's early layers need about 200 MB per layer).
@@ -98,7 +101,7 @@ def refine_pairs(
     spans: dict[str, float] = {}
     batches = [*fit, *heldout]
     unsupported = {name: why for name, pair in pairs if (why := refit_unsupported(pair)) is not None}
-    wanted = [name for name, pair in pairs if name not in unsupported and gram_bytes(pair) <= GRAM_BYTES]
+    wanted = [name for name, pair in pairs if name not in unsupported]
     budget = cache_budget()
     targets = TeacherOutputs(teacher, wanted, batches, budget if TARGET_BYTES is None else TARGET_BYTES)
     inputs = StudentInputs.for_model(student, wanted, batches, budget if RESUME_BYTES is None else RESUME_BYTES)
@@ -106,19 +109,32 @@ def refine_pairs(
         if progress is not None:
             progress("refining layers", i, len(pairs))
         if name not in wanted:
-            skipped[name] = unsupported.get(name, "its regression would need more than 512 MB of Gram matrices")
+            skipped[name] = unsupported[name]
             continue
-        ys = targets.take(name)[::-1]  # popped in batch order, so each target is freed once used
-        train, held = NormalEquations(), NormalEquations()
+        ys = targets.take(name)
+        parts = _parts(pair)
         with torch.no_grad():
-            for k, args in enumerate(batches):
-                x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
-                add_to_normals(train if k < len(fit) else held, pair, x, ys.pop())
+            xs = [inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                  for k, args in enumerate(batches)] if len(parts) > 1 else None  # fmt: skip
         conv = teacher.get_submodule(name)
         weight = canonical_weight(dense_weight(conv), is_transposed(conv), conv.groups)  # type: ignore[arg-type]
-        free = data_free_normals(pair, weight, conv.bias)  # type: ignore[arg-type]
-        spans[name] = coverage(train, free, pair.last.bias is not None)
-        results[name] = _refit(pair, train, held, free)
+        fits, span = [], 0.0
+        for part in parts:
+            train, held = NormalEquations(), NormalEquations()
+            with torch.no_grad():
+                for k, args in enumerate(batches):
+                    if xs is not None:
+                        x = xs[k]
+                    else:
+                        x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                    add_to_normals(train if k < len(fit) else held, pair, x, ys[k], part)
+            free = data_free_normals(pair, weight, conv.bias, part)  # type: ignore[arg-type]
+            span += coverage(train, free, pair.last.bias is not None) * (part.stop - part.start)
+            fits.append(_candidates(pair, train, held, free, part))
+            del train, held, free
+        del ys, xs
+        spans[name] = span / regression_count(pair)
+        results[name] = _choose(pair, fits)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
     if progress is not None:
         progress("refining layers", len(pairs), len(pairs))
@@ -134,33 +150,58 @@ def cache_budget() -> int:
     return max(MIN_CACHE_BYTES, min(MAX_CACHE_BYTES, available // 8))
 
 
-def _refit(
-    pair: SeparableConv, train: NormalEquations, held: NormalEquations, free: NormalEquations
-) -> tuple[float, float]:
-    """Keep the solution best on held-out data over data-free shares and ridges, if it beats the current weights.
+def _parts(pair: SeparableConv) -> list[slice]:
+    """The pair's regressions in parts whose Gram matrices take at most :data:`PART_BYTES` each."""
+    count = regression_count(pair)
+    per = max(1, PART_BYTES // max(1, gram_bytes(pair) // count))
+    return [slice(start, min(start + per, count)) for start in range(0, count, per)]
 
-    Returns the held-out relative layer error before and after.
-    """
+
+@dataclass
+class _Fits:
+    """One part of a layer's refit: the held-out squared error of its current weights, of the solution at each
+    (data-free share, ridge), and those solutions."""
+
+    current: float
+    energy: float
+    errors: dict[tuple[float, float], float]
+    solutions: dict[tuple[float, float], Tensor]
+
+
+def _candidates(
+    pair: SeparableConv, train: NormalEquations, held: NormalEquations, free: NormalEquations, part: slice
+) -> _Fits:
+    """Every (data-free share, ridge) solution of one part of the pair's regressions, scored on held-out data."""
     assert held.yy is not None
-    held_energy = float(held.yy.sum()) or 1.0
-    current = current_weights(pair).to(train.gram.device if train.gram is not None else "cpu")
-
-    def score(w: Tensor) -> float:
-        return max(held.error(w), 0.0) / held_energy
-
-    best_w, best_score = current, score(current)
+    current = current_weights(pair)[part].to(train.gram.device if train.gram is not None else "cpu")
+    fits = _Fits(max(held.error(current), 0.0), float(held.yy.sum()), {}, {})
     free_last = pair.last.bias is not None
     for share in DATA_FREE_SHARES:
         blended = train.blended(free, share) if share else train
         for ridge in RIDGES:
             w = solve_ridge(blended, ridge, free_last)
-            if w is None:  # not positive definite at this ridge: try a larger one
-                continue
-            if (value := score(w)) < best_score:
-                best_w, best_score = w, value
-    if best_w is not current:
-        set_weights(pair, best_w.to(pair.conv_dw.weight.dtype))
-    return score(current) ** 0.5, best_score**0.5
+            if w is not None:  # else not positive definite at this ridge: a larger one may be
+                fits.errors[share, ridge] = max(held.error(w), 0.0)
+                fits.solutions[share, ridge] = w
+        del blended
+    return fits
+
+
+def _choose(pair: SeparableConv, parts: Sequence[_Fits]) -> tuple[float, float]:
+    """Keep the (share, ridge) best on held-out data over the whole layer, if it beats the current weights.
+
+    Returns the held-out relative layer error before and after.
+    """
+    energy = sum(p.energy for p in parts) or 1.0
+    before = sum(p.current for p in parts) / energy
+    solved = [key for key in parts[0].errors if all(key in p.errors for p in parts)]  # in (share, ridge) order
+    scores = {key: sum(p.errors[key] for p in parts) / energy for key in solved}
+    best = min(scores, key=scores.__getitem__, default=None)  # the first of equals, as before parts
+    if best is None or scores[best] >= before:
+        return before**0.5, before**0.5
+    w = torch.cat([p.solutions[best] for p in parts])
+    set_weights(pair, w.to(pair.conv_dw.weight.dtype))
+    return before**0.5, scores[best] ** 0.5
 
 
 def refined_errors(
@@ -181,8 +222,8 @@ def refined_errors(
     top-r singular vectors), so one Gram matrix at the largest rank serves all
     of them (pass the weight's ``factorization`` in ``order`` if it is already
     computed); pw-dw-pw bottlenecks are refit one by one (pass ``pairs`` by
-    rank if they are built). Ranks whose Gram matrices would be too large, and
-    pairs the refit does not support (:func:`refit_unsupported`), are left out.
+    rank if they are built). Pairs the refit does not support
+    (:func:`refit_unsupported`) are left out.
     ``y`` is the conv's output on ``x`` when the caller has it already.
     """
     y = conv_output(conv, x) if y is None else y
@@ -195,17 +236,19 @@ def refined_errors(
 
 def _refit_error(x: Tensor, y: Tensor, pair: SeparableConv, ridge: float) -> float | None:
     """The relative output error of ``pair`` after the ridge refit of its last factor on ``x`` (targets ``y``)."""
-    if gram_bytes(pair) > GRAM_BYTES:
-        return None
-    with torch.no_grad():
-        normal = NormalEquations()
-        add_to_normals(normal, pair, x, y)
-    assert normal.yy is not None
-    total = float(normal.yy.sum())
-    if total <= 0:
-        return 0.0
-    w = solve_ridge(normal, ridge, pair.last.bias is not None)
-    return None if w is None else max(normal.error(w), 0.0) ** 0.5 / total**0.5
+    residual = total = 0.0
+    for part in _parts(pair):
+        with torch.no_grad():
+            normal = NormalEquations()
+            add_to_normals(normal, pair, x, y, part)
+        assert normal.yy is not None
+        if (energy := float(normal.yy.sum())) <= 0:
+            continue
+        w = solve_ridge(normal, ridge, pair.last.bias is not None)
+        if w is None:
+            return None
+        residual, total = residual + max(normal.error(w), 0.0), total + energy
+    return (residual / total) ** 0.5 if total > 0 else 0.0
 
 
 def _nested_refined_errors(
@@ -217,25 +260,29 @@ def _nested_refined_errors(
     ridge: float,
     factorization: Factorization | None,
 ) -> dict[int, float]:
-    """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others."""
+    """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others
+    (solved a part of the regressions at a time, as :func:`refine_pairs` does, and summed)."""
     top = max(ranks)
     pair = SeparableConv.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank
-    if refit_unsupported(pair) is not None or gram_bytes(pair) > GRAM_BYTES:
+    if refit_unsupported(pair) is not None:
         return {}
-    with torch.no_grad():
-        normal = NormalEquations()
-        add_to_normals(normal, pair, x, y)
-    assert normal.gram is not None and normal.cross is not None and normal.yy is not None
-    total = float(normal.yy.sum())
+    has_bias = conv.bias is not None
+    residuals = dict.fromkeys(sorted({min(k, top) for k in ranks}), 0.0)
+    total = 0.0
+    for part in _parts(pair):
+        with torch.no_grad():
+            normal = NormalEquations()
+            add_to_normals(normal, pair, x, y, part)
+        assert normal.yy is not None
+        total += float(normal.yy.sum())
+        found = _prefix_residuals(normal, order, top, list(residuals), ridge, has_bias)
+        if found is None:  # not positive definite as a whole: solve rank by rank, skipping the ranks that fail
+            found = _residuals_one_by_one(normal, order, top, list(residuals), ridge, has_bias)
+        residuals = {r: value + found[r] for r, value in residuals.items() if r in found}
     if total <= 0:
         return dict.fromkeys(ranks, 0.0)
-    has_bias = conv.bias is not None
-    wanted = sorted({min(k, top) for k in ranks})
-    errors = _prefix_errors(normal, order, top, wanted, ridge, has_bias)
-    if errors is None:  # not positive definite as a whole: solve rank by rank, skipping the ranks that fail
-        errors = _errors_one_by_one(normal, order, top, wanted, ridge, has_bias)
-    return {k: errors[min(k, top)] for k in ranks if min(k, top) in errors}
+    return {k: (residuals[min(k, top)] / total) ** 0.5 for k in ranks if min(k, top) in residuals}
 
 
 def _rank_features(order: str, top: int, per_channel: int, r: int) -> list[int]:
@@ -245,10 +292,11 @@ def _rank_features(order: str, top: int, per_channel: int, r: int) -> list[int]:
     return list(range(r * per_channel))  # pw-dw: feature k*K + t for rank component k, kernel tap t
 
 
-def _prefix_errors(
+def _prefix_residuals(
     normal: NormalEquations, order: str, top: int, ranks: Sequence[int], ridge: float, has_bias: bool
 ) -> dict[int, float] | None:
-    """Every rank's refit error from one Cholesky factorisation; None if the matrix is not positive definite.
+    """Every rank's squared refit residual from one Cholesky factorisation; None if the matrix is not positive
+    definite.
 
     The features are put in rank-major order with the bias first, so that each
     rank's regression is a leading block of the largest one. The Cholesky
@@ -280,17 +328,16 @@ def _prefix_errors(
     explained = z.square().sum(-1).sum(0).cumsum(0)  # over regressions and outputs, by leading block size
     total = float(normal.yy.sum())
     bias = 1 if has_bias else 0
-    return {r: max(total - float(explained[bias + r * per_channel - 1]), 0.0) ** 0.5 / total**0.5 for r in ranks}
+    return {r: max(total - float(explained[bias + r * per_channel - 1]), 0.0) for r in ranks}
 
 
-def _errors_one_by_one(
+def _residuals_one_by_one(
     normal: NormalEquations, order: str, top: int, ranks: Sequence[int], ridge: float, has_bias: bool
 ) -> dict[int, float]:
-    """Each rank's refit error from its own sub-block (the fallback of :func:`_prefix_errors`)."""
+    """Each rank's squared refit residual from its own sub-block (the fallback of :func:`_prefix_residuals`)."""
     assert normal.gram is not None and normal.cross is not None and normal.yy is not None
     n_feat = normal.gram.shape[-1] - (1 if has_bias else 0)
     per_channel = n_feat // top
-    total = float(normal.yy.sum())
     errors = {}
     for r in ranks:
         index = torch.tensor(_rank_features(order, top, per_channel, r) + ([n_feat] if has_bias else []))
@@ -300,5 +347,5 @@ def _errors_one_by_one(
         sub.yy = normal.yy
         w = solve_ridge(sub, ridge, has_bias)
         if w is not None:
-            errors[r] = max(sub.error(w), 0.0) ** 0.5 / total**0.5
+            errors[r] = max(sub.error(w), 0.0)
     return errors

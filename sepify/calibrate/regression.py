@@ -23,12 +23,14 @@ __all__ = [
     "current_weights",
     "set_weights",
     "gram_bytes",
+    "regression_count",
     "refit_unsupported",
     "data_free_normals",
     "coverage",
 ]
 
 RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean Gram diagonal
+ALL = slice(None)  # every regression of a pair
 
 
 class NormalEquations:
@@ -80,9 +82,15 @@ def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tenso
     shrink = torch.full((n,), ridge + 1e-12, dtype=g.dtype, device=g.device)
     if free_last:
         shrink[-1] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
-    a = g.clone()
-    a.diagonal(dim1=-2, dim2=-1).add_(scale[:, None] * shrink)  # in place: a diag_embed costs a Gram's memory
-    factor, info = torch.linalg.cholesky_ex(a)
+    # the ridge goes onto the diagonal in place and the diagonal is put back exactly: a copy of the Gram
+    # matrices cost a tenth of a long-kernel refit's time, and a diag_embed as much memory
+    diagonal = torch.diagonal(g, dim1=-2, dim2=-1)
+    kept = diagonal.clone()
+    try:
+        diagonal.add_(scale[:, None] * shrink)
+        factor, info = torch.linalg.cholesky_ex(g)
+    finally:
+        diagonal.copy_(kept)
     if bool((info != 0).any()):
         return None
     # two triangular solves: the same numbers as cholesky_solve, several times faster on CPU batches
@@ -120,10 +128,17 @@ def refit_unsupported(pair: SeparableConv) -> str | None:
     return f"refitting a {kind} pw-dw pair is not supported (its closed-form initialisation is kept); dw-pw is"
 
 
-def _padded_pointwise(pair: SeparableConv, x: Tensor) -> Tensor:
-    """pw-dw: the pointwise conv's output, padded as the depthwise conv pads it."""
-    conv = pair.conv_dw
-    u: Tensor = pair.conv_pw(x)  # (N, Cout*r, H, W) or (N, Cout*r, L)
+def _padded_pointwise(pair: SeparableConv, x: Tensor, channels: slice = ALL) -> Tensor:
+    """pw-dw: the pointwise conv's output for the depthwise conv's output ``channels`` (their ``rank`` inputs
+    each), padded as the depthwise conv pads it."""
+    conv, pw, r = pair.conv_dw, pair.conv_pw, pair.rank
+    start, stop, _ = channels.indices(conv.out_channels)
+    rows = slice(start * r, stop * r)
+    u: Tensor  # (N, channels * r, H, W) or (N, channels * r, L)
+    if pw.groups == 1:  # only the rows wanted: a part of a refit computes its own share
+        u = pw._conv_forward(x, pw.weight[rows], None if pw.bias is None else pw.bias[rows])
+    else:
+        u = pw(x)[:, rows]
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or any(conv.padding):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         u = F.pad(u, pad_amounts(conv), mode=mode)
@@ -156,11 +171,15 @@ def _lagged_axis(pair: SeparableConv) -> int | None:
     return long[0] if len(long) == 1 and kernel[long[0]] >= lagged.LAGGED_MIN_TAPS else None
 
 
-def _dw_normals_lagged(pair: SeparableConv, x: Tensor, y: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
-    """pw-dw normal equations along ``axis``; the other axis (2-D, one tap) becomes part of the batch."""
+def _dw_normals_lagged(
+    pair: SeparableConv, x: Tensor, y: Tensor, axis: int, channels: slice = ALL
+) -> tuple[Tensor, Tensor, Tensor]:
+    """pw-dw normal equations along ``axis`` for output ``channels``; the other axis (2-D, one tap) becomes part of
+    the batch."""
     conv = pair.conv_dw
-    u = _padded_pointwise(pair, x)
-    n, cout, r = u.shape[0], conv.out_channels, pair.rank
+    u = _padded_pointwise(pair, x, channels)
+    y = y[:, channels]
+    n, cout, r = u.shape[0], y.shape[1], pair.rank
     u = u.reshape(n, cout, r, *u.shape[2:])
     if pair.dims == 2:
         other = 1 - axis
@@ -222,15 +241,26 @@ def set_weights(pair: SeparableConv, w: Tensor) -> None:
             conv.weight.copy_(w.reshape(conv.weight.shape))
 
 
-def add_to_normals(normal: NormalEquations, pair: SeparableConv, x: Tensor, y: Tensor) -> None:
-    """One batch of the pair's regression: its input ``x`` and the original layer's output ``y``."""
+def add_to_normals(
+    normal: NormalEquations, pair: SeparableConv, x: Tensor, y: Tensor, regressions: slice = ALL
+) -> None:
+    """One batch of the pair's regression: its input ``x`` and the original layer's output ``y``.
+
+    ``regressions``: only these of the pair's regressions (groups, or output
+    channels for pw-dw), so that a large refit can be done a part at a time.
+    """
     if _pointwise_last(pair):
         feats, _ = _pw_features(pair, x)
-        normal.add(feats, _pw_targets(pair, y))
+        normal.add(feats[regressions], _pw_targets(pair, y)[regressions])
     elif (axis := _lagged_axis(pair)) is not None:
-        normal.add_normals(*_dw_normals_lagged(pair, x, y, axis))
+        normal.add_normals(*_dw_normals_lagged(pair, x, y, axis, regressions))
     else:
-        normal.add(_dw_features(pair, x), _dw_targets(y))
+        normal.add(_dw_features(pair, x)[regressions], _dw_targets(y)[regressions])
+
+
+def regression_count(pair: SeparableConv) -> int:
+    """How many independent regressions the refit of ``pair`` solves (groups, or output channels for pw-dw)."""
+    return pair.groups if _pointwise_last(pair) else pair.conv_dw.out_channels
 
 
 def gram_bytes(pair: SeparableConv) -> int:
@@ -242,7 +272,9 @@ def gram_bytes(pair: SeparableConv) -> int:
     return pair.conv_dw.out_channels * f * f * 8
 
 
-def data_free_normals(pair: SeparableConv, weight: Tensor, bias: Tensor | None) -> NormalEquations:
+def data_free_normals(
+    pair: SeparableConv, weight: Tensor, bias: Tensor | None, regressions: slice = ALL
+) -> NormalEquations:
     """The normal equations of the pair's refit for white input: what the weights alone say.
 
     For input patches with identity covariance (and zero mean), the best last
@@ -250,26 +282,30 @@ def data_free_normals(pair: SeparableConv, weight: Tensor, bias: Tensor | None) 
     is the closed-form initialisation. Blending these equations into the
     data's (:meth:`NormalEquations.blended`) keeps the directions that the
     calibration data hardly covers where the weights put them, so that narrow
-    data cannot pull a layer far from what the weights say.
+    data cannot pull a layer far from what the weights say. ``regressions``:
+    only these, as in :func:`add_to_normals`.
     """
     w = weight.detach().double()
     g = pair.groups
     normal = NormalEquations()
     if _pointwise_last(pair):
-        first = _before_last_map(pair)  # (g, f, Cin/g * K): the linear map from a patch to the last conv's input
-        target = w.reshape(g, w.shape[0] // g, -1)  # (g, Cout/g, Cin/g * K)
+        # (g, f, Cin/g * K): the linear map from a patch to the last conv's input
+        first = _before_last_map(pair)[regressions]
+        target = w.reshape(g, w.shape[0] // g, -1)[regressions]  # (g, Cout/g, Cin/g * K)
         normal.gram, normal.cross = first @ first.transpose(1, 2), first @ target.transpose(1, 2)
         normal.yy = target.square().sum((1, 2))
-        last_bias = bias.detach().double().reshape(g, 1, -1) if bias is not None else None
+        last_bias = bias.detach().double().reshape(g, 1, -1)[regressions] if bias is not None else None
     else:  # pw-dw: per output channel o, features (k, t) = sum_i P[o*r+k, i] x[i, t]
         cout, r = pair.conv_dw.out_channels, pair.rank
         taps = math.prod(pair.kernel_size)
-        p = pair.conv_pw.weight.detach().double().reshape(cout, r, -1)  # (Cout, r, Cin/g)
+        p = pair.conv_pw.weight.detach().double().reshape(cout, r, -1)[regressions]  # (Cout, r, Cin/g)
+        w = w.reshape(cout, -1, taps)[regressions]
+        cout = p.shape[0]
         eye = torch.eye(taps, dtype=torch.float64, device=p.device)
         normal.gram = torch.einsum("oki,oli,tu->oktlu", p, p, eye).reshape(cout, r * taps, r * taps)
-        normal.cross = torch.einsum("oki,oit->okt", p, w.reshape(cout, -1, taps)).reshape(cout, r * taps, 1)
+        normal.cross = torch.einsum("oki,oit->okt", p, w).reshape(cout, r * taps, 1)
         normal.yy = w.reshape(cout, -1).square().sum(1)
-        last_bias = bias.detach().double().reshape(cout, 1, 1) if bias is not None else None
+        last_bias = bias.detach().double().reshape(-1, 1, 1)[regressions] if bias is not None else None
     if pair.last.bias is not None:  # the constant feature: mean 0 against white input, so only the bias fits it
         gram, cross = normal.gram, normal.cross
         b = last_bias if last_bias is not None else cross.new_zeros(cross.shape[0], 1, cross.shape[2])

@@ -59,11 +59,13 @@ def _stub_timing(monkeypatch: pytest.MonkeyPatch, pair_s: dict[str, float], layo
 
 def test_layouts_exist_only_where_they_differ() -> None:
     conv = nn.Conv2d(6, 8, 3)
-    for order, default in (("pw-dw", "grouped"), ("dw-pw", "rank-major")):
+    for order in ("pw-dw", "dw-pw"):
         sep = SeparableConv2d.from_conv(conv, 2, order)
-        assert sep.layouts == ("grouped", "rank-major") and sep.layout == sep.default_layout == default
+        assert sep.layouts == ("grouped", "rank-major") and sep.layout == sep.default_layout == "rank-major"
         assert SeparableConv2d.from_conv(conv, 1, order).layouts == ("grouped",)
         assert SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, order).layouts == ("grouped",)
+    one_d = sepify.SeparableConv.from_conv(nn.Conv1d(6, 8, 9), 2, "pw-dw")  # 1-D: the two are close; grouped
+    assert one_d.layouts == ("grouped", "rank-major") and one_d.layout == "grouped"
     sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3, groups=2), 2, "dw-pw")
     with pytest.raises(
         sepify.ConfigError, match=r"layout 'rank-major' is not available for a dw-pw pair at rank 2 with groups 2"
@@ -91,15 +93,15 @@ def test_real_timer_finds_the_fastest_layout_and_never_changes_the_pair() -> Non
     conv = nn.Conv2d(8, 8, 3, padding=1)
     sep = SeparableConv2d.from_conv(conv, 3, "pw-dw")
     timing = time_pair(sep, (1, 8, 12, 12), reps=3, against=conv)
-    assert timing.layout in sep.layouts and sep.layout == "grouped"  # the caller applies the choice
+    assert timing.layout in sep.layouts and sep.layout == "rank-major"  # unchanged: the caller applies the choice
     assert timing.pair > 0 and timing.conv is not None and timing.conv > 0
     assert time_pair(sep, (1, 8, 12, 12), reps=3).conv is None
 
 
 def test_a_layout_view_shares_the_parameters() -> None:
     sep = SeparableConv2d.from_conv(nn.Conv2d(6, 8, 3), 2, "pw-dw")
-    view = sep.in_layout("rank-major")
-    assert view.layout == "rank-major" and sep.layout == "grouped"
+    view = sep.in_layout("grouped")
+    assert view.layout == "grouped" and sep.layout == "rank-major"
     assert view.conv_dw.weight is sep.conv_dw.weight and view.conv_pw is sep.conv_pw
 
 

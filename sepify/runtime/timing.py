@@ -83,7 +83,7 @@ def time_pair(
         >>> pair = SeparableConv.from_conv(conv, rank=2, order="pw-dw")
         >>> timing = time_pair(pair, (1, 8, 16, 16), reps=3, against=conv)
         >>> timing.layout in pair.layouts, timing.pair > 0, timing.conv > 0, pair.layout
-        (True, True, True, 'grouped')
+        (True, True, True, 'rank-major')
         >>> time_pair(SeparableConv.from_conv(conv, rank=1), (1, 8, 16, 16), reps=3).layout is None
         True
     """

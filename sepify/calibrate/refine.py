@@ -60,9 +60,11 @@ __all__ = ["refine_pairs", "refined_errors", "RefineResult"]
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-# refine_pairs (and the audit's refined_errors) solve a layer's regressions in parts of at most this many bytes of Gram matrices (a part's refit
-# holds about six times that: the data's, held-out and data-free equations, a blend, its factor)
-PART_BYTES = 1 << 27
+# refine_pairs (and the audit's refined_errors) solve a layer's regressions in parts of at most this many bytes of
+# Gram matrices; a part's refit holds about five times that (the data's, held-out and data-free equations, a blend,
+# its factor). The long-kernel Conv1d net (benchmarks/long_kernels.py) refines in the same time with 64 or 128 MB
+# parts, at 1520 and 1765 MB peak above the start; it skipped 3 of its 4 layers when they had to fit in one.
+PART_BYTES = 1 << 26
 # Original convs' outputs held at once for several layers (at least one layer's), and converted-model states kept
 # to resume each batch's forward from the previous pair: each 1/8 of the memory available when refinement starts,
 # between 256 MB and 4 GB (at 224 px and 256 samples a resnet50's early layers need about 200 MB per layer).

@@ -16,7 +16,7 @@ from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.data import calibration_batches, near_duplicate_groups
 from sepify.calibrate.distill import Samples, train
 from sepify.calibrate.refine import refine_pairs, refined_errors
-from sepify.calibrate.regression import NormalEquations, add_to_normals, regression_count
+from sepify.calibrate.regression import NormalEquations, add_to_normals, gram_bytes, regression_count
 from sepify.core.modules import SeparableConv
 from sepify.graph.rewrite import swap_modules
 from sepify.graph.tracing import trace_model
@@ -266,6 +266,33 @@ def test_a_refit_solved_in_parts_equals_the_whole(
         monkeypatch.setattr(refine, "PART_BYTES", part_bytes)
         predicted.append(refined_errors(conv, x, order, [1, 2, 3]))
     assert predicted[0].keys() == {1, 2, 3} and predicted[1] == pytest.approx(predicted[0], rel=1e-6)
+
+
+def test_only_a_regression_too_large_for_any_part_is_left_unrefined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part holds at least one regression: a dense dw-pw pair is one regression of Cin * rank (+1) features
+    (tens of GB for a 1024-channel conv at rank 60), which is skipped with a sentence instead of exhausting memory;
+    a pw-dw pair of many small regressions over the same total is refit in parts."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    teacher = nn.Sequential(conv).eval()
+    x = torch.randn(24, 16, 8, 8).cumsum(-1)
+    found = {}
+    for order in ("dw-pw", "pw-dw"):
+        pair = SeparableConv.from_conv(conv, 2, order)
+        per_regression = gram_bytes(pair) // regression_count(pair)
+        monkeypatch.setattr(
+            refine, "GRAM_BYTES", 5000
+        )  # dw-pw: one regression of 33 features (8712 B); pw-dw: 16 of 19
+        monkeypatch.setattr(refine, "PART_BYTES", 4 * per_regression)
+        student = trace_model(copy.deepcopy(teacher)).graph_module
+        assert student is not None
+        swap_modules(student, {"0": pair}, {})
+        found[order] = refine_pairs(teacher, student, [("0", pair)], [(x[:16],)], [(x[16:],)]), gram_bytes(pair)
+    dw_pw, total = found["dw-pw"]
+    assert dw_pw.skipped == {"0": f"one of its regressions would need more than {5000 / 2**20:g} MB of Gram matrix"}
+    assert "0" not in dw_pw.layers and total > 5000
+    pw_dw, total = found["pw-dw"]
+    assert pw_dw.skipped == {} and "0" in pw_dw.layers and total > 5000  # refit although its matrices exceed the cap
 
 
 # -- a real trained model ------------------------------------------------------------

@@ -60,11 +60,15 @@ __all__ = ["refine_pairs", "refined_errors", "RefineResult"]
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-# refine_pairs (and the audit's refined_errors) solve a layer's regressions in parts of at most this many bytes of
-# Gram matrices; a part's refit holds about five times that (the data's, held-out and data-free equations, a blend,
-# its factor). The long-kernel Conv1d net (benchmarks/long_kernels.py) refines in the same time with 64 or 128 MB
-# parts, at 1520 and 1765 MB peak above the start; it skipped 3 of its 4 layers when they had to fit in one.
+# refine_pairs solves a layer's regressions in parts of at most this many bytes of Gram matrices; a part's refit
+# holds about five times that (the data's, held-out and data-free equations, a blend, its factor). The long-kernel
+# Conv1d net (benchmarks/long_kernels.py) refines in the same time with 64 or 128 MB parts, at 1520 and 1765 MB peak
+# above the start; it skipped 3 of its 4 layers when they had to fit in one.
 PART_BYTES = 1 << 26
+# A layer one of whose regressions alone needs more Gram matrix than this is not refit (a part cannot be smaller than
+# a regression: a dense dw-pw pair of a 1024-channel conv at rank 60 has one of 61441 features, 30 GB). The audit's
+# refined_errors, which runs on every rank of every candidate, skips ranks whose Gram matrices exceed it in all.
+GRAM_BYTES = 1 << 29
 # Original convs' outputs held at once for several layers (at least one layer's), and converted-model states kept
 # to resume each batch's forward from the previous pair: each 1/8 of the memory available when refinement starts,
 # between 256 MB and 4 GB (at 224 px and 256 samples a resnet50's early layers need about 200 MB per layer).
@@ -103,6 +107,9 @@ def refine_pairs(
     spans: dict[str, float] = {}
     batches = [*fit, *heldout]
     unsupported = {name: why for name, pair in pairs if (why := refit_unsupported(pair)) is not None}
+    for name, pair in pairs:
+        if name not in unsupported and gram_bytes(pair) // regression_count(pair) > GRAM_BYTES:
+            unsupported[name] = f"one of its regressions would need more than {GRAM_BYTES / 2**20:g} MB of Gram matrix"
     wanted = [name for name, pair in pairs if name not in unsupported]
     budget = cache_budget()
     targets = TeacherOutputs(teacher, wanted, batches, budget if TARGET_BYTES is None else TARGET_BYTES)
@@ -113,28 +120,33 @@ def refine_pairs(
         if name not in wanted:
             skipped[name] = unsupported[name]
             continue
-        ys = targets.take(name)
         parts = _parts(pair)
+        ys: list[Tensor | None] = list(targets.take(name))
+        # a layer solved in parts reads its inputs once per part: keep them rather than run the student again
+        xs: list[Tensor | None] | None = None
         with torch.no_grad():
-            xs = [inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
-                  for k, args in enumerate(batches)] if len(parts) > 1 else None  # fmt: skip
+            if len(parts) > 1:
+                xs = [inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                      for k, args in enumerate(batches)]  # fmt: skip
         conv = teacher.get_submodule(name)
         weight = canonical_weight(dense_weight(conv), is_transposed(conv), conv.groups)  # type: ignore[arg-type]
         fits, span = [], 0.0
-        for part in parts:
+        for p, part in enumerate(parts):
             train, held = NormalEquations(), NormalEquations()
             with torch.no_grad():
                 for k, args in enumerate(batches):
-                    if xs is not None:
-                        x = xs[k]
-                    else:
-                        x = inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
-                    add_to_normals(train if k < len(fit) else held, pair, x, ys[k], part)
+                    x = xs[k] if xs else inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                    y = ys[k]
+                    assert x is not None and y is not None
+                    add_to_normals(train if k < len(fit) else held, pair, x, y, part)
+                    if p == len(parts) - 1:  # each batch's tensors are freed once their last part has used them
+                        ys[k] = None
+                        if xs:
+                            xs[k] = None
             free = data_free_normals(pair, weight, conv.bias, part)  # type: ignore[arg-type]
             span += coverage(train, free, pair.last.bias is not None) * (part.stop - part.start)
             fits.append(_candidates(pair, train, held, free, part))
             del train, held, free
-        del ys, xs
         spans[name] = span / regression_count(pair)
         results[name] = _choose(pair, fits)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
@@ -224,8 +236,9 @@ def refined_errors(
     top-r singular vectors), so one Gram matrix at the largest rank serves all
     of them (pass the weight's ``factorization`` in ``order`` if it is already
     computed); pw-dw-pw bottlenecks are refit one by one (pass ``pairs`` by
-    rank if they are built). Pairs the refit does not support
-    (:func:`refit_unsupported`) are left out.
+    rank if they are built). Ranks whose Gram matrices would exceed
+    :data:`GRAM_BYTES`, and pairs the refit does not support
+    (:func:`refit_unsupported`), are left out.
     ``y`` is the conv's output on ``x`` when the caller has it already.
     """
     y = conv_output(conv, x) if y is None else y
@@ -238,6 +251,8 @@ def refined_errors(
 
 def _refit_error(x: Tensor, y: Tensor, pair: SeparableConv, ridge: float) -> float | None:
     """The relative output error of ``pair`` after the ridge refit of its last factor on ``x`` (targets ``y``)."""
+    if gram_bytes(pair) > GRAM_BYTES:
+        return None
     residual = total = 0.0
     for part in _parts(pair):
         with torch.no_grad():
@@ -263,11 +278,11 @@ def _nested_refined_errors(
     factorization: Factorization | None,
 ) -> dict[int, float]:
     """:func:`refined_errors` for dw-pw and pw-dw: one Gram matrix at the largest rank, sub-blocks for the others
-    (solved a part of the regressions at a time, as :func:`refine_pairs` does, and summed)."""
+    (a part of the regressions at a time, as :func:`refine_pairs` solves them, and summed)."""
     top = max(ranks)
     pair = SeparableConv.from_conv(conv, top, order, factorization=factorization).to(dtype=x.dtype)
     top = pair.rank
-    if refit_unsupported(pair) is not None:
+    if refit_unsupported(pair) is not None or gram_bytes(pair) > GRAM_BYTES:
         return {}
     has_bias = conv.bias is not None
     residuals = dict.fromkeys(sorted({min(k, top) for k in ranks}), 0.0)

@@ -106,10 +106,7 @@ def refine_pairs(
     skipped: dict[str, str] = {}
     spans: dict[str, float] = {}
     batches = [*fit, *heldout]
-    unsupported = {name: why for name, pair in pairs if (why := refit_unsupported(pair)) is not None}
-    for name, pair in pairs:
-        if name not in unsupported and gram_bytes(pair) // regression_count(pair) > GRAM_BYTES:
-            unsupported[name] = f"one of its regressions would need more than {GRAM_BYTES / 2**20:g} MB of Gram matrix"
+    unsupported = {name: why for name, pair in pairs if (why := _not_refit(pair)) is not None}
     wanted = [name for name, pair in pairs if name not in unsupported]
     budget = cache_budget()
     targets = TeacherOutputs(teacher, wanted, batches, budget if TARGET_BYTES is None else TARGET_BYTES)
@@ -122,12 +119,15 @@ def refine_pairs(
             continue
         parts = _parts(pair)
         ys: list[Tensor | None] = list(targets.take(name))
+
+        def student_input(k: int, args: tuple[Any, ...], name: str = name, pair: SeparableConv = pair) -> Tensor:
+            return inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+
         # a layer solved in parts reads its inputs once per part: keep them rather than run the student again
         xs: list[Tensor | None] | None = None
         with torch.no_grad():
             if len(parts) > 1:
-                xs = [inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
-                      for k, args in enumerate(batches)]  # fmt: skip
+                xs = [student_input(k, args) for k, args in enumerate(batches)]
         conv = teacher.get_submodule(name)
         weight = canonical_weight(dense_weight(conv), is_transposed(conv), conv.groups)  # type: ignore[arg-type]
         fits, span = [], 0.0
@@ -135,7 +135,7 @@ def refine_pairs(
             train, held = NormalEquations(), NormalEquations()
             with torch.no_grad():
                 for k, args in enumerate(batches):
-                    x = xs[k] if xs else inputs.get(name, k) if inputs else capture(student, pair, args, output=False)
+                    x = xs[k] if xs else student_input(k, args)
                     y = ys[k]
                     assert x is not None and y is not None
                     add_to_normals(train if k < len(fit) else held, pair, x, y, part)
@@ -162,6 +162,15 @@ def cache_budget() -> int:
     except (ValueError, OSError, AttributeError):  # not every platform reports it
         return MIN_CACHE_BYTES
     return max(MIN_CACHE_BYTES, min(MAX_CACHE_BYTES, available // 8))
+
+
+def _not_refit(pair: SeparableConv) -> str | None:
+    """Why :func:`refine_pairs` leaves ``pair``'s closed form (None when it refits it)."""
+    if (why := refit_unsupported(pair)) is not None:
+        return why
+    if gram_bytes(pair) // regression_count(pair) > GRAM_BYTES:  # a part holds at least one regression
+        return f"one of its regressions would need more than {GRAM_BYTES / 2**20:g} MB of Gram matrix"
+    return None
 
 
 def _parts(pair: SeparableConv) -> list[slice]:

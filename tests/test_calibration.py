@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sepify
@@ -16,7 +18,14 @@ from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.data import calibration_batches, near_duplicate_groups
 from sepify.calibrate.distill import Samples, train
 from sepify.calibrate.refine import refine_pairs, refined_errors
-from sepify.calibrate.regression import NormalEquations, add_to_normals, gram_bytes, regression_count
+from sepify.calibrate.regression import (
+    BlendPath,
+    NormalEquations,
+    add_to_normals,
+    gram_bytes,
+    regression_count,
+    solve_ridge,
+)
 from sepify.core.modules import SeparableConv
 from sepify.graph.rewrite import swap_modules
 from sepify.graph.tracing import trace_model
@@ -266,6 +275,41 @@ def test_a_refit_solved_in_parts_equals_the_whole(
         monkeypatch.setattr(refine, "PART_BYTES", part_bytes)
         predicted.append(refined_errors(conv, x, order, [1, 2, 3]))
     assert predicted[0].keys() == {1, 2, 3} and predicted[1] == pytest.approx(predicted[0], rel=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    regressions=st.integers(1, 4),
+    features=st.integers(1, 12),
+    samples=st.integers(1, 30),  # fewer samples than features too: the data's Gram matrix is singular
+    outputs=st.integers(1, 3),
+    share=st.sampled_from(refine.DATA_FREE_SHARES),
+    seed=st.integers(0, 2**16),
+)
+def test_one_factorisation_solves_every_blend(
+    regressions: int, features: int, samples: int, outputs: int, share: float, seed: int
+) -> None:
+    """The share search's solutions from one generalised eigendecomposition equal a direct solve of each blend."""
+    g = torch.Generator().manual_seed(seed)
+    data, free = NormalEquations(), NormalEquations()
+    x = torch.randn(regressions, samples, features, generator=g) * torch.logspace(0, 2, features)
+    data.add(x, x @ torch.randn(regressions, features, outputs, generator=g))
+    z = torch.randn(regressions, 2 * features + 1, features, generator=g)
+    free.add(z, z @ torch.randn(regressions, features, outputs, generator=g))
+    direct = solve_ridge(data.blended(free, share), 0.0, free_last=False)
+    assert direct is not None
+    path = BlendPath.of(data, free)
+    assert path is not None
+    torch.testing.assert_close(path.solve(share), direct, rtol=1e-6, atol=1e-8)
+
+
+def test_data_free_equations_that_are_not_positive_definite_leave_no_path() -> None:
+    """Without a positive definite data-free Gram matrix there is no blend to search: the closed form is kept."""
+    data, free = NormalEquations(), NormalEquations()
+    x = torch.randn(1, 20, 3)
+    data.add(x, x.sum(-1, keepdim=True))
+    free.add_normals(-torch.eye(3, dtype=torch.float64)[None], torch.ones(1, 3, 1), torch.ones(1))
+    assert BlendPath.of(data, free) is None
 
 
 def test_only_a_regression_too_large_for_any_part_is_left_unrefined(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 Layer by layer in execution order: the pair's *inputs* come from the
 partially refined converted model (so upstream error is corrected
 downstream), the *targets* are the original layer's outputs. The pair's last
-factor is refit by ridge regression (:mod:`sepify.calibrate.regression`):
+factor is refit by least squares (:mod:`sepify.calibrate.regression`):
 
 * dw-pw: the pointwise conv (and its bias) from the depthwise outputs, one
   regression per group;
@@ -13,15 +13,17 @@ factor is refit by ridge regression (:mod:`sepify.calibrate.regression`):
 Narrow data (a few recordings cut into many samples) must not pull a layer
 far from what its weights say: the data's normal equations are blended with
 the data-free ones (those of white input, whose solution is the closed-form
-initialisation), the share and the ridge chosen on held-out samples, and
-near-duplicate samples are held out together (:mod:`sepify.calibrate.data`),
-so the held-out error is that of unseen recordings.
+initialisation; a ridge towards the initialisation rather than towards zero), the
+share chosen on held-out samples, and near-duplicate samples are held out
+together (:mod:`sepify.calibrate.data`), so the held-out error is that of
+unseen recordings. One generalised eigendecomposition per layer gives the
+solution at every share (:class:`~sepify.calibrate.regression.BlendPath`).
 
 Targets are captured for a window of layers per pass of the original model,
 and each batch's forward through the converted model resumes from the
 previous pair (:mod:`sepify.calibrate.capture`): about one forward pass of
-each model over the data in all. The ridge is chosen on held-out batches, and
-a refit that is worse there than the closed-form initialisation is not kept.
+each model over the data in all. A refit that is worse on the held-out
+batches than the closed-form initialisation is not kept.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from torch import Tensor, nn
 
 from sepify.calibrate.capture import StudentInputs, TeacherOutputs, capture
 from sepify.calibrate.regression import (
-    RIDGES,
+    BlendPath,
     NormalEquations,
     add_to_normals,
-    coverage,
     current_weights,
     data_free_normals,
     gram_bytes,
@@ -144,9 +145,11 @@ def refine_pairs(
                         if xs:
                             xs[k] = None
             free = data_free_normals(pair, weight, conv.bias, part)  # type: ignore[arg-type]
-            span += coverage(train, free, pair.last.bias is not None) * (part.stop - part.start)
-            fits.append(_candidates(pair, train, held, free, part))
-            del train, held, free
+            path = BlendPath.of(train, free)  # None: not positive definite, the closed form is kept
+            del train, free
+            span += (0.0 if path is None else path.coverage()) * (part.stop - part.start)
+            fits.append(_candidates(pair, path, held, part))
+            del held, path
         spans[name] = span / regression_count(pair)
         results[name] = _choose(pair, fits)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
@@ -183,41 +186,37 @@ def _parts(pair: SeparableConv) -> list[slice]:
 @dataclass
 class _Fits:
     """One part of a layer's refit: the held-out squared error of its current weights, of the solution at each
-    (data-free share, ridge), and those solutions."""
+    data-free share, and those solutions."""
 
     current: float
     energy: float
-    errors: dict[tuple[float, float], float]
-    solutions: dict[tuple[float, float], Tensor]
+    errors: dict[float, float]
+    solutions: dict[float, Tensor]
 
 
-def _candidates(
-    pair: SeparableConv, train: NormalEquations, held: NormalEquations, free: NormalEquations, part: slice
-) -> _Fits:
-    """Every (data-free share, ridge) solution of one part of the pair's regressions, scored on held-out data."""
+def _candidates(pair: SeparableConv, path: BlendPath | None, held: NormalEquations, part: slice) -> _Fits:
+    """The solution at every data-free share of one part of the pair's regressions, scored on held-out data."""
     assert held.yy is not None
-    current = current_weights(pair)[part].to(train.gram.device if train.gram is not None else "cpu")
+    current = current_weights(pair)[part].to(held.yy.device)
     fits = _Fits(max(held.error(current), 0.0), float(held.yy.sum()), {}, {})
-    free_last = pair.last.bias is not None
+    if path is None:
+        return fits
     for share in DATA_FREE_SHARES:
-        blended = train.blended(free, share) if share else train
-        for ridge in RIDGES:
-            w = solve_ridge(blended, ridge, free_last)
-            if w is not None:  # else not positive definite at this ridge: a larger one may be
-                fits.errors[share, ridge] = max(held.error(w), 0.0)
-                fits.solutions[share, ridge] = w
-        del blended
+        w = path.solve(share)
+        if bool(w.isfinite().all()):
+            fits.errors[share] = max(held.error(w), 0.0)
+            fits.solutions[share] = w
     return fits
 
 
 def _choose(pair: SeparableConv, parts: Sequence[_Fits]) -> tuple[float, float]:
-    """Keep the (share, ridge) best on held-out data over the whole layer, if it beats the current weights.
+    """Keep the data-free share best on held-out data over the whole layer, if it beats the current weights.
 
     Returns the held-out relative layer error before and after.
     """
     energy = sum(p.energy for p in parts) or 1.0
     before = sum(p.current for p in parts) / energy
-    solved = [key for key in parts[0].errors if all(key in p.errors for p in parts)]  # in (share, ridge) order
+    solved = [key for key in parts[0].errors if all(key in p.errors for p in parts)]  # in share order
     scores = {key: sum(p.errors[key] for p in parts) / energy for key in solved}
     best = min(scores, key=scores.__getitem__, default=None)  # the first of equals, as before parts
     if best is None or scores[best] >= before:

@@ -501,6 +501,39 @@ def test_near_duplicates_are_held_out_together() -> None:
     assert len(held) == 15 and held_recordings.isdisjoint(fit_recordings)
 
 
+@pytest.mark.parametrize(("big", "small"), [(255, 1), (150, 106), (60, 196)])
+def test_a_group_of_most_samples_is_not_held_out(big: int, small: int) -> None:
+    """Samples that all answer alike are one near-duplicate "group"; holding it out whole left one sample to fit on.
+    The held-out share stays about 20% and never takes more than half of the samples."""
+    x = torch.randn(big + small, 1, 8)
+    x[:big, 0, 0] = 1000.0  # marks the big group's samples
+
+    def groups(samples: tuple[torch.Tensor, ...]) -> list[int]:  # one dominant group, the rest alone
+        return [0 if float(v) == 1000.0 else i + 1 for i, v in enumerate(samples[0][:, 0, 0])]
+
+    data = calibration_batches(x, heldout_fraction=0.2, group_by=groups)
+    held_rows = torch.cat([b[0] for b in data.heldout])
+    held, held_big = len(held_rows), int((held_rows[:, 0, 0] == 1000.0).sum())
+    assert held + sum(b[0].shape[0] for b in data.fit) == big + small and 51 <= held <= (big + small) // 2
+    if small >= 51:  # whole groups can make up the held-out share
+        assert held_big in (0, big)
+        if big > (big + small) // 2:  # too big to hold out: it is fit on, and singles are held out
+            assert (held, held_big) == (51, 0)
+
+
+def test_samples_a_model_answers_alike_for_are_mostly_fit_on() -> None:
+    """The workflow behind the previous test: a random-weight net whose pooled outputs coincide for every input
+    (cosine > 0.999) but one holds out about a fifth of its calibration, not all but that one sample."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 8, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()).eval()
+    with torch.no_grad():
+        net[0].bias.fill_(3.0)  # every output is about the same positive vector
+    x = torch.randn(100, 4, 64)
+    x[0] *= 100  # but this one's
+    result = sepify.convert(net, x[:1], rank=1, calibration=sepify.Calibration(x, refresh_bn=False))
+    assert [stage.samples for stage in result.report.fidelity] == [20, 20]
+
+
 def test_a_few_recordings_do_not_pull_a_layer_off_its_weights() -> None:
     # Calibration cut from 4 "recordings" (16 near-identical samples each): refinement must not make the
     # layer worse on inputs unlike them. Whole recordings are held out, so the data-free share is chosen

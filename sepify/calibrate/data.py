@@ -120,17 +120,22 @@ def calibration_batches(
 def _whole_groups(ids: list[int], keep: int) -> set[int]:
     """Positions of whole groups, taken in order of their first member, until at least ``keep`` are held out.
 
-    Falls back to the first ``keep`` positions when whole groups would leave nothing to fit on.
+    A group of more than half the samples is never held out (the fit would keep less than the held-out check):
+    when nearly every sample answers alike (a random-weight net, a detector on background frames) the samples are
+    one "group", and holding it out left one sample to fit on. Falls back to the first ``keep`` positions when
+    whole groups cannot make up ``keep``.
     """
     members: dict[int, list[int]] = {}
     for position, group in enumerate(ids):
         members.setdefault(group, []).append(position)
+    most = max(keep, len(ids) // 2)
     held: set[int] = set()
     for positions in members.values():
         if len(held) >= keep:
             break
-        held.update(positions)
-    return held if len(held) < len(ids) else set(range(keep))
+        if len(held) + len(positions) <= most:
+            held.update(positions)
+    return held if len(held) >= keep else set(range(keep))
 
 
 def near_duplicate_groups(vectors: Tensor, threshold: float = 0.999) -> list[int]:

@@ -19,8 +19,10 @@ from sepify.core.modules import SeparableConv
 
 
 def _normals(pair: SeparableConv, x: torch.Tensor, y: torch.Tensor) -> NormalEquations:
+    """One sample a batch: the correlations are summed over batches and assembled once."""
     normal = NormalEquations()
-    add_to_normals(normal, pair, x, y)
+    for k in range(len(x)):
+        add_to_normals(normal, pair, x[k : k + 1], y[k : k + 1])
     return normal
 
 
@@ -51,7 +53,7 @@ def test_lagged_normals_equal_unfolded(
     length = (taps - 1) * dilation + 1 + 2 * stride + 5
     if layout == "1d":
         conv: nn.Module = nn.Conv1d(4, 3, taps, stride, padding, dilation, bias=bias, padding_mode=mode)
-        x = torch.randn(2, 4, length)
+        x = torch.randn(3, 4, length)
     else:
         kernel, strides = ((taps, 1), (stride, 2)) if layout == "2d-rows" else ((1, taps), (2, stride))
         dilations = (dilation, 1) if layout == "2d-rows" else (1, dilation)
@@ -60,7 +62,7 @@ def test_lagged_normals_equal_unfolded(
             strides = (1, 1)
         conv = nn.Conv2d(4, 3, kernel, strides, pad, dilations, bias=bias, padding_mode=mode)
         shape = (length, 5) if layout == "2d-rows" else (5, length)
-        x = torch.randn(2, 4, *shape)
+        x = torch.randn(3, 4, *shape)
     if mode != "zeros" and padding != "same" and 2 * int(padding) >= length:
         return
     pair = SeparableConv.from_conv(conv, rank, "pw-dw")
@@ -71,6 +73,23 @@ def test_lagged_normals_equal_unfolded(
     for name in ("gram", "cross", "yy"):
         got, want = getattr(fast, name), getattr(slow, name)
         assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max())), name
+
+
+def test_batches_of_another_length_are_assembled_apart() -> None:
+    """Correlations add up only over batches of one length (an image pyramid has several): a batch of another
+    length assembles what was summed so far and starts anew, and the equations still equal the patches'."""
+    torch.manual_seed(0)
+    pair = SeparableConv.from_conv(nn.Conv1d(4, 3, 20, padding=5, bias=True), 2, "pw-dw")
+    fast, slow = NormalEquations(), NormalEquations()
+    with torch.no_grad():
+        for length in (40, 40, 57, 40):
+            x = torch.randn(2, 4, length)
+            y = pair.conv_dw(pair.conv_pw(x)) + 0.1 * torch.randn(2, 3, length - 9)
+            add_to_normals(fast, pair, x, y)
+            slow.add(regression._dw_features(pair, x), regression._dw_targets(y))
+    for name in ("gram", "cross", "yy"):
+        got, want = getattr(fast, name), getattr(slow, name)
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max())), name
 
 

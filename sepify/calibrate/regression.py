@@ -35,9 +35,40 @@ class NormalEquations:
     """Accumulates X^T X, X^T Y and ||Y||^2 for batched regressions ``(B, f) -> (B, o)``."""
 
     def __init__(self) -> None:
-        self.gram: Tensor | None = None
-        self.cross: Tensor | None = None
-        self.yy: Tensor | None = None
+        self._gram: Tensor | None = None
+        self._cross: Tensor | None = None
+        self._yy: Tensor | None = None
+        self._sequences: lagged.SequenceSums | None = None  # long-kernel batches, assembled when first read
+
+    @property
+    def gram(self) -> Tensor | None:
+        self._settle()
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: Tensor | None) -> None:
+        self._settle()
+        self._gram = value
+
+    @property
+    def cross(self) -> Tensor | None:
+        self._settle()
+        return self._cross
+
+    @cross.setter
+    def cross(self, value: Tensor | None) -> None:
+        self._settle()
+        self._cross = value
+
+    @property
+    def yy(self) -> Tensor | None:
+        self._settle()
+        return self._yy
+
+    @yy.setter
+    def yy(self, value: Tensor | None) -> None:
+        self._settle()
+        self._yy = value
 
     def add(self, x: Tensor, y: Tensor) -> None:
         """``x``: (B, M, f) features, ``y``: (B, M, o) targets, M samples per regression."""
@@ -46,9 +77,29 @@ class NormalEquations:
 
     def add_normals(self, g: Tensor, c: Tensor, t: Tensor) -> None:
         """Add one batch's ``X^T X`` (B, f, f), ``X^T Y`` (B, f, o) and ``||Y||^2`` (B,), already computed."""
-        self.gram = g if self.gram is None else self.gram + g
-        self.cross = c if self.cross is None else self.cross + c
-        self.yy = t if self.yy is None else self.yy + t
+        self._settle()
+        self._gram = g if self._gram is None else self._gram + g
+        self._cross = c if self._cross is None else self._cross + c
+        self._yy = t if self._yy is None else self._yy + t
+
+    def add_sequences(self, u: Tensor, y: Tensor, *, kernel: int, stride: int, dilation: int, bias: bool) -> None:
+        """Add one batch of a 1-D depthwise conv's regressions, in the form of :func:`lagged.sequence_normals`.
+
+        Batches of one conv are summed as correlations and assembled into
+        normal equations once, when they are first read (the assembly costs
+        as much as a batch's correlations).
+        """
+        sums = self._sequences
+        if sums is not None and not sums.accepts(u, kernel=kernel, stride=stride, dilation=dilation, bias=bias):
+            self._settle()
+        if self._sequences is None:
+            self._sequences = lagged.SequenceSums(kernel=kernel, stride=stride, dilation=dilation, bias=bias)
+        self._sequences.add(u, y)
+
+    def _settle(self) -> None:
+        if self._sequences is not None:
+            sums, self._sequences = self._sequences, None
+            self.add_normals(*sums.normals())
 
     def blended(self, other: NormalEquations, share: float) -> NormalEquations:
         """These equations plus ``other``'s, scaled so that ``other``'s targets carry ``share`` of this energy.
@@ -116,7 +167,7 @@ class BlendPath:
         inner = torch.linalg.solve_triangular(factor, data.gram, upper=False)
         whitened = torch.linalg.solve_triangular(factor, inner.mT, upper=False)  # L^-1 A L^-T
         del inner
-        values, vectors = torch.linalg.eigh((whitened + whitened.mT) / 2)
+        values, vectors = torch.linalg.eigh(whitened)  # reads the lower triangle: no symmetrised copy needed
         del whitened
         vectors = torch.linalg.solve_triangular(factor.mT, vectors, upper=True)  # V = L^-T U
         return cls(
@@ -245,11 +296,11 @@ def _lagged_axis(pair: SeparableConv) -> int | None:
     return long[0] if len(long) == 1 and kernel[long[0]] >= lagged.LAGGED_MIN_TAPS else None
 
 
-def _dw_normals_lagged(
-    pair: SeparableConv, x: Tensor, y: Tensor, axis: int, channels: slice = ALL
-) -> tuple[Tensor, Tensor, Tensor]:
-    """pw-dw normal equations along ``axis`` for output ``channels``; the other axis (2-D, one tap) becomes part of
-    the batch."""
+def _add_sequences(
+    normal: NormalEquations, pair: SeparableConv, x: Tensor, y: Tensor, axis: int, channels: slice = ALL
+) -> None:
+    """Add one batch of a pw-dw pair's regressions along ``axis`` for output ``channels`` to ``normal`` as
+    correlations; the other axis (2-D, one tap) becomes part of the batch."""
     conv = pair.conv_dw
     u = _padded_pointwise(pair, x, channels)
     y = y[:, channels]
@@ -261,7 +312,7 @@ def _dw_normals_lagged(
         u = u[:, :, :, :: conv.stride[0]] if other == 0 else u[..., :: conv.stride[1]]
         u = u.movedim(3 + other, 1).flatten(0, 1)  # (N * other, Cout, r, L)
         y = y.movedim(2 + other, 1).flatten(0, 1)  # (N * other, Cout, T)
-    return lagged.sequence_normals(
+    normal.add_sequences(
         u,
         y,
         kernel=conv.kernel_size[axis],
@@ -327,7 +378,7 @@ def add_to_normals(
         feats, _ = _pw_features(pair, x)
         normal.add(feats[regressions], _pw_targets(pair, y)[regressions])
     elif (axis := _lagged_axis(pair)) is not None:
-        normal.add_normals(*_dw_normals_lagged(pair, x, y, axis, regressions))
+        _add_sequences(normal, pair, x, y, axis, regressions)
     else:
         normal.add(_dw_features(pair, x)[regressions], _dw_targets(y)[regressions])
 

@@ -62,9 +62,10 @@ logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 # refine_pairs solves a layer's regressions in parts of at most this many bytes of Gram matrices; a part's refit
-# holds about five times that (the data's, held-out and data-free equations, a blend, its factor). The long-kernel
-# Conv1d net (benchmarks/long_kernels.py) refines in the same time with 64 or 128 MB parts, at 1520 and 1765 MB peak
-# above the start; it skipped 3 of its 4 layers when they had to fit in one.
+# holds about five times that (the data's, held-out and data-free equations, the eigenvectors and a factor; a long
+# kernel's pending correlations too). The long-kernel Conv1d net (benchmarks/long_kernels.py) refined in the same time
+# with 64 or 128 MB parts (session 11: 1520 and 1765 MB peak above the start); it skipped 3 of its 4 layers when they
+# had to fit in one.
 PART_BYTES = 1 << 26
 # A layer one of whose regressions alone needs more Gram matrix than this is not refit (a part cannot be smaller than
 # a regression: a dense dw-pw pair of a 1024-channel conv at rank 60 has one of 61441 features, 30 GB). The audit's

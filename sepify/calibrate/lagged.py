@@ -104,7 +104,7 @@ class SequenceSums:
         for name, value in sums.items():
             self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.samples += batch
-        self.steps, self.span, self.most = steps, span, most
+        self.steps, self.span = steps, span
 
     def normals(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(gram, cross, yy)`` of every batch added so far (see :func:`sequence_normals`)."""

@@ -16,8 +16,8 @@ the data-free ones (those of white input, whose solution is the closed-form
 initialisation; a ridge towards the initialisation rather than towards zero), the
 share chosen on held-out samples, and near-duplicate samples are held out
 together (:mod:`sepify.calibrate.data`), so the held-out error is that of
-unseen recordings. One generalised eigendecomposition per layer gives the
-solution at every share (:class:`~sepify.calibrate.regression.BlendPath`).
+unseen recordings. One generalised eigendecomposition per part of a layer gives
+the solution at every share (:class:`~sepify.calibrate.regression.BlendPath`).
 
 Targets are captured for a window of layers per pass of the original model,
 and each batch's forward through the converted model resumes from the

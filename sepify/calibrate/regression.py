@@ -31,44 +31,34 @@ __all__ = [
 ALL = slice(None)  # every regression of a pair
 
 
+class _Settled:
+    """A field of :class:`NormalEquations` that first assembles the long-kernel batches still pending."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = "_" + name
+
+    def __get__(self, normal: NormalEquations, owner: type | None = None) -> Tensor | None:
+        normal._settle()
+        value: Tensor | None = getattr(normal, self.name)
+        return value
+
+    def __set__(self, normal: NormalEquations, value: Tensor | None) -> None:
+        normal._settle()
+        setattr(normal, self.name, value)
+
+
 class NormalEquations:
     """Accumulates X^T X, X^T Y and ||Y||^2 for batched regressions ``(B, f) -> (B, o)``."""
+
+    gram = _Settled()
+    cross = _Settled()
+    yy = _Settled()
 
     def __init__(self) -> None:
         self._gram: Tensor | None = None
         self._cross: Tensor | None = None
         self._yy: Tensor | None = None
         self._sequences: lagged.SequenceSums | None = None  # long-kernel batches, assembled when first read
-
-    @property
-    def gram(self) -> Tensor | None:
-        self._settle()
-        return self._gram
-
-    @gram.setter
-    def gram(self, value: Tensor | None) -> None:
-        self._settle()
-        self._gram = value
-
-    @property
-    def cross(self) -> Tensor | None:
-        self._settle()
-        return self._cross
-
-    @cross.setter
-    def cross(self, value: Tensor | None) -> None:
-        self._settle()
-        self._cross = value
-
-    @property
-    def yy(self) -> Tensor | None:
-        self._settle()
-        return self._yy
-
-    @yy.setter
-    def yy(self, value: Tensor | None) -> None:
-        self._settle()
-        self._yy = value
 
     def add(self, x: Tensor, y: Tensor) -> None:
         """``x``: (B, M, f) features, ``y``: (B, M, o) targets, M samples per regression."""

@@ -529,7 +529,7 @@ def test_samples_a_model_answers_alike_for_are_mostly_fit_on() -> None:
     with torch.no_grad():
         net[0].bias.fill_(3.0)  # every output is about the same positive vector
     x = torch.randn(100, 4, 64)
-    x[0] *= 100  # but this one's
+    x[0] *= 100  # but this one answers otherwise (its conv outputs reach below zero)
     result = sepify.convert(net, x[:1], rank=1, calibration=sepify.Calibration(x, refresh_bn=False))
     assert [stage.samples for stage in result.report.fidelity] == [20, 20]
 

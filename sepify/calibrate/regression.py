@@ -143,16 +143,9 @@ class BlendPath:
         """The path between ``data`` and ``free``; None if the data-free equations are not positive definite."""
         assert data.gram is not None and data.cross is not None and data.yy is not None
         assert free.gram is not None and free.cross is not None and free.yy is not None
-        b = free.gram
-        jitter = torch.diagonal(b, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * 1e-10
-        diagonal = torch.diagonal(b, dim1=-2, dim2=-1)
-        kept = diagonal.clone()
-        try:  # in place, restored exactly (as solve_ridge): the matrices are a part's largest tensors
-            diagonal.add_(jitter[:, None])
-            factor, info = torch.linalg.cholesky_ex(b)
-        finally:
-            diagonal.copy_(kept)
-        if bool((info != 0).any()):
+        jitter = torch.diagonal(free.gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * 1e-10
+        factor = _shifted_cholesky(free.gram, jitter[:, None])
+        if factor is None:
             return None
         inner = torch.linalg.solve_triangular(factor, data.gram, upper=False)
         whitened = torch.linalg.solve_triangular(factor, inner.mT, upper=False)  # L^-1 A L^-T
@@ -188,6 +181,23 @@ class BlendPath:
         return float((entropy.exp() / self.values.shape[-1]).mean())
 
 
+def _shifted_cholesky(gram: Tensor, shift: Tensor) -> Tensor | None:
+    """The Cholesky factor of ``gram`` with ``shift`` (B, f) added to its diagonal; None unless positive definite.
+
+    The shift goes onto the diagonal in place and the diagonal is put back
+    exactly: a copy of the Gram matrices (a part's largest tensors) cost a
+    tenth of a long-kernel refit's time, and a ``diag_embed`` as much memory.
+    """
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
+    kept = diagonal.clone()
+    try:
+        diagonal.add_(shift)
+        factor, info = torch.linalg.cholesky_ex(gram)
+    finally:
+        diagonal.copy_(kept)
+    return None if bool((info != 0).any()) else factor
+
+
 def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tensor | None:
     """Ridge solution by Cholesky (the regularised Gram is symmetric positive definite); None if it is not."""
     assert normal.gram is not None and normal.cross is not None
@@ -197,16 +207,8 @@ def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tenso
     shrink = torch.full((n,), ridge + 1e-12, dtype=g.dtype, device=g.device)
     if free_last:
         shrink[-1] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
-    # the ridge goes onto the diagonal in place and the diagonal is put back exactly: a copy of the Gram
-    # matrices cost a tenth of a long-kernel refit's time, and a diag_embed as much memory
-    diagonal = torch.diagonal(g, dim1=-2, dim2=-1)
-    kept = diagonal.clone()
-    try:
-        diagonal.add_(scale[:, None] * shrink)
-        factor, info = torch.linalg.cholesky_ex(g)
-    finally:
-        diagonal.copy_(kept)
-    if bool((info != 0).any()):
+    factor = _shifted_cholesky(g, scale[:, None] * shrink)
+    if factor is None:
         return None
     # two triangular solves: the same numbers as cholesky_solve, several times faster on CPU batches
     half = torch.linalg.solve_triangular(factor, normal.cross, upper=False)

@@ -47,6 +47,7 @@ from sepify.calibrate.regression import (
     gram_bytes,
     refit_unsupported,
     regression_count,
+    ridge_cholesky,
     set_weights,
     solve_ridge,
 )
@@ -343,12 +344,8 @@ def _prefix_residuals(
     perm = torch.tensor(([n_feat] if has_bias else []) + features, device=normal.gram.device)
     gram = normal.gram[:, perm][:, :, perm]
     cross = normal.cross[:, perm]
-    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-    shrink = torch.full((gram.shape[-1],), ridge + 1e-12, dtype=gram.dtype, device=gram.device)
-    if has_bias:
-        shrink[0] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
-    factor, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(scale[:, None] * shrink))
-    if bool((info != 0).any()):
+    factor = ridge_cholesky(gram, ridge, 0 if has_bias else None)  # the bias, first here, is never shrunk
+    if factor is None:
         return None
     z = torch.linalg.solve_triangular(factor, cross, upper=False)  # (B, n, o)
     explained = z.square().sum(-1).sum(0).cumsum(0)  # over regressions and outputs, by leading block size

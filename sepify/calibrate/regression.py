@@ -18,6 +18,7 @@ from sepify.core.modules import SeparableConv
 __all__ = [
     "NormalEquations",
     "BlendPath",
+    "ridge_cholesky",
     "solve_ridge",
     "add_to_normals",
     "current_weights",
@@ -198,16 +199,24 @@ def _shifted_cholesky(gram: Tensor, shift: Tensor) -> Tensor | None:
     return None if bool((info != 0).any()) else factor
 
 
+def ridge_cholesky(gram: Tensor, ridge: float, bias: int | None = None) -> Tensor | None:
+    """The Cholesky factor of ``gram`` with ``ridge`` times each regression's mean diagonal added to its diagonal;
+    None unless positive definite.
+
+    Feature ``bias`` (the constant one, if any) is never shrunk: it gets only the 1e-12 jitter every feature gets,
+    which keeps the factorisation defined.
+    """
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (B,)
+    shrink = torch.full((gram.shape[-1],), ridge + 1e-12, dtype=gram.dtype, device=gram.device)
+    if bias is not None:
+        shrink[bias] = 1e-12
+    return _shifted_cholesky(gram, scale[:, None] * shrink)
+
+
 def solve_ridge(normal: NormalEquations, ridge: float, free_last: bool) -> Tensor | None:
     """Ridge solution by Cholesky (the regularised Gram is symmetric positive definite); None if it is not."""
     assert normal.gram is not None and normal.cross is not None
-    g = normal.gram
-    n = g.shape[-1]
-    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (B,)
-    shrink = torch.full((n,), ridge + 1e-12, dtype=g.dtype, device=g.device)
-    if free_last:
-        shrink[-1] = 1e-12  # never shrink the bias (a jitter keeps the factorisation defined)
-    factor = _shifted_cholesky(g, scale[:, None] * shrink)
+    factor = ridge_cholesky(normal.gram, ridge, -1 if free_last else None)
     if factor is None:
         return None
     # two triangular solves: the same numbers as cholesky_solve, several times faster on CPU batches

@@ -312,6 +312,27 @@ def test_data_free_equations_that_are_not_positive_definite_leave_no_path() -> N
     assert BlendPath.of(data, free) is None
 
 
+def test_a_layer_without_a_blend_path_keeps_its_closed_form_and_claims_no_coverage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When no part has a path (data-free equations not positive definite) the pair is left as it was, and no
+    coverage is reported for it (a 0.0 would read as "calibration covers nothing")."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    teacher = nn.Sequential(conv).eval()
+    x = torch.randn(24, 4, 8, 8)
+    student = trace_model(copy.deepcopy(teacher)).graph_module
+    assert student is not None
+    pair = SeparableConv.from_conv(conv, 2, "pw-dw")
+    swap_modules(student, {"0": pair}, {})
+    before = copy.deepcopy(pair.state_dict())
+    monkeypatch.setattr(BlendPath, "of", classmethod(lambda cls, data, free: None))
+    result = refine_pairs(teacher, student, [("0", pair)], [(x[:16],)], [(x[16:],)])
+    assert result.layers["0"][0] == result.layers["0"][1] and "0" not in result.coverage
+    for key, value in pair.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_only_a_regression_too_large_for_any_part_is_left_unrefined(monkeypatch: pytest.MonkeyPatch) -> None:
     """A part holds at least one regression: a dense dw-pw pair is one regression of Cin * rank (+1) features
     (tens of GB for a 1024-channel conv at rank 60), which is skipped with a sentence instead of exhausting memory;

@@ -133,7 +133,7 @@ def refine_pairs(
                 xs = [student_input(k, args) for k, args in enumerate(batches)]
         conv = teacher.get_submodule(name)
         weight = canonical_weight(dense_weight(conv), is_transposed(conv), conv.groups)  # type: ignore[arg-type]
-        fits, span = [], 0.0
+        fits, span, spanned = [], 0.0, 0
         for p, part in enumerate(parts):
             train, held = NormalEquations(), NormalEquations()
             with torch.no_grad():
@@ -149,10 +149,12 @@ def refine_pairs(
             free = data_free_normals(pair, weight, conv.bias, part)  # type: ignore[arg-type]
             path = BlendPath.of(train, free)  # None: not positive definite, the closed form is kept
             del train, free
-            span += (0.0 if path is None else path.coverage()) * (part.stop - part.start)
+            if path is not None:  # without one there is no whitened spectrum to read coverage from
+                span, spanned = span + path.coverage() * (part.stop - part.start), spanned + part.stop - part.start
             fits.append(_candidates(pair, path, held, part))
             del held, path
-        spans[name] = span / regression_count(pair)
+        if spanned:
+            spans[name] = span / spanned
         results[name] = _choose(pair, fits)
         logger.info("refined %s: held-out layer error %.4f -> %.4f", name, *results[name])
     if progress is not None:

@@ -104,13 +104,13 @@ class SequenceSums:
         for name, value in sums.items():
             self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.samples += batch
-        self.steps, self.span = steps, span
 
     def normals(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(gram, cross, yy)`` of every batch added so far (see :func:`sequence_normals`)."""
         assert self.shape is not None, "no batch was added"
-        kernel, stride, _, bias = self.conv
-        (channels, r, _), terms, steps, span = self.shape, self.terms, self.steps, self.span
+        kernel, stride, dilation, bias = self.conv
+        (channels, r, length), terms = self.shape, self.terms
+        steps, span = (length - (kernel - 1) * dilation - 1) // stride + 1, -(-length // stride)  # T, M as in add
         # What a tap's window leaves out of the full range: the products before its start q and from q + T on.
         before = torch.nn.functional.pad(terms["head"].cumsum(-1), (1, 0))  # [..., q]: sum over p < q
         after = torch.nn.functional.pad(terms["tail"].flip(-1).cumsum(-1).flip(-1), (0, 1))  # p >= T + e

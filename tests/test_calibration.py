@@ -22,6 +22,7 @@ from sepify.calibrate.regression import (
     BlendPath,
     NormalEquations,
     add_to_normals,
+    data_free_normals,
     gram_bytes,
     regression_count,
     solve_ridge,
@@ -301,6 +302,39 @@ def test_one_factorisation_solves_every_blend(
     path = BlendPath.of(data, free)
     assert path is not None
     torch.testing.assert_close(path.solve(share), direct, rtol=1e-6, atol=1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    cin=st.integers(1, 5),
+    cout=st.integers(1, 4),
+    rank=st.integers(1, 3),
+    kernel=st.sampled_from([(3,), (5,), (3, 3), (1, 4)]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_data_free_kronecker_factor_gives_the_dense_path(
+    cin: int, cout: int, rank: int, kernel: tuple[int, ...], bias: bool, seed: int
+) -> None:
+    """pw-dw's data-free Gram matrix is kron(P P^T, I) (+ the bias's 1): its factor, never formed densely, gives the
+    same blend path (every share's solution, and the coverage read from its spectrum) as a dense Cholesky."""
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d if len(kernel) == 1 else nn.Conv2d)(cin, cout, kernel, bias=bias)
+    pair = SeparableConv.from_conv(conv, rank, "pw-dw")
+    x = torch.randn(6, cin, *(7 for _ in kernel))
+    data = NormalEquations()
+    with torch.no_grad():
+        add_to_normals(data, pair, x, conv(x))
+    free = data_free_normals(pair, conv.weight, conv.bias)
+    assert free.kronecker is not None and free.kronecker.bias == bias
+    structured = BlendPath.of(data, free)
+    free.gram = free.gram.clone()  # a new matrix: its structure is no longer known
+    assert free.kronecker is None
+    dense = BlendPath.of(data, free)
+    assert structured is not None and dense is not None
+    for share in refine.DATA_FREE_SHARES:
+        torch.testing.assert_close(structured.solve(share), dense.solve(share), rtol=1e-6, atol=1e-8)
+    assert structured.coverage() == pytest.approx(dense.coverage(), rel=1e-6)
 
 
 def test_data_free_equations_that_are_not_positive_definite_leave_no_path() -> None:

@@ -90,12 +90,11 @@ class SequenceSums:
         # Per channel: its spectra (complex), and the shifted copies the products at the ends are taken from.
         per_channel = batch * r * stride * ((size // 2 + 1) * 16 + (most + span - steps) * (most + 1) * 8)
         chunk = max(1, _CHUNK_BYTES // max(per_channel, 1))
-        first = not self.terms
         for start in range(0, channels, chunk):
             part = slice(start, min(start + chunk, channels))
             for name, value in _chunk_sums(phases[:, part], y[:, part], most, steps, size).items():
-                if first:  # every channel's sums, filled a chunk at a time
-                    self.terms.setdefault(name, value.new_zeros(channels, *value.shape[1:]))
+                if name not in self.terms:  # every channel's sums, filled a chunk at a time
+                    self.terms[name] = value.new_zeros(channels, *value.shape[1:])
                 self.terms[name][part] += value
         sums = {"yy": y.square().sum((0, 2))}
         if bias:

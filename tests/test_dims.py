@@ -16,7 +16,7 @@ from sepify import SeparableConv
 from sepify.core.decompose import Factorization
 from sepify.core.functional import canonical_weight, kind_of, layer_weight
 from sepify.core.measure import layer_output_errors, pair_output_error
-from sepify.core.modules import weight_of
+from sepify.core.modules import dense_kernels, weight_of
 
 ORDERS = ["dw-pw", "pw-dw", "pw-dw-pw"]
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -83,6 +83,37 @@ def test_rank_r_error_is_the_svd_tail_for_every_kind(
     errors = layer_output_errors(conv, x, f, f.max_rank)
     built = SeparableConv.from_conv(conv, pair.rank, order)
     assert math.isclose(errors[pair.rank - 1], pair_output_error(conv, built, x), rel_tol=1e-6, abs_tol=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(layers(), st.sampled_from(ORDERS), st.integers(1, 3), st.booleans())
+def test_dense_kernels_compute_what_the_pair_computes(
+    layer: tuple[nn.Module, torch.Tensor], order: str, rank: int, same: bool
+) -> None:
+    """Calibration runs pairs as their dense kernel (``dense_kernels``): the same output for every kind of conv
+    (padding modes, "same", transposed with output padding), only without gradients, and the pair is left as it
+    was."""
+    conv, x = layer
+    if same and type(conv) in CONVS.values():  # padding="same" (stride 1)
+        conv = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, padding="same",
+                          dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                          padding_mode=conv.padding_mode, dtype=torch.float64)  # fmt: skip
+    pair = SeparableConv.from_conv(conv, rank, order)
+    with torch.no_grad():
+        expected = pair(x)
+    model = nn.Sequential(pair)
+    with dense_kernels(model, ratio=math.inf) as dense:
+        assert dense == ["0"]
+        with torch.no_grad():
+            got = pair(x)
+        trained = pair(x)  # with gradients: the pair's own convs, so that training reaches the factors
+        trained.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)
+    assert all(p.grad is not None for p in pair.parameters())
+    assert "_run_dense" not in vars(pair)
+    with dense_kernels(model, ratio=0.0) as dense:  # no pair is that cheap
+        assert dense == []
 
 
 def test_canonical_weight_round_trips_and_names_the_kind() -> None:

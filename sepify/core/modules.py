@@ -9,13 +9,16 @@ picks the subclass from the conv.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from math import prod
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from sepify.core.cost import ORDERS, exact_rank
+from sepify.core.cost import ORDERS, conv_macs, exact_rank, separable_macs
 from sepify.core.cp import CPFactorization
 from sepify.core.decompose import Factorization, merge_separable_weight
 from sepify.core.functional import ConvLayer, SameConv2d, canonical_weight, conv_like, is_transposed, layer_weight
@@ -31,8 +34,15 @@ __all__ = [
     "SeparableConvTranspose2d",
     "SeparableConvTranspose3d",
     "pair_class",
+    "dense_kernels",
     "LAYOUTS",
 ]
+
+# Within `dense_kernels`, a pair runs as its dense kernel where that costs at most this many times its own MACs. On
+# CPU (oneDNN, 1 thread; docs/benchmarks.md, "Refinement on long kernels") the dense conv was faster at up to 4x the
+# MACs (a depthwise conv1d with 39-64 taps: 7.8-17x slower than the dense conv at 1-1.9x its MACs) and slower beyond
+# 4.3x (crepe's (64, 1) kernels at rank 4, 5.3x the MACs: 5x slower).
+DENSE_MAC_RATIO = 3.0
 
 # A dense weight assigned to a pair within this relative residual of its kernel scaled per output channel is
 # folded into its last conv (float32 round-off of BatchNorm folding is ~1e-7).
@@ -86,6 +96,8 @@ class SeparableConv(nn.Module):
 
     dims: ClassVar[int] = 2
     transposed: ClassVar[bool] = False
+    # Set on an instance only within `dense_kernels` (a class default, so models pickled before it existed load).
+    _run_dense: bool = False
 
     def __init__(
         self,
@@ -388,6 +400,9 @@ class SeparableConv(nn.Module):
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if output_size is not None and not self.transposed:
             raise TypeError(f"{type(self).__name__} takes no output_size (only transposed convs do)")
+        if self._run_dense and not torch.is_grad_enabled():  # the dense kernel is detached: never for training
+            weight = self.effective_weight()
+            return conv_like(self.conv_dw, x, weight, self.bias, groups=self.groups, output_size=output_size)
         if self._layout == "rank-major":
             return self._forward_split(x) if self.order == "dw-pw" else self._forward_rank_major(x)
         for conv in self.convs:
@@ -419,6 +434,16 @@ class SeparableConv(nn.Module):
         for k in range(1, r):
             y = y + conv_like(dw, u[:, k * cout : (k + 1) * cout], dw.weight[:, k : k + 1], None)
         return y
+
+    def dense_mac_ratio(self) -> float:
+        """MACs of the dense kernel this pair computes over its own, per output position (a strided conv's first
+        pointwise conv counted at its input's resolution)."""
+        step = prod(self.stride)
+        inputs, outputs = ((1,), (step,)) if self.transposed else ((step,), (1,))
+        channels = (self.in_channels, self.out_channels, self.kernel_size, self.groups)
+        dense = conv_macs(*channels, outputs, transposed=self.transposed, input_size=inputs)
+        own = separable_macs(*channels, self.rank, self.order, inputs, outputs, transposed=self.transposed)
+        return dense / max(own, 1)
 
     def in_layout(self, layout: str) -> SeparableConv:
         """A view of this pair that runs in ``layout``: same parameters, same children, this pair unchanged."""
@@ -479,6 +504,34 @@ class SeparableConv(nn.Module):
     def extra_repr(self) -> str:
         layout = f", layout={self.layout!r}" if self.layout != self.default_layout else ""
         return f"order={self.order!r}, rank={self.rank}{layout}"
+
+
+@contextlib.contextmanager
+def dense_kernels(model: nn.Module, ratio: float = DENSE_MAC_RATIO) -> Iterator[list[str]]:
+    """Within the block, the pairs in ``model`` whose dense kernel costs at most ``ratio`` times their own MACs
+    run as that dense conv when no gradient is recorded; yields their names.
+
+    The same function to float round-off (the kernel is summed in float64), and on CPU several times faster where
+    a pair's depthwise step misses the fast kernels (a long 1-D kernel: up to 17x). Calibration measures and refits
+    with it; the converted model itself, and any training, run the pair.
+
+    >>> import torch
+    >>> pair = SeparableConv.from_conv(nn.Conv1d(8, 8, 39, padding=19), rank=4, order="pw-dw")
+    >>> x = torch.randn(2, 8, 100)
+    >>> with torch.no_grad(), dense_kernels(nn.Sequential(pair)) as dense:
+    ...     fast = pair(x)
+    >>> dense, torch.allclose(fast, pair(x), atol=1e-5)
+    (['0'], True)
+    """
+    chosen = [(name, m) for name, m in model.named_modules() if isinstance(m, SeparableConv)]
+    chosen = [(name, m) for name, m in chosen if m.dense_mac_ratio() <= ratio]
+    for _, pair in chosen:
+        pair._run_dense = True
+    try:
+        yield [name for name, _ in chosen]
+    finally:
+        for _, pair in chosen:
+            del pair._run_dense
 
 
 def _factor_weights(

@@ -9,13 +9,14 @@ sepify's default for a depthwise kernel of 16 taps or more along one axis (sepif
 forces the unfolded computation every other layer uses (what sepify did before). The held-out output errors
 after refinement must agree.
 
-Models: a Conv1d ResNet with kernels 39-64 (random weights, 32 input channels, 1024 samples), and crepe-tiny's
-trained convs (kernels 512 at stride 4, then 64; its pitch tones as calibration data).
+Models: a Conv1d ResNet with kernels 39-64 (random weights, 32 input channels, 1024 samples), and crepe-tiny's and
+crepe-full's trained convs (kernels 512 at stride 4, then 64; their pitch tones as calibration data).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import threading
 import time
@@ -52,14 +53,18 @@ def _net() -> tuple[nn.Module, torch.Tensor, int]:
     return LongKernelNet().eval(), torch.randn(256, 32, 1024), 17
 
 
-def _crepe() -> tuple[nn.Module, torch.Tensor, int]:
+def _crepe(size: str) -> tuple[nn.Module, torch.Tensor, int]:
     from tasks import crepe_task
 
-    task = crepe_task("tiny")
+    task = crepe_task(size)
     return task.build(), task.calibration, 4
 
 
-TASKS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, int]]] = {"net": _net, "crepe-tiny": _crepe}
+TASKS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, int]]] = {
+    "net": _net,
+    "crepe-tiny": functools.partial(_crepe, "tiny"),
+    "crepe-full": functools.partial(_crepe, "full"),
+}
 
 
 @contextmanager

@@ -1,10 +1,11 @@
 """Refinement cost on long 1-D kernels, in forward passes of the model and extra memory: correlations vs patches.
 
-Run:  python benchmarks/long_kernels.py [--threads 2] [--tasks net crepe-tiny] [--skip-patches]
+Run:  python benchmarks/long_kernels.py [--threads 2] [--tasks net crepe-tiny crepe-full] [--skip-patches]
+          [--order pw-dw-pw --rank 64]
 
-Each model is converted with every conv as a pw-dw pair at a fixed rank, with 256 calibration samples, once
-without refinement and once with it; the difference is the refinement's cost, quoted in forward passes of the
-original model over the same 256 samples and as the peak resident memory above the start. "correlations" is
+Each model is converted with every conv as a pw-dw pair (or ``--order pw-dw-pw``) at a fixed rank, with 256
+calibration samples, once without refinement and once with it; the difference is the refinement's cost, quoted in
+forward passes of the original model over the same 256 samples and as the peak resident memory above the start. "correlations" is
 sepify's default for a depthwise kernel of 16 taps or more along one axis (sepify.calibrate.lagged); "patches"
 forces the unfolded computation every other layer uses (what sepify did before). The held-out output errors
 after refinement must agree.
@@ -94,12 +95,14 @@ def peak_rss() -> Iterator[list[float]]:
         result.append(max(0, peak[0] - start) / 2**20)
 
 
-def convert(model: nn.Module, data: torch.Tensor, rank: int, refine: bool) -> tuple[float, float, float, int]:
+def convert(
+    model: nn.Module, data: torch.Tensor, rank: int, refine: bool, order: str = "pw-dw"
+) -> tuple[float, float, float, int]:
     """(seconds, peak MB, held-out output error, layers refined) of one calibrated pw-dw conversion."""
     calibration = sepify.Calibration(data, refine=refine, refresh_bn=False)
     with peak_rss() as peak:
         t0 = time.perf_counter()
-        result = sepify.convert(model, data[:2], rank=rank, order="pw-dw", calibration=calibration)
+        result = sepify.convert(model, data[:2], rank=rank, order=order, calibration=calibration)
         seconds = time.perf_counter() - t0
     report = result.report
     refined = len(report.converted) - sum(note.startswith("did not refine") for note in report.notes)
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--skip-patches", action="store_true", help="only the default (the patches take minutes)")
+    parser.add_argument("--order", default="pw-dw", choices=["pw-dw", "pw-dw-pw"], help="the pairs' structure")
+    parser.add_argument("--rank", type=int, default=None, help="instead of each task's (pw-dw-pw: the bottleneck)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -128,13 +133,14 @@ def main() -> None:
     default = lagged.LAGGED_MIN_TAPS
     for name in args.tasks:
         model, data, rank = TASKS[name]()
+        rank = args.rank or rank
         once = forward_seconds(model, data)
-        base, *_ = convert(model, data, rank, refine=False)
+        base, *_ = convert(model, data, rank, refine=False, order=args.order)
         ways = [("correlations", default)] + ([] if args.skip_patches else [("patches", 10**9)])
         for way, taps in ways:
             lagged.LAGGED_MIN_TAPS = taps
             try:
-                seconds, extra, error, refined = convert(model, data, rank, refine=True)
+                seconds, extra, error, refined = convert(model, data, rank, refine=True, order=args.order)
             finally:
                 lagged.LAGGED_MIN_TAPS = default
             cost = (seconds - base) / once

@@ -22,6 +22,7 @@ from sepify.calibrate.regression import (
     BlendPath,
     NormalEquations,
     add_to_normals,
+    current_weights,
     data_free_normals,
     gram_bytes,
     regression_count,
@@ -328,6 +329,10 @@ def test_the_data_free_kronecker_factor_gives_the_dense_path(
     free = data_free_normals(pair, conv.weight, conv.bias)
     assert free.kronecker is not None and free.kronecker.bias == bias
     structured = BlendPath.of(data, free)
+    assert free.kronecker is not None and free._gram is None  # the path never formed the matrix
+    closed = solve_ridge(free, 0.0, free_last=bias)  # reading it forms it: white input's solution is the pair
+    assert closed is not None  # (whose weights are float32: equal to their round-off, amplified by P P^T's condition)
+    torch.testing.assert_close(closed, current_weights(pair), rtol=1e-4, atol=1e-6)
     free.gram = free.gram.clone()  # a new matrix: its structure is no longer known
     assert free.kronecker is None
     dense = BlendPath.of(data, free)

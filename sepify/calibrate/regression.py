@@ -42,6 +42,8 @@ class _Settled:
 
     def __get__(self, normal: NormalEquations, owner: type | None = None) -> Tensor | None:
         normal._settle()
+        if self.name == "_gram" and normal._gram is None and normal.kronecker is not None:
+            normal._gram = normal.kronecker.dense()  # known by its structure until read as a matrix
         value: Tensor | None = getattr(normal, self.name)
         return value
 
@@ -75,8 +77,8 @@ class NormalEquations:
     def add_normals(self, g: Tensor, c: Tensor, t: Tensor) -> None:
         """Add one batch's ``X^T X`` (B, f, f), ``X^T Y`` (B, f, o) and ``||Y||^2`` (B,), already computed."""
         self._settle()
-        self.kronecker = None
-        self._gram = g if self._gram is None else self._gram + g
+        gram, self.kronecker = self.gram, None  # a structured matrix is formed before anything is added to it
+        self._gram = g if gram is None else gram + g
         self._cross = c if self._cross is None else self._cross + c
         self._yy = t if self._yy is None else self._yy + t
 
@@ -150,9 +152,14 @@ class BlendPath:
     def of(cls, data: NormalEquations, free: NormalEquations) -> BlendPath | None:
         """The path between ``data`` and ``free``; None if the data-free equations are not positive definite."""
         assert data.gram is not None and data.cross is not None and data.yy is not None
-        assert free.gram is not None and free.cross is not None and free.yy is not None
-        jitter = torch.diagonal(free.gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * 1e-10
-        factor = _DenseFactor.of(free.gram, jitter) if free.kronecker is None else free.kronecker.factor(jitter)
+        assert free.cross is not None and free.yy is not None
+        factor: _DenseFactor | None
+        if free.kronecker is not None:  # never formed as a dense matrix
+            factor = free.kronecker.factor(free.kronecker.mean_diagonal().clamp_min(1e-300) * 1e-10)
+        else:
+            assert free.gram is not None
+            jitter = torch.diagonal(free.gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * 1e-10
+            factor = _DenseFactor.of(free.gram, jitter)
         if factor is None:
             return None
         inner = factor.solve(data.gram)
@@ -238,6 +245,21 @@ class KroneckerGram:
     small: Tensor  # (B, r, r)
     taps: int
     bias: bool
+
+    def dense(self) -> Tensor:
+        """The matrix itself, ``(B, r * taps (+ 1), r * taps (+ 1))``."""
+        batch, r = self.small.shape[:2]
+        eye = torch.eye(self.taps, dtype=self.small.dtype, device=self.small.device)
+        gram = torch.einsum("bkl,tu->bktlu", self.small, eye).reshape(batch, r * self.taps, r * self.taps)
+        if self.bias:
+            gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
+            gram[:, -1, -1] = 1.0
+        return gram
+
+    def mean_diagonal(self) -> Tensor:
+        """Each matrix's mean diagonal entry, (B,)."""
+        trace = torch.diagonal(self.small, dim1=-2, dim2=-1).sum(-1) * self.taps + (1 if self.bias else 0)
+        return trace / (self.small.shape[-1] * self.taps + (1 if self.bias else 0))
 
     def factor(self, jitter: Tensor) -> _KroneckerFactor | None:
         """The factor with ``jitter`` (B,) added to the whole diagonal; None unless positive definite."""
@@ -493,21 +515,21 @@ def data_free_normals(
         p = pair.conv_pw.weight.detach().double().reshape(cout, r, -1)[regressions]  # (Cout, r, Cin/g)
         w = w.reshape(cout, -1, taps)[regressions]
         cout = p.shape[0]
-        eye = torch.eye(taps, dtype=torch.float64, device=p.device)
-        normal.gram = torch.einsum("oki,oli,tu->oktlu", p, p, eye).reshape(cout, r * taps, r * taps)
-        kronecker = KroneckerGram(p @ p.mT, taps, pair.last.bias is not None)
+        # Features (k, t) = sum_i P[o*r+k, i] x[i, t]: uncorrelated across taps, so the Gram matrix is
+        # kron(P P^T, I_taps), the constant feature's 1 appended; kept in that form (formed only if read).
+        normal.kronecker = KroneckerGram(p @ p.mT, taps, pair.last.bias is not None)
         normal.cross = torch.einsum("oki,oit->okt", p, w).reshape(cout, r * taps, 1)
         normal.yy = w.reshape(cout, -1).square().sum(1)
         last_bias = bias.detach().double().reshape(-1, 1, 1)[regressions] if bias is not None else None
     if pair.last.bias is not None:  # the constant feature: mean 0 against white input, so only the bias fits it
-        gram, cross = normal.gram, normal.cross
+        cross = normal.cross
         b = last_bias if last_bias is not None else cross.new_zeros(cross.shape[0], 1, cross.shape[2])
-        normal.gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
-        normal.gram[:, -1, -1] = 1.0
+        if normal.kronecker is None:
+            assert normal.gram is not None
+            normal.gram = torch.nn.functional.pad(normal.gram, (0, 1, 0, 1))
+            normal.gram[:, -1, -1] = 1.0
         normal.cross = torch.cat([cross, b], dim=1)
         normal.yy = normal.yy + b.square().sum((1, 2))
-    if not _pointwise_last(pair):
-        normal.kronecker = kronecker
     return normal
 
 

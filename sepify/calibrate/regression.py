@@ -155,11 +155,10 @@ class BlendPath:
         assert free.cross is not None and free.yy is not None
         factor: _DenseFactor | None
         if free.kronecker is not None:  # never formed as a dense matrix
-            factor = free.kronecker.factor(free.kronecker.mean_diagonal().clamp_min(1e-300) * 1e-10)
+            factor = free.kronecker.factor()
         else:
             assert free.gram is not None
-            jitter = torch.diagonal(free.gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * 1e-10
-            factor = _DenseFactor.of(free.gram, jitter)
+            factor = _DenseFactor.of(free.gram)
         if factor is None:
             return None
         inner = factor.solve(data.gram)
@@ -213,6 +212,9 @@ def _shifted_cholesky(gram: Tensor, shift: Tensor) -> Tensor | None:
     return None if bool((info != 0).any()) else factor
 
 
+_JITTER = 1e-10  # of the mean diagonal, added to a data-free Gram matrix's diagonal before it is factorised
+
+
 class _DenseFactor:
     """The Cholesky factor ``L`` of a Gram matrix plus a jitter on its diagonal, and solves with it."""
 
@@ -220,8 +222,9 @@ class _DenseFactor:
         self.lower = lower
 
     @classmethod
-    def of(cls, gram: Tensor, jitter: Tensor) -> _DenseFactor | None:
-        """None unless ``gram`` plus ``jitter`` (B,) on its diagonal is positive definite."""
+    def of(cls, gram: Tensor) -> _DenseFactor | None:
+        """None unless ``gram`` plus the jitter is positive definite."""
+        jitter = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300) * _JITTER
         lower = _shifted_cholesky(gram, jitter[:, None])
         return None if lower is None else cls(lower)
 
@@ -256,13 +259,11 @@ class KroneckerGram:
             gram[:, -1, -1] = 1.0
         return gram
 
-    def mean_diagonal(self) -> Tensor:
-        """Each matrix's mean diagonal entry, (B,)."""
+    def factor(self) -> _KroneckerFactor | None:
+        """The factor with the jitter :class:`_DenseFactor` adds; None unless positive definite."""
         trace = torch.diagonal(self.small, dim1=-2, dim2=-1).sum(-1) * self.taps + (1 if self.bias else 0)
-        return trace / (self.small.shape[-1] * self.taps + (1 if self.bias else 0))
-
-    def factor(self, jitter: Tensor) -> _KroneckerFactor | None:
-        """The factor with ``jitter`` (B,) added to the whole diagonal; None unless positive definite."""
+        mean = trace / (self.small.shape[-1] * self.taps + (1 if self.bias else 0))
+        jitter = mean.clamp_min(1e-300) * _JITTER
         eye = torch.eye(self.small.shape[-1], dtype=self.small.dtype, device=self.small.device)
         lower, info = torch.linalg.cholesky_ex(self.small + jitter[:, None, None] * eye)
         if bool((info != 0).any()):

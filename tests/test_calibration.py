@@ -298,11 +298,17 @@ def test_one_factorisation_solves_every_blend(
     data.add(x, x @ torch.randn(regressions, features, outputs, generator=g))
     z = torch.randn(regressions, 2 * features + 1, features, generator=g)
     free.add(z, z @ torch.randn(regressions, features, outputs, generator=g))
-    direct = solve_ridge(data.blended(free, share), 0.0, free_last=False)
-    assert direct is not None
+    blend = data.blended(free, share)
+    direct = solve_ridge(blend, 0.0, free_last=False)
+    assert direct is not None and blend.yy is not None
     path = BlendPath.of(data, free)
     assert path is not None
-    torch.testing.assert_close(path.solve(share), direct, rtol=1e-6, atol=1e-8)
+    solved = path.solve(share)
+    # the blend's least-squares objective agrees to round-off; the weights as far as the features' 100x scale
+    # (a Gram condition up to 1e8) and the two solves' different 1e-12 / 1e-10 diagonal jitters let them
+    # (1.2e-5 at worst over a grid of 1920 cases)
+    assert blend.error(solved) == pytest.approx(blend.error(direct), abs=1e-10 * float(blend.yy.sum()))
+    torch.testing.assert_close(solved, direct, rtol=1e-4, atol=1e-8)
 
 
 @settings(max_examples=20, deadline=None)

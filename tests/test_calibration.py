@@ -357,6 +357,32 @@ def test_data_free_equations_that_are_not_positive_definite_leave_no_path() -> N
     assert BlendPath.of(data, free) is None
 
 
+def test_calibration_measures_long_kernel_pairs_as_dense_kernels_and_returns_the_pairs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pw-dw pair with a 39-tap kernel at rank 4 (dense kernel 1.7x its MACs, its depthwise conv1d slow on CPU)
+    runs as its dense kernel while calibration measures and refits; the model returned runs the pair itself."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(8, 8, 39, padding=19), nn.ReLU(), nn.Conv1d(8, 4, 39, padding=19)).eval()
+    x = torch.randn(40, 8, 120)
+    dense_calls = []
+    original = SeparableConv.effective_weight
+
+    def counted(self: SeparableConv) -> torch.Tensor:
+        dense_calls.append(self._run_dense)
+        return original(self)
+
+    monkeypatch.setattr(SeparableConv, "effective_weight", counted)
+    result = sepify.convert(net, x[:2], rank=4, order="pw-dw", calibration=sepify.Calibration(x, refresh_bn=False))
+    assert any(dense_calls)  # the dense path ran
+    pairs = [m for m in result.model.modules() if isinstance(m, SeparableConv)]
+    assert len(pairs) == 2 and all("_run_dense" not in vars(p) for p in pairs)
+    dense_calls.clear()
+    with torch.no_grad():
+        result.model(x[:2])
+    assert dense_calls == []  # the returned model computes through its factors
+
+
 def test_a_layer_without_a_blend_path_keeps_its_closed_form_and_claims_no_coverage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -593,10 +593,10 @@ def test_near_duplicates_are_held_out_together() -> None:
     assert len(held) == 15 and held_recordings.isdisjoint(fit_recordings)
 
 
-@pytest.mark.parametrize(("big", "small"), [(255, 1), (150, 106), (60, 196)])
+@pytest.mark.parametrize(("big", "small"), [(255, 1), (200, 56), (150, 106), (60, 196)])
 def test_a_group_of_most_samples_is_not_held_out(big: int, small: int) -> None:
     """Samples that all answer alike are one near-duplicate "group"; holding it out whole left one sample to fit on.
-    The held-out share stays about 20% and never takes more than half of the samples."""
+    The held-out share stays about 20%, or one whole group, and the fit keeps at least a third of the samples."""
     x = torch.randn(big + small, 1, 8)
     x[:big, 0, 0] = 1000.0  # marks the big group's samples
 
@@ -606,10 +606,11 @@ def test_a_group_of_most_samples_is_not_held_out(big: int, small: int) -> None:
     data = calibration_batches(x, heldout_fraction=0.2, group_by=groups)
     held_rows = torch.cat([b[0] for b in data.heldout])
     held, held_big = len(held_rows), int((held_rows[:, 0, 0] == 1000.0).sum())
-    assert held + sum(b[0].shape[0] for b in data.fit) == big + small and 51 <= held <= (big + small) // 2
+    most = (big + small) * 2 // 3
+    assert held + sum(b[0].shape[0] for b in data.fit) == big + small and 51 <= held <= most
     if small >= 51:  # whole groups can make up the held-out share
         assert held_big in (0, big)
-        if big > (big + small) // 2:  # too big to hold out: it is fit on, and singles are held out
+        if big > most:  # too big to hold out: it is fit on, and singles are held out
             assert (held, held_big) == (51, 0)
 
 

@@ -120,15 +120,18 @@ def calibration_batches(
 def _whole_groups(ids: list[int], keep: int) -> set[int]:
     """Positions of whole groups, taken in order of their first member, until at least ``keep`` are held out.
 
-    A group of more than half the samples is never held out (the fit would keep less than the held-out check):
-    when nearly every sample answers alike (a random-weight net, a detector on background frames) the samples are
-    one "group", and holding it out left one sample to fit on. Falls back to the first ``keep`` positions when
-    whole groups cannot make up ``keep``.
+    Whole groups are held out only while the fit keeps at least a third of the samples: when nearly every sample
+    answers alike (a random-weight net) the samples are one "group", and holding it out left one sample to fit on.
+    A big group within that limit is held out whole: MTCNN's R- and O-Net captures are 57-58% background crops
+    answered alike, and fitting on the other crops while judging on the background found the faces more precisely
+    at every budget tried (mean IoU 0.898 / 0.933 / 0.934 at 0.3 / 0.4 / 0.5 of the MACs, against 0.882 / 0.922 /
+    0.915 fitting on the background, and 0.891 / 0.927 / 0.920 holding out a fifth of it). Falls back to the first
+    ``keep`` positions when whole groups cannot make up ``keep``.
     """
     members: dict[int, list[int]] = {}
     for position, group in enumerate(ids):
         members.setdefault(group, []).append(position)
-    most = max(keep, len(ids) // 2)
+    most = max(keep, len(ids) * 2 // 3)
     held: set[int] = set()
     for positions in members.values():
         if len(held) >= keep:

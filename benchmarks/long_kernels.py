@@ -5,10 +5,10 @@ Run:  python benchmarks/long_kernels.py [--threads 2] [--tasks net crepe-tiny cr
 
 Each model is converted with every conv as a pw-dw pair (or ``--order pw-dw-pw``) at a fixed rank, with 256
 calibration samples, once without refinement and once with it; the difference is the refinement's cost, quoted in
-forward passes of the original model over the same 256 samples and as the peak resident memory above the start. "correlations" is
-sepify's default for a depthwise kernel of 16 taps or more along one axis (sepify.calibrate.lagged); "patches"
-forces the unfolded computation every other layer uses (what sepify did before). The held-out output errors
-after refinement must agree.
+forward passes of the original model over the same 256 samples and as the peak resident memory above the start.
+"correlations" is sepify's default for a depthwise kernel of 16 taps or more along one axis
+(sepify.calibrate.lagged); "patches" forces the unfolded computation every other layer uses (what sepify did
+before). The held-out output errors after refinement must agree.
 
 Models: a Conv1d ResNet with kernels 39-64 (random weights, 32 input channels, 1024 samples), and crepe-tiny's and
 crepe-full's trained convs (kernels 512 at stride 4, then 64; their pitch tones as calibration data).
@@ -99,7 +99,7 @@ def peak_rss() -> Iterator[list[float]]:
 def convert(
     model: nn.Module, data: torch.Tensor, rank: int, refine: bool, order: str = "pw-dw"
 ) -> tuple[float, float, float, int]:
-    """(seconds, peak MB, held-out output error, layers refined) of one calibrated pw-dw conversion."""
+    """(seconds, peak MB, held-out output error, layers refined) of one calibrated conversion in ``order``."""
     calibration = sepify.Calibration(data, refine=refine, refresh_bn=False)
     with peak_rss() as peak:
         t0 = time.perf_counter()

@@ -42,22 +42,31 @@ class _Settled:
 
     def __get__(self, normal: NormalEquations, owner: type | None = None) -> Tensor | None:
         normal._settle()
-        if self.name == "_gram" and normal._gram is None and normal.kronecker is not None:
-            normal._gram = normal.kronecker.dense()  # known by its structure until read as a matrix
         value: Tensor | None = getattr(normal, self.name)
         return value
 
     def __set__(self, normal: NormalEquations, value: Tensor | None) -> None:
         normal._settle()
-        if self.name == "_gram":
-            normal.kronecker = None  # whatever was known of the old matrix
         setattr(normal, self.name, value)
+
+
+class _SettledGram(_Settled):
+    """The Gram matrix: also formed from its known structure (:class:`KroneckerGram`) when first read."""
+
+    def __get__(self, normal: NormalEquations, owner: type | None = None) -> Tensor | None:
+        if normal._gram is None and normal.kronecker is not None:
+            normal._gram = normal.kronecker.dense()
+        return super().__get__(normal, owner)
+
+    def __set__(self, normal: NormalEquations, value: Tensor | None) -> None:
+        normal.kronecker = None  # whatever was known of the old matrix
+        super().__set__(normal, value)
 
 
 class NormalEquations:
     """Accumulates X^T X, X^T Y and ||Y||^2 for batched regressions ``(B, f) -> (B, o)``."""
 
-    gram = _Settled()
+    gram = _SettledGram()
     cross = _Settled()
     yy = _Settled()
 
@@ -153,7 +162,7 @@ class BlendPath:
         """The path between ``data`` and ``free``; None if the data-free equations are not positive definite."""
         assert data.gram is not None and data.cross is not None and data.yy is not None
         assert free.cross is not None and free.yy is not None
-        factor: _DenseFactor | None
+        factor: _DenseFactor | _KroneckerFactor | None
         if free.kronecker is not None:  # never formed as a dense matrix
             factor = free.kronecker.factor()
         else:
@@ -268,21 +277,21 @@ class KroneckerGram:
         lower, info = torch.linalg.cholesky_ex(self.small + jitter[:, None, None] * eye)
         if bool((info != 0).any()):
             return None
-        return _KroneckerFactor(lower, self.taps, (1 + jitter).sqrt() if self.bias else None)
+        return _KroneckerFactor(_DenseFactor(lower), self.taps, (1 + jitter).sqrt() if self.bias else None)
 
 
-class _KroneckerFactor(_DenseFactor):
+class _KroneckerFactor:
     """``kron(M, I_taps)`` (and the constant feature's ``sqrt(1 + jitter)``), solved without forming it."""
 
-    def __init__(self, lower: Tensor, taps: int, bias: Tensor | None) -> None:
-        super().__init__(lower)
-        self.taps, self.bias = taps, bias
+    def __init__(self, small: _DenseFactor, taps: int, bias: Tensor | None) -> None:
+        self.small, self.taps, self.bias = small, taps, bias
 
     def solve(self, x: Tensor, transpose: bool = False) -> Tensor:
+        """``L^-1 x``, or ``L^-T x`` with ``transpose``, as :meth:`_DenseFactor.solve`."""
         batch, rows, columns = x.shape
-        r = self.lower.shape[-1]
+        r = self.small.lower.shape[-1]
         main = x[:, : r * self.taps].reshape(batch, r, self.taps * columns)
-        main = super().solve(main, transpose).reshape(batch, r * self.taps, columns)
+        main = self.small.solve(main, transpose).reshape(batch, r * self.taps, columns)
         if self.bias is None:
             return main
         return torch.cat([main, x[:, r * self.taps :] / self.bias[:, None, None]], dim=1)

@@ -13,6 +13,9 @@ Near-duplicates (frames of one recording) are held out together when the
 caller can tell them apart (``group_by``; convert groups samples whose
 original outputs are nearly identical), so that the held-out error measures
 how a layer does on recordings it was not fit on.
+
+With ``augment``, every fit and held-out sample also gets a copy rescaled along its spatial axes
+(:mod:`sepify.calibrate.augment`), appended to its own side of the split.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sepify.calibrate.augment import rescaled_copies
 from sepify.errors import CalibrationError
 from sepify.io.datasets import nonfinite_samples
 
@@ -32,17 +36,49 @@ __all__ = ["CalibrationData", "calibration_batches", "canonical_order", "near_du
 
 _DEFAULT_BATCH = 32
 
+Augment = bool | Callable[[Tensor], Tensor]
+
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Batches (each a tuple of model arguments) for fitting, and held-out ones for judging."""
+    """Batches (each a tuple of model arguments) for fitting, and held-out ones for judging.
+
+    Augmentation appends copies to both: the last ``fit_copies`` batches of ``fit`` and the last
+    ``heldout_copies`` of ``heldout`` (counted in :attr:`samples`; :attr:`copies` counts them alone).
+    """
 
     fit: tuple[tuple[Any, ...], ...]
     heldout: tuple[tuple[Any, ...], ...]
+    fit_copies: int = 0
+    heldout_copies: int = 0
 
     @property
     def samples(self) -> int:
-        return sum(_batch_size(b) for b in self.fit + self.heldout)
+        return _samples(self.fit) + (0 if self.heldout is self.fit else _samples(self.heldout))
+
+    @property
+    def copies(self) -> int:
+        """Samples added by augmentation."""
+        added = _samples(self.fit[len(self.fit) - self.fit_copies :])
+        return (
+            added
+            if self.heldout is self.fit
+            else added + _samples(self.heldout[len(self.heldout) - self.heldout_copies :])
+        )
+
+    @property
+    def given_fit(self) -> tuple[tuple[Any, ...], ...]:
+        """The fit batches without the copies: what BatchNorm statistics are computed on."""
+        return self.fit[: len(self.fit) - self.fit_copies]
+
+    @property
+    def given_heldout_samples(self) -> int:
+        """Held-out samples of the user's own (the copies left out)."""
+        return _samples(self.heldout[: len(self.heldout) - self.heldout_copies])
+
+
+def _samples(batches: tuple[tuple[Any, ...], ...]) -> int:
+    return sum(_batch_size(b) for b in batches)
 
 
 def _batch_size(args: tuple[Any, ...]) -> int:
@@ -74,6 +110,7 @@ def calibration_batches(
     heldout_fraction: float = 0.2,
     device: torch.device | None = None,
     group_by: Callable[[tuple[Tensor, ...]], list[int]] | None = None,
+    augment: Augment = False,
 ) -> CalibrationData:
     """Turn ``calibration`` into fit and held-out batches.
 
@@ -91,10 +128,25 @@ def calibration_batches(
         device: move batches here.
         group_by: given the samples (in canonical order), a group id per
             sample; whole groups are then held out (see the module docstring).
+        augment: ``True``: a rescaled copy of every sample
+            (:func:`~sepify.calibrate.augment.rescaled_copies`; none for a
+            model of several arguments); a function: applied to the first
+            argument of every batch, what it returns added as copies.
 
     Raises:
         CalibrationError: empty or malformed calibration data.
     """
+    return _with_copies(_split(calibration, n_args, limit, heldout_fraction, device, group_by), augment)
+
+
+def _split(
+    calibration: Any,
+    n_args: int,
+    limit: int | None,
+    heldout_fraction: float,
+    device: torch.device | None,
+    group_by: Callable[[tuple[Tensor, ...]], list[int]] | None,
+) -> CalibrationData:
     is_tensor = isinstance(calibration, Tensor)
     parts = _take(_items(calibration, None), n_args, None if is_tensor else limit)
     if len({tuple(tuple(a.shape[1:]) for a in part) for part in parts}) > 1:
@@ -115,6 +167,37 @@ def calibration_batches(
     return CalibrationData(
         _batched(samples, fit_order, device), _batched(samples, [i for p, i in enumerate(order) if p in held], device)
     )
+
+
+def _with_copies(data: CalibrationData, augment: Augment) -> CalibrationData:
+    """``data`` with the copies ``augment`` makes of its fit and held-out batches appended to each."""
+    if augment is False:
+        return data
+
+    def copies(batches: tuple[tuple[Any, ...], ...]) -> tuple[tuple[Any, ...], ...]:
+        if augment is True:
+            return rescaled_copies(batches)
+        return tuple(_augmented(augment, args) for args in batches)
+
+    fit = copies(data.fit)
+    if data.heldout is data.fit:  # too little to split: judged on the fit data, copies included
+        both = data.fit + fit
+        return CalibrationData(both, both, len(fit), len(fit))
+    held = copies(data.heldout)
+    return CalibrationData(data.fit + fit, data.heldout + held, len(fit), len(held))
+
+
+def _augmented(augment: Callable[[Tensor], Tensor], args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A user's augmentation of one batch: it must return a finite tensor of the batch's shape."""
+    out = augment(args[0])
+    if not isinstance(out, Tensor) or out.shape != args[0].shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CalibrationError(
+            f"the calibration augment returned {got} for a batch of shape {tuple(args[0].shape)}; "
+            "it must return a tensor of the shape it was given"
+        )
+    _check_finite((out,), 0)
+    return (out, *args[1:])
 
 
 def _whole_groups(ids: list[int], keep: int) -> set[int]:

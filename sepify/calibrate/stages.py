@@ -133,7 +133,7 @@ class _Run:
     ):
         self.teacher, self.student, self.data, self.progress = teacher, student, data, progress
         self.view = view  # outputs measured before a saturating activation (their logits)
-        self.samples = sum(int(a[0].shape[0]) for a in data.heldout)
+        self.samples = data.given_heldout_samples  # the user's own; their rescaled copies are judged on too
         self.stages: list[FidelityStage] = []
         self.notes: list[str] = []
         self.references: list[Any] | None = None  # the original's held-out outputs, computed once
@@ -175,10 +175,11 @@ class _Run:
             )
 
     def refresh_bn(self) -> None:
-        """Recompute BatchNorm statistics; put the old ones back if held-out fidelity got worse."""
+        """Recompute BatchNorm statistics on the user's own fit samples (rescaled copies would shift them off the
+        inputs the model will see); put the old ones back if held-out fidelity got worse."""
         student = self.student
         saved = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
-        if not saved or not refresh_batchnorm(student, self.data.fit):
+        if not saved or not refresh_batchnorm(student, self.data.given_fit):
             return
         refined = self.stages[-1]
         if _worse(self.measure("bn-refreshed"), refined):

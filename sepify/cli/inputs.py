@@ -171,9 +171,11 @@ def calibration_setting(data: CalibrationOptions, args: tuple[torch.Tensor, ...]
 
     if data.calibration is None:
         return None
+    augment = not data.no_augment
     if data.calibration == "synthetic":
-        return Calibration("synthetic", samples=data.calibration_samples, refine=refine)
-    return Calibration(calibration_tensor(data.calibration, args, data.calibration_samples, data), refine=refine)
+        return Calibration("synthetic", samples=data.calibration_samples, refine=refine, augment=augment)
+    tensor = calibration_tensor(data.calibration, args, data.calibration_samples, data)
+    return Calibration(tensor, refine=refine, augment=augment)
 
 
 def load_model(

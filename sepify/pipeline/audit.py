@@ -313,11 +313,17 @@ class _LayerErrors:
 
 
 def _calibration_args(calibration: Calibration | None, n_args: int) -> tuple[Any, ...] | None:
-    """The first calibration samples, concatenated into one set of model arguments."""
+    """The first calibration samples and their copies (half of each when augmented, as many in all as without),
+    concatenated into one set of model arguments."""
     if calibration is None:
         return None
     limit = min(_AUDIT_SAMPLES, calibration.samples or _AUDIT_SAMPLES)
-    batches = calibration_batches(calibration.data, n_args=n_args, limit=limit, heldout_fraction=0).fit
+    data = calibration_batches(
+        calibration.data, n_args=n_args, limit=max(1, limit // 2), heldout_fraction=0, augment=calibration.augment
+    )
+    if not data.copies:  # not augmented (or a model of several arguments): the first samples as they are
+        data = calibration_batches(calibration.data, n_args=n_args, limit=limit, heldout_fraction=0)
+    batches = data.fit
     return tuple(torch.cat(parts) for parts in zip(*batches))
 
 

@@ -343,11 +343,16 @@ def _calibrate(
         heldout_fraction=calibration.heldout,
         device=param.device if param is not None else None,
         group_by=grouped_by_outputs(teacher),
+        augment=calibration.augment,
     )
     calls = {name: call.calls for name, call in analysis.before.convs.items()}
-    return calibrate_pairs(
+    stages, notes = calibrate_pairs(
         teacher, analysis.target, pairs, calls, data, calibration, distillation, progress, analysis.view
     )
+    if data.copies:
+        notes.insert(0, f"calibration: {data.samples - data.copies} samples and a copy of each rescaled by up to half "
+                     "an octave, fit and judged together (augment=False / --no-augment: the samples alone)")  # fmt: skip
+    return stages, notes
 
 
 def _time_models(

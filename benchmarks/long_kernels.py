@@ -6,6 +6,8 @@ Run:  python benchmarks/long_kernels.py [--threads 2] [--tasks net crepe-tiny cr
 Each model is converted with every conv as a pw-dw pair (or ``--order pw-dw-pw``) at a fixed rank, with 256
 calibration samples, once without refinement and once with it; the difference is the refinement's cost, quoted in
 forward passes of the original model over the same 256 samples and as the peak resident memory above the start.
+The samples are fit as given (``augment=False``): the default also fits a rescaled copy of each, twice the
+samples, which costs what 512 samples cost here.
 "correlations" is sepify's default for a depthwise kernel of 16 taps or more along one axis
 (sepify.calibrate.lagged); "patches" forces the unfolded computation every other layer uses (what sepify did
 before). The held-out output errors after refinement must agree.
@@ -100,7 +102,7 @@ def convert(
     model: nn.Module, data: torch.Tensor, rank: int, refine: bool, order: str = "pw-dw"
 ) -> tuple[float, float, float, int]:
     """(seconds, peak MB, held-out output error, layers refined) of one calibrated conversion in ``order``."""
-    calibration = sepify.Calibration(data, refine=refine, refresh_bn=False)
+    calibration = sepify.Calibration(data, refine=refine, refresh_bn=False, augment=False)
     with peak_rss() as peak:
         t0 = time.perf_counter()
         result = sepify.convert(model, data[:2], rank=rank, order=order, calibration=calibration)

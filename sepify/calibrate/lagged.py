@@ -110,17 +110,26 @@ class SequenceSums:
         kernel, stride, dilation, bias = self.conv
         (channels, r, length), terms = self.shape, self.terms
         steps, span = (length - (kernel - 1) * dilation - 1) // stride + 1, -(-length // stride)  # T, M as in add
-        # What a tap's window leaves out of the full range: the products before its start q and from q + T on.
-        before = torch.nn.functional.pad(terms["head"].cumsum(-1), (1, 0))  # [..., q]: sum over p < q
-        after = torch.nn.functional.pad(terms["tail"].flip(-1).cumsum(-1).flip(-1), (0, 1))  # p >= T + e
-        q, feature = _tap_features(self.lags, r, stride, before.device)
+        # What a tap's window leaves out of the full range: the products before its start q and from q + T on,
+        # from running sums of the products near each end (no padded or flipped copies: each is the size of the
+        # Gram matrix). Before q: head[..., q - 1]; from e = min(q, M - T) on: total - tail[..., e - 1]; both are
+        # 0 / total where the index is -1, at the taps with q = 0, whose rows are redone below.
+        head = terms["head"].cumsum(-1)
+        tail = terms["tail"].cumsum(-1)
+        q, feature = _tap_features(self.lags, r, stride, head.device)
         lag = (q[None, :] - q[:, None]).clamp_min(0)  # (a, b) -> q_b - q_a where that is >= 0
         late = (q.clamp_max(span - steps))[:, None]  # (a, 1): position of p = q_a + T among the tail positions
         i, j = feature[:, :, None, None], feature[None, None, :, :]
         a_lag, a_start, a_late = lag[None, :, None, :], q[None, :, None, None], late[None, :, None, :]
-        full = terms["full"]
-        gram = full[:, i, j, a_lag] - before[:, i, j, a_lag, a_start] - after[:, i, j, a_lag, a_late]  # (C,r,K,r,K)
-        del before, after
+        base = terms["full"] - (tail[..., -1] if tail.shape[-1] else 0)  # the full range less the whole tail
+        gram = base[:, i, j, a_lag]  # (C, r, K, r, K)
+        if head.shape[-1]:
+            gram -= head[:, i, j, a_lag, (a_start - 1).clamp_min(0)]
+        if tail.shape[-1]:
+            gram += tail[:, i, j, a_lag, (a_late - 1).clamp_min(0)]
+        del head, tail
+        first = (q == 0).nonzero().flatten()  # nothing before them, the whole tail after
+        gram[:, :, first] = base[:, i[:, first], j, a_lag[:, first]]
         forward = (q[None, :] >= q[:, None])[None, None, :, None, :]  # lag >= 0: computed directly
         gram = torch.where(forward, gram, gram.permute(0, 3, 4, 1, 2)).reshape(channels, r * kernel, r * kernel)
         cross = terms["target"][:, feature, q[None, :].expand(r, kernel)].reshape(channels, r * kernel, 1)

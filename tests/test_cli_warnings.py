@@ -151,3 +151,19 @@ def test_int8_convert_ends_and_compares_the_ways_to_ship(fmt: str) -> None:
     text = " ".join(result.output.split())
     assert f"against the other ways to ship this model, in {runtime} (" in text
     assert "errors against the original on 32 samples" in text and "slim int8 (written)" in text
+
+
+def test_calibration_fits_rescaled_copies_unless_told_not_to() -> None:
+    def notes(*flags: str) -> list[str]:
+        result = run("convert", "warns.py:build", *INPUT, "--rank", "2", "--calibration", "data.npy", *flags,
+                     "--report", "r.json", "--force", "-q")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert result.output.count("this model warns in its forward") == 1
+        found: list[str] = json.loads(Path("r.json").read_text())["notes"]
+        return found
+
+    copies = "calibration: 32 samples and a copy of each rescaled by up to half an octave, fit and judged together"
+    assert any(note.startswith(copies) for note in notes())
+    assert not any("rescaled" in note for note in notes("--no-augment"))
+    audited = run("audit", "warns.py:build", *INPUT, "--calibration", "data.npy", "--no-augment", "-q")
+    assert audited.exit_code == 0, audited.output

@@ -92,13 +92,15 @@ class Calibration:
             factor (in :func:`~sepify.audit`: also predict errors after it).
         refresh_bn: recompute BatchNorm statistics after refining, kept only
             if held-out fidelity improves.
-        augment: add to every fit and held-out sample a copy rescaled along
-            its spatial axes by up to half an octave either way (a recording
-            sped up or slowed down, a photo zoomed), so that the refit is fit
-            and judged a little beyond the range of the recordings
-            (:mod:`sepify.calibrate.augment`; models of one tensor argument);
-            or a function of a batch of inputs whose result is added as
-            copies; ``False``: the samples as given.
+        augment: ``"auto"`` (default): where the samples are a few sources cut
+            into many (frames of a few recordings: at most half as many
+            near-duplicate groups as samples), add to every fit and held-out
+            sample a copy rescaled along its spatial axes by up to half an
+            octave either way (a recording sped up or slowed down, a photo
+            zoomed), so that the refit is fit and judged a little beyond the
+            range of the recordings (:mod:`sepify.calibrate.augment`; models
+            of one tensor argument); ``True``: always; ``False``: never; or a
+            function of a batch of inputs whose result is added as copies.
     """
 
     data: Any
@@ -106,7 +108,7 @@ class Calibration:
     heldout: float = 0.2
     refine: bool = True
     refresh_bn: bool = True
-    augment: bool | Callable[[Any], Any] = True
+    augment: bool | str | Callable[[Any], Any] = "auto"
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -119,9 +121,10 @@ class Calibration:
             object.__setattr__(self, "samples", as_int(self.samples, "calibration samples", 1))
         if not (isinstance(self.heldout, (int, float)) and 0 <= self.heldout < 1):
             raise ConfigError(f"the held-out share must be in [0, 1), got {self.heldout!r}")
-        if not (isinstance(self.augment, bool) or callable(self.augment)):
+        if not (isinstance(self.augment, bool) or self.augment == "auto" or callable(self.augment)):
             raise ConfigError(
-                f"the calibration augment must be True, False or a function of a batch of inputs, got {self.augment!r}"
+                "the calibration augment must be 'auto', True, False or a function of a batch of inputs, "
+                f"got {self.augment!r}"
             )
 
     @classmethod

@@ -98,8 +98,22 @@ def test_a_user_augmentation_is_added_as_copies_and_checked() -> None:
         calibration_batches(x, augment=lambda b: b / 0)
 
 
+@pytest.mark.parametrize(("size", "copied"), [(1, False), (2, True), (8, True)])
+def test_auto_copies_samples_cut_from_a_few_sources(size: int, copied: bool) -> None:
+    """``"auto"`` copies where the near-duplicate groups are at most half the samples (groups of 2 or more)."""
+    x = torch.randn(64, 2, 30)
+
+    def groups(samples: tuple[torch.Tensor, ...]) -> list[int]:
+        return [k // size for k in range(len(samples[0]))]
+
+    data = calibration_batches(x, group_by=groups, augment="auto")
+    assert data.sources == 64 // size and data.few_sources is copied
+    assert data.copies == (64 if copied else 0)
+    assert calibration_batches(x, augment="auto").copies == 64  # groups not told apart: copied
+
+
 def test_augment_must_be_a_flag_or_a_function() -> None:
-    with pytest.raises(ConfigError, match="augment must be True, False or a function"):
+    with pytest.raises(ConfigError, match="augment must be 'auto', True, False or a function"):
         sepify.Calibration(torch.randn(4, 3), augment="rescale")
 
 
@@ -115,7 +129,7 @@ def test_batchnorm_statistics_are_recomputed_on_the_users_samples_only(monkeypat
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
     x = torch.randn(50, 3, 12, 12)
-    result = sepify.convert(net, x[:1], rank=2, calibration=x)
+    result = sepify.convert(net, x[:1], rank=2, calibration=sepify.Calibration(x, augment=True))
     assert seen == [40]  # the 40 fit samples, not their 40 copies
     assert [s.samples for s in result.report.fidelity][0] == 10
     assert "a copy of each rescaled by up to half an octave" in result.report.notes[0]

@@ -36,7 +36,7 @@ __all__ = ["CalibrationData", "calibration_batches", "canonical_order", "near_du
 
 _DEFAULT_BATCH = 32
 
-Augment = bool | Callable[[Tensor], Tensor]
+Augment = bool | str | Callable[[Tensor], Tensor]  # True, False, "auto" or a function of a batch
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,14 @@ class CalibrationData:
     heldout: tuple[tuple[Any, ...], ...]
     fit_copies: int = 0
     heldout_copies: int = 0
+    sources: int | None = None  # near-duplicate groups among the samples, where they were told apart
+
+    @property
+    def few_sources(self) -> bool:
+        """Whether the samples are a few sources cut into many (at most half as many near-duplicate groups as
+        samples: 50 groups in crepe's 256 frames of 32 tones) rather than distinct samples (digits: 256 in 256).
+        ``True`` where the groups were not told apart."""
+        return self.sources is None or 2 * self.sources <= self.samples - self.copies
 
     @property
     def samples(self) -> int:
@@ -130,8 +138,11 @@ def calibration_batches(
             sample; whole groups are then held out (see the module docstring).
         augment: ``True``: a rescaled copy of every sample
             (:func:`~sepify.calibrate.augment.rescaled_copies`; none for a
-            model of several arguments); a function: applied to the first
-            argument of every batch, what it returns added as copies.
+            model of several arguments); ``"auto"``: the same where the
+            samples are a few sources cut into many
+            (:attr:`CalibrationData.few_sources`; always without
+            ``group_by``); a function: applied to the first argument of every
+            batch, what it returns added as copies.
 
     Raises:
         CalibrationError: empty or malformed calibration data.
@@ -159,32 +170,35 @@ def _split(
     if not keep:
         fit = _batched(samples, order, device)
         return CalibrationData(fit, fit)  # too little to split: judge on the fit data
-    held = set(range(keep))
+    held, sources = set(range(keep)), None
     if group_by is not None:
         index = torch.tensor(order, dtype=torch.long)
-        held = _whole_groups(group_by(tuple(a.index_select(0, index.to(a.device)) for a in samples)), keep)
+        ids = group_by(tuple(a.index_select(0, index.to(a.device)) for a in samples))
+        held, sources = _whole_groups(ids, keep), len(set(ids))
     fit_order = [i for p, i in enumerate(order) if p not in held]
     return CalibrationData(
-        _batched(samples, fit_order, device), _batched(samples, [i for p, i in enumerate(order) if p in held], device)
+        _batched(samples, fit_order, device),
+        _batched(samples, [i for p, i in enumerate(order) if p in held], device),
+        sources=sources,
     )
 
 
 def _with_copies(data: CalibrationData, augment: Augment) -> CalibrationData:
     """``data`` with the copies ``augment`` makes of its fit and held-out batches appended to each."""
-    if augment is False:
+    if augment is False or (augment == "auto" and not data.few_sources):
         return data
 
     def copies(batches: tuple[tuple[Any, ...], ...]) -> tuple[tuple[Any, ...], ...]:
-        if augment is True:
-            return rescaled_copies(batches)
-        return tuple(_augmented(augment, args) for args in batches)
+        if callable(augment):
+            return tuple(_augmented(augment, args) for args in batches)
+        return rescaled_copies(batches)
 
     fit = copies(data.fit)
     if data.heldout is data.fit:  # too little to split: judged on the fit data, copies included
         both = data.fit + fit
-        return CalibrationData(both, both, len(fit), len(fit))
+        return CalibrationData(both, both, len(fit), len(fit), data.sources)
     held = copies(data.heldout)
-    return CalibrationData(data.fit + fit, data.heldout + held, len(fit), len(held))
+    return CalibrationData(data.fit + fit, data.heldout + held, len(fit), len(held), data.sources)
 
 
 def _augmented(augment: Callable[[Tensor], Tensor], args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -171,7 +171,7 @@ def calibration_setting(data: CalibrationOptions, args: tuple[torch.Tensor, ...]
 
     if data.calibration is None:
         return None
-    augment = not data.no_augment
+    augment = "auto" if data.augment is None else data.augment
     if data.calibration == "synthetic":
         return Calibration("synthetic", samples=data.calibration_samples, refine=refine, augment=augment)
     tensor = calibration_tensor(data.calibration, args, data.calibration_samples, data)

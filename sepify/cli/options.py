@@ -219,10 +219,11 @@ CalibrationSamplesOpt = Annotated[
 ImageSizeOpt = Annotated[
     str | None, option("--image-size", metavar="H,W", help="Resize images (default: the input's).")
 ]
-NoAugmentOpt = Annotated[
-    bool,
-    flag("--no-augment", help="Calibrate on the samples as given (default: each also rescaled, +-half an octave)."),
-]
+AugmentOpt = Annotated[
+    bool | None,
+    flag("--augment/--no-augment", help="Also fit each sample rescaled by up to half an octave (default: when the "
+         "samples are a few recordings or photos cut into many)."),
+]  # fmt: skip
 MeanOpt = Annotated[str | None, option("--mean", metavar="M,M,M", help="Image mean (default ImageNet's; 0.5 gray).")]
 StdOpt = Annotated[str | None, option("--std", metavar="S,S,S", help="Image std (default ImageNet's; 0.5 gray).")]
 
@@ -233,7 +234,7 @@ class CalibrationOptions:
 
     calibration: CalibrationOpt = None
     calibration_samples: CalibrationSamplesOpt = None
-    no_augment: NoAugmentOpt = False
+    augment: AugmentOpt = None
     image_size: ImageSizeOpt = None
     mean: MeanOpt = None
     std: StdOpt = None

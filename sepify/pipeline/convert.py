@@ -349,9 +349,13 @@ def _calibrate(
     stages, notes = calibrate_pairs(
         teacher, analysis.target, pairs, calls, data, calibration, distillation, progress, analysis.view
     )
+    given = data.samples - data.copies
     if data.copies:
-        notes.insert(0, f"calibration: {data.samples - data.copies} samples and a copy of each rescaled by up to half "
-                     "an octave, fit and judged together (augment=False / --no-augment: the samples alone)")  # fmt: skip
+        notes.insert(0, f"calibration: {given} samples and a copy of each rescaled by up to half an octave, fit and "
+                     "judged together (augment=False / --no-augment: the samples alone)")  # fmt: skip
+    elif calibration.augment == "auto" and not data.few_sources:
+        notes.insert(0, f"calibration: {given} samples from {data.sources} sources (near-duplicate groups), "
+                     "enough variety to fit as given (augment=True / --augment adds rescaled copies)")  # fmt: skip
     return stages, notes
 
 

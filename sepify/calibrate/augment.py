@@ -69,12 +69,12 @@ def rescaled(x: Tensor, factor: float) -> Tensor:
     crop = tuple(slice((m - n) // 2, (m - n) // 2 + n) if m > n else slice(None) for m, n in zip(size, spatial))
     y = y[(Ellipsis,) + crop]
     pad: list[int] = []
+    narrow = True  # reflection needs a border narrower than what it reflects (2^0.5 leaves 0.15 of a side to fill)
     for m, n in zip(reversed(size), reversed(spatial)):  # F.pad lists the last axis first
         short = max(0, n - m)
         pad += [short // 2, short - short // 2]
+        narrow = narrow and short - short // 2 < m
     if any(pad):
-        # Reflection needs a border narrower than what it reflects: 2^0.5 leaves at most 0.15 of a side to fill.
-        narrow = all(side < m for m, sides in zip(reversed(size), zip(pad[::2], pad[1::2])) for side in sides)
         y = F.pad(y, pad, mode="reflect" if narrow else "replicate")
     return y[:, 0] if signal else y
 

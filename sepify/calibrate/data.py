@@ -284,11 +284,11 @@ def _by_batch(parts: list[tuple[Tensor, ...]], heldout_fraction: float, device: 
     """Batches of different sample sizes stay whole: in content-key order, the held-out share by whole batches."""
     moved = [tuple(a.to(device) if device is not None else a for a in part) for part in parts]
     ordered = [moved[i] for _, i in sorted((_content_key(part), i) for i, part in enumerate(parts))]
-    keep = max(1, round(sum(_batch_size(part) for part in ordered) * heldout_fraction))
+    keep = max(1, round(_samples(tuple(ordered)) * heldout_fraction))
     if len(ordered) < 2 or heldout_fraction <= 0:
         return CalibrationData(tuple(ordered), tuple(ordered))
     held = 0
-    while held + 1 < len(ordered) and sum(_batch_size(part) for part in ordered[:held]) < keep:
+    while held + 1 < len(ordered) and _samples(tuple(ordered[:held])) < keep:
         held += 1
     return CalibrationData(tuple(ordered[held:]), tuple(ordered[:held]))
 

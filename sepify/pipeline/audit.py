@@ -318,10 +318,12 @@ def _calibration_args(calibration: Calibration | None, n_args: int) -> tuple[Any
     if calibration is None:
         return None
     limit = min(_AUDIT_SAMPLES, calibration.samples or _AUDIT_SAMPLES)
-    data = calibration_batches(
-        calibration.data, n_args=n_args, limit=max(1, limit // 2), heldout_fraction=0, augment=calibration.augment
-    )
-    if not data.copies:  # not augmented (or a model of several arguments): the first samples as they are
+    data = None
+    if calibration.augment is not False:
+        data = calibration_batches(
+            calibration.data, n_args=n_args, limit=max(1, limit // 2), heldout_fraction=0, augment=calibration.augment
+        )
+    if data is None or not data.copies:  # not augmented (or a model of several arguments): the first samples
         data = calibration_batches(calibration.data, n_args=n_args, limit=limit, heldout_fraction=0)
     batches = data.fit
     return tuple(torch.cat(parts) for parts in zip(*batches))
